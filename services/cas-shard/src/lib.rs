@@ -1,0 +1,380 @@
+//! The CAS shard actor.
+//!
+//! Layout:
+//! - [`store`]: blob files, sled metadata, the in-memory index, LRU eviction, resumable uploads.
+//! - [`data`]: the direct data stream (TCP) that carries large blob bodies to and from gateways.
+//! - [`run`]: wires the store to the bus: registration and heartbeat in the shard registry, and a
+//!   typed mailbox per request subject (`mp.v1.cas.*.<shard id>`).
+
+pub mod data;
+pub mod store;
+
+use anyhow::Context;
+use motorpool_bus::{Bus, MailboxOptions, serve, subjects};
+use motorpool_config::ShardConfig;
+use motorpool_messages::WireError;
+use motorpool_messages::cas::*;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use store::{Store, namespace};
+use tokio_util::sync::CancellationToken;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The shard id: configured, or stored in the data dir, or made up once and stored.
+pub fn resolve_shard_id(config: &ShardConfig) -> anyhow::Result<String> {
+    if let Some(id) = &config.shard_id {
+        anyhow::ensure!(
+            subjects::valid_id(id),
+            "shard id {id:?} must be 1-64 letters, digits, '-' or '_'"
+        );
+        return Ok(id.clone());
+    }
+    let path = config.data_dir.join("shard-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if subjects::valid_id(&id) {
+            return Ok(id);
+        }
+    }
+    let host: String = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    let id = format!(
+        "{}-{:08x}",
+        if host.is_empty() { "cas" } else { &host },
+        rand::random::<u32>()
+    );
+    std::fs::create_dir_all(&config.data_dir)?;
+    std::fs::write(&path, &id)?;
+    Ok(id)
+}
+
+/// A running shard (returned by [`start`] for tests and for `run`).
+pub struct Shard {
+    pub id: String,
+    pub store: Arc<Store>,
+    pub data_addr: std::net::SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    data_server: data::DataServer,
+    bus: Bus,
+    registry: async_nats::jetstream::kv::Store,
+    started_at_ms: u64,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn reply<T>(r: Result<T, store::StoreError>) -> Result<T, WireError> {
+    r.map_err(WireError::from)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WireError> + Send + 'static,
+) -> Result<T, WireError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(WireError::internal(format!("shard task failed: {e}"))))
+}
+
+/// Opens the store, starts the data stream and the mailboxes, and registers the shard.
+pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow::Result<Shard> {
+    let id = resolve_shard_id(config)?;
+    let store = Arc::new(
+        Store::open(&config.data_dir, config.capacity_bytes, config.fsync)
+            .with_context(|| format!("open the blob store in {}", config.data_dir.display()))?,
+    );
+    let data_server = data::DataServer::start(config.data_addr, store.clone())
+        .with_context(|| format!("bind the data stream on {}", config.data_addr))?;
+    let data_addr = data_server.local_addr();
+    let bus = Bus::connect(
+        &config.nats_url,
+        &format!("cas-shard-{id}"),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let registry = bus
+        .ensure_kv(async_nats::jetstream::kv::Config {
+            bucket: subjects::cas::REGISTRY_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await?;
+
+    let mut tasks = Vec::new();
+    let opts = MailboxOptions {
+        queue_group: Some(format!("cas-shard-{id}")),
+        concurrency: 32,
+    };
+    macro_rules! mailbox {
+        ($subject:expr, |$store:ident, $req:ident: $ty:ty| $body:expr) => {{
+            let st = store.clone();
+            tasks.push(
+                serve(
+                    &bus,
+                    $subject,
+                    opts.clone(),
+                    shutdown.clone(),
+                    move |$req: $ty| {
+                        let $store = st.clone();
+                        async move { blocking(move || $body).await }
+                    },
+                )
+                .await?,
+            );
+        }};
+    }
+    mailbox!(subjects::cas::find_missing(&id), |s, req: FindMissing| {
+        Ok(FindMissingReply {
+            missing: s.find_missing(namespace(&req.instance), &req.digests),
+        })
+    });
+    mailbox!(subjects::cas::batch_write(&id), |s, req: BatchWrite| {
+        let ns = namespace(&req.instance);
+        let blobs: Vec<_> = req
+            .blobs
+            .iter()
+            .map(|b| (b.digest, b.data.as_slice()))
+            .collect();
+        let results = s
+            .put_batch(ns, &blobs)
+            .into_iter()
+            .map(|r| r.err().map(WireError::from))
+            .collect();
+        Ok(BatchWriteReply { results })
+    });
+    mailbox!(subjects::cas::batch_read(&id), |s, req: BatchRead| {
+        let ns = namespace(&req.instance);
+        let blobs = req
+            .digests
+            .iter()
+            .map(|d| reply(s.read(ns, d, 0, 0)))
+            .collect();
+        Ok(BatchReadReply { blobs })
+    });
+    mailbox!(subjects::cas::read_chunk(&id), |s, req: ReadChunk| {
+        reply(s.read(namespace(&req.instance), &req.digest, req.offset, req.limit))
+            .map(|data| ChunkData { data })
+    });
+    mailbox!(subjects::cas::write_chunk(&id), |s, req: WriteChunk| {
+        let ns = namespace(&req.instance);
+        let Some(mut up) = reply(s.begin_upload(ns, &req.digest, &req.upload_id, req.offset))?
+        else {
+            return Ok(WriteStatus {
+                committed: req.digest.size,
+                complete: true,
+            });
+        };
+        reply(up.append(&req.data))?;
+        if req.finish {
+            reply(up.finish())?;
+            return Ok(WriteStatus {
+                committed: req.digest.size,
+                complete: true,
+            });
+        }
+        Ok(WriteStatus {
+            committed: up.committed(),
+            complete: false,
+        })
+    });
+    mailbox!(subjects::cas::query_write(&id), |s, req: QueryWrite| {
+        let (committed, complete) =
+            s.upload_status(namespace(&req.instance), &req.digest, &req.upload_id);
+        Ok(WriteStatus {
+            committed,
+            complete,
+        })
+    });
+    mailbox!(subjects::cas::ac_get(&id), |s, req: AcGet| {
+        reply(s.ac_get(namespace(&req.instance), &req.action)).map(|result| AcEntry { result })
+    });
+    mailbox!(subjects::cas::ac_put(&id), |s, req: AcPut| {
+        reply(s.ac_put(namespace(&req.instance), &req.action, &req.result))
+            .map(|()| AcEntry { result: None })
+    });
+    mailbox!(subjects::cas::ac_delete(&id), |s, req: AcDelete| {
+        reply(s.ac_delete(namespace(&req.instance), &req.action)).map(|()| AcEntry { result: None })
+    });
+
+    let shard = Shard {
+        id: id.clone(),
+        store: store.clone(),
+        data_addr,
+        tasks,
+        data_server,
+        bus: bus.clone(),
+        registry,
+        started_at_ms: now_ms(),
+    };
+    let advertise = config
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| data_addr.to_string());
+    shard.register(&advertise, false).await?;
+    let heartbeat = Duration::from_millis(config.heartbeat_ms.max(50));
+    {
+        let (store, bus, registry, id, stop) = (
+            store.clone(),
+            bus.clone(),
+            shard.registry.clone(),
+            id.clone(),
+            shutdown.clone(),
+        );
+        let started_at_ms = shard.started_at_ms;
+        let advertise = advertise.clone();
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(heartbeat);
+            let mut housekeeping = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = beat.tick() => {
+                        let info = shard_info(&id, &advertise, &store, started_at_ms, false);
+                        record_stats(&store);
+                        if let Err(error) = publish_info(&bus, &registry, &info).await {
+                            tracing::warn!(%error, "Heartbeat failed");
+                        }
+                    }
+                    _ = housekeeping.tick() => {
+                        let s = store.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            s.expire_uploads(Duration::from_secs(3600));
+                            if let Err(error) = s.flush_access_times() {
+                                tracing::warn!(%error, "Cannot persist access times");
+                            }
+                        }).await;
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!(shard = %id, data_addr = %advertise, dir = %config.data_dir.display(), "CAS shard is serving");
+    Ok(shard)
+}
+
+fn shard_info(
+    id: &str,
+    data_addr: &str,
+    store: &Store,
+    started_at_ms: u64,
+    draining: bool,
+) -> ShardInfo {
+    let stats = store.stats();
+    ShardInfo {
+        shard_id: id.to_string(),
+        data_addr: data_addr.to_string(),
+        capacity_bytes: stats.capacity_bytes,
+        used_bytes: stats.used_bytes,
+        blob_count: stats.blob_count,
+        started_at_ms,
+        heartbeat_at_ms: now_ms(),
+        draining,
+    }
+}
+
+fn record_stats(store: &Store) {
+    let s = store.stats();
+    metrics::gauge!("motorpool_cas_shard_used_bytes").set(s.used_bytes as f64);
+    metrics::gauge!("motorpool_cas_shard_capacity_bytes").set(s.capacity_bytes as f64);
+    metrics::gauge!("motorpool_cas_shard_blobs").set(s.blob_count as f64);
+}
+
+async fn publish_info(
+    bus: &Bus,
+    registry: &async_nats::jetstream::kv::Store,
+    info: &ShardInfo,
+) -> anyhow::Result<()> {
+    let frame = motorpool_messages::encode(info)?;
+    registry
+        .put(&info.shard_id, frame.into())
+        .await
+        .context("update the shard registry")?;
+    bus.publish(&subjects::cas::heartbeat(&info.shard_id), info)
+        .await?;
+    Ok(())
+}
+
+impl Shard {
+    async fn register(&self, advertise: &str, draining: bool) -> anyhow::Result<()> {
+        let info = shard_info(
+            &self.id,
+            advertise,
+            &self.store,
+            self.started_at_ms,
+            draining,
+        );
+        publish_info(&self.bus, &self.registry, &info).await
+    }
+
+    /// Leaves the registry, stops the mailboxes and the data stream, flushes metadata.
+    pub async fn stop(self) {
+        let _ = self.register(&self.data_addr.to_string(), true).await;
+        let _ = self.registry.delete(&self.id).await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.data_server.stop();
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        tracing::info!(shard = %self.id, "CAS shard stopped");
+    }
+}
+
+/// Runs a shard until `shutdown` fires.
+pub async fn run(config: ShardConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let shard = start(&config, shutdown.clone()).await?;
+    let http = match config.http_addr {
+        Some(addr) => Some(http_server(addr)?),
+        None => None,
+    };
+    shutdown.cancelled().await;
+    if let Some(h) = http {
+        h.stop(true).await;
+    }
+    shard.stop().await;
+    Ok(())
+}
+
+fn http_server(addr: std::net::SocketAddr) -> anyhow::Result<actix_web::dev::ServerHandle> {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    let server = HttpServer::new(|| {
+        App::new()
+            .route(
+                "/metrics",
+                web::get().to(motorpool_telemetry::metrics_handler),
+            )
+            .route(
+                "/healthz",
+                web::get().to(|| async { HttpResponse::Ok().body("ok") }),
+            )
+    })
+    .workers(1)
+    .bind(addr)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    Ok(handle)
+}
+
+/// The data dir's blob store, for tools that inspect a stopped shard.
+pub fn open_store(dir: &Path, capacity: u64) -> anyhow::Result<Store> {
+    Ok(Store::open(dir, capacity, false)?)
+}

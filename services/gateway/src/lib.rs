@@ -1,0 +1,271 @@
+//! The REAPI v2 gateway: the gRPC front that Bazel talks to.
+//!
+//! Layout (one file per gRPC service, as the protocol is laid out):
+//! - [`capabilities`] (in this file): what the server supports, truthfully.
+//! - [`cas`]: ContentAddressableStorage (FindMissingBlobs, Batch*, GetTree).
+//! - [`bytestream`]: ByteStream Read / Write / QueryWriteStatus.
+//! - [`ac`]: ActionCache with the completeness check.
+//! - [`shards`]: the shard registry, placement, and the calls to shards (bus + data stream).
+//! - [`resource`]: validation of instance names, digests and resource names.
+//! - [`error`]: [`GatewayError`], mapped once to `tonic::Status`.
+//!
+//! The gateway keeps no blob state of its own: everything lives on CAS shards, so gateways can be
+//! added or restarted freely.
+
+pub mod ac;
+pub mod bytestream;
+pub mod cas;
+pub mod error;
+pub mod resource;
+pub mod shards;
+
+use anyhow::Context;
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::build::bazel::semver::SemVer;
+use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
+pub use error::GatewayError;
+use motorpool_bus::Bus;
+use motorpool_config::GatewayConfig;
+use re::action_cache_server::ActionCacheServer;
+use re::capabilities_server::{Capabilities, CapabilitiesServer};
+use re::content_addressable_storage_server::ContentAddressableStorageServer;
+use shards::Shards;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// The gateway's shared state; cloned into every gRPC service.
+#[derive(Clone)]
+pub struct Gateway {
+    pub(crate) config: Arc<GatewayConfig>,
+    pub(crate) shards: Shards,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+/// Runs a handler, counts it by method and status code, and times it.
+pub(crate) async fn observe<T>(
+    method: &'static str,
+    fut: impl Future<Output = Result<T, GatewayError>>,
+) -> Result<Response<T>, Status> {
+    let start = Instant::now();
+    let result = fut.await.map_err(Status::from);
+    let code = match &result {
+        Ok(_) => "OK".to_string(),
+        Err(s) => format!("{:?}", s.code()),
+    };
+    if let Err(s) = &result {
+        tracing::debug!(method, code = %code, message = s.message(), "Request failed");
+    }
+    metrics::counter!("motorpool_gateway_requests_total", "method" => method, "code" => code)
+        .increment(1);
+    metrics::histogram!("motorpool_gateway_request_duration_seconds", "method" => method)
+        .record(start.elapsed().as_secs_f64());
+    result.map(Response::new)
+}
+
+#[tonic::async_trait]
+impl Capabilities for Gateway {
+    async fn get_capabilities(
+        &self,
+        request: Request<re::GetCapabilitiesRequest>,
+    ) -> Result<Response<re::ServerCapabilities>, Status> {
+        let req = request.into_inner();
+        observe("GetCapabilities", async move {
+            resource::check_instance(&req.instance_name, &self.config.instance_names)?;
+            Ok(self.capabilities())
+        })
+        .await
+    }
+}
+
+impl Gateway {
+    fn capabilities(&self) -> re::ServerCapabilities {
+        use re::digest_function::Value as F;
+        re::ServerCapabilities {
+            cache_capabilities: Some(re::CacheCapabilities {
+                digest_functions: vec![F::Sha256 as i32, F::Blake3 as i32],
+                action_cache_update_capabilities: Some(re::ActionCacheUpdateCapabilities {
+                    update_enabled: true,
+                }),
+                cache_priority_capabilities: None,
+                max_batch_total_size_bytes: self.config.max_batch_total_bytes as i64,
+                symlink_absolute_path_strategy: re::symlink_absolute_path_strategy::Value::Allowed
+                    as i32,
+                supported_compressors: vec![],
+                supported_batch_update_compressors: vec![],
+                max_cas_blob_size_bytes: 0,
+                split_blob_support: false,
+                ..Default::default()
+            }),
+            // Remote execution is not offered by this gateway build.
+            execution_capabilities: None,
+            deprecated_api_version: None,
+            low_api_version: Some(SemVer {
+                major: 2,
+                minor: 0,
+                patch: 0,
+                prerelease: String::new(),
+            }),
+            high_api_version: Some(SemVer {
+                major: 2,
+                minor: 3,
+                patch: 0,
+                prerelease: String::new(),
+            }),
+        }
+    }
+}
+
+/// A started gateway: its bound addresses.
+#[derive(Debug)]
+pub struct Started {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    grpc: tokio::task::JoinHandle<()>,
+    http: actix_web::dev::ServerHandle,
+}
+
+impl Started {
+    /// Waits for the servers to finish after shutdown fired.
+    pub async fn join(self) {
+        self.http.stop(true).await;
+        let _ = self.grpc.await;
+    }
+}
+
+/// Binds the gRPC and HTTP listeners and serves until `shutdown` fires.
+pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
+    let bus = Bus::connect(
+        &config.nats_url,
+        "gateway",
+        Duration::from_millis(config.bus_timeout_ms),
+    )
+    .await?;
+    let shards = Shards::watch(
+        bus,
+        Duration::from_millis(config.bus_timeout_ms),
+        Duration::from_millis(config.shard_timeout_ms),
+        config.blob_transport,
+    )
+    .await?;
+    let gateway = Gateway {
+        config: Arc::new(config.clone()),
+        shards: shards.clone(),
+    };
+    let max = config.max_grpc_message_bytes;
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("bind gRPC on {}", config.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .add_service(CapabilitiesServer::new(gateway.clone()).max_decoding_message_size(max))
+        .add_service(
+            ContentAddressableStorageServer::new(gateway.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(ByteStreamServer::new(gateway.clone()).max_decoding_message_size(max))
+        .add_service(ActionCacheServer::new(gateway.clone()).max_decoding_message_size(max));
+    let stop = shutdown.clone();
+    let grpc = tokio::spawn(async move {
+        if let Err(error) = router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "gRPC server failed");
+        }
+    });
+    let (http, http_addr) = http_server(config.http_addr, shards)?;
+    tracing::info!(%grpc_addr, %http_addr, "Gateway is serving");
+    Ok(Started {
+        grpc_addr,
+        http_addr,
+        grpc,
+        http,
+    })
+}
+
+fn http_server(
+    addr: SocketAddr,
+    shards: Shards,
+) -> anyhow::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    let data = web::Data::new(shards);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/metrics", web::get().to(metrics))
+            .route(
+                "/healthz",
+                web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
+            )
+            .route("/readyz", web::get().to(readyz))
+            .route("/api/v1/shards", web::get().to(shard_list))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)
+    .with_context(|| format!("bind HTTP on {addr}"))?;
+    let bound = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    Ok((handle, bound))
+}
+
+async fn metrics(shards: actix_web::web::Data<Shards>) -> actix_web::HttpResponse {
+    let live = shards.live();
+    metrics::gauge!("motorpool_gateway_live_shards").set(live.len() as f64);
+    for s in &live {
+        metrics::gauge!("motorpool_cas_used_bytes", "shard" => s.shard_id.clone())
+            .set(s.used_bytes as f64);
+        metrics::gauge!("motorpool_cas_blobs", "shard" => s.shard_id.clone())
+            .set(s.blob_count as f64);
+    }
+    motorpool_telemetry::metrics_handler().await
+}
+
+async fn readyz(shards: actix_web::web::Data<Shards>) -> actix_web::HttpResponse {
+    let n = shards.live().len();
+    if n == 0 {
+        actix_web::HttpResponse::ServiceUnavailable().body("no live CAS shard\n")
+    } else {
+        actix_web::HttpResponse::Ok().body(format!("ready: {n} live CAS shard(s)\n"))
+    }
+}
+
+async fn shard_list(shards: actix_web::web::Data<Shards>) -> actix_web::HttpResponse {
+    let body: Vec<String> = shards
+        .live()
+        .iter()
+        .map(|s| {
+            format!(
+                "{{\"shard_id\":{:?},\"data_addr\":{:?},\"used_bytes\":{},\"capacity_bytes\":{},\"blobs\":{}}}",
+                s.shard_id, s.data_addr, s.used_bytes, s.capacity_bytes, s.blob_count
+            )
+        })
+        .collect();
+    actix_web::HttpResponse::Ok()
+        .content_type("application/json")
+        .body(format!("[{}]", body.join(",")))
+}
+
+/// Runs the gateway until `shutdown` fires.
+pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let started = start(config, shutdown.clone()).await?;
+    shutdown.cancelled().await;
+    started.join().await;
+    Ok(())
+}

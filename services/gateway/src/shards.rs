@@ -1,0 +1,1007 @@
+//! The gateway's view of the CAS shards: the registry (a KV watch), placement, and typed calls to
+//! shards over the bus and the direct data stream.
+//!
+//! Placement is rendezvous hashing over the live shards: every gateway computes the same owner for
+//! a digest with no coordination, and a shard joining or leaving moves only its share of digests.
+//! Lookups that miss on the owner search the other live shards before answering "missing", so a
+//! blob written before a membership change is still found, and "present" is never said for a blob
+//! that no live shard holds.
+
+use crate::error::GatewayError;
+use futures::StreamExt;
+use futures::future::join_all;
+use motorpool_bus::{Bus, BusError, subjects};
+use motorpool_messages::cas::*;
+use motorpool_messages::{BlobDigest, ErrorCode, WireError, codec};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+
+pub use motorpool_config::BlobTransport;
+
+#[derive(Clone)]
+struct Live {
+    info: ShardInfo,
+    seen: Instant,
+    weight_key: u64,
+    pool: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+/// The live shards and the calls to them.
+#[derive(Clone)]
+pub struct Shards {
+    bus: Bus,
+    live: Arc<RwLock<HashMap<String, Live>>>,
+    timeout: Duration,
+    liveness: Duration,
+    transport: BlobTransport,
+}
+
+/// One shard picked for a call.
+#[derive(Clone)]
+pub struct ShardRef {
+    pub id: String,
+    addr: String,
+    pool: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn digest_key(d: &BlobDigest) -> u64 {
+    u64::from_le_bytes(d.hash[..8].try_into().expect("8 bytes"))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Shards {
+    /// Starts watching the shard registry.
+    pub async fn watch(
+        bus: Bus,
+        timeout: Duration,
+        liveness: Duration,
+        transport: BlobTransport,
+    ) -> Result<Shards, BusError> {
+        let kv = bus
+            .ensure_kv(async_nats::jetstream::kv::Config {
+                bucket: subjects::cas::REGISTRY_BUCKET.to_string(),
+                history: 1,
+                max_age: Duration::from_secs(3600),
+                ..Default::default()
+            })
+            .await?;
+        let shards = Shards {
+            bus,
+            live: Arc::default(),
+            timeout,
+            liveness,
+            transport,
+        };
+        let live = shards.live.clone();
+        tokio::spawn(async move {
+            loop {
+                match kv.watch_with_history(">").await {
+                    Ok(mut watch) => {
+                        while let Some(entry) = watch.next().await {
+                            let Ok(entry) = entry else { break };
+                            apply_registry_entry(&live, entry);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "Cannot watch the shard registry; retrying")
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(shards)
+    }
+
+    /// Live shards, sorted by id.
+    pub fn live(&self) -> Vec<ShardInfo> {
+        let mut v: Vec<_> = self.live_refs().into_iter().map(|(l, _)| l.info).collect();
+        v.sort_by(|a, b| a.shard_id.cmp(&b.shard_id));
+        v
+    }
+
+    fn live_refs(&self) -> Vec<(Live, ShardRef)> {
+        let now = now_ms();
+        self.live
+            .read()
+            .values()
+            .filter(|l| {
+                !l.info.draining
+                    && l.seen.elapsed() < self.liveness
+                    && now.saturating_sub(l.info.heartbeat_at_ms)
+                        < 2 * self.liveness.as_millis() as u64
+            })
+            .map(|l| {
+                (
+                    l.clone(),
+                    ShardRef {
+                        id: l.info.shard_id.clone(),
+                        addr: l.info.data_addr.clone(),
+                        pool: l.pool.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Live shards in placement order for `d`: the owner first.
+    pub fn ranked(&self, d: &BlobDigest) -> Vec<ShardRef> {
+        let k = digest_key(d);
+        let mut v: Vec<_> = self
+            .live_refs()
+            .into_iter()
+            .map(|(l, r)| (splitmix(l.weight_key ^ k), r))
+            .collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        v.into_iter().map(|(_, r)| r).collect()
+    }
+
+    fn require_live(&self) -> Result<Vec<ShardRef>, GatewayError> {
+        let mut v: Vec<_> = self.live_refs().into_iter().map(|(_, r)| r).collect();
+        if v.is_empty() {
+            return Err(GatewayError::Unavailable(
+                "no CAS shard is registered and alive".into(),
+            ));
+        }
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(v)
+    }
+
+    /// Largest number of blob bytes per bus message (the server's payload limit, less framing).
+    fn payload_budget(&self) -> usize {
+        self.bus
+            .max_payload()
+            .saturating_sub(64 * 1024)
+            .max(64 * 1024)
+    }
+
+    /// For each digest: is it missing from every live shard?
+    pub async fn find_missing(
+        &self,
+        instance: &str,
+        digests: &[BlobDigest],
+    ) -> Result<Vec<bool>, GatewayError> {
+        let all = self.require_live()?;
+        let mut missing = vec![true; digests.len()];
+        // First round: each digest at its owner.
+        let mut groups: HashMap<String, (ShardRef, Vec<usize>)> = HashMap::new();
+        for (i, d) in digests.iter().enumerate() {
+            if d.is_empty_blob() {
+                missing[i] = false;
+                continue;
+            }
+            let owner = self
+                .ranked(d)
+                .into_iter()
+                .next()
+                .expect("live shards exist");
+            groups
+                .entry(owner.id.clone())
+                .or_insert_with(|| (owner, Vec::new()))
+                .1
+                .push(i);
+        }
+        let calls: Vec<(ShardRef, Vec<usize>)> = groups.into_values().collect();
+        let found = self.find_on(instance, digests, calls).await;
+        for i in found {
+            missing[i] = false;
+        }
+        // Second round: the rest on every other shard (only matters after membership changes).
+        if all.len() > 1 {
+            let rest: Vec<usize> = (0..digests.len()).filter(|&i| missing[i]).collect();
+            if !rest.is_empty() {
+                let calls = all
+                    .iter()
+                    .map(|s| {
+                        let idx: Vec<usize> = rest
+                            .iter()
+                            .copied()
+                            .filter(|&i| {
+                                self.ranked(&digests[i])
+                                    .first()
+                                    .map(|o| o.id != s.id)
+                                    .unwrap_or(true)
+                            })
+                            .collect();
+                        (s.clone(), idx)
+                    })
+                    .filter(|(_, idx)| !idx.is_empty())
+                    .collect();
+                for i in self.find_on(instance, digests, calls).await {
+                    missing[i] = false;
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Asks each shard about its digests; returns the indices found somewhere. A shard that does
+    /// not answer found nothing (a client then uploads again, which is always safe).
+    async fn find_on(
+        &self,
+        instance: &str,
+        digests: &[BlobDigest],
+        calls: Vec<(ShardRef, Vec<usize>)>,
+    ) -> Vec<usize> {
+        const PER_MESSAGE: usize = 16_384;
+        let mut futs = Vec::new();
+        for (shard, idx) in calls {
+            for part in idx.chunks(PER_MESSAGE).map(<[usize]>::to_vec) {
+                let req = FindMissing {
+                    instance: instance.to_string(),
+                    digests: part.iter().map(|&i| digests[i]).collect(),
+                };
+                let subject = subjects::cas::find_missing(&shard.id);
+                let bus = &self.bus;
+                let timeout = self.timeout;
+                futs.push(async move {
+                    match bus.request_with_timeout(&subject, &req, timeout).await {
+                        Ok(reply) => {
+                            let mut present = vec![true; part.len()];
+                            for m in reply.missing {
+                                if let Some(p) = present.get_mut(m as usize) {
+                                    *p = false;
+                                }
+                            }
+                            part.iter().zip(present).filter(|(_, p)| *p).map(|(&i, _)| i).collect()
+                        }
+                        Err(error) => {
+                            tracing::warn!(shard = %subject, %error, "FindMissing failed on a shard");
+                            Vec::new()
+                        }
+                    }
+                });
+            }
+        }
+        join_all(futs).await.into_iter().flatten().collect()
+    }
+
+    /// Stores small blobs on their owners; one result per blob.
+    pub async fn batch_write(
+        &self,
+        instance: &str,
+        blobs: Vec<BlobPut>,
+    ) -> Result<Vec<Option<WireError>>, GatewayError> {
+        self.require_live()?;
+        let n = blobs.len();
+        let mut groups: HashMap<String, (ShardRef, Vec<(usize, BlobPut)>)> = HashMap::new();
+        for (i, b) in blobs.into_iter().enumerate() {
+            let owner = self
+                .ranked(&b.digest)
+                .into_iter()
+                .next()
+                .expect("live shards exist");
+            groups
+                .entry(owner.id.clone())
+                .or_insert_with(|| (owner, Vec::new()))
+                .1
+                .push((i, b));
+        }
+        let budget = self.payload_budget();
+        let mut futs = Vec::new();
+        for (shard, items) in groups.into_values() {
+            let mut batch: Vec<(usize, BlobPut)> = Vec::new();
+            let mut bytes = 0;
+            let mut batches = Vec::new();
+            for item in items {
+                let len = item.1.data.len() + 48;
+                if !batch.is_empty() && bytes + len > budget {
+                    batches.push(std::mem::take(&mut batch));
+                    bytes = 0;
+                }
+                bytes += len;
+                batch.push(item);
+            }
+            if !batch.is_empty() {
+                batches.push(batch);
+            }
+            for batch in batches {
+                let subject = subjects::cas::batch_write(&shard.id);
+                let (idx, blobs): (Vec<usize>, Vec<BlobPut>) = batch.into_iter().unzip();
+                let req = BatchWrite {
+                    instance: instance.to_string(),
+                    blobs,
+                };
+                let bus = &self.bus;
+                let timeout = self.timeout;
+                futs.push(async move {
+                    let res = bus.request_with_timeout(&subject, &req, timeout).await;
+                    (idx, res)
+                });
+            }
+        }
+        let mut results = vec![None; n];
+        for (idx, res) in join_all(futs).await {
+            match res {
+                Ok(reply) => {
+                    for (i, r) in idx.into_iter().zip(reply.results) {
+                        results[i] = r;
+                    }
+                }
+                Err(e) => {
+                    let e = wire_of(e);
+                    for i in idx {
+                        results[i] = Some(e.clone());
+                    }
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// Reads small blobs whole, from their owners and then from any other live shard.
+    pub async fn batch_read(
+        &self,
+        instance: &str,
+        digests: &[BlobDigest],
+    ) -> Result<Vec<Result<Vec<u8>, WireError>>, GatewayError> {
+        let all = self.require_live()?;
+        let mut out: Vec<Result<Vec<u8>, WireError>> = digests
+            .iter()
+            .map(|d| Err(WireError::not_found(format!("blob {d} not found"))))
+            .collect();
+        let mut pending: Vec<usize> = Vec::new();
+        for (i, d) in digests.iter().enumerate() {
+            if d.is_empty_blob() {
+                out[i] = Ok(Vec::new());
+            } else {
+                pending.push(i);
+            }
+        }
+        // Try rank 0 (the owner) for everything, then rank 1, ... for what is still not found.
+        for rank in 0..all.len() {
+            if pending.is_empty() {
+                break;
+            }
+            let mut groups: HashMap<String, (ShardRef, Vec<usize>)> = HashMap::new();
+            for &i in &pending {
+                if let Some(s) = self.ranked(&digests[i]).into_iter().nth(rank) {
+                    groups
+                        .entry(s.id.clone())
+                        .or_insert_with(|| (s, Vec::new()))
+                        .1
+                        .push(i);
+                }
+            }
+            let budget = self.payload_budget();
+            let mut futs = Vec::new();
+            for (shard, idx) in groups.into_values() {
+                let mut start = 0;
+                while start < idx.len() {
+                    let mut end = start;
+                    let mut bytes = 0u64;
+                    while end < idx.len()
+                        && (end == start || bytes + digests[idx[end]].size <= budget as u64)
+                    {
+                        bytes += digests[idx[end]].size + 48;
+                        end += 1;
+                    }
+                    let part: Vec<usize> = idx[start..end].to_vec();
+                    start = end;
+                    let req = BatchRead {
+                        instance: instance.to_string(),
+                        digests: part.iter().map(|&i| digests[i]).collect(),
+                    };
+                    let subject = subjects::cas::batch_read(&shard.id);
+                    let bus = &self.bus;
+                    let timeout = self.timeout;
+                    futs.push(async move {
+                        (
+                            part,
+                            bus.request_with_timeout(&subject, &req, timeout).await,
+                        )
+                    });
+                }
+            }
+            for (part, res) in join_all(futs).await {
+                match res {
+                    Ok(reply) => {
+                        for (i, r) in part.into_iter().zip(reply.blobs) {
+                            out[i] = r;
+                        }
+                    }
+                    Err(e) => {
+                        let e = wire_of(e);
+                        for i in part {
+                            out[i] = Err(e.clone());
+                        }
+                    }
+                }
+            }
+            pending.retain(|&i| matches!(&out[i], Err(e) if e.code == ErrorCode::NotFound || e.code == ErrorCode::Unavailable || e.code == ErrorCode::DeadlineExceeded));
+        }
+        Ok(out)
+    }
+
+    /// Opens a streaming read of `digest` from the first shard that has it.
+    pub async fn open_read(
+        &self,
+        instance: &str,
+        d: &BlobDigest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<BlobReader, GatewayError> {
+        self.require_live()?;
+        let mut last = GatewayError::NotFound(format!("blob {d} not found on any live shard"));
+        for shard in self.ranked(d) {
+            let r = match self.transport {
+                BlobTransport::Direct => {
+                    self.open_read_direct(&shard, instance, d, offset, limit)
+                        .await
+                }
+                BlobTransport::Nats => {
+                    self.open_read_nats(&shard, instance, d, offset, limit)
+                        .await
+                }
+            };
+            match r {
+                Ok(r) => return Ok(r),
+                Err(e @ GatewayError::NotFound(_)) | Err(e @ GatewayError::Unavailable(_)) => {
+                    last = e
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    async fn connect(&self, shard: &ShardRef) -> Result<TcpStream, GatewayError> {
+        if let Some(c) = shard.pool.lock().pop() {
+            return Ok(c);
+        }
+        let c = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&shard.addr))
+            .await
+            .map_err(|_| {
+                GatewayError::Unavailable(format!(
+                    "shard {} data stream at {} timed out",
+                    shard.id, shard.addr
+                ))
+            })?
+            .map_err(|e| {
+                GatewayError::Unavailable(format!(
+                    "shard {} data stream at {}: {e}",
+                    shard.id, shard.addr
+                ))
+            })?;
+        let _ = c.set_nodelay(true);
+        Ok(c)
+    }
+
+    async fn open_read_direct(
+        &self,
+        shard: &ShardRef,
+        instance: &str,
+        d: &BlobDigest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<BlobReader, GatewayError> {
+        let mut conn = self.connect(shard).await?;
+        let req = DataRequest::Read {
+            instance: instance.to_string(),
+            digest: *d,
+            offset,
+            limit,
+        };
+        let reply = exchange(&mut conn, &req)
+            .await
+            .map_err(|e| GatewayError::Unavailable(format!("shard {}: {e}", shard.id)))?;
+        match reply {
+            DataReply::ReadReady { len } => Ok(BlobReader {
+                source: Source::Direct {
+                    conn: Some(conn),
+                    pool: shard.pool.clone(),
+                },
+                remaining: len,
+                len,
+            }),
+            DataReply::Error(e) => {
+                shard.pool.lock().push(conn);
+                Err(e.into())
+            }
+            other => Err(GatewayError::Internal(format!(
+                "shard {} answered a read with {other:?}",
+                shard.id
+            ))),
+        }
+    }
+
+    async fn open_read_nats(
+        &self,
+        shard: &ShardRef,
+        instance: &str,
+        d: &BlobDigest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<BlobReader, GatewayError> {
+        if offset > d.size {
+            return Err(GatewayError::Invalid(format!(
+                "read offset {offset} is past the end of {d}"
+            )));
+        }
+        // Probe with an empty read so NotFound surfaces before the stream starts.
+        let probe = ReadChunk {
+            instance: instance.to_string(),
+            digest: *d,
+            offset,
+            limit: 1,
+        };
+        self.bus
+            .request_with_timeout(&subjects::cas::read_chunk(&shard.id), &probe, self.timeout)
+            .await
+            .map_err(GatewayError::from)?;
+        let rest = d.size - offset;
+        let len = if limit == 0 { rest } else { rest.min(limit) };
+        Ok(BlobReader {
+            source: Source::Nats {
+                bus: self.bus.clone(),
+                shard: shard.id.clone(),
+                instance: instance.to_string(),
+                digest: *d,
+                offset,
+                timeout: self.timeout,
+                chunk: self.payload_budget() as u64,
+            },
+            remaining: len,
+            len,
+        })
+    }
+
+    /// Writes (or resumes) a large blob from a stream of chunks.
+    pub async fn write_stream<S>(
+        &self,
+        instance: &str,
+        d: &BlobDigest,
+        upload_id: &str,
+        offset: u64,
+        chunks: S,
+    ) -> Result<u64, GatewayError>
+    where
+        S: futures::Stream<Item = Result<WriteData, GatewayError>> + Unpin,
+    {
+        self.require_live()?;
+        let shard = self
+            .ranked(d)
+            .into_iter()
+            .next()
+            .expect("live shards exist");
+        match self.transport {
+            BlobTransport::Direct => {
+                self.write_direct(&shard, instance, d, upload_id, offset, chunks)
+                    .await
+            }
+            BlobTransport::Nats => {
+                self.write_nats(&shard, instance, d, upload_id, offset, chunks)
+                    .await
+            }
+        }
+    }
+
+    async fn write_direct<S>(
+        &self,
+        shard: &ShardRef,
+        instance: &str,
+        d: &BlobDigest,
+        upload_id: &str,
+        offset: u64,
+        mut chunks: S,
+    ) -> Result<u64, GatewayError>
+    where
+        S: futures::Stream<Item = Result<WriteData, GatewayError>> + Unpin,
+    {
+        let mut conn = self.connect(shard).await?;
+        let req = DataRequest::Write {
+            instance: instance.to_string(),
+            digest: *d,
+            upload_id: upload_id.to_string(),
+            offset,
+        };
+        let unavailable = |e: std::io::Error| {
+            GatewayError::Unavailable(format!("shard {} data stream: {e}", shard.id))
+        };
+        match exchange(&mut conn, &req).await.map_err(unavailable)? {
+            DataReply::Committed { size } => {
+                shard.pool.lock().push(conn);
+                return Ok(size);
+            }
+            DataReply::WriteReady { .. } => {}
+            DataReply::Error(e) => {
+                shard.pool.lock().push(conn);
+                return Err(e.into());
+            }
+            other => {
+                return Err(GatewayError::Internal(format!(
+                    "shard answered a write with {other:?}"
+                )));
+            }
+        }
+        let mut w = BufWriter::with_capacity(256 * 1024, conn);
+        let mut finished = false;
+        while let Some(item) = chunks.next().await {
+            let item = item?; // the client's stream broke: dropping the connection keeps the upload resumable
+            if !item.data.is_empty() {
+                let sent = async {
+                    w.write_all(&(item.data.len() as u32).to_le_bytes()).await?;
+                    w.write_all(&item.data).await
+                }
+                .await;
+                if sent.is_err() {
+                    // The shard refused more data; its reply says why.
+                    let mut conn = w.into_inner();
+                    return match read_reply(&mut conn).await {
+                        Ok(DataReply::Error(e)) => Err(e.into()),
+                        _ => Err(GatewayError::Unavailable(format!(
+                            "shard {} closed the upload",
+                            shard.id
+                        ))),
+                    };
+                }
+            }
+            if item.finish {
+                finished = true;
+                break;
+            }
+        }
+        if !finished {
+            return Err(GatewayError::Invalid(
+                "the write stream ended without finish_write; resume at the offset QueryWriteStatus returns".into(),
+            ));
+        }
+        w.write_all(&0u32.to_le_bytes())
+            .await
+            .map_err(unavailable)?;
+        w.flush().await.map_err(unavailable)?;
+        let mut conn = w.into_inner();
+        match read_reply(&mut conn).await.map_err(unavailable)? {
+            DataReply::Committed { size } => {
+                shard.pool.lock().push(conn);
+                Ok(size)
+            }
+            DataReply::Error(e) => Err(e.into()),
+            other => Err(GatewayError::Internal(format!(
+                "shard answered a finished write with {other:?}"
+            ))),
+        }
+    }
+
+    async fn write_nats<S>(
+        &self,
+        shard: &ShardRef,
+        instance: &str,
+        d: &BlobDigest,
+        upload_id: &str,
+        mut offset: u64,
+        mut chunks: S,
+    ) -> Result<u64, GatewayError>
+    where
+        S: futures::Stream<Item = Result<WriteData, GatewayError>> + Unpin,
+    {
+        let budget = self.payload_budget();
+        let subject = subjects::cas::write_chunk(&shard.id);
+        let mut buf: Vec<u8> = Vec::with_capacity(budget);
+        loop {
+            let item = chunks.next().await;
+            let (finish, end) = match &item {
+                Some(Ok(w)) => (w.finish, false),
+                Some(Err(_)) => return Err(item.expect("some").err().expect("err")),
+                None => (false, true),
+            };
+            if let Some(Ok(w)) = item {
+                buf.extend_from_slice(&w.data);
+            }
+            if buf.len() >= budget || finish || end {
+                let req = WriteChunk {
+                    instance: instance.to_string(),
+                    digest: *d,
+                    upload_id: upload_id.to_string(),
+                    offset,
+                    data: std::mem::take(&mut buf),
+                    finish,
+                };
+                let status = self
+                    .bus
+                    .request_with_timeout(&subject, &req, self.timeout)
+                    .await?;
+                if status.complete {
+                    return Ok(status.committed);
+                }
+                offset = status.committed;
+            }
+            if end {
+                return Err(GatewayError::Invalid(
+                    "the write stream ended without finish_write; resume at the offset QueryWriteStatus returns".into(),
+                ));
+            }
+        }
+    }
+
+    /// How far an upload got: `(committed, complete)`.
+    pub async fn query_write(
+        &self,
+        instance: &str,
+        d: &BlobDigest,
+        upload_id: &str,
+    ) -> Result<(u64, bool), GatewayError> {
+        self.require_live()?;
+        let shard = self
+            .ranked(d)
+            .into_iter()
+            .next()
+            .expect("live shards exist");
+        let req = QueryWrite {
+            instance: instance.to_string(),
+            digest: *d,
+            upload_id: upload_id.to_string(),
+        };
+        let s = self
+            .bus
+            .request_with_timeout(&subjects::cas::query_write(&shard.id), &req, self.timeout)
+            .await?;
+        Ok((s.committed, s.complete))
+    }
+
+    /// The encoded ActionResult for `action`, from its owner or any other live shard.
+    pub async fn ac_get(
+        &self,
+        instance: &str,
+        action: &BlobDigest,
+    ) -> Result<Option<Vec<u8>>, GatewayError> {
+        self.require_live()?;
+        for shard in self.ranked(action) {
+            let req = AcGet {
+                instance: instance.to_string(),
+                action: *action,
+            };
+            match self
+                .bus
+                .request_with_timeout(&subjects::cas::ac_get(&shard.id), &req, self.timeout)
+                .await
+            {
+                Ok(AcEntry { result: Some(r) }) => return Ok(Some(r)),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(shard = %shard.id, error = %e, "AcGet failed on a shard")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores an ActionResult on the owner of `action`.
+    pub async fn ac_put(
+        &self,
+        instance: &str,
+        action: &BlobDigest,
+        result: Vec<u8>,
+    ) -> Result<(), GatewayError> {
+        self.require_live()?;
+        let shard = self
+            .ranked(action)
+            .into_iter()
+            .next()
+            .expect("live shards exist");
+        let req = AcPut {
+            instance: instance.to_string(),
+            action: *action,
+            result,
+        };
+        self.bus
+            .request_with_timeout(&subjects::cas::ac_put(&shard.id), &req, self.timeout)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes an ActionResult from every live shard.
+    pub async fn ac_delete(&self, instance: &str, action: &BlobDigest) -> Result<(), GatewayError> {
+        for shard in self.require_live()? {
+            let req = AcDelete {
+                instance: instance.to_string(),
+                action: *action,
+            };
+            let _ = self
+                .bus
+                .request_with_timeout(&subjects::cas::ac_delete(&shard.id), &req, self.timeout)
+                .await;
+        }
+        Ok(())
+    }
+}
+
+fn apply_registry_entry(
+    live: &RwLock<HashMap<String, Live>>,
+    entry: async_nats::jetstream::kv::Entry,
+) {
+    use async_nats::jetstream::kv::Operation;
+    match entry.operation {
+        Operation::Put => match codec::decode::<ShardInfo>(&entry.value) {
+            Ok(info) => {
+                let mut live = live.write();
+                let key = info.shard_id.clone();
+                let weight_key = u64::from_le_bytes(
+                    blake3::hash(key.as_bytes()).as_bytes()[..8]
+                        .try_into()
+                        .expect("8 bytes"),
+                );
+                match live.get_mut(&key) {
+                    Some(l) if l.info.data_addr == info.data_addr => {
+                        l.info = info;
+                        l.seen = Instant::now();
+                    }
+                    _ => {
+                        tracing::info!(shard = %key, data_addr = %info.data_addr, "CAS shard joined");
+                        live.insert(
+                            key,
+                            Live {
+                                info,
+                                seen: Instant::now(),
+                                weight_key,
+                                pool: Arc::default(),
+                            },
+                        );
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(key = %entry.key, %error, "Ignored a malformed shard registration")
+            }
+        },
+        Operation::Delete | Operation::Purge => {
+            if live.write().remove(&entry.key).is_some() {
+                tracing::info!(shard = %entry.key, "CAS shard left");
+            }
+        }
+    }
+}
+
+fn wire_of(e: BusError) -> WireError {
+    match e {
+        BusError::Remote(w) => w,
+        BusError::Timeout { .. } => WireError::new(ErrorCode::DeadlineExceeded, e.to_string()),
+        other => WireError::new(ErrorCode::Unavailable, other.to_string()),
+    }
+}
+
+async fn exchange(conn: &mut TcpStream, req: &DataRequest) -> std::io::Result<DataReply> {
+    let frame = codec::encode(req).map_err(std::io::Error::other)?;
+    let mut out = Vec::with_capacity(frame.len() + 4);
+    out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    out.extend_from_slice(&frame);
+    conn.write_all(&out).await?;
+    read_reply(conn).await
+}
+
+async fn read_reply(conn: &mut TcpStream) -> std::io::Result<DataReply> {
+    let len = conn.read_u32_le().await? as usize;
+    if len > 64 * 1024 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "oversized control frame",
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    conn.read_exact(&mut buf).await?;
+    codec::decode(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// One chunk of a write stream.
+#[derive(Debug)]
+pub struct WriteData {
+    pub data: Vec<u8>,
+    pub finish: bool,
+}
+
+enum Source {
+    Direct {
+        conn: Option<TcpStream>,
+        pool: Arc<Mutex<Vec<TcpStream>>>,
+    },
+    Nats {
+        bus: Bus,
+        shard: String,
+        instance: String,
+        digest: BlobDigest,
+        offset: u64,
+        timeout: Duration,
+        chunk: u64,
+    },
+}
+
+/// A blob being read from a shard.
+pub struct BlobReader {
+    source: Source,
+    remaining: u64,
+    len: u64,
+}
+
+impl BlobReader {
+    /// Bytes this read yields in all.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty read.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The next chunk of at most `max` bytes; `None` at the end.
+    pub async fn next_chunk(&mut self, max: usize) -> Option<Result<Vec<u8>, GatewayError>> {
+        if self.remaining == 0 {
+            if let Source::Direct { conn, pool } = &mut self.source
+                && let Some(c) = conn.take()
+            {
+                pool.lock().push(c);
+            }
+            return None;
+        }
+        match &mut self.source {
+            Source::Direct { conn, .. } => {
+                let n = (max as u64).min(self.remaining) as usize;
+                let mut buf = vec![0u8; n];
+                let c = conn.as_mut()?;
+                if let Err(e) = c.read_exact(&mut buf).await {
+                    *conn = None;
+                    self.remaining = 0;
+                    return Some(Err(GatewayError::Unavailable(format!(
+                        "shard data stream broke: {e}"
+                    ))));
+                }
+                self.remaining -= n as u64;
+                Some(Ok(buf))
+            }
+            Source::Nats {
+                bus,
+                shard,
+                instance,
+                digest,
+                offset,
+                timeout,
+                chunk,
+            } => {
+                let n = (*chunk).min(max as u64).min(self.remaining);
+                let req = ReadChunk {
+                    instance: instance.clone(),
+                    digest: *digest,
+                    offset: *offset,
+                    limit: n,
+                };
+                match bus
+                    .request_with_timeout(&subjects::cas::read_chunk(shard), &req, *timeout)
+                    .await
+                {
+                    Ok(c) if c.data.len() as u64 == n => {
+                        *offset += n;
+                        self.remaining -= n;
+                        Some(Ok(c.data))
+                    }
+                    Ok(_) => {
+                        self.remaining = 0;
+                        Some(Err(GatewayError::Internal(
+                            "shard returned a short chunk".into(),
+                        )))
+                    }
+                    Err(e) => {
+                        self.remaining = 0;
+                        Some(Err(e.into()))
+                    }
+                }
+            }
+        }
+    }
+}

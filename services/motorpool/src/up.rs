@@ -1,0 +1,189 @@
+//! `motorpool up`: the whole stack on one machine, as child processes under a small supervisor.
+//!
+//! Children: one `nats-server` (JetStream, store under the data dir), N CAS shards, one gateway.
+//! A child that exits unexpectedly is restarted after a short back-off. Ctrl-C (or SIGTERM) stops
+//! the gateway first, then the shards, then NATS, each with SIGTERM and a grace period.
+
+use clap::Args;
+use motorpool_bus::{NatsServer, NatsServerOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Directory for all state (NATS store, CAS shards).
+    #[arg(long, default_value = "motorpool-data")]
+    data_dir: PathBuf,
+    /// gRPC address Bazel connects to.
+    #[arg(long, default_value = "127.0.0.1:8980")]
+    grpc_addr: SocketAddr,
+    /// HTTP address: /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    /// NATS client port (0 = any free port).
+    #[arg(long, default_value_t = 4222)]
+    nats_port: u16,
+    /// Number of CAS shards.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Capacity of each CAS shard in bytes.
+    #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024)]
+    shard_capacity_bytes: u64,
+    /// Instance name to print in the suggested Bazel flags.
+    #[arg(long, default_value = "")]
+    instance_name: String,
+}
+
+struct Supervised {
+    name: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    restarts: u32,
+    next_start: Instant,
+}
+
+impl Supervised {
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let child = Command::new(exe)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .spawn()?;
+        tracing::info!(service = %self.name, pid = child.id(), "Started");
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let _telemetry = motorpool_telemetry::init("up", &Default::default())?;
+    std::fs::create_dir_all(&args.data_dir)?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let nats = NatsServer::start_with(NatsServerOptions {
+        port: args.nats_port,
+        store_dir: Some(data_dir.join("nats")),
+        log_file: Some(data_dir.join("nats.log")),
+        ..Default::default()
+    })?;
+    let nats_url = nats.url();
+    let mut children = Vec::new();
+    for i in 0..args.shards.max(1) {
+        children.push(Supervised {
+            name: format!("cas-{i}"),
+            args: vec![
+                "cas-shard".into(),
+                "--nats-url".into(),
+                nats_url.clone(),
+                "--shard-id".into(),
+                format!("cas-{i}"),
+                "--data-dir".into(),
+                data_dir.join(format!("cas-{i}")).display().to_string(),
+                "--capacity-bytes".into(),
+                args.shard_capacity_bytes.to_string(),
+            ],
+            child: None,
+            restarts: 0,
+            next_start: Instant::now(),
+        });
+    }
+    children.push(Supervised {
+        name: "gateway".into(),
+        args: vec![
+            "gateway".into(),
+            "--nats-url".into(),
+            nats_url.clone(),
+            "--grpc-addr".into(),
+            args.grpc_addr.to_string(),
+            "--http-addr".into(),
+            args.http_addr.to_string(),
+        ],
+        child: None,
+        restarts: 0,
+        next_start: Instant::now(),
+    });
+    for c in &mut children {
+        c.spawn()?;
+    }
+    wait_ready(args.http_addr, Duration::from_secs(60)).await?;
+    let instance = if args.instance_name.is_empty() {
+        String::new()
+    } else {
+        format!(" --remote_instance_name={}", args.instance_name)
+    };
+    println!(
+        "\nMotorpool is up.\n  NATS     {nats_url}\n  gRPC     grpc://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards)\n  data     {dir}\n\nBuild with the remote cache:\n  bazel build //... --remote_cache=grpc://{grpc}{instance}\n\nPress Ctrl-C to stop.\n",
+        grpc = args.grpc_addr,
+        http = args.http_addr,
+        dir = data_dir.display(),
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => supervise(&mut children),
+        }
+    }
+    println!("Stopping Motorpool...");
+    // Gateway first (it is last in the list), then shards, then NATS.
+    for c in children.iter_mut().rev() {
+        if let Some(mut child) = c.child.take() {
+            motorpool_bus::server::terminate(&mut child, Duration::from_secs(10));
+            tracing::info!(service = %c.name, "Stopped");
+        }
+    }
+    drop(nats);
+    println!("Stopped.");
+    Ok(())
+}
+
+fn supervise(children: &mut [Supervised]) {
+    for c in children.iter_mut() {
+        let exited = match c.child.as_mut() {
+            Some(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(status),
+                _ => None,
+            },
+            None => None,
+        };
+        if let Some(status) = exited {
+            c.restarts += 1;
+            let backoff = Duration::from_millis(250 * 2u64.pow(c.restarts.min(6)));
+            tracing::warn!(service = %c.name, %status, restarts = c.restarts, ?backoff, "Exited; restarting");
+            c.child = None;
+            c.next_start = Instant::now() + backoff;
+        }
+        if c.child.is_none()
+            && Instant::now() >= c.next_start
+            && let Err(error) = c.spawn()
+        {
+            tracing::error!(service = %c.name, %error, "Cannot restart");
+        }
+    }
+}
+
+async fn wait_ready(http: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(http).await {
+            let req = format!("GET /readyz HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+            if s.write_all(req.as_bytes()).await.is_ok() {
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf).await;
+                if buf.starts_with(b"HTTP/1.1 200") {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "the stack was not ready within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

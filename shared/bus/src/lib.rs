@@ -1,0 +1,21 @@
+//! Motorpool's NATS layer.
+//!
+//! Layout:
+//! - [`subjects`]: every subject and JetStream resource name, built in one place
+//!   (`mp.v1.<domain>.<noun>.<verb>[.<id>]`, ids last so wildcards work).
+//! - [`Bus`]: a connected client with typed publish, request/reply with timeouts, subscriptions
+//!   and JetStream KV/stream set-up.
+//! - [`serve`]: runs a typed mailbox: a (queue-group) subscription whose requests are handled with
+//!   bounded concurrency, malformed frames answered with a clear error.
+//! - [`server`]: starts a real `nats-server` (JetStream on) on a free port with a temp store dir;
+//!   used by `motorpool up` and by every integration test.
+
+mod bus;
+mod mailbox;
+pub mod server;
+pub mod subjects;
+
+pub use bus::{Bus, BusError, TypedSubscriber};
+pub use mailbox::{MailboxOptions, serve};
+pub use server::{NatsServer, NatsServerOptions};
+pub use subjects::Subject;

