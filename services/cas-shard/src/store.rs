@@ -134,6 +134,13 @@ struct Upload {
 
 type UploadKey = (u64, BlobDigest, String);
 
+/// An upload session: the state behind a lock held by the one stream writing it, and the
+/// committed offset readable without that lock (QueryWriteStatus must not wait for the stream).
+struct Session {
+    state: Arc<Mutex<Upload>>,
+    committed: AtomicU64,
+}
+
 /// Store statistics, reported in heartbeats.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -150,7 +157,7 @@ pub struct Store {
     ac: sled::Tree,
     db: sled::Db,
     index: Mutex<Index>,
-    uploads: Mutex<HashMap<UploadKey, Arc<Mutex<Upload>>>>,
+    uploads: Mutex<HashMap<UploadKey, Arc<Session>>>,
     capacity: u64,
     fsync: bool,
     tick: AtomicU64,
@@ -663,7 +670,7 @@ impl Store {
         }
         let key = (ns, *d, upload_id.to_string());
         if let Some(u) = self.uploads.lock().get(&key) {
-            return (u.lock().committed, false);
+            return (u.committed.load(Ordering::Acquire), false);
         }
         // An upload interrupted before a restart is still on disk.
         let len = fs::metadata(self.upload_path(ns, d, upload_id))
@@ -698,13 +705,16 @@ impl Store {
                     let path = self.upload_path(ns, d, upload_id);
                     let upload =
                         open_upload(&path, d).map_err(io_err(format!("open upload of {d}")))?;
-                    let s = Arc::new(Mutex::new(upload));
+                    let s = Arc::new(Session {
+                        committed: AtomicU64::new(upload.committed),
+                        state: Arc::new(Mutex::new(upload)),
+                    });
                     uploads.insert(key.clone(), s.clone());
                     s
                 }
             }
         };
-        let Some(mut guard) = session.try_lock_arc_for(Duration::from_secs(5)) else {
+        let Some(mut guard) = session.state.try_lock_arc_for(Duration::from_secs(5)) else {
             return Err(StoreError::Busy(format!(
                 "another stream is writing upload {upload_id} of {d}"
             )));
@@ -718,6 +728,7 @@ impl Store {
                 .map_err(io_err("seek upload"))?;
             guard.hasher = d.function.hasher();
             guard.committed = 0;
+            session.committed.store(0, Ordering::Release);
         } else if offset != guard.committed {
             return Err(StoreError::Invalid(format!(
                 "write offset {offset} does not match the {} bytes committed for {d}; resume at the offset QueryWriteStatus returns",
@@ -731,13 +742,14 @@ impl Store {
             digest: *d,
             key,
             guard,
+            session,
         }))
     }
 
     /// Drops upload sessions idle for longer than `idle`, and their files.
     pub fn expire_uploads(&self, idle: Duration) {
         let mut uploads = self.uploads.lock();
-        uploads.retain(|_, s| match s.try_lock() {
+        uploads.retain(|_, s| match s.state.try_lock() {
             Some(u) if u.touched.elapsed() > idle => {
                 let _ = fs::remove_file(&u.path);
                 false
@@ -811,6 +823,7 @@ pub struct UploadHandle<'a> {
     digest: BlobDigest,
     key: UploadKey,
     guard: parking_lot::ArcMutexGuard<parking_lot::RawMutex, Upload>,
+    session: Arc<Session>,
 }
 
 impl UploadHandle<'_> {
@@ -832,6 +845,7 @@ impl UploadHandle<'_> {
         u.file.write_all(data).map_err(io_err("write upload"))?;
         u.hasher.update(data);
         u.committed += data.len() as u64;
+        self.session.committed.store(u.committed, Ordering::Release);
         u.touched = Instant::now();
         Ok(())
     }
@@ -846,6 +860,7 @@ impl UploadHandle<'_> {
         let u = &mut *self.guard;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(8);
         let mut hasher = std::mem::replace(&mut u.hasher, self.digest.function.hasher());
+        let committed = &self.session.committed;
         let result = std::thread::scope(|scope| {
             let hashing = scope.spawn(move || {
                 for chunk in rx {
@@ -880,6 +895,7 @@ impl UploadHandle<'_> {
                     break;
                 }
                 u.committed += chunk.len() as u64;
+                committed.store(u.committed, Ordering::Release);
                 if tx.send(chunk).is_err() {
                     break;
                 }
@@ -899,6 +915,7 @@ impl UploadHandle<'_> {
                     let _ = u.file.seek(io::SeekFrom::Start(0));
                     u.hasher = self.digest.function.hasher();
                     u.committed = 0;
+                    committed.store(0, Ordering::Release);
                 }
                 Err(e)
             }

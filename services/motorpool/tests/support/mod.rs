@@ -1,0 +1,306 @@
+//! Test support: the real stack as `motorpool up` runs it, gRPC clients, and blob helpers.
+#![allow(dead_code)]
+
+pub mod workspace;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::bytestream as bs;
+use motorpool_messages::{BlobDigest, DigestFunction};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub const MAX_MSG: usize = 256 * 1024 * 1024;
+
+/// A free loopback address.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `motorpool up` in a temp dir on free ports; stopped with SIGTERM on drop.
+pub struct Stack {
+    child: Option<Child>,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub fn up(extra: &[&str]) -> Stack {
+        Self::up_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    pub fn up_in(dir: tempfile::TempDir, extra: &[&str]) -> Stack {
+        let grpc = free_addr();
+        let http = free_addr();
+        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_motorpool"))
+            .arg("up")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--nats-port", "0"])
+            .arg("--grpc-addr")
+            .arg(grpc.to_string())
+            .arg("--http-addr")
+            .arg(http.to_string())
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("run motorpool up");
+        let mut stack = Stack {
+            child: Some(child),
+            grpc,
+            http,
+            dir,
+        };
+        stack.wait_ready();
+        stack
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default();
+            if log.contains("Motorpool is up") {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("motorpool up exited with {status}:\n{log}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "motorpool up not ready:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .initial_stream_window_size(Some(8 * 1024 * 1024))
+            .initial_connection_window_size(Some(16 * 1024 * 1024))
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn clients(&self) -> Clients {
+        let ch = self.channel().await;
+        Clients {
+            cas: re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+                ch.clone(),
+            )
+            .max_decoding_message_size(MAX_MSG)
+            .max_encoding_message_size(MAX_MSG),
+            bs: bs::byte_stream_client::ByteStreamClient::new(ch.clone())
+                .max_decoding_message_size(MAX_MSG)
+                .max_encoding_message_size(MAX_MSG),
+            ac: re::action_cache_client::ActionCacheClient::new(ch.clone()),
+            caps: re::capabilities_client::CapabilitiesClient::new(ch),
+        }
+    }
+
+    /// The text of `GET path` on the HTTP port.
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.http).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    /// Stops the stack (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate_child(&mut c);
+        }
+    }
+}
+
+fn terminate_child(c: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(c.id().to_string())
+        .status();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct Clients {
+    pub cas: re::content_addressable_storage_client::ContentAddressableStorageClient<Channel>,
+    pub bs: bs::byte_stream_client::ByteStreamClient<Channel>,
+    pub ac: re::action_cache_client::ActionCacheClient<Channel>,
+    pub caps: re::capabilities_client::CapabilitiesClient<Channel>,
+}
+
+pub fn sha(data: &[u8]) -> BlobDigest {
+    DigestFunction::Sha256.digest_of(data)
+}
+
+pub fn proto(d: &BlobDigest) -> re::Digest {
+    re::Digest {
+        hash: d.hex(),
+        size_bytes: d.size as i64,
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn read_name(instance: &str, d: &BlobDigest) -> String {
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    match d.function {
+        DigestFunction::Sha256 => format!("{prefix}blobs/{}/{}", d.hex(), d.size),
+        f => format!("{prefix}blobs/{}/{}/{}", f.name(), d.hex(), d.size),
+    }
+}
+
+pub fn write_name(instance: &str, d: &BlobDigest, upload: &str) -> String {
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    match d.function {
+        DigestFunction::Sha256 => format!("{prefix}uploads/{upload}/blobs/{}/{}", d.hex(), d.size),
+        f => format!(
+            "{prefix}uploads/{upload}/blobs/{}/{}/{}",
+            f.name(),
+            d.hex(),
+            d.size
+        ),
+    }
+}
+
+/// WriteRequests for `data` from `offset`, in `chunk`-byte messages, finishing at the end.
+pub fn write_requests(
+    name: &str,
+    data: &[u8],
+    offset: usize,
+    chunk: usize,
+) -> Vec<bs::WriteRequest> {
+    let mut out = Vec::new();
+    let mut at = offset;
+    loop {
+        let end = (at + chunk).min(data.len());
+        out.push(bs::WriteRequest {
+            resource_name: if at == offset {
+                name.to_string()
+            } else {
+                String::new()
+            },
+            write_offset: at as i64,
+            finish_write: end == data.len(),
+            data: data[at..end].to_vec(),
+        });
+        at = end;
+        if at == data.len() {
+            return out;
+        }
+    }
+}
+
+/// Writes a whole blob with ByteStream.
+pub async fn bs_write(
+    c: &mut Clients,
+    instance: &str,
+    d: &BlobDigest,
+    data: &[u8],
+) -> Result<i64, tonic::Status> {
+    let name = write_name(instance, d, &uuid::Uuid::new_v4().to_string());
+    let reqs = write_requests(&name, data, 0, 16 * 1024);
+    c.bs.write(futures::stream::iter(reqs))
+        .await
+        .map(|r| r.into_inner().committed_size)
+}
+
+/// Reads a blob (or part) with ByteStream.
+pub async fn bs_read(
+    c: &mut Clients,
+    name: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<u8>, tonic::Status> {
+    use futures::StreamExt;
+    let mut s =
+        c.bs.read(bs::ReadRequest {
+            resource_name: name.to_string(),
+            read_offset: offset,
+            read_limit: limit,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.next().await {
+        out.extend_from_slice(&m?.data);
+    }
+    Ok(out)
+}
+
+/// True when `path` exists and is executable (for finding tools).
+pub fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
