@@ -165,7 +165,8 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         .await
         .with_context(|| format!("bind gRPC on {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small replies must not wait for Nagle's algorithm (40 ms stalls against delayed ACKs).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 * 1024 * 1024))

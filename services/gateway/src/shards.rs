@@ -48,6 +48,56 @@ pub struct ShardRef {
     pool: Arc<Mutex<Vec<TcpStream>>>,
 }
 
+/// A snapshot of the live shards with rendezvous placement over them.
+pub struct Placement {
+    /// `(weight key, shard)`, sorted by shard id.
+    shards: Vec<(u64, ShardRef)>,
+}
+
+impl Placement {
+    /// Index (into the id-sorted shards) of the owner of `d`.
+    fn owner_index(&self, d: &BlobDigest) -> usize {
+        let k = digest_key(d);
+        let mut best = 0;
+        let mut best_score = 0;
+        for (i, (w, _)) in self.shards.iter().enumerate() {
+            let score = splitmix(w ^ k);
+            if i == 0 || score > best_score {
+                best = i;
+                best_score = score;
+            }
+        }
+        best
+    }
+
+    /// The owner of `d`.
+    pub fn owner(&self, d: &BlobDigest) -> &ShardRef {
+        &self.shards[self.owner_index(d)].1
+    }
+
+    /// All shards in placement order for `d`: the owner first.
+    pub fn ranked(&self, d: &BlobDigest) -> Vec<ShardRef> {
+        let k = digest_key(d);
+        let mut v: Vec<_> = self
+            .shards
+            .iter()
+            .map(|(w, r)| (splitmix(w ^ k), r.clone()))
+            .collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        v.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Number of live shards.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// True when no shard is live.
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+}
+
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -140,27 +190,30 @@ impl Shards {
             .collect()
     }
 
-    /// Live shards in placement order for `d`: the owner first.
-    pub fn ranked(&self, d: &BlobDigest) -> Vec<ShardRef> {
-        let k = digest_key(d);
-        let mut v: Vec<_> = self
+    /// The live shards now, for placing many digests with one look at the registry.
+    pub fn placement(&self) -> Placement {
+        let mut shards: Vec<(u64, ShardRef)> = self
             .live_refs()
             .into_iter()
-            .map(|(l, r)| (splitmix(l.weight_key ^ k), r))
+            .map(|(l, r)| (l.weight_key, r))
             .collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
-        v.into_iter().map(|(_, r)| r).collect()
+        shards.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        Placement { shards }
     }
 
-    fn require_live(&self) -> Result<Vec<ShardRef>, GatewayError> {
-        let mut v: Vec<_> = self.live_refs().into_iter().map(|(_, r)| r).collect();
-        if v.is_empty() {
+    /// Live shards in placement order for `d`: the owner first.
+    pub fn ranked(&self, d: &BlobDigest) -> Vec<ShardRef> {
+        self.placement().ranked(d)
+    }
+
+    fn require_live(&self) -> Result<Placement, GatewayError> {
+        let p = self.placement();
+        if p.shards.is_empty() {
             return Err(GatewayError::Unavailable(
                 "no CAS shard is registered and alive".into(),
             ));
         }
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(v)
+        Ok(p)
     }
 
     /// Largest number of blob bytes per bus message (the server's payload limit, less framing).
@@ -177,48 +230,41 @@ impl Shards {
         instance: &str,
         digests: &[BlobDigest],
     ) -> Result<Vec<bool>, GatewayError> {
-        let all = self.require_live()?;
+        let placement = self.require_live()?;
         let mut missing = vec![true; digests.len()];
         // First round: each digest at its owner.
-        let mut groups: HashMap<String, (ShardRef, Vec<usize>)> = HashMap::new();
+        let mut owners = vec![usize::MAX; digests.len()];
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); placement.len()];
         for (i, d) in digests.iter().enumerate() {
             if d.is_empty_blob() {
                 missing[i] = false;
                 continue;
             }
-            let owner = self
-                .ranked(d)
-                .into_iter()
-                .next()
-                .expect("live shards exist");
-            groups
-                .entry(owner.id.clone())
-                .or_insert_with(|| (owner, Vec::new()))
-                .1
-                .push(i);
+            let o = placement.owner_index(d);
+            owners[i] = o;
+            groups[o].push(i);
         }
-        let calls: Vec<(ShardRef, Vec<usize>)> = groups.into_values().collect();
-        let found = self.find_on(instance, digests, calls).await;
-        for i in found {
+        let calls = placement
+            .shards
+            .iter()
+            .zip(groups)
+            .filter(|(_, idx)| !idx.is_empty())
+            .map(|((_, s), idx)| (s.clone(), idx))
+            .collect();
+        for i in self.find_on(instance, digests, calls).await {
             missing[i] = false;
         }
         // Second round: the rest on every other shard (only matters after membership changes).
-        if all.len() > 1 {
+        if placement.len() > 1 {
             let rest: Vec<usize> = (0..digests.len()).filter(|&i| missing[i]).collect();
             if !rest.is_empty() {
-                let calls = all
+                let calls = placement
+                    .shards
                     .iter()
-                    .map(|s| {
-                        let idx: Vec<usize> = rest
-                            .iter()
-                            .copied()
-                            .filter(|&i| {
-                                self.ranked(&digests[i])
-                                    .first()
-                                    .map(|o| o.id != s.id)
-                                    .unwrap_or(true)
-                            })
-                            .collect();
+                    .enumerate()
+                    .map(|(si, (_, s))| {
+                        let idx: Vec<usize> =
+                            rest.iter().copied().filter(|&i| owners[i] != si).collect();
                         (s.clone(), idx)
                     })
                     .filter(|(_, idx)| !idx.is_empty())
@@ -278,15 +324,11 @@ impl Shards {
         instance: &str,
         blobs: Vec<BlobPut>,
     ) -> Result<Vec<Option<WireError>>, GatewayError> {
-        self.require_live()?;
+        let placement = self.require_live()?;
         let n = blobs.len();
         let mut groups: HashMap<String, (ShardRef, Vec<(usize, BlobPut)>)> = HashMap::new();
         for (i, b) in blobs.into_iter().enumerate() {
-            let owner = self
-                .ranked(&b.digest)
-                .into_iter()
-                .next()
-                .expect("live shards exist");
+            let owner = placement.owner(&b.digest).clone();
             groups
                 .entry(owner.id.clone())
                 .or_insert_with(|| (owner, Vec::new()))
@@ -351,7 +393,7 @@ impl Shards {
         instance: &str,
         digests: &[BlobDigest],
     ) -> Result<Vec<Result<Vec<u8>, WireError>>, GatewayError> {
-        let all = self.require_live()?;
+        let placement = self.require_live()?;
         let mut out: Vec<Result<Vec<u8>, WireError>> = digests
             .iter()
             .map(|d| Err(WireError::not_found(format!("blob {d} not found"))))
@@ -365,13 +407,18 @@ impl Shards {
             }
         }
         // Try rank 0 (the owner) for everything, then rank 1, ... for what is still not found.
-        for rank in 0..all.len() {
+        for rank in 0..placement.len() {
             if pending.is_empty() {
                 break;
             }
             let mut groups: HashMap<String, (ShardRef, Vec<usize>)> = HashMap::new();
             for &i in &pending {
-                if let Some(s) = self.ranked(&digests[i]).into_iter().nth(rank) {
+                let s = if rank == 0 {
+                    Some(placement.owner(&digests[i]).clone())
+                } else {
+                    placement.ranked(&digests[i]).into_iter().nth(rank)
+                };
+                if let Some(s) = s {
                     groups
                         .entry(s.id.clone())
                         .or_insert_with(|| (s, Vec::new()))
@@ -437,9 +484,9 @@ impl Shards {
         offset: u64,
         limit: u64,
     ) -> Result<BlobReader, GatewayError> {
-        self.require_live()?;
+        let placement = self.require_live()?;
         let mut last = GatewayError::NotFound(format!("blob {d} not found on any live shard"));
-        for shard in self.ranked(d) {
+        for shard in placement.ranked(d) {
             let r = match self.transport {
                 BlobTransport::Direct => {
                     self.open_read_direct(&shard, instance, d, offset, limit)
@@ -574,12 +621,7 @@ impl Shards {
     where
         S: futures::Stream<Item = Result<WriteData, GatewayError>> + Unpin,
     {
-        self.require_live()?;
-        let shard = self
-            .ranked(d)
-            .into_iter()
-            .next()
-            .expect("live shards exist");
+        let shard = self.require_live()?.owner(d).clone();
         match self.transport {
             BlobTransport::Direct => {
                 self.write_direct(&shard, instance, d, upload_id, offset, chunks)
@@ -737,12 +779,7 @@ impl Shards {
         d: &BlobDigest,
         upload_id: &str,
     ) -> Result<(u64, bool), GatewayError> {
-        self.require_live()?;
-        let shard = self
-            .ranked(d)
-            .into_iter()
-            .next()
-            .expect("live shards exist");
+        let shard = self.require_live()?.owner(d).clone();
         let req = QueryWrite {
             instance: instance.to_string(),
             digest: *d,
@@ -761,8 +798,7 @@ impl Shards {
         instance: &str,
         action: &BlobDigest,
     ) -> Result<Option<Vec<u8>>, GatewayError> {
-        self.require_live()?;
-        for shard in self.ranked(action) {
+        for shard in self.require_live()?.ranked(action) {
             let req = AcGet {
                 instance: instance.to_string(),
                 action: *action,
@@ -790,12 +826,7 @@ impl Shards {
         action: &BlobDigest,
         result: Vec<u8>,
     ) -> Result<(), GatewayError> {
-        self.require_live()?;
-        let shard = self
-            .ranked(action)
-            .into_iter()
-            .next()
-            .expect("live shards exist");
+        let shard = self.require_live()?.owner(action).clone();
         let req = AcPut {
             instance: instance.to_string(),
             action: *action,
@@ -809,7 +840,7 @@ impl Shards {
 
     /// Removes an ActionResult from every live shard.
     pub async fn ac_delete(&self, instance: &str, action: &BlobDigest) -> Result<(), GatewayError> {
-        for shard in self.require_live()? {
+        for (_, shard) in self.require_live()?.shards {
             let req = AcDelete {
                 instance: instance.to_string(),
                 action: *action,

@@ -1,1 +1,366 @@
-fn main() {}
+//! CAS benchmark: the whole stack as `motorpool up` runs it, beside the physical limits measured
+//! in the same run. Prints a Markdown table of medians.
+//!
+//! `cargo bench -p motorpool --bench cas` (set `MOTORPOOL_BENCH_QUICK=1` for a short smoke run,
+//! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::bytestream as bs;
+use futures::StreamExt;
+use motorpool_messages::{BlobDigest, DigestFunction};
+use std::time::{Duration, Instant};
+use support::*;
+
+struct Row {
+    name: String,
+    median: String,
+    limit: String,
+    ratio: String,
+    goal: String,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+/// Single-core rate of `f` over a 256 MiB buffer, GB/s (median of 3).
+fn rate(buf: &[u8], mut f: impl FnMut(&[u8])) -> f64 {
+    median(
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                f(buf);
+                gbps(buf.len() as u64, t.elapsed())
+            })
+            .collect(),
+    )
+}
+
+fn unique(base: &[u8], rep: u64) -> Vec<u8> {
+    let mut v = base.to_vec();
+    v[..8].copy_from_slice(&rep.to_le_bytes());
+    let end = v.len();
+    v[end - 8..].copy_from_slice(&(rep ^ 0x5555).to_le_bytes());
+    v
+}
+
+async fn write_blob(c: &mut Clients, d: &BlobDigest, data: &[u8]) -> Duration {
+    let name = write_name("", d, &uuid::Uuid::new_v4().to_string());
+    let chunk = 16 * 1024;
+    let n = data.len().div_ceil(chunk);
+    let reqs = futures::stream::iter(0..n).map(move |i| {
+        let start = i * chunk;
+        let end = (start + chunk).min(data.len());
+        bs::WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: start as i64,
+            finish_write: end == data.len(),
+            data: data[start..end].to_vec(),
+        }
+    });
+    // The stream borrows `data`; run it to completion here.
+    let reqs: Vec<bs::WriteRequest> = reqs.collect().await;
+    let t = Instant::now();
+    let r =
+        c.bs.write(futures::stream::iter(reqs))
+            .await
+            .unwrap()
+            .into_inner();
+    let e = t.elapsed();
+    assert_eq!(r.committed_size, d.size as i64);
+    e
+}
+
+async fn read_blob(c: &mut Clients, d: &BlobDigest) -> Duration {
+    let t = Instant::now();
+    let mut s =
+        c.bs.read(bs::ReadRequest {
+            resource_name: read_name("", d),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0u64;
+    while let Some(m) = s.next().await {
+        n += m.unwrap().data.len() as u64;
+    }
+    assert_eq!(n, d.size);
+    t.elapsed()
+}
+
+async fn bytestream_rows(
+    rows: &mut Vec<Row>,
+    c: &mut Clients,
+    label: &str,
+    sizes: &[(u64, usize)],
+    sha_rate: f64,
+) {
+    for &(size, reps) in sizes {
+        let base = bytes(size, size as usize);
+        let mut w = Vec::new();
+        let mut r = Vec::new();
+        for rep in 0..reps as u64 {
+            let data = unique(&base, rep + 1);
+            let d = DigestFunction::Sha256.digest_of(&data);
+            w.push(gbps(size, write_blob(c, &d, &data).await));
+            drop(data);
+            r.push(gbps(size, read_blob(c, &d).await));
+        }
+        let (w, r) = (median(w), median(r));
+        let human = if size >= 1 << 30 {
+            format!("{} GiB", size >> 30)
+        } else {
+            format!("{} MiB", size >> 20)
+        };
+        rows.push(Row {
+            name: format!("ByteStream write {human} ({label}, 16 KiB chunks, SHA-256)"),
+            median: format!("{w:.2} GB/s"),
+            limit: format!("SHA-256 1 core {sha_rate:.2} GB/s"),
+            ratio: format!("{:.0}%", 100.0 * w / sha_rate),
+            goal: if label == "direct" && size >= 64 << 20 {
+                ">= 70%".into()
+            } else {
+                "-".into()
+            },
+        });
+        rows.push(Row {
+            name: format!("ByteStream read {human} ({label})"),
+            median: format!("{r:.2} GB/s"),
+            limit: String::new(),
+            ratio: String::new(),
+            goal: if label == "direct" && size >= 64 << 20 {
+                ">= 1.5 GB/s".into()
+            } else {
+                "-".into()
+            },
+        });
+    }
+}
+
+fn batch_request(blobs: &[(BlobDigest, Vec<u8>)]) -> re::BatchUpdateBlobsRequest {
+    re::BatchUpdateBlobsRequest {
+        requests: blobs
+            .iter()
+            .map(|(d, b)| re::batch_update_blobs_request::Request {
+                digest: Some(proto(d)),
+                data: b.clone(),
+                compressor: 0,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Uploads blobs as Bazel does: requests under the batch limit, several in flight.
+async fn batch_upload(c: &Clients, blobs: &[(BlobDigest, Vec<u8>)]) -> Duration {
+    let per_request = (4 * 1024 * 1024 - 64 * 1024) / (blobs[0].1.len() + 80);
+    let reqs: Vec<_> = blobs.chunks(per_request).map(batch_request).collect();
+    let t = Instant::now();
+    let futs = reqs.into_iter().map(|r| {
+        let mut cas = c.cas.clone();
+        async move {
+            let resp = cas.batch_update_blobs(r).await.unwrap().into_inner();
+            assert!(
+                resp.responses
+                    .iter()
+                    .all(|r| r.status.as_ref().unwrap().code == 0)
+            );
+        }
+    });
+    futures::future::join_all(futs).await;
+    t.elapsed()
+}
+
+fn small_blobs(seed: u64, n: usize, size: usize) -> Vec<(BlobDigest, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let b = bytes(seed * 1_000_000 + i as u64, size);
+            (DigestFunction::Sha256.digest_of(&b), b)
+        })
+        .collect()
+}
+
+fn bazel_rows(rows: &mut Vec<Row>, stack: &Stack, reps: usize) {
+    use support::workspace::{Bazel, Workspace};
+    let dir = tempfile::tempdir().unwrap();
+    let ws = Workspace::generate(dir.path(), 50);
+    let bazel = Bazel::new(&ws, &dir.path().join("root"));
+    let flags = vec![
+        "//...".to_string(),
+        format!("--remote_cache=grpc://{}", stack.grpc),
+    ];
+    bazel.run("build", &flags);
+    let mut floor = Vec::new();
+    let mut hit = Vec::new();
+    for _ in 0..reps {
+        bazel.run("clean", &["--expunge".into()]);
+        floor.push(
+            bazel
+                .run("build", &["--nobuild".into(), "//...".into()])
+                .elapsed
+                .as_secs_f64(),
+        );
+        bazel.run("clean", &["--expunge".into()]);
+        let run = bazel.run("build", &flags);
+        let (total, hits, internal) = run.process_summary();
+        assert_eq!(hits, total - internal, "all hits");
+        hit.push(run.elapsed.as_secs_f64());
+    }
+    bazel.run("clean", &["--expunge".into()]);
+    let (f, h) = (median(floor), median(hit));
+    rows.push(Row {
+        name: "Bazel all-hit rebuild, 50 libs + 50 tests, after clean --expunge".into(),
+        median: format!("{h:.2} s"),
+        limit: format!("floor (--nobuild) {f:.2} s"),
+        ratio: format!("+{:.2} s ({:.2}x)", h - f, h / f),
+        goal: "as little above the floor as possible".into(),
+    });
+}
+
+fn main() {
+    let quick = std::env::var("MOTORPOOL_BENCH_QUICK").is_ok();
+    let with_bazel = std::env::var("MOTORPOOL_BENCH_BAZEL")
+        .map(|v| v != "0")
+        .unwrap_or(true)
+        && !quick;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+
+    // Physical limits, measured first on an idle machine.
+    let buf = bytes(42, 256 << 20);
+    let sha_rate = rate(&buf, |b| {
+        std::hint::black_box(DigestFunction::Sha256.digest_of(b));
+    });
+    let b3_rate = rate(&buf, |b| {
+        std::hint::black_box(DigestFunction::Blake3.digest_of(b));
+    });
+    let mut dst = vec![0u8; buf.len()];
+    let memcpy = rate(&buf, |b| {
+        dst.copy_from_slice(b);
+        std::hint::black_box(&dst);
+    });
+    drop(dst);
+    for (n, v) in [
+        ("SHA-256, one core", sha_rate),
+        ("BLAKE3, one core", b3_rate),
+        ("memcpy", memcpy),
+    ] {
+        rows.push(Row {
+            name: format!("limit: {n}"),
+            median: format!("{v:.2} GB/s"),
+            limit: String::new(),
+            ratio: String::new(),
+            goal: String::new(),
+        });
+    }
+
+    let sizes: Vec<(u64, usize)> = if quick {
+        vec![(1 << 20, 3), (64 << 20, 1)]
+    } else {
+        vec![(1 << 20, 21), (64 << 20, 5), (1 << 30, 3)]
+    };
+    {
+        let stack = Stack::up(&[]);
+        rt.block_on(async {
+            let mut c = stack.clients().await;
+            bytestream_rows(&mut rows, &mut c, "direct", &sizes, sha_rate).await;
+
+            // BatchUpdateBlobs: 10k blobs of 1 KiB.
+            let reps = if quick { 1 } else { 5 };
+            let mut rates = Vec::new();
+            for rep in 0..reps {
+                let blobs = small_blobs(100 + rep, 10_000, 1024);
+                let t = batch_upload(&c, &blobs).await;
+                rates.push(10_000.0 / t.as_secs_f64());
+            }
+            let r = median(rates);
+            rows.push(Row {
+                name: "BatchUpdateBlobs, 10k blobs of 1 KiB".into(),
+                median: format!("{:.0} blobs/s", r),
+                limit: String::new(),
+                ratio: String::new(),
+                goal: ">= 50k blobs/s".into(),
+            });
+
+            // FindMissingBlobs: half present.
+            let present = small_blobs(7, 50_000, 64);
+            for chunk in present.chunks(20_000) {
+                batch_upload(&c, chunk).await;
+            }
+            for n in [10_000usize, 100_000] {
+                let mut digests: Vec<re::Digest> =
+                    present.iter().take(n / 2).map(|(d, _)| proto(d)).collect();
+                digests.extend((0..n / 2).map(|i| {
+                    proto(&DigestFunction::Sha256.digest_of(format!("absent-{i}").as_bytes()))
+                }));
+                let reps = if quick { 3 } else { 15 };
+                let mut times = Vec::new();
+                for _ in 0..reps {
+                    let req = re::FindMissingBlobsRequest {
+                        blob_digests: digests.clone(),
+                        ..Default::default()
+                    };
+                    let t = Instant::now();
+                    let missing = c
+                        .cas
+                        .find_missing_blobs(req)
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .missing_blob_digests;
+                    times.push(t.elapsed().as_secs_f64() * 1000.0);
+                    assert_eq!(missing.len(), n / 2);
+                }
+                rows.push(Row {
+                    name: format!("FindMissingBlobs, {}k digests, half present", n / 1000),
+                    median: format!("{:.1} ms", median(times)),
+                    limit: String::new(),
+                    ratio: String::new(),
+                    goal: if n == 100_000 {
+                        "< 75 ms".into()
+                    } else {
+                        "-".into()
+                    },
+                });
+            }
+        });
+        if with_bazel {
+            bazel_rows(&mut rows, &stack, 3);
+        }
+    }
+    {
+        // The alternative transport, for the ADR: large blobs chunked over NATS.
+        let stack = Stack::up(&["--blob-transport", "nats"]);
+        rt.block_on(async {
+            let mut c = stack.clients().await;
+            let sizes: Vec<(u64, usize)> = if quick {
+                vec![(64 << 20, 1)]
+            } else {
+                vec![(64 << 20, 5)]
+            };
+            bytestream_rows(&mut rows, &mut c, "nats chunks", &sizes, sha_rate).await;
+        });
+    }
+
+    println!("\n| measure | median | limit (same run) | ratio | goal |\n|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.name, r.median, r.limit, r.ratio, r.goal
+        );
+    }
+}

@@ -31,6 +31,9 @@ pub struct UpArgs {
     /// Capacity of each CAS shard in bytes.
     #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024)]
     shard_capacity_bytes: u64,
+    /// How large blobs travel between gateway and shards: direct or nats.
+    #[arg(long, default_value = "direct")]
+    blob_transport: String,
     /// Instance name to print in the suggested Bazel flags.
     #[arg(long, default_value = "")]
     instance_name: String,
@@ -98,6 +101,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             args.grpc_addr.to_string(),
             "--http-addr".into(),
             args.http_addr.to_string(),
+            "--blob-transport".into(),
+            args.blob_transport.clone(),
         ],
         child: None,
         restarts: 0,

@@ -73,6 +73,7 @@ impl fmt::Display for DigestFunction {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BlobDigest {
     pub function: DigestFunction,
+    #[serde(with = "hash_bytes")]
     pub hash: [u8; 32],
     pub size: u64,
 }
@@ -96,16 +97,8 @@ impl BlobDigest {
         if size < 0 {
             return Err(DigestParseError::NegativeSize(size));
         }
-        let valid = hex_hash.len() == 64
-            && hex_hash
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !valid {
-            return Err(DigestParseError::Hash(truncate(hex_hash, 80)));
-        }
-        let mut hash = [0u8; 32];
-        hex::decode_to_slice(hex_hash, &mut hash)
-            .map_err(|_| DigestParseError::Hash(truncate(hex_hash, 80)))?;
+        let hash = decode_hex32(hex_hash.as_bytes())
+            .ok_or_else(|| DigestParseError::Hash(truncate(hex_hash, 80)))?;
         Ok(BlobDigest {
             function,
             hash,
@@ -121,6 +114,52 @@ impl BlobDigest {
     /// True for the digest of the empty blob under its function.
     pub fn is_empty_blob(&self) -> bool {
         self.size == 0 && *self == self.function.digest_of(&[])
+    }
+}
+
+/// Decodes exactly 64 lower-case hex digits.
+fn decode_hex32(s: &[u8]) -> Option<[u8; 32]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// Serializes a hash as one byte string (a length and a copy) instead of 32 separate integers.
+mod hash_bytes {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(h)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = [u8; 32];
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("32 hash bytes")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<[u8; 32], E> {
+                v.try_into().map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<[u8; 32], E> {
+                self.visit_bytes(&v)
+            }
+        }
+        d.deserialize_bytes(V)
     }
 }
 
