@@ -333,7 +333,9 @@ impl Shard {
         }
         self.data_server.stop();
         let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        if let Ok(Err(error)) = tokio::task::spawn_blocking(move || store.close()).await {
+            tracing::warn!(%error, "Could not close the blob store cleanly");
+        }
         tracing::info!(shard = %self.id, "CAS shard stopped");
     }
 }

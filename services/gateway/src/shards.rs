@@ -737,15 +737,14 @@ impl Shards {
         let subject = subjects::cas::write_chunk(&shard.id);
         let mut buf: Vec<u8> = Vec::with_capacity(budget);
         loop {
-            let item = chunks.next().await;
-            let (finish, end) = match &item {
-                Some(Ok(w)) => (w.finish, false),
-                Some(Err(_)) => return Err(item.expect("some").err().expect("err")),
+            let (finish, end) = match chunks.next().await {
+                Some(Ok(w)) => {
+                    buf.extend_from_slice(&w.data);
+                    (w.finish, false)
+                }
+                Some(Err(e)) => return Err(e),
                 None => (false, true),
             };
-            if let Some(Ok(w)) = item {
-                buf.extend_from_slice(&w.data);
-            }
             if buf.len() >= budget || finish || end {
                 let req = WriteChunk {
                     instance: instance.to_string(),

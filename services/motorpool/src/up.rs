@@ -111,7 +111,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for c in &mut children {
         c.spawn()?;
     }
-    wait_ready(args.http_addr, Duration::from_secs(60)).await?;
+    if let Err(e) = wait_ready(args.http_addr, &mut children, Duration::from_secs(60)).await {
+        stop_all(&mut children);
+        return Err(e);
+    }
     let instance = if args.instance_name.is_empty() {
         String::new()
     } else {
@@ -134,16 +137,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     println!("Stopping Motorpool...");
-    // Gateway first (it is last in the list), then shards, then NATS.
+    stop_all(&mut children);
+    drop(nats);
+    println!("Stopped.");
+    Ok(())
+}
+
+/// Stops the gateway first (it is last in the list), then the shards.
+fn stop_all(children: &mut [Supervised]) {
     for c in children.iter_mut().rev() {
         if let Some(mut child) = c.child.take() {
             motorpool_bus::server::terminate(&mut child, Duration::from_secs(10));
             tracing::info!(service = %c.name, "Stopped");
         }
     }
-    drop(nats);
-    println!("Stopped.");
-    Ok(())
 }
 
 fn supervise(children: &mut [Supervised]) {
@@ -171,10 +178,28 @@ fn supervise(children: &mut [Supervised]) {
     }
 }
 
-async fn wait_ready(http: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+/// Waits until the gateway reports a live shard. A service that exits during start-up (an
+/// address in use, a bad data dir) fails the whole start with its name, instead of being
+/// restarted forever.
+async fn wait_ready(
+    http: SocketAddr,
+    children: &mut [Supervised],
+    limit: Duration,
+) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let start = Instant::now();
     loop {
+        for c in children.iter_mut() {
+            if let Some(child) = c.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                c.child = None;
+                anyhow::bail!(
+                    "{} exited during start-up ({status}); see its log above",
+                    c.name
+                );
+            }
+        }
         if let Ok(mut s) = tokio::net::TcpStream::connect(http).await {
             let req = format!("GET /readyz HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
             if s.write_all(req.as_bytes()).await.is_ok() {

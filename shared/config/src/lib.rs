@@ -159,9 +159,9 @@ pub struct ShardConfig {
     pub advertise_addr: Option<String>,
     /// Heartbeat period in milliseconds. Default 1000.
     pub heartbeat_ms: u64,
-    /// `fsync` each blob file before it becomes visible. Default `false`: a cache may lose recent
-    /// blobs in a power cut, and at start-up the shard drops any blob whose file is shorter than
-    /// recorded; see `docs/adr/0003-blob-files-and-fsync.md`.
+    /// `fsync` each pack append and large blob file before it becomes visible. Default `false`: a
+    /// cache may lose recent blobs in a power cut; after an unclean stop the shard drops any blob
+    /// whose bytes are short or no longer hash to its digest. See `docs/adr/0003-blob-storage.md`.
     pub fsync: bool,
     /// Optional HTTP address for this shard's `/metrics` and `/healthz`. Default: none.
     pub http_addr: Option<SocketAddr>,
@@ -191,6 +191,7 @@ impl ServiceConfig for ShardConfig {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
 mod tests {
     use super::*;
 

@@ -35,50 +35,62 @@ impl Stack {
         Self::up_in(tempfile::tempdir().unwrap(), extra)
     }
 
-    pub fn up_in(dir: tempfile::TempDir, extra: &[&str]) -> Stack {
-        let grpc = free_addr();
-        let http = free_addr();
-        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_motorpool"))
-            .arg("up")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--nats-port", "0"])
-            .arg("--grpc-addr")
-            .arg(grpc.to_string())
-            .arg("--http-addr")
-            .arg(http.to_string())
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("run motorpool up");
-        let mut stack = Stack {
-            child: Some(child),
-            grpc,
-            http,
-            dir,
-        };
-        stack.wait_ready();
-        stack
+    /// Starts the stack in `dir`. Free ports are only free when asked; if another process takes
+    /// one first, `motorpool up` exits during start-up and this tries again on new ports.
+    pub fn up_in(mut dir: tempfile::TempDir, extra: &[&str]) -> Stack {
+        let mut failures = String::new();
+        for _ in 0..3 {
+            let grpc = free_addr();
+            let http = free_addr();
+            let log_path = dir.path().join("up.log");
+            let log = std::fs::File::create(&log_path).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_motorpool"))
+                .arg("up")
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args(["--nats-port", "0"])
+                .arg("--grpc-addr")
+                .arg(grpc.to_string())
+                .arg("--http-addr")
+                .arg(http.to_string())
+                .args(extra)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("run motorpool up");
+            let mut stack = Stack {
+                child: Some(child),
+                grpc,
+                http,
+                dir,
+            };
+            match stack.wait_ready() {
+                Ok(()) => return stack,
+                Err(log) => {
+                    failures.push_str(&log);
+                    stack.stop();
+                    dir = std::mem::replace(&mut stack.dir, tempfile::tempdir().unwrap());
+                }
+            }
+        }
+        panic!("motorpool up did not start in 3 attempts:\n{failures}");
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let start = Instant::now();
         loop {
             let log = std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default();
             if log.contains("Motorpool is up") {
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("motorpool up exited with {status}:\n{log}");
+                return Err(format!("motorpool up exited with {status}:\n{log}"));
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "motorpool up not ready:\n{log}"
-            );
+            if start.elapsed() > Duration::from_secs(90) {
+                return Err(format!("motorpool up not ready after 90 s:\n{log}"));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
