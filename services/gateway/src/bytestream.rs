@@ -43,17 +43,13 @@ impl Gateway {
         let name = first.resource_name.clone();
         // Each message must continue exactly where the previous one ended; resource names after
         // the first may be empty or must repeat the first.
-        let mut expected = start;
+        let mut expected = start + first.data.len() as u64;
+        let bytes_in = metrics::counter!("motorpool_gateway_bytestream_written_bytes_total");
+        bytes_in.increment(first.data.len() as u64);
         let first_item = Ok(WriteData {
             data: first.data,
             finish: first.finish_write,
         });
-        expected += match &first_item {
-            Ok(w) => w.data.len() as u64,
-            Err(_) => 0,
-        };
-        let bytes_in = metrics::counter!("motorpool_gateway_bytestream_written_bytes_total");
-        bytes_in.increment(expected - start);
         let rest = stream.map(move |m| {
             let m = m.map_err(|s| {
                 GatewayError::Invalid(format!("write stream broke: {}", s.message()))

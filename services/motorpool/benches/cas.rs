@@ -2,7 +2,8 @@
 //! in the same run. Prints a Markdown table of medians.
 //!
 //! `cargo bench -p motorpool --bench cas` (set `MOTORPOOL_BENCH_QUICK=1` for a short smoke run,
-//! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows).
+//! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows, `MOTORPOOL_BENCH_ONLY=bytestream,batch,find,
+//! bazel,nats` to run some sections).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -227,12 +228,20 @@ fn bazel_rows(rows: &mut Vec<Row>, stack: &Stack, reps: usize) {
     });
 }
 
+/// Whether the section `name` runs (`MOTORPOOL_BENCH_ONLY` lists sections; unset = all).
+fn section(name: &str) -> bool {
+    std::env::var("MOTORPOOL_BENCH_ONLY")
+        .map(|v| v.split(',').any(|s| s.trim() == name))
+        .unwrap_or(true)
+}
+
 fn main() {
     let quick = std::env::var("MOTORPOOL_BENCH_QUICK").is_ok();
     let with_bazel = std::env::var("MOTORPOOL_BENCH_BAZEL")
         .map(|v| v != "0")
         .unwrap_or(true)
-        && !quick;
+        && !quick
+        && section("bazel");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -277,72 +286,77 @@ fn main() {
         let stack = Stack::up(&[]);
         rt.block_on(async {
             let mut c = stack.clients().await;
-            bytestream_rows(&mut rows, &mut c, "direct", &sizes, sha_rate).await;
-
-            // BatchUpdateBlobs: 10k blobs of 1 KiB.
-            let reps = if quick { 1 } else { 5 };
-            let mut rates = Vec::new();
-            for rep in 0..reps {
-                let blobs = small_blobs(100 + rep, 10_000, 1024);
-                let t = batch_upload(&c, &blobs).await;
-                rates.push(10_000.0 / t.as_secs_f64());
+            if section("bytestream") {
+                bytestream_rows(&mut rows, &mut c, "direct", &sizes, sha_rate).await;
             }
-            let r = median(rates);
-            rows.push(Row {
-                name: "BatchUpdateBlobs, 10k blobs of 1 KiB".into(),
-                median: format!("{:.0} blobs/s", r),
-                limit: String::new(),
-                ratio: String::new(),
-                goal: ">= 50k blobs/s".into(),
-            });
 
-            // FindMissingBlobs: half present.
-            let present = small_blobs(7, 50_000, 64);
-            for chunk in present.chunks(20_000) {
-                batch_upload(&c, chunk).await;
-            }
-            for n in [10_000usize, 100_000] {
-                let mut digests: Vec<re::Digest> =
-                    present.iter().take(n / 2).map(|(d, _)| proto(d)).collect();
-                digests.extend((0..n / 2).map(|i| {
-                    proto(&DigestFunction::Sha256.digest_of(format!("absent-{i}").as_bytes()))
-                }));
-                let reps = if quick { 3 } else { 15 };
-                let mut times = Vec::new();
-                for _ in 0..reps {
-                    let req = re::FindMissingBlobsRequest {
-                        blob_digests: digests.clone(),
-                        ..Default::default()
-                    };
-                    let t = Instant::now();
-                    let missing = c
-                        .cas
-                        .find_missing_blobs(req)
-                        .await
-                        .unwrap()
-                        .into_inner()
-                        .missing_blob_digests;
-                    times.push(t.elapsed().as_secs_f64() * 1000.0);
-                    assert_eq!(missing.len(), n / 2);
+            if section("batch") {
+                // BatchUpdateBlobs: 10k blobs of 1 KiB.
+                let reps = if quick { 1 } else { 5 };
+                let mut rates = Vec::new();
+                for rep in 0..reps {
+                    let blobs = small_blobs(100 + rep, 10_000, 1024);
+                    let t = batch_upload(&c, &blobs).await;
+                    rates.push(10_000.0 / t.as_secs_f64());
                 }
+                let r = median(rates);
                 rows.push(Row {
-                    name: format!("FindMissingBlobs, {}k digests, half present", n / 1000),
-                    median: format!("{:.1} ms", median(times)),
+                    name: "BatchUpdateBlobs, 10k blobs of 1 KiB".into(),
+                    median: format!("{:.0} blobs/s", r),
                     limit: String::new(),
                     ratio: String::new(),
-                    goal: if n == 100_000 {
-                        "< 75 ms".into()
-                    } else {
-                        "-".into()
-                    },
+                    goal: ">= 50k blobs/s".into(),
                 });
+            }
+            if section("find") {
+                // FindMissingBlobs: half present.
+                let present = small_blobs(7, 50_000, 64);
+                for chunk in present.chunks(20_000) {
+                    batch_upload(&c, chunk).await;
+                }
+                for n in [10_000usize, 100_000] {
+                    let mut digests: Vec<re::Digest> =
+                        present.iter().take(n / 2).map(|(d, _)| proto(d)).collect();
+                    digests.extend((0..n / 2).map(|i| {
+                        proto(&DigestFunction::Sha256.digest_of(format!("absent-{i}").as_bytes()))
+                    }));
+                    let reps = if quick { 3 } else { 15 };
+                    let mut times = Vec::new();
+                    for _ in 0..reps {
+                        let req = re::FindMissingBlobsRequest {
+                            blob_digests: digests.clone(),
+                            ..Default::default()
+                        };
+                        let t = Instant::now();
+                        let missing = c
+                            .cas
+                            .find_missing_blobs(req)
+                            .await
+                            .unwrap()
+                            .into_inner()
+                            .missing_blob_digests;
+                        times.push(t.elapsed().as_secs_f64() * 1000.0);
+                        assert_eq!(missing.len(), n / 2);
+                    }
+                    rows.push(Row {
+                        name: format!("FindMissingBlobs, {}k digests, half present", n / 1000),
+                        median: format!("{:.1} ms", median(times)),
+                        limit: String::new(),
+                        ratio: String::new(),
+                        goal: if n == 100_000 {
+                            "< 75 ms".into()
+                        } else {
+                            "-".into()
+                        },
+                    });
+                }
             }
         });
         if with_bazel {
             bazel_rows(&mut rows, &stack, 3);
         }
     }
-    {
+    if section("nats") {
         // The alternative transport, for the ADR: large blobs chunked over NATS.
         let stack = Stack::up(&["--blob-transport", "nats"]);
         rt.block_on(async {
