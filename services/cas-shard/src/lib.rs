@@ -12,21 +12,13 @@ pub mod store;
 use anyhow::Context;
 use motorpool_bus::{Bus, MailboxOptions, serve, subjects};
 use motorpool_config::ShardConfig;
-use motorpool_messages::WireError;
 use motorpool_messages::cas::*;
+use motorpool_messages::{WireError, now_ms};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use store::{Store, namespace};
 use tokio_util::sync::CancellationToken;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The shard id: configured, or stored in the data dir, or made up once and stored.
 pub fn resolve_shard_id(config: &ShardConfig) -> anyhow::Result<String> {
@@ -109,14 +101,7 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
         Duration::from_secs(10),
     )
     .await?;
-    let registry = bus
-        .ensure_kv(async_nats::jetstream::kv::Config {
-            bucket: subjects::cas::REGISTRY_BUCKET.to_string(),
-            history: 1,
-            max_age: Duration::from_secs(3600),
-            ..Default::default()
-        })
-        .await?;
+    let registry = bus.ensure_kv(subjects::cas::registry_config()).await?;
 
     let mut tasks = Vec::new();
     let opts = MailboxOptions {

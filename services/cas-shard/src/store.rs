@@ -467,43 +467,42 @@ impl Store {
         reserved: u64,
     ) -> Result<(), StoreError> {
         let tick = self.next_tick();
+        let entries: Vec<(Key, Entry)> = items
+            .iter()
+            .map(|&(key, size, pack, offset)| {
+                let e = Entry {
+                    size,
+                    tick,
+                    pins: 0,
+                    pack,
+                    offset,
+                };
+                (key, e)
+            })
+            .collect();
         let mut meta = sled::Batch::default();
-        for (key, size, pack, offset) in items {
-            let e = Entry {
-                size: *size,
-                tick,
-                pins: 0,
-                pack: *pack,
-                offset: *offset,
-            };
-            meta.insert(&key.bytes()[..], &encode_meta(&e)[..]);
+        for (key, e) in &entries {
+            meta.insert(&key.bytes()[..], &encode_meta(e)[..]);
         }
         let applied = self.blobs.apply_batch(meta);
         let mut idx = self.index.lock();
         idx.reserved = idx.reserved.saturating_sub(reserved);
         applied?;
         let active = self.active_id.load(Ordering::Acquire);
-        for (key, size, pack, offset) in items {
-            let e = Entry {
-                size: *size,
-                tick,
-                pins: 0,
-                pack: *pack,
-                offset: *offset,
-            };
-            if *pack != 0 {
-                let meta = idx.packs.entry(*pack).or_default();
-                meta.keys.push(*key);
+        for (key, e) in entries {
+            if e.pack != 0 {
+                let meta = idx.packs.entry(e.pack).or_default();
+                meta.keys.push(key);
                 // A pack that filled up while these were being written is sealed after them, so
                 // that "used since the pack was sealed" means used after being written.
-                if *pack != active {
+                if e.pack != active {
                     meta.sealed_tick = Some(meta.sealed_tick.unwrap_or(0).max(tick));
                 }
             }
-            if let Some(old) = idx.map.insert(*key, e) {
+            if let Some(old) = idx.map.insert(key, e) {
                 idx.used -= old.size;
             }
-            idx.used += size;
+            idx.used += e.size;
         }
         drop(idx);
         metrics::counter!("motorpool_cas_shard_blobs_written_total").increment(items.len() as u64);

@@ -109,13 +109,6 @@ fn digest_key(d: &BlobDigest) -> u64 {
     u64::from_le_bytes(d.hash[..8].try_into().expect("8 bytes"))
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Shards {
     /// Starts watching the shard registry.
     pub async fn watch(
@@ -124,14 +117,7 @@ impl Shards {
         liveness: Duration,
         transport: BlobTransport,
     ) -> Result<Shards, BusError> {
-        let kv = bus
-            .ensure_kv(async_nats::jetstream::kv::Config {
-                bucket: subjects::cas::REGISTRY_BUCKET.to_string(),
-                history: 1,
-                max_age: Duration::from_secs(3600),
-                ..Default::default()
-            })
-            .await?;
+        let kv = bus.ensure_kv(subjects::cas::registry_config()).await?;
         let shards = Shards {
             bus,
             live: Arc::default(),
@@ -167,7 +153,7 @@ impl Shards {
     }
 
     fn live_refs(&self) -> Vec<(Live, ShardRef)> {
-        let now = now_ms();
+        let now = motorpool_messages::now_ms();
         self.live
             .read()
             .values()
@@ -370,19 +356,7 @@ impl Shards {
         }
         let mut results = vec![None; n];
         for (idx, res) in join_all(futs).await {
-            match res {
-                Ok(reply) => {
-                    for (i, r) in idx.into_iter().zip(reply.results) {
-                        results[i] = r;
-                    }
-                }
-                Err(e) => {
-                    let e = wire_of(e);
-                    for i in idx {
-                        results[i] = Some(e.clone());
-                    }
-                }
-            }
+            scatter(&mut results, idx, res.map(|r| r.results), Some);
         }
         Ok(results)
     }
@@ -457,19 +431,7 @@ impl Shards {
                 }
             }
             for (part, res) in join_all(futs).await {
-                match res {
-                    Ok(reply) => {
-                        for (i, r) in part.into_iter().zip(reply.blobs) {
-                            out[i] = r;
-                        }
-                    }
-                    Err(e) => {
-                        let e = wire_of(e);
-                        for i in part {
-                            out[i] = Err(e.clone());
-                        }
-                    }
-                }
+                scatter(&mut out, part, res.map(|r| r.blobs), Err);
             }
             pending.retain(|&i| matches!(&out[i], Err(e) if e.code == ErrorCode::NotFound || e.code == ErrorCode::Unavailable || e.code == ErrorCode::DeadlineExceeded));
         }
@@ -894,6 +856,28 @@ fn apply_registry_entry(
         Operation::Delete | Operation::Purge => {
             if live.write().remove(&entry.key).is_some() {
                 tracing::info!(shard = %entry.key, "CAS shard left");
+            }
+        }
+    }
+}
+
+/// Writes each reply item to its request index, or the call's error to all of them.
+fn scatter<T>(
+    out: &mut [T],
+    idx: Vec<usize>,
+    reply: Result<Vec<T>, BusError>,
+    on_error: impl Fn(WireError) -> T,
+) {
+    match reply {
+        Ok(items) => {
+            for (i, item) in idx.into_iter().zip(items) {
+                out[i] = item;
+            }
+        }
+        Err(e) => {
+            let e = wire_of(e);
+            for i in idx {
+                out[i] = on_error(e.clone());
             }
         }
     }

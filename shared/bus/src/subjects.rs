@@ -103,6 +103,17 @@ pub mod cas {
     }
     /// The shard registry: a JetStream KV bucket, key = shard id, value = `ShardInfo`.
     pub const REGISTRY_BUCKET: &str = "mp_v1_cas_shards";
+
+    /// How the shard registry bucket is set up (by whichever service starts first): the latest
+    /// entry per shard; entries of shards silent for an hour age out.
+    pub fn registry_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: REGISTRY_BUCKET.to_string(),
+            history: 1,
+            max_age: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        }
+    }
 }
 
 #[cfg(test)]

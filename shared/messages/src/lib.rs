@@ -20,3 +20,11 @@ pub mod error;
 pub use codec::{CodecError, Message, Request, decode, encode};
 pub use digest::{BlobDigest, DigestFunction, Hasher};
 pub use error::{ErrorCode, WireError};
+
+/// Milliseconds since the Unix epoch: the unit of every timestamp in a message.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
