@@ -4,10 +4,10 @@
 //! directory trees and the files in them, stdout, stderr) is in the CAS. Otherwise the client
 //! gets NOT_FOUND and runs the action again, instead of failing later on a missing digest.
 
-use crate::error::GatewayError;
 use crate::resource::{check_instance, digest, digest_function};
 use crate::{Gateway, observe};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use motorpool_cas_client::ApiError;
 use motorpool_messages::{BlobDigest, DigestFunction};
 use prost::Message as _;
 use re::action_cache_server::ActionCache;
@@ -23,7 +23,7 @@ impl Gateway {
         instance: &str,
         f: DigestFunction,
         r: &re::ActionResult,
-    ) -> Result<Vec<BlobDigest>, GatewayError> {
+    ) -> Result<Vec<BlobDigest>, ApiError> {
         let mut out = Vec::new();
         for file in &r.output_files {
             out.push(digest(f, file.digest.as_ref())?);
@@ -34,11 +34,11 @@ impl Gateway {
         for dir in &r.output_directories {
             let tree_digest = digest(f, dir.tree_digest.as_ref())?;
             out.push(tree_digest);
-            let Ok(data) = self.read_blob(instance, &tree_digest).await else {
+            let Ok(data) = self.shards.read_blob(instance, &tree_digest).await else {
                 continue; // reported missing by the caller's FindMissing
             };
             let tree = re::Tree::decode(data.as_slice()).map_err(|e| {
-                GatewayError::Invalid(format!(
+                ApiError::Invalid(format!(
                     "output directory tree {tree_digest} is not a Tree: {e}"
                 ))
             })?;
@@ -56,7 +56,7 @@ impl Gateway {
         instance: &str,
         f: DigestFunction,
         r: &re::ActionResult,
-    ) -> Result<Vec<BlobDigest>, GatewayError> {
+    ) -> Result<Vec<BlobDigest>, ApiError> {
         let refs = self.referenced_blobs(instance, f, r).await?;
         let missing = self.shards.find_missing(instance, &refs).await?;
         Ok(refs
@@ -70,23 +70,21 @@ impl Gateway {
     async fn get_action_result(
         &self,
         req: re::GetActionResultRequest,
-    ) -> Result<re::ActionResult, GatewayError> {
+    ) -> Result<re::ActionResult, ApiError> {
         check_instance(&req.instance_name, &self.config.instance_names)?;
         let f = digest_function(req.digest_function)?;
         let action = digest(f, req.action_digest.as_ref())?;
         let Some(bytes) = self.shards.ac_get(&req.instance_name, &action).await? else {
             metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "miss")
                 .increment(1);
-            return Err(GatewayError::NotFound(format!(
-                "no action result for {action}"
-            )));
+            return Err(ApiError::NotFound(format!("no action result for {action}")));
         };
         let mut result = match re::ActionResult::decode(bytes.as_slice()) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%action, error = %e, "Dropped an undecodable action-cache entry");
                 self.shards.ac_delete(&req.instance_name, &action).await?;
-                return Err(GatewayError::NotFound(format!(
+                return Err(ApiError::NotFound(format!(
                     "no usable action result for {action}"
                 )));
             }
@@ -96,7 +94,7 @@ impl Gateway {
             metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "incomplete")
                 .increment(1);
             tracing::info!(%action, missing = missing.len(), first = %missing[0], "Action result references evicted blobs; answering NOT_FOUND");
-            return Err(GatewayError::NotFound(format!(
+            return Err(ApiError::NotFound(format!(
                 "action result for {action} references {} blob(s) no longer in the CAS, for example {}",
                 missing.len(),
                 missing[0]
@@ -112,7 +110,7 @@ impl Gateway {
         req: &re::GetActionResultRequest,
         f: DigestFunction,
         r: &mut re::ActionResult,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<(), ApiError> {
         let instance = &req.instance_name;
         if req.inline_stdout
             && r.stdout_raw.is_empty()
@@ -120,7 +118,7 @@ impl Gateway {
         {
             let d = digest(f, Some(d))?;
             if d.size <= MAX_INLINE {
-                r.stdout_raw = self.read_blob(instance, &d).await?;
+                r.stdout_raw = self.shards.read_blob(instance, &d).await?;
             }
         }
         if req.inline_stderr
@@ -129,7 +127,7 @@ impl Gateway {
         {
             let d = digest(f, Some(d))?;
             if d.size <= MAX_INLINE {
-                r.stderr_raw = self.read_blob(instance, &d).await?;
+                r.stderr_raw = self.shards.read_blob(instance, &d).await?;
             }
         }
         for file in r.output_files.iter_mut() {
@@ -138,7 +136,7 @@ impl Gateway {
             {
                 let d = digest(f, Some(d))?;
                 if d.size <= MAX_INLINE {
-                    file.contents = self.read_blob(instance, &d).await?;
+                    file.contents = self.shards.read_blob(instance, &d).await?;
                 }
             }
         }
@@ -148,16 +146,16 @@ impl Gateway {
     async fn update_action_result(
         &self,
         req: re::UpdateActionResultRequest,
-    ) -> Result<re::ActionResult, GatewayError> {
+    ) -> Result<re::ActionResult, ApiError> {
         check_instance(&req.instance_name, &self.config.instance_names)?;
         let f = digest_function(req.digest_function)?;
         let action = digest(f, req.action_digest.as_ref())?;
         let mut result = req.action_result.ok_or_else(|| {
-            GatewayError::Invalid("UpdateActionResult without an action_result".into())
+            ApiError::Invalid("UpdateActionResult without an action_result".into())
         })?;
         let missing = self.missing_of(&req.instance_name, f, &result).await?;
         if !missing.is_empty() {
-            return Err(GatewayError::FailedPrecondition(format!(
+            return Err(ApiError::FailedPrecondition(format!(
                 "action result references {} blob(s) that are not in the CAS, for example {}; upload outputs first",
                 missing.len(),
                 missing[0]

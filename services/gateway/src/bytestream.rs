@@ -1,12 +1,12 @@
 //! ByteStream: Read with offset and limit, Write (resumable), QueryWriteStatus.
 
-use crate::error::GatewayError;
 use crate::resource::{parse_read, parse_write};
-use crate::shards::WriteData;
 use crate::{Gateway, observe};
 use bazel_remote_apis::google::bytestream as bs;
 use bs::byte_stream_server::ByteStream;
 use futures::StreamExt;
+use motorpool_cas_client::ApiError;
+use motorpool_cas_client::WriteData;
 use std::pin::Pin;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -17,24 +17,24 @@ impl Gateway {
     async fn write(
         &self,
         mut stream: Streaming<bs::WriteRequest>,
-    ) -> Result<bs::WriteResponse, GatewayError> {
+    ) -> Result<bs::WriteResponse, ApiError> {
         let first = stream
             .message()
             .await
             .map_err(|s| {
-                GatewayError::Invalid(format!(
+                ApiError::Invalid(format!(
                     "write stream failed before its first message: {}",
                     s.message()
                 ))
             })?
-            .ok_or_else(|| GatewayError::Invalid("empty write stream".into()))?;
+            .ok_or_else(|| ApiError::Invalid("empty write stream".into()))?;
         let res = parse_write(&first.resource_name, &self.config.instance_names)?;
         let upload_id = res
             .upload_id
             .clone()
             .expect("write resources carry an upload id");
         if first.write_offset < 0 || first.write_offset as u64 > res.digest.size {
-            return Err(GatewayError::Invalid(format!(
+            return Err(ApiError::Invalid(format!(
                 "write offset {} is outside blob {}",
                 first.write_offset, res.digest
             )));
@@ -51,16 +51,15 @@ impl Gateway {
             finish: first.finish_write,
         });
         let rest = stream.map(move |m| {
-            let m = m.map_err(|s| {
-                GatewayError::Invalid(format!("write stream broke: {}", s.message()))
-            })?;
+            let m =
+                m.map_err(|s| ApiError::Invalid(format!("write stream broke: {}", s.message())))?;
             if !m.resource_name.is_empty() && m.resource_name != name {
-                return Err(GatewayError::Invalid(
+                return Err(ApiError::Invalid(
                     "resource name changed within one write".into(),
                 ));
             }
             if m.write_offset as u64 != expected {
-                return Err(GatewayError::Invalid(format!(
+                return Err(ApiError::Invalid(format!(
                     "write offset {} does not follow the {} bytes sent so far",
                     m.write_offset, expected
                 )));
@@ -91,7 +90,7 @@ impl Gateway {
     async fn query_write(
         &self,
         req: bs::QueryWriteStatusRequest,
-    ) -> Result<bs::QueryWriteStatusResponse, GatewayError> {
+    ) -> Result<bs::QueryWriteStatusResponse, ApiError> {
         let res = parse_write(&req.resource_name, &self.config.instance_names)?;
         let (committed, complete) = self
             .shards
@@ -107,15 +106,15 @@ impl Gateway {
         })
     }
 
-    async fn open_read(&self, req: bs::ReadRequest) -> Result<ReadStream, GatewayError> {
+    async fn open_read(&self, req: bs::ReadRequest) -> Result<ReadStream, ApiError> {
         let res = parse_read(&req.resource_name, &self.config.instance_names)?;
         if req.read_offset < 0 || req.read_limit < 0 {
-            return Err(GatewayError::Invalid(
+            return Err(ApiError::Invalid(
                 "read offset and limit must not be negative".into(),
             ));
         }
         if req.read_offset as u64 > res.digest.size {
-            return Err(GatewayError::Invalid(format!(
+            return Err(ApiError::Invalid(format!(
                 "read offset {} is past the end of {}",
                 req.read_offset, res.digest
             )));

@@ -1,10 +1,10 @@
 //! ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree.
 
-use crate::error::GatewayError;
 use crate::resource::{check_instance, digest, digest_function, to_proto};
 use crate::{Gateway, observe};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::rpc::Status as RpcStatus;
+use motorpool_cas_client::ApiError;
 use motorpool_messages::cas::BlobPut;
 use motorpool_messages::{BlobDigest, DigestFunction, WireError};
 use prost::Message as _;
@@ -21,7 +21,7 @@ fn rpc_status(e: Option<WireError>) -> Option<RpcStatus> {
             details: vec![],
         },
         Some(e) => {
-            let s: Status = GatewayError::from(e).into();
+            let s: Status = ApiError::from(e).into();
             RpcStatus {
                 code: s.code() as i32,
                 message: s.message().to_string(),
@@ -35,9 +35,9 @@ fn rpc_status(e: Option<WireError>) -> Option<RpcStatus> {
 const MAX_TREE_PAGE: usize = 10_000;
 
 impl Gateway {
-    fn check_batch_total(&self, total: u64) -> Result<(), GatewayError> {
+    fn check_batch_total(&self, total: u64) -> Result<(), ApiError> {
         if total > self.config.max_batch_total_bytes {
-            return Err(GatewayError::Invalid(format!(
+            return Err(ApiError::Invalid(format!(
                 "batch of {total} bytes exceeds max_batch_total_size_bytes {}; send large blobs with ByteStream",
                 self.config.max_batch_total_bytes
             )));
@@ -48,7 +48,7 @@ impl Gateway {
     async fn find_missing(
         &self,
         req: re::FindMissingBlobsRequest,
-    ) -> Result<re::FindMissingBlobsResponse, GatewayError> {
+    ) -> Result<re::FindMissingBlobsResponse, ApiError> {
         check_instance(&req.instance_name, &self.config.instance_names)?;
         let f = digest_function(req.digest_function)?;
         let digests = req
@@ -73,7 +73,7 @@ impl Gateway {
     async fn batch_update(
         &self,
         req: re::BatchUpdateBlobsRequest,
-    ) -> Result<re::BatchUpdateBlobsResponse, GatewayError> {
+    ) -> Result<re::BatchUpdateBlobsResponse, ApiError> {
         check_instance(&req.instance_name, &self.config.instance_names)?;
         let f = digest_function(req.digest_function)?;
         self.check_batch_total(req.requests.iter().map(|r| r.data.len() as u64).sum())?;
@@ -82,7 +82,7 @@ impl Gateway {
         let mut errors: Vec<Option<WireError>> = Vec::with_capacity(req.requests.len());
         for r in req.requests {
             if r.compressor != 0 {
-                return Err(GatewayError::Invalid(
+                return Err(ApiError::Invalid(
                     "compressed batch uploads are not supported".into(),
                 ));
             }
@@ -121,7 +121,7 @@ impl Gateway {
     async fn batch_read(
         &self,
         req: re::BatchReadBlobsRequest,
-    ) -> Result<re::BatchReadBlobsResponse, GatewayError> {
+    ) -> Result<re::BatchReadBlobsResponse, ApiError> {
         check_instance(&req.instance_name, &self.config.instance_names)?;
         let f = digest_function(req.digest_function)?;
         let digests = req
@@ -151,29 +151,6 @@ impl Gateway {
         })
     }
 
-    /// Reads one blob whole (batch read for small blobs, the stream for large ones).
-    pub(crate) async fn read_blob(
-        &self,
-        instance: &str,
-        d: &BlobDigest,
-    ) -> Result<Vec<u8>, GatewayError> {
-        if d.size <= self.config.max_batch_total_bytes {
-            return self
-                .shards
-                .batch_read(instance, std::slice::from_ref(d))
-                .await?
-                .pop()
-                .expect("one result")
-                .map_err(GatewayError::from);
-        }
-        let mut r = self.shards.open_read(instance, d, 0, 0).await?;
-        let mut out = Vec::with_capacity(r.len() as usize);
-        while let Some(c) = r.next_chunk(1 << 20).await {
-            out.extend_from_slice(&c?);
-        }
-        Ok(out)
-    }
-
     /// Directories under `root` in breadth-first order, each once, from `skip` on, at most `take`.
     /// Returns them and whether more follow.
     async fn tree_page(
@@ -183,7 +160,7 @@ impl Gateway {
         root: BlobDigest,
         skip: usize,
         take: usize,
-    ) -> Result<(Vec<re::Directory>, bool), GatewayError> {
+    ) -> Result<(Vec<re::Directory>, bool), ApiError> {
         let mut seen = HashSet::from([root]);
         let mut level = vec![root];
         let mut index = 0usize;
@@ -193,10 +170,10 @@ impl Gateway {
             let mut next = Vec::new();
             for (d, blob) in level.iter().zip(blobs) {
                 let data = blob.map_err(|e| {
-                    GatewayError::NotFound(format!("directory {d} of the tree: {}", e.message))
+                    ApiError::NotFound(format!("directory {d} of the tree: {}", e.message))
                 })?;
                 let dir = re::Directory::decode(data.as_slice()).map_err(|e| {
-                    GatewayError::Invalid(format!("directory {d} is not a Directory message: {e}"))
+                    ApiError::Invalid(format!("directory {d} is not a Directory message: {e}"))
                 })?;
                 for child in &dir.directories {
                     let cd = digest(f, child.digest.as_ref())?;
@@ -259,7 +236,7 @@ impl ContentAddressableStorage for Gateway {
                 0
             } else {
                 req.page_token.parse().map_err(|_| {
-                    GatewayError::Invalid(format!("invalid page token {:?}", req.page_token))
+                    ApiError::Invalid(format!("invalid page token {:?}", req.page_token))
                 })?
             };
             let take = match req.page_size {
@@ -274,7 +251,7 @@ impl ContentAddressableStorage for Gateway {
             } else {
                 String::new()
             };
-            Ok::<_, GatewayError>(re::GetTreeResponse {
+            Ok::<_, ApiError>(re::GetTreeResponse {
                 directories,
                 next_page_token,
             })

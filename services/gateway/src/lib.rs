@@ -5,9 +5,10 @@
 //! - [`cas`]: ContentAddressableStorage (FindMissingBlobs, Batch*, GetTree).
 //! - [`bytestream`]: ByteStream Read / Write / QueryWriteStatus.
 //! - [`ac`]: ActionCache with the completeness check.
-//! - [`shards`]: the shard registry, placement, and the calls to shards (bus + data stream).
 //! - [`resource`]: validation of instance names, digests and resource names.
-//! - [`error`]: [`GatewayError`], mapped once to `tonic::Status`.
+//!
+//! The shard registry, placement and the calls to shards live in `motorpool-cas-client`, which
+//! workers share; its [`ApiError`] maps once to `tonic::Status`.
 //!
 //! The gateway keeps no blob state of its own: everything lives on CAS shards, so gateways can be
 //! added or restarted freely.
@@ -15,21 +16,19 @@
 pub mod ac;
 pub mod bytestream;
 pub mod cas;
-pub mod error;
 pub mod resource;
-pub mod shards;
 
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::build::bazel::semver::SemVer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
-pub use error::GatewayError;
 use motorpool_bus::Bus;
+pub use motorpool_cas_client::ApiError;
+use motorpool_cas_client::Shards;
 use motorpool_config::GatewayConfig;
 use re::action_cache_server::ActionCacheServer;
 use re::capabilities_server::{Capabilities, CapabilitiesServer};
 use re::content_addressable_storage_server::ContentAddressableStorageServer;
-use shards::Shards;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,7 +52,7 @@ impl std::fmt::Debug for Gateway {
 /// Runs a handler, counts it by method and status code, and times it.
 pub(crate) async fn observe<T>(
     method: &'static str,
-    fut: impl Future<Output = Result<T, GatewayError>>,
+    fut: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<Response<T>, Status> {
     let start = Instant::now();
     let result = fut.await.map_err(Status::from);

@@ -1,7 +1,7 @@
 //! Instance names, digests and ByteStream resource names, validated at the edge.
 
-use crate::error::GatewayError;
-use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use motorpool_cas_client::ApiError;
+pub use motorpool_cas_client::proto::{digest, digest_function, to_proto};
 use motorpool_messages::{BlobDigest, DigestFunction};
 
 /// Path segments that mark the end of an instance name in a resource name; an instance name may
@@ -18,10 +18,10 @@ const RESERVED: [&str; 7] = [
 
 /// Checks an instance name: `/`-separated segments, none empty, `.`, `..` or reserved, no control
 /// characters, at most 256 bytes. `allowed` (when non-empty) lists the instance names in use.
-pub fn check_instance(name: &str, allowed: &[String]) -> Result<(), GatewayError> {
+pub fn check_instance(name: &str, allowed: &[String]) -> Result<(), ApiError> {
     if !name.is_empty() {
         if name.len() > 256 {
-            return Err(GatewayError::Invalid(
+            return Err(ApiError::Invalid(
                 "instance name is longer than 256 bytes".into(),
             ));
         }
@@ -32,53 +32,18 @@ pub fn check_instance(name: &str, allowed: &[String]) -> Result<(), GatewayError
                 || RESERVED.contains(&seg)
                 || seg.chars().any(|c| c.is_control())
             {
-                return Err(GatewayError::Invalid(format!(
+                return Err(ApiError::Invalid(format!(
                     "instance name {name:?} has an invalid segment {seg:?}"
                 )));
             }
         }
     }
     if !allowed.is_empty() && !allowed.iter().any(|a| a == name) {
-        return Err(GatewayError::Invalid(format!(
+        return Err(ApiError::Invalid(format!(
             "unknown instance name {name:?}; this server serves {allowed:?}"
         )));
     }
     Ok(())
-}
-
-/// The digest function of a request (`digest_function` field, REAPI 2.3). Unset means SHA-256,
-/// which is what clients that predate the field (Bazel 4) use.
-pub fn digest_function(value: i32) -> Result<DigestFunction, GatewayError> {
-    use re::digest_function::Value;
-    match Value::try_from(value) {
-        Ok(Value::Unknown) | Ok(Value::Sha256) => Ok(DigestFunction::Sha256),
-        Ok(Value::Blake3) => Ok(DigestFunction::Blake3),
-        Ok(other) => Err(GatewayError::Invalid(format!(
-            "digest function {} is not supported; use SHA256 or BLAKE3",
-            other.as_str_name()
-        ))),
-        Err(_) => Err(GatewayError::Invalid(format!(
-            "unknown digest function {value}; use SHA256 or BLAKE3"
-        ))),
-    }
-}
-
-/// A REAPI digest under `function`.
-pub fn digest(
-    function: DigestFunction,
-    d: Option<&re::Digest>,
-) -> Result<BlobDigest, GatewayError> {
-    let d = d.ok_or_else(|| GatewayError::Invalid("a digest is missing".into()))?;
-    BlobDigest::parse(function, &d.hash, d.size_bytes)
-        .map_err(|e| GatewayError::Invalid(format!("invalid digest: {e}")))
-}
-
-/// The REAPI form of a digest.
-pub fn to_proto(d: &BlobDigest) -> re::Digest {
-    re::Digest {
-        hash: d.hex(),
-        size_bytes: d.size as i64,
-    }
 }
 
 /// A parsed ByteStream resource name.
@@ -91,18 +56,18 @@ pub struct BlobResource {
 }
 
 /// Parses `{instance}/blobs/{function/}{hash}/{size}` (read).
-pub fn parse_read(name: &str, allowed: &[String]) -> Result<BlobResource, GatewayError> {
+pub fn parse_read(name: &str, allowed: &[String]) -> Result<BlobResource, ApiError> {
     parse(name, false, allowed)
 }
 
 /// Parses `{instance}/uploads/{uuid}/blobs/{function/}{hash}/{size}{/metadata...}` (write).
-pub fn parse_write(name: &str, allowed: &[String]) -> Result<BlobResource, GatewayError> {
+pub fn parse_write(name: &str, allowed: &[String]) -> Result<BlobResource, ApiError> {
     parse(name, true, allowed)
 }
 
-fn parse(name: &str, write: bool, allowed: &[String]) -> Result<BlobResource, GatewayError> {
+fn parse(name: &str, write: bool, allowed: &[String]) -> Result<BlobResource, ApiError> {
     let bad = |why: &str| {
-        GatewayError::Invalid(format!(
+        ApiError::Invalid(format!(
             "malformed resource name {:?}: {why}; expected {}",
             truncate(name),
             if write {
@@ -120,7 +85,7 @@ fn parse(name: &str, write: bool, allowed: &[String]) -> Result<BlobResource, Ga
         return Err(bad("`.` and `..` segments are not allowed"));
     }
     if segs.contains(&"compressed-blobs") {
-        return Err(GatewayError::Invalid(format!(
+        return Err(ApiError::Invalid(format!(
             "resource name {:?} asks for a compressed blob; this server supports only identity (see Capabilities)",
             truncate(name)
         )));
@@ -153,7 +118,7 @@ fn parse(name: &str, write: bool, allowed: &[String]) -> Result<BlobResource, Ga
         && first.len() != 64
     {
         function = DigestFunction::from_name(first).ok_or_else(|| {
-            GatewayError::Invalid(format!(
+            ApiError::Invalid(format!(
                 "digest function {first:?} is not supported; use sha256 or blake3"
             ))
         })?;
@@ -166,7 +131,7 @@ fn parse(name: &str, write: bool, allowed: &[String]) -> Result<BlobResource, Ga
     };
     let size: i64 = size.parse().map_err(|_| bad("the size is not a number"))?;
     let digest = BlobDigest::parse(function, hash, size)
-        .map_err(|e| GatewayError::Invalid(format!("invalid digest in resource name: {e}")))?;
+        .map_err(|e| ApiError::Invalid(format!("invalid digest in resource name: {e}")))?;
     Ok(BlobResource {
         instance,
         digest,
@@ -214,7 +179,7 @@ mod tests {
             format!("blobs/{H}/3/extra"),
         ] {
             assert!(
-                matches!(parse_read(&bad, &[]), Err(GatewayError::Invalid(_))),
+                matches!(parse_read(&bad, &[]), Err(ApiError::Invalid(_))),
                 "{bad}"
             );
         }

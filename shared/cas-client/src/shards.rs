@@ -7,7 +7,7 @@
 //! blob written before a membership change is still found, and "present" is never said for a blob
 //! that no live shard holds.
 
-use crate::error::GatewayError;
+use crate::error::ApiError;
 use futures::StreamExt;
 use futures::future::join_all;
 use motorpool_bus::{Bus, BusError, subjects};
@@ -192,10 +192,10 @@ impl Shards {
         self.placement().ranked(d)
     }
 
-    fn require_live(&self) -> Result<Placement, GatewayError> {
+    fn require_live(&self) -> Result<Placement, ApiError> {
         let p = self.placement();
         if p.shards.is_empty() {
-            return Err(GatewayError::Unavailable(
+            return Err(ApiError::Unavailable(
                 "no CAS shard is registered and alive".into(),
             ));
         }
@@ -215,7 +215,7 @@ impl Shards {
         &self,
         instance: &str,
         digests: &[BlobDigest],
-    ) -> Result<Vec<bool>, GatewayError> {
+    ) -> Result<Vec<bool>, ApiError> {
         let placement = self.require_live()?;
         let mut missing = vec![true; digests.len()];
         // First round: each digest at its owner.
@@ -309,7 +309,7 @@ impl Shards {
         &self,
         instance: &str,
         blobs: Vec<BlobPut>,
-    ) -> Result<Vec<Option<WireError>>, GatewayError> {
+    ) -> Result<Vec<Option<WireError>>, ApiError> {
         let placement = self.require_live()?;
         let n = blobs.len();
         let mut groups: HashMap<String, (ShardRef, Vec<(usize, BlobPut)>)> = HashMap::new();
@@ -366,7 +366,7 @@ impl Shards {
         &self,
         instance: &str,
         digests: &[BlobDigest],
-    ) -> Result<Vec<Result<Vec<u8>, WireError>>, GatewayError> {
+    ) -> Result<Vec<Result<Vec<u8>, WireError>>, ApiError> {
         let placement = self.require_live()?;
         let mut out: Vec<Result<Vec<u8>, WireError>> = digests
             .iter()
@@ -445,9 +445,9 @@ impl Shards {
         d: &BlobDigest,
         offset: u64,
         limit: u64,
-    ) -> Result<BlobReader, GatewayError> {
+    ) -> Result<BlobReader, ApiError> {
         let placement = self.require_live()?;
-        let mut last = GatewayError::NotFound(format!("blob {d} not found on any live shard"));
+        let mut last = ApiError::NotFound(format!("blob {d} not found on any live shard"));
         for shard in placement.ranked(d) {
             let r = match self.transport {
                 BlobTransport::Direct => {
@@ -461,29 +461,27 @@ impl Shards {
             };
             match r {
                 Ok(r) => return Ok(r),
-                Err(e @ GatewayError::NotFound(_)) | Err(e @ GatewayError::Unavailable(_)) => {
-                    last = e
-                }
+                Err(e @ ApiError::NotFound(_)) | Err(e @ ApiError::Unavailable(_)) => last = e,
                 Err(e) => return Err(e),
             }
         }
         Err(last)
     }
 
-    async fn connect(&self, shard: &ShardRef) -> Result<TcpStream, GatewayError> {
+    async fn connect(&self, shard: &ShardRef) -> Result<TcpStream, ApiError> {
         if let Some(c) = shard.pool.lock().pop() {
             return Ok(c);
         }
         let c = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&shard.addr))
             .await
             .map_err(|_| {
-                GatewayError::Unavailable(format!(
+                ApiError::Unavailable(format!(
                     "shard {} data stream at {} timed out",
                     shard.id, shard.addr
                 ))
             })?
             .map_err(|e| {
-                GatewayError::Unavailable(format!(
+                ApiError::Unavailable(format!(
                     "shard {} data stream at {}: {e}",
                     shard.id, shard.addr
                 ))
@@ -499,7 +497,7 @@ impl Shards {
         d: &BlobDigest,
         offset: u64,
         limit: u64,
-    ) -> Result<BlobReader, GatewayError> {
+    ) -> Result<BlobReader, ApiError> {
         let mut conn = self.connect(shard).await?;
         let req = DataRequest::Read {
             instance: instance.to_string(),
@@ -509,7 +507,7 @@ impl Shards {
         };
         let reply = exchange(&mut conn, &req)
             .await
-            .map_err(|e| GatewayError::Unavailable(format!("shard {}: {e}", shard.id)))?;
+            .map_err(|e| ApiError::Unavailable(format!("shard {}: {e}", shard.id)))?;
         match reply {
             DataReply::ReadReady { len } => Ok(BlobReader {
                 source: Source::Direct {
@@ -523,7 +521,7 @@ impl Shards {
                 shard.pool.lock().push(conn);
                 Err(e.into())
             }
-            other => Err(GatewayError::Internal(format!(
+            other => Err(ApiError::Internal(format!(
                 "shard {} answered a read with {other:?}",
                 shard.id
             ))),
@@ -537,9 +535,9 @@ impl Shards {
         d: &BlobDigest,
         offset: u64,
         limit: u64,
-    ) -> Result<BlobReader, GatewayError> {
+    ) -> Result<BlobReader, ApiError> {
         if offset > d.size {
-            return Err(GatewayError::Invalid(format!(
+            return Err(ApiError::Invalid(format!(
                 "read offset {offset} is past the end of {d}"
             )));
         }
@@ -553,7 +551,7 @@ impl Shards {
         self.bus
             .request_with_timeout(&subjects::cas::read_chunk(&shard.id), &probe, self.timeout)
             .await
-            .map_err(GatewayError::from)?;
+            .map_err(ApiError::from)?;
         let rest = d.size - offset;
         let len = if limit == 0 { rest } else { rest.min(limit) };
         Ok(BlobReader {
@@ -579,9 +577,9 @@ impl Shards {
         upload_id: &str,
         offset: u64,
         chunks: S,
-    ) -> Result<u64, GatewayError>
+    ) -> Result<u64, ApiError>
     where
-        S: futures::Stream<Item = Result<WriteData, GatewayError>> + Unpin,
+        S: futures::Stream<Item = Result<WriteData, ApiError>> + Unpin,
     {
         let shard = self.require_live()?.owner(d).clone();
         match self.transport {
@@ -604,9 +602,9 @@ impl Shards {
         upload_id: &str,
         offset: u64,
         mut chunks: S,
-    ) -> Result<u64, GatewayError>
+    ) -> Result<u64, ApiError>
     where
-        S: futures::Stream<Item = Result<WriteData, GatewayError>> + Unpin,
+        S: futures::Stream<Item = Result<WriteData, ApiError>> + Unpin,
     {
         let mut conn = self.connect(shard).await?;
         let req = DataRequest::Write {
@@ -616,7 +614,7 @@ impl Shards {
             offset,
         };
         let unavailable = |e: std::io::Error| {
-            GatewayError::Unavailable(format!("shard {} data stream: {e}", shard.id))
+            ApiError::Unavailable(format!("shard {} data stream: {e}", shard.id))
         };
         match exchange(&mut conn, &req).await.map_err(unavailable)? {
             DataReply::Committed { size } => {
@@ -629,7 +627,7 @@ impl Shards {
                 return Err(e.into());
             }
             other => {
-                return Err(GatewayError::Internal(format!(
+                return Err(ApiError::Internal(format!(
                     "shard answered a write with {other:?}"
                 )));
             }
@@ -649,7 +647,7 @@ impl Shards {
                     let mut conn = w.into_inner();
                     return match read_reply(&mut conn).await {
                         Ok(DataReply::Error(e)) => Err(e.into()),
-                        _ => Err(GatewayError::Unavailable(format!(
+                        _ => Err(ApiError::Unavailable(format!(
                             "shard {} closed the upload",
                             shard.id
                         ))),
@@ -662,7 +660,7 @@ impl Shards {
             }
         }
         if !finished {
-            return Err(GatewayError::Invalid(
+            return Err(ApiError::Invalid(
                 "the write stream ended without finish_write; resume at the offset QueryWriteStatus returns".into(),
             ));
         }
@@ -677,7 +675,7 @@ impl Shards {
                 Ok(size)
             }
             DataReply::Error(e) => Err(e.into()),
-            other => Err(GatewayError::Internal(format!(
+            other => Err(ApiError::Internal(format!(
                 "shard answered a finished write with {other:?}"
             ))),
         }
@@ -691,9 +689,9 @@ impl Shards {
         upload_id: &str,
         mut offset: u64,
         mut chunks: S,
-    ) -> Result<u64, GatewayError>
+    ) -> Result<u64, ApiError>
     where
-        S: futures::Stream<Item = Result<WriteData, GatewayError>> + Unpin,
+        S: futures::Stream<Item = Result<WriteData, ApiError>> + Unpin,
     {
         let budget = self.payload_budget();
         let subject = subjects::cas::write_chunk(&shard.id);
@@ -726,7 +724,7 @@ impl Shards {
                 offset = status.committed;
             }
             if end {
-                return Err(GatewayError::Invalid(
+                return Err(ApiError::Invalid(
                     "the write stream ended without finish_write; resume at the offset QueryWriteStatus returns".into(),
                 ));
             }
@@ -739,7 +737,7 @@ impl Shards {
         instance: &str,
         d: &BlobDigest,
         upload_id: &str,
-    ) -> Result<(u64, bool), GatewayError> {
+    ) -> Result<(u64, bool), ApiError> {
         let shard = self.require_live()?.owner(d).clone();
         let req = QueryWrite {
             instance: instance.to_string(),
@@ -758,7 +756,7 @@ impl Shards {
         &self,
         instance: &str,
         action: &BlobDigest,
-    ) -> Result<Option<Vec<u8>>, GatewayError> {
+    ) -> Result<Option<Vec<u8>>, ApiError> {
         for shard in self.require_live()?.ranked(action) {
             let req = AcGet {
                 instance: instance.to_string(),
@@ -786,7 +784,7 @@ impl Shards {
         instance: &str,
         action: &BlobDigest,
         result: Vec<u8>,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<(), ApiError> {
         let shard = self.require_live()?.owner(action).clone();
         let req = AcPut {
             instance: instance.to_string(),
@@ -799,8 +797,50 @@ impl Shards {
         Ok(())
     }
 
+    /// Reads one blob whole: in one bus message when it fits, else on the data stream.
+    pub async fn read_blob(&self, instance: &str, d: &BlobDigest) -> Result<Vec<u8>, ApiError> {
+        if d.size <= self.payload_budget() as u64 {
+            return self
+                .batch_read(instance, std::slice::from_ref(d))
+                .await?
+                .pop()
+                .expect("one result")
+                .map_err(ApiError::from);
+        }
+        let mut r = self.open_read(instance, d, 0, 0).await?;
+        let mut out = Vec::with_capacity(r.len() as usize);
+        while let Some(c) = r.next_chunk(1 << 20).await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    /// Stores one blob whole (verified by the shard against `d`): in one bus message when it
+    /// fits, else on the data stream.
+    pub async fn write_blob(
+        &self,
+        instance: &str,
+        d: &BlobDigest,
+        data: Vec<u8>,
+    ) -> Result<(), ApiError> {
+        if d.size <= self.payload_budget() as u64 {
+            let put = BlobPut { digest: *d, data };
+            return match self.batch_write(instance, vec![put]).await?.pop().flatten() {
+                None => Ok(()),
+                Some(e) => Err(e.into()),
+            };
+        }
+        let upload_id = format!(
+            "put-{:016x}",
+            splitmix(digest_key(d) ^ motorpool_messages::now_ms())
+        );
+        let chunk = futures::stream::iter([Ok(WriteData { data, finish: true })]);
+        self.write_stream(instance, d, &upload_id, 0, chunk).await?;
+        Ok(())
+    }
+
     /// Removes an ActionResult from every live shard.
-    pub async fn ac_delete(&self, instance: &str, action: &BlobDigest) -> Result<(), GatewayError> {
+    pub async fn ac_delete(&self, instance: &str, action: &BlobDigest) -> Result<(), ApiError> {
         for (_, shard) in self.require_live()?.shards {
             let req = AcDelete {
                 instance: instance.to_string(),
@@ -955,7 +995,7 @@ impl BlobReader {
     }
 
     /// The next chunk of at most `max` bytes; `None` at the end.
-    pub async fn next_chunk(&mut self, max: usize) -> Option<Result<Vec<u8>, GatewayError>> {
+    pub async fn next_chunk(&mut self, max: usize) -> Option<Result<Vec<u8>, ApiError>> {
         if self.remaining == 0 {
             if let Source::Direct { conn, pool } = &mut self.source
                 && let Some(c) = conn.take()
@@ -972,7 +1012,7 @@ impl BlobReader {
                 if let Err(e) = c.read_exact(&mut buf).await {
                     *conn = None;
                     self.remaining = 0;
-                    return Some(Err(GatewayError::Unavailable(format!(
+                    return Some(Err(ApiError::Unavailable(format!(
                         "shard data stream broke: {e}"
                     ))));
                 }
@@ -1006,7 +1046,7 @@ impl BlobReader {
                     }
                     Ok(_) => {
                         self.remaining = 0;
-                        Some(Err(GatewayError::Internal(
+                        Some(Err(ApiError::Internal(
                             "shard returned a short chunk".into(),
                         )))
                     }

@@ -1,0 +1,87 @@
+//! The one error type of CAS calls and the gRPC front; it maps once to `tonic::Status`.
+
+use motorpool_bus::BusError;
+use motorpool_messages::{ErrorCode, WireError};
+use tonic::{Code, Status};
+
+/// Every error a gateway handler can return.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
+        let m = e.message;
+        match e.code {
+            ErrorCode::InvalidArgument => ApiError::Invalid(m),
+            ErrorCode::NotFound => ApiError::NotFound(m),
+            ErrorCode::AlreadyExists | ErrorCode::FailedPrecondition => {
+                ApiError::FailedPrecondition(m)
+            }
+            ErrorCode::ResourceExhausted => ApiError::ResourceExhausted(m),
+            ErrorCode::Unavailable => ApiError::Unavailable(m),
+            ErrorCode::DeadlineExceeded => ApiError::DeadlineExceeded(m),
+            ErrorCode::Unimplemented => ApiError::Unimplemented(m),
+            ErrorCode::Internal => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<BusError> for ApiError {
+    fn from(e: BusError) -> Self {
+        match e {
+            BusError::Remote(w) => w.into(),
+            BusError::Timeout { .. } => ApiError::DeadlineExceeded(e.to_string()),
+            BusError::Codec(_) => ApiError::Internal(e.to_string()),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let code = match &e {
+            ApiError::Invalid(_) => Code::InvalidArgument,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ApiError::Unimplemented(_) => Code::Unimplemented,
+            ApiError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<ApiError> for WireError {
+    fn from(e: ApiError) -> Self {
+        let code = match &e {
+            ApiError::Invalid(_) => ErrorCode::InvalidArgument,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            ApiError::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            ApiError::Unavailable(_) => ErrorCode::Unavailable,
+            ApiError::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
+            ApiError::Unimplemented(_) => ErrorCode::Unimplemented,
+            ApiError::Internal(_) => ErrorCode::Internal,
+        };
+        WireError::new(code, e.to_string())
+    }
+}
