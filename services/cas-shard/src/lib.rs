@@ -329,7 +329,7 @@ impl Shard {
 pub async fn run(config: ShardConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let shard = start(&config, shutdown.clone()).await?;
     let http = match config.http_addr {
-        Some(addr) => Some(http_server(addr)?),
+        Some(addr) => Some(motorpool_telemetry::serve_metrics(addr)?),
         None => None,
     };
     shutdown.cancelled().await;
@@ -338,27 +338,6 @@ pub async fn run(config: ShardConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     shard.stop().await;
     Ok(())
-}
-
-fn http_server(addr: std::net::SocketAddr) -> anyhow::Result<actix_web::dev::ServerHandle> {
-    use actix_web::{App, HttpResponse, HttpServer, web};
-    let server = HttpServer::new(|| {
-        App::new()
-            .route(
-                "/metrics",
-                web::get().to(motorpool_telemetry::metrics_handler),
-            )
-            .route(
-                "/healthz",
-                web::get().to(|| async { HttpResponse::Ok().body("ok") }),
-            )
-    })
-    .workers(1)
-    .bind(addr)?
-    .run();
-    let handle = server.handle();
-    tokio::spawn(server);
-    Ok(handle)
 }
 
 /// The data dir's blob store, for tools that inspect a stopped shard.

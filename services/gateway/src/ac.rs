@@ -67,7 +67,7 @@ impl Gateway {
             .collect())
     }
 
-    async fn get_action_result(
+    pub(crate) async fn get_action_result(
         &self,
         req: re::GetActionResultRequest,
     ) -> Result<re::ActionResult, ApiError> {

@@ -5,6 +5,8 @@
 //! - [`cas`]: ContentAddressableStorage (FindMissingBlobs, Batch*, GetTree).
 //! - [`bytestream`]: ByteStream Read / Write / QueryWriteStatus.
 //! - [`ac`]: ActionCache with the completeness check.
+//! - [`execution`]: Execution (Execute, WaitExecution) and google.longrunning Operations, over the
+//!   operation records the scheduler works from.
 //! - [`resource`]: validation of instance names, digests and resource names.
 //!
 //! The shard registry, placement and the calls to shards live in `motorpool-cas-client`, which
@@ -16,12 +18,14 @@
 pub mod ac;
 pub mod bytestream;
 pub mod cas;
+pub mod execution;
 pub mod resource;
 
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::build::bazel::semver::SemVer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
+use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
 use motorpool_bus::Bus;
 pub use motorpool_cas_client::ApiError;
 use motorpool_cas_client::Shards;
@@ -29,6 +33,7 @@ use motorpool_config::GatewayConfig;
 use re::action_cache_server::ActionCacheServer;
 use re::capabilities_server::{Capabilities, CapabilitiesServer};
 use re::content_addressable_storage_server::ContentAddressableStorageServer;
+use re::execution_server::ExecutionServer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,6 +46,8 @@ use tonic::{Request, Response, Status};
 pub struct Gateway {
     pub(crate) config: Arc<GatewayConfig>,
     pub(crate) shards: Shards,
+    /// The operation records; `None` when remote execution is switched off.
+    pub(crate) operations: Option<execution::Operations>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -104,8 +111,18 @@ impl Gateway {
                 split_blob_support: false,
                 ..Default::default()
             }),
-            // Remote execution is not offered by this gateway build.
-            execution_capabilities: None,
+            execution_capabilities: self.operations.as_ref().map(|_| re::ExecutionCapabilities {
+                digest_function: F::Sha256 as i32,
+                exec_enabled: true,
+                execution_priority_capabilities: Some(re::PriorityCapabilities {
+                    priorities: vec![re::priority_capabilities::PriorityRange {
+                        min_priority: -1000,
+                        max_priority: 1000,
+                    }],
+                }),
+                supported_node_properties: Vec::new(),
+                digest_functions: vec![F::Sha256 as i32, F::Blake3 as i32],
+            }),
             deprecated_api_version: None,
             low_api_version: Some(SemVer {
                 major: 2,
@@ -149,15 +166,22 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
     )
     .await?;
     let shards = Shards::watch(
-        bus,
+        bus.clone(),
         Duration::from_millis(config.bus_timeout_ms),
         Duration::from_millis(config.shard_timeout_ms),
         config.blob_transport,
     )
-    .await?;
+    .await?
+    .with_replicas(config.replicas);
+    let operations = if config.execution {
+        Some(execution::Operations::open(bus.clone()).await?)
+    } else {
+        None
+    };
     let gateway = Gateway {
         config: Arc::new(config.clone()),
         shards: shards.clone(),
+        operations,
     };
     let max = config.max_grpc_message_bytes;
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
@@ -177,7 +201,9 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
                 .max_encoding_message_size(max),
         )
         .add_service(ByteStreamServer::new(gateway.clone()).max_decoding_message_size(max))
-        .add_service(ActionCacheServer::new(gateway.clone()).max_decoding_message_size(max));
+        .add_service(ActionCacheServer::new(gateway.clone()).max_decoding_message_size(max))
+        .add_service(ExecutionServer::new(gateway.clone()).max_decoding_message_size(max))
+        .add_service(OperationsServer::new(gateway.clone()).max_decoding_message_size(max));
     let stop = shutdown.clone();
     let grpc = tokio::spawn(async move {
         if let Err(error) = router
@@ -187,7 +213,7 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
             tracing::error!(%error, "gRPC server failed");
         }
     });
-    let (http, http_addr) = http_server(config.http_addr, shards)?;
+    let (http, http_addr) = http_server(config.http_addr, shards, bus)?;
     tracing::info!(%grpc_addr, %http_addr, "Gateway is serving");
     Ok(Started {
         grpc_addr,
@@ -200,12 +226,16 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
 fn http_server(
     addr: SocketAddr,
     shards: Shards,
+    bus: Bus,
 ) -> anyhow::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
     use actix_web::{App, HttpResponse, HttpServer, web};
     let data = web::Data::new(shards);
+    let bus = web::Data::new(bus);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(bus.clone())
+            .route("/api/v1/queues", web::get().to(queues))
             .route("/metrics", web::get().to(metrics))
             .route(
                 "/healthz",
@@ -225,7 +255,11 @@ fn http_server(
     Ok((handle, bound))
 }
 
-async fn metrics(shards: actix_web::web::Data<Shards>) -> actix_web::HttpResponse {
+async fn metrics(
+    shards: actix_web::web::Data<Shards>,
+    bus: actix_web::web::Data<Bus>,
+) -> actix_web::HttpResponse {
+    let _ = queue_stats(&bus).await;
     let live = shards.live();
     metrics::gauge!("motorpool_gateway_live_shards").set(live.len() as f64);
     for s in &live {
@@ -247,19 +281,53 @@ async fn readyz(shards: actix_web::web::Data<Shards>) -> actix_web::HttpResponse
 }
 
 async fn shard_list(shards: actix_web::web::Data<Shards>) -> actix_web::HttpResponse {
-    let body: Vec<String> = shards
+    let body: Vec<serde_json::Value> = shards
         .live()
         .iter()
         .map(|s| {
-            format!(
-                "{{\"shard_id\":{:?},\"data_addr\":{:?},\"used_bytes\":{},\"capacity_bytes\":{},\"blobs\":{}}}",
-                s.shard_id, s.data_addr, s.used_bytes, s.capacity_bytes, s.blob_count
-            )
+            serde_json::json!({
+                "shard_id": s.shard_id,
+                "data_addr": s.data_addr,
+                "used_bytes": s.used_bytes,
+                "capacity_bytes": s.capacity_bytes,
+                "blobs": s.blob_count,
+            })
         })
         .collect();
-    actix_web::HttpResponse::Ok()
-        .content_type("application/json")
-        .body(format!("[{}]", body.join(",")))
+    actix_web::HttpResponse::Ok().json(body)
+}
+
+/// The scheduler's queues, asked over the bus; also refreshes the queue gauges on `/metrics`.
+async fn queue_stats(bus: &Bus) -> Result<motorpool_messages::exec::QueueStats, String> {
+    let stats = bus
+        .request_with_timeout(
+            &motorpool_bus::subjects::exec::queue_stats(),
+            &motorpool_messages::exec::GetQueueStats,
+            Duration::from_secs(2),
+        )
+        .await
+        .map_err(|e| format!("no answer from a scheduler: {e}"))?;
+    for (pool, lane, depth) in &stats.depth {
+        metrics::gauge!("motorpool_queue_depth", "pool" => pool.name(), "lane" => lane.name())
+            .set(*depth as f64);
+    }
+    metrics::gauge!("motorpool_executing").set(stats.executing as f64);
+    metrics::gauge!("motorpool_workers").set(stats.workers as f64);
+    Ok(stats)
+}
+
+async fn queues(bus: actix_web::web::Data<Bus>) -> actix_web::HttpResponse {
+    match queue_stats(&bus).await {
+        Ok(s) => actix_web::HttpResponse::Ok().json(serde_json::json!({
+            "workers": s.workers,
+            "executing": s.executing,
+            "free_slots": s.free_slots,
+            "queues": s.depth.iter().map(|(pool, lane, depth)| serde_json::json!({
+                "pool": pool.name(), "lane": lane.name(), "depth": depth,
+            })).collect::<Vec<_>>(),
+        })),
+        Err(e) => actix_web::HttpResponse::ServiceUnavailable().body(format!("{e}\n")),
+    }
 }
 
 /// Runs the gateway until `shutdown` fires.

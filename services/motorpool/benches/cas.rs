@@ -283,7 +283,7 @@ fn main() {
         vec![(1 << 20, 21), (64 << 20, 5), (1 << 30, 3)]
     };
     {
-        let stack = Stack::up(&[]);
+        let stack = Stack::up(&["--workers", "0"]);
         rt.block_on(async {
             let mut c = stack.clients().await;
             if section("bytestream") {
@@ -358,7 +358,7 @@ fn main() {
     }
     if section("nats") {
         // The alternative transport, for the ADR: large blobs chunked over NATS.
-        let stack = Stack::up(&["--blob-transport", "nats"]);
+        let stack = Stack::up(&["--workers", "0", "--blob-transport", "nats"]);
         rt.block_on(async {
             let mut c = stack.clients().await;
             let sizes: Vec<(u64, usize)> = if quick {

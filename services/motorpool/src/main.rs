@@ -1,14 +1,17 @@
 //! `motorpool`: one binary for the whole platform.
 //!
-//! - `motorpool up` starts the stack on one machine (nats-server, CAS shards, gateway) as child
-//!   processes, prints the URLs and the Bazel flags, and stops everything on Ctrl-C.
-//! - `motorpool gateway ...`, `motorpool cas-shard ...` run one service each, to deploy and scale
-//!   them separately.
+//! - `motorpool up` starts the stack on one machine (nats-server, CAS shards, scheduler, workers,
+//!   gateway) as child processes, prints the URLs and the Bazel flags, and stops everything on
+//!   Ctrl-C.
+//! - `motorpool gateway ...`, `motorpool cas-shard ...`, `motorpool scheduler ...`,
+//!   `motorpool worker ...` run one service each, to deploy and scale them separately.
 
 mod up;
 
 use clap::{Args, Parser, Subcommand};
-use motorpool_config::{GatewayConfig, ServiceConfig, ShardConfig, TelemetryConfig};
+use motorpool_config::{
+    GatewayConfig, SchedulerConfig, ServiceConfig, ShardConfig, TelemetryConfig, WorkerConfig,
+};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +36,71 @@ enum Command {
     Gateway(GatewayArgs),
     /// Run one CAS shard.
     CasShard(ShardArgs),
+    /// Run the scheduler (lane queues, dispatch, retries, rate limits).
+    Scheduler(SchedulerArgs),
+    /// Run one worker (execution pipeline + CAS shard).
+    Worker(WorkerArgs),
+}
+
+#[derive(Args, Serialize)]
+struct SchedulerArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// Milliseconds without a heartbeat before a worker is lost [default: 5000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_timeout_ms: Option<u64>,
+    /// Attempts per operation on infrastructure failures [default: 3].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_attempts: Option<u32>,
+    /// Milliseconds of waiting that raise a job one lane [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aging_step_ms: Option<u64>,
+}
+
+#[derive(Args, Serialize)]
+struct WorkerArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// Worker id (also its CAS shard id) [default: stored in the data dir].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_id: Option<String>,
+    /// Data directory [default: motorpool-data/worker-0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Actions run at once [default: number of CPUs].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slots: Option<u32>,
+    /// Platform properties offered, as NAME=VALUE (repeatable) [default: OSFamily=linux].
+    #[arg(long = "platform", value_parser = parse_property)]
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_map")]
+    platform: Vec<(String, String)>,
+    /// Capacity of the worker's CAS shard in bytes [default: 10 GiB].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cas_capacity_bytes: Option<u64>,
+    /// Listen address of the worker's CAS data stream [default: 127.0.0.1:0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_addr: Option<SocketAddr>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+fn as_map<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(v.iter().map(|(k, v)| (k, v)))
 }
 
 /// Flags shared by every service.
@@ -139,6 +207,16 @@ async fn main() -> anyhow::Result<()> {
             let config: ShardConfig = load(&args.common, &args)?;
             let _telemetry = telemetry("cas-shard", &config.telemetry)?;
             motorpool_cas_shard::run(config, shutdown_on_signals()).await
+        }
+        Command::Scheduler(args) => {
+            let config: SchedulerConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("scheduler", &config.telemetry)?;
+            motorpool_scheduler::run(config, shutdown_on_signals()).await
+        }
+        Command::Worker(args) => {
+            let config: WorkerConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("worker", &config.telemetry)?;
+            motorpool_worker::run(config, shutdown_on_signals()).await
         }
     }
 }

@@ -1,8 +1,9 @@
 //! `motorpool up`: the whole stack on one machine, as child processes under a small supervisor.
 //!
-//! Children: one `nats-server` (JetStream, store under the data dir), N CAS shards, one gateway.
-//! A child that exits unexpectedly is restarted after a short back-off. Ctrl-C (or SIGTERM) stops
-//! the gateway first, then the shards, then NATS, each with SIGTERM and a grace period.
+//! Children: one `nats-server` (JetStream, store under the data dir), N CAS shards, the scheduler,
+//! M workers (each also a CAS shard), one gateway. A child that exits unexpectedly is restarted
+//! after a short back-off. Ctrl-C (or SIGTERM) stops them in reverse order (gateway, workers,
+//! scheduler, shards), then NATS, each with SIGTERM and a grace period.
 
 use clap::Args;
 use motorpool_bus::{NatsServer, NatsServerOptions};
@@ -25,9 +26,15 @@ pub struct UpArgs {
     /// NATS client port (0 = any free port).
     #[arg(long, default_value_t = 4222)]
     nats_port: u16,
-    /// Number of CAS shards.
+    /// Number of dedicated CAS shards (workers hold CAS shards too).
     #[arg(long, default_value_t = 1)]
     shards: usize,
+    /// Number of workers (separate processes; each runs actions and holds a CAS shard).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Action slots per worker [default: the number of CPUs].
+    #[arg(long)]
+    worker_slots: Option<u32>,
     /// Capacity of each CAS shard in bytes.
     #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024)]
     shard_capacity_bytes: u64,
@@ -48,6 +55,16 @@ struct Supervised {
 }
 
 impl Supervised {
+    fn new(name: &str, args: Vec<String>) -> Supervised {
+        Supervised {
+            name: name.to_string(),
+            args,
+            child: None,
+            restarts: 0,
+            next_start: Instant::now(),
+        }
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let exe = std::env::current_exe()?;
         let child = Command::new(exe)
@@ -71,8 +88,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let nats_url = nats.url();
+    anyhow::ensure!(
+        args.shards + args.workers > 0,
+        "the stack needs a CAS: ask for at least one shard or worker"
+    );
     let mut children = Vec::new();
-    for i in 0..args.shards.max(1) {
+    for i in 0..args.shards {
         children.push(Supervised {
             name: format!("cas-{i}"),
             args: vec![
@@ -90,6 +111,27 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             restarts: 0,
             next_start: Instant::now(),
         });
+    }
+    children.push(Supervised::new(
+        "scheduler",
+        vec!["scheduler".into(), "--nats-url".into(), nats_url.clone()],
+    ));
+    for i in 0..args.workers {
+        let mut a = vec![
+            "worker".to_string(),
+            "--nats-url".into(),
+            nats_url.clone(),
+            "--worker-id".into(),
+            format!("worker-{i}"),
+            "--data-dir".into(),
+            data_dir.join(format!("worker-{i}")).display().to_string(),
+            "--cas-capacity-bytes".into(),
+            args.shard_capacity_bytes.to_string(),
+        ];
+        if let Some(n) = args.worker_slots {
+            a.extend(["--slots".to_string(), n.to_string()]);
+        }
+        children.push(Supervised::new(&format!("worker-{i}"), a));
     }
     children.push(Supervised {
         name: "gateway".into(),
@@ -111,7 +153,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for c in &mut children {
         c.spawn()?;
     }
-    if let Err(e) = wait_ready(args.http_addr, &mut children, Duration::from_secs(60)).await {
+    if let Err(e) = wait_ready(
+        args.http_addr,
+        args.workers,
+        &mut children,
+        Duration::from_secs(60),
+    )
+    .await
+    {
         stop_all(&mut children);
         return Err(e);
     }
@@ -121,7 +170,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         format!(" --remote_instance_name={}", args.instance_name)
     };
     println!(
-        "\nMotorpool is up.\n  NATS     {nats_url}\n  gRPC     grpc://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards)\n  data     {dir}\n\nBuild with the remote cache:\n  bazel build //... --remote_cache=grpc://{grpc}{instance}\n\nPress Ctrl-C to stop.\n",
+        "\nMotorpool is up.\n  NATS     {nats_url}\n  gRPC     grpc://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nBuild with the remote cache:\n  bazel build //... --remote_cache=grpc://{grpc}{instance}\n{exec}\nPress Ctrl-C to stop.\n",
+        workers = args.workers,
+        exec = if args.workers > 0 {
+            format!(
+                "Build and test with remote execution:\n  bazel test //... --remote_executor=grpc://{grpc}{instance}\n",
+                grpc = args.grpc_addr
+            )
+        } else {
+            String::new()
+        },
         grpc = args.grpc_addr,
         http = args.http_addr,
         dir = data_dir.display(),
@@ -143,7 +201,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the gateway first (it is last in the list), then the shards.
+/// Stops the children in reverse start order: gateway, workers, scheduler, shards.
 fn stop_all(children: &mut [Supervised]) {
     for c in children.iter_mut().rev() {
         if let Some(mut child) = c.child.take() {
@@ -183,10 +241,10 @@ fn supervise(children: &mut [Supervised]) {
 /// restarted forever.
 async fn wait_ready(
     http: SocketAddr,
+    workers: usize,
     children: &mut [Supervised],
     limit: Duration,
 ) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let start = Instant::now();
     loop {
         for c in children.iter_mut() {
@@ -200,14 +258,19 @@ async fn wait_ready(
                 );
             }
         }
-        if let Ok(mut s) = tokio::net::TcpStream::connect(http).await {
-            let req = format!("GET /readyz HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
-            if s.write_all(req.as_bytes()).await.is_ok() {
-                let mut buf = Vec::new();
-                let _ = s.read_to_end(&mut buf).await;
-                if buf.starts_with(b"HTTP/1.1 200") {
-                    return Ok(());
-                }
+        if let Some(ready) = http_get(http, "/readyz").await
+            && ready.starts_with("HTTP/1.1 200")
+        {
+            if workers == 0 {
+                return Ok(());
+            }
+            // Every worker is known to the scheduler.
+            if let Some(q) = http_get(http, "/api/v1/queues").await
+                && let Some(body) = q.split("\r\n\r\n").nth(1)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(body)
+                && v["workers"].as_u64() >= Some(workers as u64)
+            {
+                return Ok(());
             }
         }
         anyhow::ensure!(
@@ -216,4 +279,15 @@ async fn wait_ready(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback: the whole response, or `None`.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    String::from_utf8(buf).ok()
 }

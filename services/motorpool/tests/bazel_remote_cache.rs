@@ -2,7 +2,7 @@
 
 mod support;
 
-use support::workspace::{Bazel, Workspace};
+use support::workspace::{Bazel, Workspace, local_reference};
 use support::{Stack, sha256_file};
 
 #[test]
@@ -15,17 +15,7 @@ fn bazel_rebuild_after_clean_is_all_remote_cache_hits_and_byte_identical() {
     let ws = Workspace::generate(dir.path(), 50);
 
     // Reference: a purely local build in its own output root.
-    let local = Bazel::new(&ws, &dir.path().join("root-local"));
-    local.run("build", &["//...".into()]);
-    let reference: Vec<(String, String)> = ws
-        .artifacts()
-        .into_iter()
-        .map(|a| {
-            let h = sha256_file(&local.bazel_bin().join(&a));
-            (a, h)
-        })
-        .collect();
-    local.run("clean", &["--expunge".into()]);
+    let reference = local_reference(&ws, &dir.path().join("root-local"));
 
     let stack = Stack::up(&[]);
     let remote = Bazel::new(&ws, &dir.path().join("root-remote"));

@@ -62,10 +62,12 @@ async fn capabilities_batches_streams_trees_and_isolation() {
             .update_enabled
     );
     assert_eq!(cache.max_batch_total_size_bytes, 4 * 1024 * 1024);
-    assert!(
-        caps.execution_capabilities.is_none(),
-        "no remote execution is claimed"
-    );
+    let exec = caps
+        .execution_capabilities
+        .expect("remote execution is offered");
+    assert!(exec.exec_enabled);
+    assert_eq!(exec.digest_function, 1, "SHA256, as Bazel 4 expects");
+    assert_eq!(exec.digest_functions, vec![1, 9]);
 
     // Batch round trip under both digest functions.
     for (f, code) in [(DigestFunction::Sha256, 1), (DigestFunction::Blake3, 9)] {

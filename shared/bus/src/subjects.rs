@@ -116,6 +116,101 @@ pub mod cas {
     }
 }
 
+/// Remote execution: gateway, scheduler and workers.
+pub mod exec {
+    use super::Subject;
+    use std::time::Duration;
+
+    const DOMAIN: &str = "exec";
+
+    /// `Assign` to one worker.
+    pub fn assign(worker: &str) -> Subject {
+        Subject::build(DOMAIN, "job", "assign", Some(worker))
+    }
+    /// `Cancel` to one worker: stop running that job.
+    pub fn stop(worker: &str) -> Subject {
+        Subject::build(DOMAIN, "job", "stop", Some(worker))
+    }
+    /// `JobDone` from workers to the scheduler (queue group [`SCHEDULER_GROUP`]).
+    pub fn job_done() -> Subject {
+        Subject::build(DOMAIN, "job", "done", None)
+    }
+    /// `Cancel` of an operation, to the scheduler.
+    pub fn cancel() -> Subject {
+        Subject::build(DOMAIN, "operation", "cancel", None)
+    }
+    /// `Admit` (API rate limits) to the scheduler.
+    pub fn admit() -> Subject {
+        Subject::build(DOMAIN, "client", "admit", None)
+    }
+    /// `GetQueueStats` to the scheduler.
+    pub fn queue_stats() -> Subject {
+        Subject::build(DOMAIN, "queue", "stats", None)
+    }
+    /// `WorkerInfo` heartbeats of one worker.
+    pub fn heartbeat(worker: &str) -> Subject {
+        Subject::build(DOMAIN, "worker", "heartbeat", Some(worker))
+    }
+    /// Heartbeats of every worker.
+    pub fn all_heartbeats() -> Subject {
+        Subject::build(DOMAIN, "worker", "heartbeat", Some("*"))
+    }
+    /// Queue group of the scheduler's mailboxes.
+    pub const SCHEDULER_GROUP: &str = "scheduler";
+
+    /// The operation records: a JetStream KV bucket, key = operation id, value = `Operation`.
+    pub const OPERATIONS_BUCKET: &str = "mp_v1_exec_operations";
+
+    /// Operations are kept (latest state only) for a week, then age out.
+    pub fn operations_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: OPERATIONS_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+
+    /// The worker registry: a JetStream KV bucket, key = worker id, value = `WorkerInfo`.
+    pub const WORKERS_BUCKET: &str = "mp_v1_exec_workers";
+
+    pub fn workers_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: WORKERS_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        }
+    }
+}
+
+/// Operations: alerts for people.
+pub mod ops {
+    use super::Subject;
+
+    const DOMAIN: &str = "ops";
+
+    /// An `Alert` of one kind (`retries_exhausted`, ...).
+    pub fn alert(kind: &str) -> Subject {
+        Subject::build(DOMAIN, "alert", "raise", Some(kind))
+    }
+    /// Alerts of every kind.
+    pub fn all_alerts() -> Subject {
+        Subject::build(DOMAIN, "alert", "raise", Some("*"))
+    }
+    /// The stream that keeps alerts for whoever looks later.
+    pub const ALERTS_STREAM: &str = "MP_V1_ALERTS";
+
+    pub fn alerts_stream_config() -> async_nats::jetstream::stream::Config {
+        async_nats::jetstream::stream::Config {
+            name: ALERTS_STREAM.to_string(),
+            subjects: vec![all_alerts().as_str().to_string()],
+            max_age: std::time::Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

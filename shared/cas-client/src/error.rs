@@ -23,6 +23,10 @@ pub enum ApiError {
     Unimplemented(String),
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    Cancelled(String),
+    #[error("{0}")]
+    Aborted(String),
 }
 
 impl From<WireError> for ApiError {
@@ -39,6 +43,8 @@ impl From<WireError> for ApiError {
             ErrorCode::DeadlineExceeded => ApiError::DeadlineExceeded(m),
             ErrorCode::Unimplemented => ApiError::Unimplemented(m),
             ErrorCode::Internal => ApiError::Internal(m),
+            ErrorCode::Cancelled => ApiError::Cancelled(m),
+            ErrorCode::Aborted => ApiError::Aborted(m),
         }
     }
 }
@@ -65,6 +71,8 @@ impl From<ApiError> for Status {
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::Unimplemented(_) => Code::Unimplemented,
             ApiError::Internal(_) => Code::Internal,
+            ApiError::Cancelled(_) => Code::Cancelled,
+            ApiError::Aborted(_) => Code::Aborted,
         };
         Status::new(code, e.to_string())
     }
@@ -81,6 +89,8 @@ impl From<ApiError> for WireError {
             ApiError::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
             ApiError::Unimplemented(_) => ErrorCode::Unimplemented,
             ApiError::Internal(_) => ErrorCode::Internal,
+            ApiError::Cancelled(_) => ErrorCode::Cancelled,
+            ApiError::Aborted(_) => ErrorCode::Aborted,
         };
         WireError::new(code, e.to_string())
     }

@@ -38,6 +38,8 @@ pub struct Shards {
     timeout: Duration,
     liveness: Duration,
     transport: BlobTransport,
+    /// Shards every written blob goes to (the owner and the next ones in placement order).
+    replicas: usize,
 }
 
 /// One shard picked for a call.
@@ -124,6 +126,7 @@ impl Shards {
             timeout,
             liveness,
             transport,
+            replicas: 2,
         };
         let live = shards.live.clone();
         tokio::spawn(async move {
@@ -143,6 +146,13 @@ impl Shards {
             }
         });
         Ok(shards)
+    }
+
+    /// Sets how many shards each written blob goes to (default 2: the owner and one replica, so
+    /// losing one shard loses no blob). Fewer live shards than that means fewer copies.
+    pub fn with_replicas(mut self, replicas: usize) -> Shards {
+        self.replicas = replicas.max(1);
+        self
     }
 
     /// Live shards, sorted by id.
@@ -203,7 +213,7 @@ impl Shards {
     }
 
     /// Largest number of blob bytes per bus message (the server's payload limit, less framing).
-    fn payload_budget(&self) -> usize {
+    pub fn payload_budget(&self) -> usize {
         self.bus
             .max_payload()
             .saturating_sub(64 * 1024)
@@ -304,7 +314,9 @@ impl Shards {
         join_all(futs).await.into_iter().flatten().collect()
     }
 
-    /// Stores small blobs on their owners; one result per blob.
+    /// Stores small blobs on their owner and replicas; one result per blob. A blob is stored
+    /// when any copy is; when every target failed for a transient reason (a shard just died), the
+    /// next shards in placement order are tried.
     pub async fn batch_write(
         &self,
         instance: &str,
@@ -313,14 +325,67 @@ impl Shards {
         let placement = self.require_live()?;
         let n = blobs.len();
         let mut groups: HashMap<String, (ShardRef, Vec<(usize, BlobPut)>)> = HashMap::new();
+        let mut first_rank = 0;
         for (i, b) in blobs.into_iter().enumerate() {
-            let owner = placement.owner(&b.digest).clone();
-            groups
-                .entry(owner.id.clone())
-                .or_insert_with(|| (owner, Vec::new()))
-                .1
-                .push((i, b));
+            let targets = self.targets(&placement, &b.digest);
+            first_rank = targets.len();
+            let last = targets.len() - 1;
+            let mut b = Some(b);
+            for (k, shard) in targets.into_iter().enumerate() {
+                let blob = if k == last {
+                    b.take().expect("moved once")
+                } else {
+                    b.clone().expect("present")
+                };
+                groups
+                    .entry(shard.id.clone())
+                    .or_insert_with(|| (shard, Vec::new()))
+                    .1
+                    .push((i, blob));
+            }
         }
+        let mut stored = vec![false; n];
+        let mut errors: Vec<Option<WireError>> =
+            vec![Some(WireError::new(ErrorCode::Unavailable, "no shard answered")); n];
+        let mut retry = self
+            .write_round(instance, groups, &mut stored, &mut errors)
+            .await;
+        for rank in first_rank..placement.len() {
+            retry.retain(|(i, _)| !stored[*i]);
+            retry.sort_by_key(|(i, _)| *i);
+            retry.dedup_by_key(|(i, _)| *i);
+            if retry.is_empty() {
+                break;
+            }
+            let mut groups: HashMap<String, (ShardRef, Vec<(usize, BlobPut)>)> = HashMap::new();
+            for (i, b) in retry.drain(..) {
+                if let Some(shard) = placement.ranked(&b.digest).into_iter().nth(rank) {
+                    groups
+                        .entry(shard.id.clone())
+                        .or_insert_with(|| (shard, Vec::new()))
+                        .1
+                        .push((i, b));
+                }
+            }
+            retry = self
+                .write_round(instance, groups, &mut stored, &mut errors)
+                .await;
+        }
+        Ok(stored
+            .into_iter()
+            .zip(errors)
+            .map(|(ok, e)| if ok { None } else { e })
+            .collect())
+    }
+
+    /// One round of batch writes; returns the blobs that failed for a transient reason.
+    async fn write_round(
+        &self,
+        instance: &str,
+        groups: HashMap<String, (ShardRef, Vec<(usize, BlobPut)>)>,
+        stored: &mut [bool],
+        errors: &mut [Option<WireError>],
+    ) -> Vec<(usize, BlobPut)> {
         let budget = self.payload_budget();
         let mut futs = Vec::new();
         for (shard, items) in groups.into_values() {
@@ -350,15 +415,29 @@ impl Shards {
                 let timeout = self.timeout;
                 futs.push(async move {
                     let res = bus.request_with_timeout(&subject, &req, timeout).await;
-                    (idx, res)
+                    (idx, res, req.blobs)
                 });
             }
         }
-        let mut results = vec![None; n];
-        for (idx, res) in join_all(futs).await {
-            scatter(&mut results, idx, res.map(|r| r.results), Some);
+        let mut retry = Vec::new();
+        for (idx, res, blobs) in join_all(futs).await {
+            let results: Vec<Option<WireError>> = match res {
+                Ok(r) => r.results,
+                Err(e) => vec![Some(wire_of(e)); idx.len()],
+            };
+            for ((i, r), blob) in idx.into_iter().zip(results).zip(blobs) {
+                match r {
+                    None => stored[i] = true,
+                    Some(e) => {
+                        if matches!(e.code, ErrorCode::Unavailable | ErrorCode::DeadlineExceeded) {
+                            retry.push((i, blob));
+                        }
+                        errors[i] = Some(e);
+                    }
+                }
+            }
         }
-        Ok(results)
+        retry
     }
 
     /// Reads small blobs whole, from their owners and then from any other live shard.
@@ -581,14 +660,63 @@ impl Shards {
     where
         S: futures::Stream<Item = Result<WriteData, ApiError>> + Unpin,
     {
-        let shard = self.require_live()?.owner(d).clone();
+        let placement = self.require_live()?;
+        let targets = self.targets(&placement, d);
+        let shard = &targets[0];
+        let size = match self.transport {
+            BlobTransport::Direct => {
+                self.write_direct(shard, instance, d, upload_id, offset, chunks)
+                    .await?
+            }
+            BlobTransport::Nats => {
+                self.write_nats(shard, instance, d, upload_id, offset, chunks)
+                    .await?
+            }
+        };
+        for replica in &targets[1..] {
+            if let Err(error) = self.copy(instance, d, shard, replica).await {
+                metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
+                tracing::warn!(blob = %d, from = %shard.id, to = %replica.id, %error, "Could not replicate a blob");
+            }
+        }
+        Ok(size)
+    }
+
+    /// The shards a blob is written to: the owner first, then its replicas.
+    fn targets(&self, placement: &Placement, d: &BlobDigest) -> Vec<ShardRef> {
+        if self.replicas <= 1 || placement.len() == 1 {
+            return vec![placement.owner(d).clone()];
+        }
+        let mut ranked = placement.ranked(d);
+        ranked.truncate(self.replicas);
+        ranked
+    }
+
+    /// Copies a stored blob from one shard to another (verified again by the receiver).
+    pub async fn copy(
+        &self,
+        instance: &str,
+        d: &BlobDigest,
+        from: &ShardRef,
+        to: &ShardRef,
+    ) -> Result<u64, ApiError> {
+        let reader = match self.transport {
+            BlobTransport::Direct => self.open_read_direct(from, instance, d, 0, 0).await?,
+            BlobTransport::Nats => self.open_read_nats(from, instance, d, 0, 0).await?,
+        };
+        let chunks = Box::pin(futures::stream::unfold(reader, |mut r| async move {
+            let item = r.next_chunk(1 << 20).await?;
+            let finish = r.remaining == 0;
+            Some((item.map(|data| WriteData { data, finish }), r))
+        }));
+        let upload_id = format!("copy-{}", from.id);
         match self.transport {
             BlobTransport::Direct => {
-                self.write_direct(&shard, instance, d, upload_id, offset, chunks)
+                self.write_direct(to, instance, d, &upload_id, 0, chunks)
                     .await
             }
             BlobTransport::Nats => {
-                self.write_nats(&shard, instance, d, upload_id, offset, chunks)
+                self.write_nats(to, instance, d, &upload_id, 0, chunks)
                     .await
             }
         }

@@ -104,6 +104,12 @@ pub struct GatewayConfig {
     /// Instance names clients may use; each is an isolated cache (production, a grey release, a
     /// test environment). Empty (the default) accepts any well-formed instance name.
     pub instance_names: Vec<String>,
+    /// Offer remote execution (Execution and Operations services; a scheduler and workers must
+    /// run). Default `true`.
+    pub execution: bool,
+    /// Shards each written blob is stored on: the owner and `replicas - 1` more in placement
+    /// order, so losing one shard (a worker) loses no blob. Default 2.
+    pub replicas: usize,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -121,6 +127,8 @@ impl Default for GatewayConfig {
             shard_timeout_ms: 5_000,
             blob_transport: BlobTransport::Direct,
             instance_names: Vec::new(),
+            execution: true,
+            replicas: 2,
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -190,6 +198,128 @@ impl ServiceConfig for ShardConfig {
     const ENV_PREFIX: &'static str = "MOTORPOOL_CAS_SHARD_";
 }
 
+/// `motorpool scheduler`: the scheduler actor (queues, lanes, dispatch, retries).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// A worker whose heartbeat is older than this (milliseconds) is lost: its jobs are retried
+    /// elsewhere. Default 5000.
+    pub worker_timeout_ms: u64,
+    /// Attempts an operation gets when the platform fails it (worker lost, exec dir, input fetch,
+    /// upload); after the last one the operation fails and an alert is raised. Default 3.
+    pub max_attempts: u32,
+    /// Aging: a queued job rises one lane for every this many milliseconds it has waited, up to
+    /// the release lane's rank, so no lane starves. Default 10000.
+    pub aging_step_ms: u64,
+    /// How long (milliseconds) a worker has to accept an assignment. Default 2000.
+    pub assign_timeout_ms: u64,
+    /// API-triggered executions per second each API client may start (token bucket rate).
+    /// Default 2.
+    pub api_rate_per_s: f64,
+    /// Token bucket size: executions an API client may start at once after being idle. Default 4.
+    pub api_burst: f64,
+    /// Longest wait (milliseconds) an API-triggered execution may be given in its lane; beyond it
+    /// the request is refused with RESOURCE_EXHAUSTED. Default 60000.
+    pub api_max_wait_ms: u64,
+    /// Optional HTTP address for the scheduler's `/metrics` and `/healthz`. Default: none (the
+    /// gateway's `/metrics` and `/api/v1/queues` show the queue depths anyway).
+    pub http_addr: Option<SocketAddr>,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            worker_timeout_ms: 5000,
+            max_attempts: 3,
+            aging_step_ms: 10_000,
+            assign_timeout_ms: 2000,
+            api_rate_per_s: 2.0,
+            api_burst: 4.0,
+            api_max_wait_ms: 60_000,
+            http_addr: None,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for SchedulerConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_SCHEDULER_";
+}
+
+/// `motorpool worker`: a worker (the execution pipeline) that also holds a CAS shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// Worker id (also its CAS shard's id). Default: stored in `data_dir/shard-id`, created at
+    /// first start from the host name and a random suffix.
+    pub worker_id: Option<String>,
+    /// Directory of the worker's CAS shard (`cas/`), input cache (`cache/`) and exec dirs
+    /// (`exec/`). Default `./motorpool-data/worker-0`.
+    pub data_dir: PathBuf,
+    /// Actions run at once. Default: the number of CPUs.
+    pub slots: Option<u32>,
+    /// Jobs whose inputs are fetched at once. Default 4.
+    pub fetch_concurrency: u32,
+    /// Jobs whose outputs are uploaded at once. Default 4.
+    pub upload_concurrency: u32,
+    /// Platform properties this worker offers (`OSFamily = "linux"`, `cores = "8"`, `gpu = "1"`,
+    /// `pool = "gpu"`, ...). Labels must match a job's exactly; numbers are minimums. A worker
+    /// offering `pool = "gpu"` or `gpu >= 1` serves the GPU queues. Default `OSFamily = "linux"`.
+    pub platform: std::collections::BTreeMap<String, String>,
+    /// Timeout (milliseconds) of an action that sets none. Default 900000 (15 minutes).
+    pub default_timeout_ms: u64,
+    /// Longest timeout (milliseconds) an action may ask for. Default 3600000 (one hour).
+    pub max_timeout_ms: u64,
+    /// Bytes of the worker's CAS shard before LRU eviction. Default 10 GiB.
+    pub cas_capacity_bytes: u64,
+    /// Bytes of the local input cache (hard-link source) before eviction. Default 4 GiB.
+    pub input_cache_bytes: u64,
+    /// Listen address of the CAS shard's data stream. Default `127.0.0.1:0`.
+    pub data_addr: SocketAddr,
+    /// Address other services dial for the data stream. Default: the bound address.
+    pub advertise_addr: Option<String>,
+    /// Heartbeat period in milliseconds. Default 1000.
+    pub heartbeat_ms: u64,
+    /// Optional HTTP address for the worker's `/metrics` and `/healthz`. Default: none.
+    pub http_addr: Option<SocketAddr>,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            worker_id: None,
+            data_dir: PathBuf::from("motorpool-data/worker-0"),
+            slots: None,
+            fetch_concurrency: 4,
+            upload_concurrency: 4,
+            platform: [("OSFamily".to_string(), "linux".to_string())].into(),
+            default_timeout_ms: 900_000,
+            max_timeout_ms: 3_600_000,
+            cas_capacity_bytes: 10 * 1024 * 1024 * 1024,
+            input_cache_bytes: 4 * 1024 * 1024 * 1024,
+            data_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_addr: None,
+            heartbeat_ms: 1000,
+            http_addr: None,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for WorkerConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_WORKER_";
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
 mod tests {
@@ -248,5 +378,11 @@ mod tests {
         let shard: ShardConfig =
             load(Some(&dir.join("cas-shard.toml")), &Flags::default()).unwrap();
         assert!(shard.capacity_bytes > 0);
+        let sched: SchedulerConfig =
+            load(Some(&dir.join("scheduler.toml")), &Flags::default()).unwrap();
+        assert_eq!(sched.max_attempts, 3);
+        let worker: WorkerConfig = load(Some(&dir.join("worker.toml")), &Flags::default()).unwrap();
+        assert_eq!(worker.platform.get("pool").map(String::as_str), Some("gpu"));
+        assert_eq!(worker.slots, Some(16));
     }
 }

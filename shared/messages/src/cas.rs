@@ -209,35 +209,7 @@ impl<R: crate::Message> crate::Message for Result<R, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DigestFunction, Message, decode, encode};
-
-    #[test]
-    fn kinds_are_unique() {
-        let kinds = [
-            ShardInfo::KIND,
-            FindMissing::KIND,
-            FindMissingReply::KIND,
-            BatchWrite::KIND,
-            BatchWriteReply::KIND,
-            BatchRead::KIND,
-            BatchReadReply::KIND,
-            ReadChunk::KIND,
-            ChunkData::KIND,
-            WriteChunk::KIND,
-            QueryWrite::KIND,
-            WriteStatus::KIND,
-            AcGet::KIND,
-            AcEntry::KIND,
-            AcPut::KIND,
-            AcDelete::KIND,
-            DataRequest::KIND,
-            DataReply::KIND,
-        ];
-        let mut sorted = kinds.to_vec();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted.len(), kinds.len());
-    }
+    use crate::{DigestFunction, decode, encode};
 
     #[test]
     fn replies_round_trip_with_errors() {

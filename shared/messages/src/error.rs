@@ -16,6 +16,8 @@ pub enum ErrorCode {
     DeadlineExceeded,
     Internal,
     Unimplemented,
+    Cancelled,
+    Aborted,
 }
 
 /// An error carried in a reply.

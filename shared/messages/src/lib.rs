@@ -6,6 +6,8 @@
 //! - [`digest`]: content digests (SHA-256 and BLAKE3) and a streaming hasher for either.
 //! - [`cas`]: messages between the gateway and CAS shards: registration/heartbeat, blob batches,
 //!   action-cache entries, and the framing of the direct shard data stream.
+//! - [`exec`]: remote execution: the operation record, lanes and pools, worker registration,
+//!   the scheduler ⇄ worker conversation, alerts.
 //! - [`error`]: the error a remote handler answers with; its code mirrors gRPC status codes.
 //!
 //! A message type states its subject's kind id and schema version through [`Message`]. A newer
@@ -16,6 +18,7 @@ pub mod cas;
 pub mod codec;
 pub mod digest;
 pub mod error;
+pub mod exec;
 
 pub use codec::{CodecError, Message, Request, decode, encode};
 pub use digest::{BlobDigest, DigestFunction, Hasher};
@@ -27,4 +30,54 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Message;
+    use crate::{cas::*, exec::*};
+
+    #[test]
+    fn kinds_are_unique_across_the_workspace() {
+        let kinds = [
+            ShardInfo::KIND,
+            FindMissing::KIND,
+            FindMissingReply::KIND,
+            BatchWrite::KIND,
+            BatchWriteReply::KIND,
+            BatchRead::KIND,
+            BatchReadReply::KIND,
+            ReadChunk::KIND,
+            ChunkData::KIND,
+            WriteChunk::KIND,
+            QueryWrite::KIND,
+            WriteStatus::KIND,
+            AcGet::KIND,
+            AcEntry::KIND,
+            AcPut::KIND,
+            AcDelete::KIND,
+            DataRequest::KIND,
+            DataReply::KIND,
+            Operation::KIND,
+            WorkerInfo::KIND,
+            Assign::KIND,
+            AssignReply::KIND,
+            JobDone::KIND,
+            Ack::KIND,
+            Cancel::KIND,
+            Alert::KIND,
+            QueueStats::KIND,
+            GetQueueStats::KIND,
+            Admit::KIND,
+            Admission::KIND,
+        ];
+        let mut sorted = kinds.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            kinds.len(),
+            "two message types share a kind id"
+        );
+    }
 }

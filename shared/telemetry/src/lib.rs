@@ -120,3 +120,24 @@ pub async fn metrics_handler() -> actix_web::HttpResponse {
         .content_type("text/plain; version=0.0.4")
         .body(prometheus().render())
 }
+
+/// Serves `/metrics` and `/healthz` on `addr` for a service without an HTTP API of its own.
+pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<actix_web::dev::ServerHandle> {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    let server = HttpServer::new(|| {
+        App::new()
+            .route("/metrics", web::get().to(metrics_handler))
+            .route(
+                "/healthz",
+                web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
+            )
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)
+    .map_err(|e| anyhow::anyhow!("bind HTTP on {addr}: {e}"))?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    Ok(handle)
+}

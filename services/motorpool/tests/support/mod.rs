@@ -1,6 +1,7 @@
 //! Test support: the real stack as `motorpool up` runs it, gRPC clients, and blob helpers.
 #![allow(dead_code)]
 
+pub mod exec;
 pub mod workspace;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
@@ -35,9 +36,18 @@ impl Stack {
         Self::up_in(tempfile::tempdir().unwrap(), extra)
     }
 
+    /// [`Stack::up`] with environment variables for every service (`MOTORPOOL_SCHEDULER_...`).
+    pub fn up_with_env(extra: &[&str], env: &[(&str, &str)]) -> Stack {
+        Self::start(tempfile::tempdir().unwrap(), extra, env)
+    }
+
     /// Starts the stack in `dir`. Free ports are only free when asked; if another process takes
     /// one first, `motorpool up` exits during start-up and this tries again on new ports.
-    pub fn up_in(mut dir: tempfile::TempDir, extra: &[&str]) -> Stack {
+    pub fn up_in(dir: tempfile::TempDir, extra: &[&str]) -> Stack {
+        Self::start(dir, extra, &[])
+    }
+
+    fn start(mut dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Stack {
         let mut failures = String::new();
         for _ in 0..3 {
             let grpc = free_addr();
@@ -55,6 +65,7 @@ impl Stack {
                 .arg(http.to_string())
                 .args(extra)
                 .env("RUST_LOG", "warn")
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -137,6 +148,53 @@ impl Stack {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
+    }
+
+    /// The NATS URL `motorpool up` printed.
+    pub fn nats_url(&self) -> String {
+        self.log()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("NATS").map(|u| u.trim().to_string()))
+            .expect("motorpool up prints the NATS URL")
+    }
+
+    /// Pid of the stack's child process whose command line contains every one of `words`.
+    pub fn child_pid(&self, words: &[&str]) -> Option<u32> {
+        let up = self.child.as_ref()?.id();
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Field 4 (after the parenthesised name) is the parent pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid != Some(up) {
+                continue;
+            }
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if words.iter().all(|w| cmd.split(' ').any(|a| a == *w)) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    /// SIGKILLs the child matching `words`; `motorpool up` restarts it.
+    pub fn kill9(&self, words: &[&str]) -> u32 {
+        let pid = self
+            .child_pid(words)
+            .unwrap_or_else(|| panic!("no child process {words:?}"));
+        let ok = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -9 {pid}");
+        pid
     }
 
     pub fn log(&self) -> String {

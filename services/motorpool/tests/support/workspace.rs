@@ -224,3 +224,20 @@ impl Bazel {
         self.workspace.join("bazel-bin")
     }
 }
+
+/// Builds `ws` locally in its own output root and returns `(artifact, sha256)` of every
+/// artifact: the reference remote builds must match byte for byte.
+pub fn local_reference(ws: &Workspace, output_user_root: &Path) -> Vec<(String, String)> {
+    let local = Bazel::new(ws, output_user_root);
+    local.run("build", &["//...".into()]);
+    let reference = ws
+        .artifacts()
+        .into_iter()
+        .map(|a| {
+            let h = super::sha256_file(&local.bazel_bin().join(&a));
+            (a, h)
+        })
+        .collect();
+    local.run("clean", &["--expunge".into()]);
+    reference
+}

@@ -1,0 +1,82 @@
+//! The real Bazel 4.2.3 builds and tests through `motorpool up --workers 2` as its remote executor.
+
+mod support;
+
+use support::workspace::{Bazel, Workspace, local_reference};
+use support::{Stack, sha256_file};
+
+#[test]
+fn bazel_remote_execution_matches_local_and_rebuilds_from_cache() {
+    assert!(
+        support::which("bazel").is_some(),
+        "bazel is required (apt-get install bazel-bootstrap bazel-platforms); .ci/run installs it"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ws = Workspace::generate(dir.path(), 50);
+
+    // Reference: a purely local build in its own output root.
+    let reference = local_reference(&ws, &dir.path().join("root-local"));
+
+    // No dedicated shard: the workers hold the whole CAS.
+    let stack = Stack::up(&["--workers", "2", "--shards", "0"]);
+    let remote = Bazel::new(&ws, &dir.path().join("root-remote"));
+    let flags = vec![
+        "//...".to_string(),
+        format!("--remote_executor=grpc://{}", stack.grpc),
+        "--remote_instance_name=ci".to_string(),
+        "--spawn_strategy=remote".to_string(),
+        "--jobs=8".to_string(),
+    ];
+    let cold = remote.run("test", &flags);
+    let (total, hits, internal) = cold.process_summary();
+    let err = cold.stderr();
+    assert_eq!(hits, 0, "a cold cache has no hits: {err}");
+    let remote_count = remote_processes(&err);
+    assert_eq!(
+        remote_count,
+        total - internal,
+        "every action must run remotely:\n{err}"
+    );
+    assert!(
+        remote_count >= 250,
+        "builds and tests ran remotely: {remote_count}"
+    );
+    let out = String::from_utf8_lossy(&cold.output.stdout);
+    assert!(
+        out.contains("Executed 50 out of 50 tests: 50 tests pass"),
+        "all tests pass remotely:\n{out}"
+    );
+    for (artifact, expected) in &reference {
+        assert_eq!(
+            &sha256_file(&remote.bazel_bin().join(artifact)),
+            expected,
+            "{artifact} built remotely differs from the local build"
+        );
+    }
+
+    remote.run("clean", &["--expunge".into()]);
+    let warm = remote.run("test", &flags);
+    let (total, hits, internal) = warm.process_summary();
+    assert_eq!(
+        hits,
+        total - internal,
+        "after clean --expunge everything is a remote cache hit:\n{}",
+        warm.stderr()
+    );
+    remote.run("clean", &["--expunge".into()]);
+}
+
+/// The count of "N remote" in Bazel's process summary.
+fn remote_processes(stderr: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains(" processes:") || l.contains(" process:"))
+        .unwrap_or("");
+    line.split([':', ',', '.'])
+        .map(str::trim)
+        .find(|p| p.ends_with(" remote"))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,838 @@
+//! The scheduler actor: lane queues, dispatch to workers, in-flight deduplication, retries with
+//! alerts, and rate limits for API clients.
+//!
+//! Layout:
+//! - [`queue`]: the lane queues and the pick rule (priority with bounded aging).
+//! - [`limits`]: per-client token buckets for API-triggered executions.
+//! - this file: the actor. One task owns all state and handles one [`Event`] at a time; the
+//!   mailboxes (NATS subjects), the operation watch and the worker heartbeats only turn messages
+//!   into events.
+//!
+//! **Durability.** The operation records in the JetStream KV bucket are the queue: the gateway
+//! creates a record (`Queued`); the scheduler learns of it through a watch, and moves it with
+//! compare-and-set updates (`Executing` on a worker, `Completed`). A scheduler that restarts
+//! replays the bucket and rebuilds its queues; jobs running on live workers keep running and
+//! report to whichever scheduler is up (workers resend `JobDone` until it is acknowledged). An
+//! assignment is recorded before it is sent, and a worker lists the jobs it holds in every
+//! heartbeat, so a job is never run twice: a job recorded on a worker that does not hold it is
+//! requeued only after that worker's heartbeat proves it.
+
+pub mod limits;
+pub mod queue;
+
+use anyhow::Context;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use limits::TokenBuckets;
+use motorpool_bus::{Bus, MailboxOptions, serve, subjects};
+use motorpool_config::SchedulerConfig;
+use motorpool_messages::exec::*;
+use motorpool_messages::{BlobDigest, ErrorCode, WireError, codec, now_ms};
+use queue::{Entry, LaneQueues};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+type Reply<T> = oneshot::Sender<Result<T, WireError>>;
+
+/// Everything the scheduler reacts to.
+enum Event {
+    /// A record changed in the operations bucket (ours or anyone's).
+    Op {
+        op: Operation,
+        revision: u64,
+    },
+    Heartbeat(WorkerInfo),
+    Done(JobDone, Reply<Ack>),
+    Cancel(String, Reply<Ack>),
+    Admit(String, Reply<Admission>),
+    Stats(Reply<QueueStats>),
+    /// A worker refused an assignment, or could not be asked.
+    AssignFailed {
+        id: String,
+        worker: String,
+        attempt: u32,
+        reason: String,
+    },
+}
+
+/// An operation the scheduler is responsible for (not completed).
+struct Tracked {
+    op: Operation,
+    revision: u64,
+}
+
+/// A job on a worker.
+struct Execution {
+    worker: String,
+    attempt: u32,
+    since_ms: u64,
+}
+
+struct WorkerSeen {
+    info: WorkerInfo,
+    seen: Instant,
+}
+
+struct Actor {
+    bus: Bus,
+    kv: kv::Store,
+    config: SchedulerConfig,
+    ops: HashMap<String, Tracked>,
+    queues: LaneQueues,
+    /// (instance, action) -> the operation that runs it; identical ones follow it.
+    primaries: HashMap<(String, BlobDigest), String>,
+    followers: HashMap<String, Vec<String>>,
+    executions: HashMap<String, Execution>,
+    workers: HashMap<String, WorkerSeen>,
+    buckets: TokenBuckets,
+    events: mpsc::Sender<Event>,
+    started: Instant,
+}
+
+/// A started scheduler.
+pub struct Started {
+    task: JoinHandle<()>,
+}
+
+impl Started {
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Connects, sets up the buckets and mailboxes, and runs until `shutdown` fires.
+pub async fn start(
+    config: SchedulerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Started> {
+    let bus = Bus::connect(&config.nats_url, "scheduler", Duration::from_secs(10)).await?;
+    let kv = bus
+        .ensure_kv(subjects::exec::operations_config())
+        .await
+        .context("operations bucket")?;
+    bus.ensure_kv(subjects::exec::workers_config()).await?;
+    bus.ensure_stream(subjects::ops::alerts_stream_config())
+        .await
+        .context("alerts stream")?;
+    let (tx, rx) = mpsc::channel(4096);
+    let group = || MailboxOptions {
+        queue_group: Some(subjects::exec::SCHEDULER_GROUP.into()),
+        concurrency: 256,
+    };
+    let mut mailboxes = Vec::new();
+    macro_rules! mailbox {
+        ($subject:expr, $req:ty, $make:expr) => {{
+            let tx = tx.clone();
+            mailboxes.push(
+                serve(
+                    &bus,
+                    $subject,
+                    group(),
+                    shutdown.clone(),
+                    move |req: $req| {
+                        let tx = tx.clone();
+                        async move {
+                            let (reply, rx) = oneshot::channel();
+                            #[allow(clippy::redundant_closure_call)]
+                            let event = ($make)(req, reply);
+                            tx.send(event).await.map_err(|_| {
+                                WireError::new(ErrorCode::Unavailable, "scheduler is stopping")
+                            })?;
+                            rx.await.map_err(|_| {
+                                WireError::new(ErrorCode::Unavailable, "scheduler is stopping")
+                            })?
+                        }
+                    },
+                )
+                .await?,
+            );
+        }};
+    }
+    mailbox!(subjects::exec::job_done(), JobDone, Event::Done);
+    mailbox!(subjects::exec::cancel(), Cancel, |r: Cancel, reply| {
+        Event::Cancel(r.operation_id, reply)
+    });
+    mailbox!(subjects::exec::admit(), Admit, |r: Admit, reply| {
+        Event::Admit(r.client, reply)
+    });
+    mailbox!(subjects::exec::queue_stats(), GetQueueStats, |_, reply| {
+        Event::Stats(reply)
+    });
+
+    // Heartbeats.
+    let mut beats = bus
+        .subscribe::<WorkerInfo>(&subjects::exec::all_heartbeats())
+        .await?;
+    let btx = tx.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                b = beats.next() => match b {
+                    Some(info) => { if btx.send(Event::Heartbeat(info)).await.is_err() { break } }
+                    None => break,
+                }
+            }
+        }
+    });
+
+    // The operations watch: the whole bucket first, then every change.
+    let wkv = kv.clone();
+    let wtx = tx.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            match wkv.watch_with_history(">").await {
+                Ok(mut watch) => loop {
+                    let entry = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        e = watch.next() => e,
+                    };
+                    let Some(Ok(entry)) = entry else { break };
+                    if entry.operation != kv::Operation::Put {
+                        continue;
+                    }
+                    match codec::decode::<Operation>(&entry.value) {
+                        Ok(op) => {
+                            let ev = Event::Op {
+                                op,
+                                revision: entry.revision,
+                            };
+                            if wtx.send(ev).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(key = %entry.key, %error, "Skipped an unreadable operation record")
+                        }
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot watch the operations bucket; retrying")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+
+    let actor = Actor {
+        bus,
+        kv,
+        buckets: TokenBuckets::new(config.api_rate_per_s, config.api_burst),
+        queues: LaneQueues::new(config.aging_step_ms),
+        config,
+        ops: HashMap::new(),
+        primaries: HashMap::new(),
+        followers: HashMap::new(),
+        executions: HashMap::new(),
+        workers: HashMap::new(),
+        events: tx,
+        started: Instant::now(),
+    };
+    let task = tokio::spawn(actor.run(rx, shutdown));
+    tracing::info!("Scheduler is running");
+    Ok(Started { task })
+}
+
+/// Runs a scheduler until `shutdown` fires (the `motorpool scheduler` command).
+pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let http = config
+        .http_addr
+        .map(motorpool_telemetry::serve_metrics)
+        .transpose()?;
+    let started = start(config, shutdown.clone()).await?;
+    started.join().await;
+    if let Some(h) = http {
+        h.stop(true).await;
+    }
+    Ok(())
+}
+
+fn dedup_key(op: &Operation) -> Option<(String, BlobDigest)> {
+    (!op.do_not_cache).then(|| (op.instance.clone(), op.action))
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => self.tick().await,
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.handle(ev).await,
+                    None => break,
+                }
+            }
+            // Drain what else arrived before dispatching once.
+            while let Ok(ev) = rx.try_recv() {
+                self.handle(ev).await;
+            }
+            self.dispatch().await;
+        }
+        tracing::info!("Scheduler stopped");
+    }
+
+    async fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Op { op, revision } => self.on_op(op, revision).await,
+            Event::Heartbeat(info) => self.on_heartbeat(info).await,
+            Event::Done(done, reply) => {
+                let r = self.on_done(done).await;
+                let _ = reply.send(r);
+            }
+            Event::Cancel(id, reply) => {
+                let r = self.on_cancel(&id).await;
+                let _ = reply.send(r);
+            }
+            Event::Admit(client, reply) => {
+                let r = self
+                    .buckets
+                    .admit(&client, now_ms(), self.config.api_max_wait_ms)
+                    .map(|not_before_ms| Admission { not_before_ms });
+                if r.is_err() {
+                    metrics::counter!("motorpool_scheduler_rate_limited_total").increment(1);
+                }
+                let _ = reply.send(r);
+            }
+            Event::Stats(reply) => {
+                let _ = reply.send(Ok(self.stats()));
+            }
+            Event::AssignFailed {
+                id,
+                worker,
+                attempt,
+                reason,
+            } => {
+                let current = self
+                    .executions
+                    .get(&id)
+                    .is_some_and(|e| e.worker == worker && e.attempt == attempt);
+                if current {
+                    tracing::info!(op = %id, %worker, %reason, "Assignment refused; requeueing");
+                    self.executions.remove(&id);
+                    // Not the job's fault: give the attempt back.
+                    self.requeue(&id, None, true).await;
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> QueueStats {
+        let mut depth = Vec::new();
+        for pool in Pool::ALL {
+            for lane in Lane::ALL {
+                depth.push((pool, lane, self.queues.depth(pool, lane) as u64));
+            }
+        }
+        let free: u64 = self
+            .workers
+            .values()
+            .map(|w| self.free_slots(&w.info) as u64)
+            .sum();
+        QueueStats {
+            depth,
+            executing: self.executions.len() as u64,
+            workers: self.workers.len() as u64,
+            free_slots: free,
+        }
+    }
+
+    fn free_slots(&self, w: &WorkerInfo) -> u32 {
+        if w.draining {
+            return 0;
+        }
+        let busy = self
+            .executions
+            .values()
+            .filter(|e| e.worker == w.worker_id)
+            .count() as u32;
+        w.slots.saturating_sub(busy)
+    }
+
+    /// A record changed in the bucket.
+    async fn on_op(&mut self, op: Operation, revision: u64) {
+        if let Some(t) = self.ops.get(&op.id)
+            && t.revision >= revision
+        {
+            return; // our own write, or older news
+        }
+        let id = op.id.clone();
+        match &op.state {
+            OpState::Completed(_) => {
+                // Completed elsewhere (another scheduler): forget it.
+                if let Some(t) = self.ops.remove(&id) {
+                    self.queues.remove(t.op.pool, t.op.lane, &id);
+                }
+            }
+            OpState::Executing { worker, since_ms } => {
+                if !self.executions.contains_key(&id) {
+                    self.executions.insert(
+                        id.clone(),
+                        Execution {
+                            worker: worker.clone(),
+                            attempt: op.attempts,
+                            since_ms: *since_ms,
+                        },
+                    );
+                    if let Some(k) = dedup_key(&op) {
+                        self.primaries.entry(k).or_insert_with(|| id.clone());
+                    }
+                }
+                self.ops.insert(id, Tracked { op, revision });
+            }
+            OpState::Queued { follows } => {
+                let known = self.ops.contains_key(&id);
+                let follows = follows.clone();
+                let key = dedup_key(&op);
+                self.ops.insert(id.clone(), Tracked { op, revision });
+                if known {
+                    return;
+                }
+                // Follow an identical operation that is queued or running.
+                let primary = key.as_ref().and_then(|k| self.primaries.get(k)).cloned();
+                if let Some(p) = primary.filter(|p| p != &id) {
+                    self.followers
+                        .entry(p.clone())
+                        .or_default()
+                        .push(id.clone());
+                    metrics::counter!("motorpool_scheduler_deduplicated_total").increment(1);
+                    if follows.as_deref() != Some(p.as_str()) {
+                        let p2 = p.clone();
+                        self.write(&id, |op| {
+                            op.state = OpState::Queued { follows: Some(p2) };
+                        })
+                        .await;
+                    }
+                    return;
+                }
+                if let Some(k) = key {
+                    self.primaries.insert(k, id.clone());
+                }
+                self.enqueue(&id);
+            }
+        }
+    }
+
+    fn enqueue(&mut self, id: &str) {
+        if let Some(t) = self.ops.get(id) {
+            self.queues.push(
+                t.op.pool,
+                t.op.lane,
+                Entry {
+                    id: id.to_string(),
+                    since_ms: t.op.queued_ms,
+                    not_before_ms: t.op.not_before_ms,
+                },
+            );
+        }
+    }
+
+    /// Applies `change` to a tracked operation and stores it (compare-and-set). False when the
+    /// record moved under us (its new state arrives through the watch).
+    async fn write(&mut self, id: &str, change: impl FnOnce(&mut Operation)) -> bool {
+        let Some(t) = self.ops.get_mut(id) else {
+            return false;
+        };
+        let mut op = t.op.clone();
+        change(&mut op);
+        let frame = match codec::encode(&op) {
+            Ok(f) => f,
+            Err(error) => {
+                tracing::error!(%error, "Cannot encode an operation");
+                return false;
+            }
+        };
+        match self.kv.update(id, Bytes::from(frame), t.revision).await {
+            Ok(revision) => {
+                if op.is_done() {
+                    self.ops.remove(id);
+                } else {
+                    t.op = op;
+                    t.revision = revision;
+                }
+                true
+            }
+            Err(error) => {
+                tracing::warn!(op = %id, %error, "Operation record changed under the scheduler");
+                // Re-read it: the watch brings the new state too, but do not act on a stale one.
+                if let Ok(Some(e)) = self.kv.entry(id).await
+                    && let Ok(fresh) = codec::decode::<Operation>(&e.value)
+                {
+                    if fresh.is_done() {
+                        self.ops.remove(id);
+                    } else if let Some(t) = self.ops.get_mut(id) {
+                        t.op = fresh;
+                        t.revision = e.revision;
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Completes an operation and every operation that follows it.
+    async fn complete(&mut self, id: &str, outcome: Outcome) {
+        if let Some(t) = self.ops.get(id) {
+            self.queues.remove(t.op.pool, t.op.lane, id);
+            let status = match &outcome.error {
+                None => "ok",
+                Some(e) if e.code == ErrorCode::Cancelled => "cancelled",
+                Some(_) => "error",
+            };
+            metrics::counter!("motorpool_scheduler_completed_total", "status" => status)
+                .increment(1);
+            let o = outcome.clone();
+            self.write(id, move |op| op.state = OpState::Completed(o))
+                .await;
+        }
+        self.release_primary(id);
+        for f in self.followers.remove(id).unwrap_or_default() {
+            let mut o = outcome.clone();
+            o.message = format!("shared the execution of operation {id}. {}", o.message);
+            Box::pin(self.complete(&f, o)).await;
+        }
+    }
+
+    fn release_primary(&mut self, id: &str) {
+        self.primaries.retain(|_, p| p != id);
+    }
+
+    /// Back into the queue; `attempt_back` when the attempt did not really happen.
+    async fn requeue(&mut self, id: &str, failure: Option<String>, attempt_back: bool) {
+        let ok = self
+            .write(id, |op| {
+                if attempt_back {
+                    op.attempts = op.attempts.saturating_sub(1);
+                }
+                if let Some(f) = failure {
+                    op.failures.push(f);
+                }
+                op.state = OpState::Queued { follows: None };
+            })
+            .await;
+        if ok {
+            self.enqueue(id);
+        }
+    }
+
+    /// The platform failed an attempt: retry, or give up with an alert.
+    async fn infrastructure_failure(&mut self, id: &str, reason: String) {
+        self.executions.remove(id);
+        let Some(t) = self.ops.get(id) else {
+            // Cancelled while running: nothing to retry for it; its followers still wait.
+            if let Some(next) = self.promote_follower(id).await {
+                tracing::info!(op = %next, "Retrying for the operations that shared a cancelled one");
+            }
+            return;
+        };
+        let attempts = t.op.attempts;
+        metrics::counter!("motorpool_scheduler_infrastructure_failures_total").increment(1);
+        if attempts >= self.config.max_attempts {
+            let mut failures = t.op.failures.clone();
+            failures.push(reason);
+            let message = format!(
+                "operation {id} failed on all {attempts} attempts for infrastructure reasons: {}",
+                failures.join("; ")
+            );
+            self.alert("retries_exhausted", id, &message).await;
+            let outcome = Outcome {
+                error: Some(WireError::new(ErrorCode::Unavailable, message.clone())),
+                result: None,
+                cached: false,
+                message,
+            };
+            self.complete(id, outcome).await;
+        } else {
+            tracing::warn!(op = %id, attempt = attempts, %reason, "Retrying after an infrastructure failure");
+            metrics::counter!("motorpool_scheduler_retries_total").increment(1);
+            self.requeue(id, Some(reason), false).await;
+        }
+    }
+
+    async fn alert(&self, kind: &str, subject_id: &str, message: &str) {
+        tracing::error!(alert = kind, id = subject_id, "{message}");
+        metrics::counter!("motorpool_alerts_total", "kind" => kind.to_string()).increment(1);
+        let alert = Alert {
+            kind: kind.into(),
+            source: "scheduler".into(),
+            subject_id: subject_id.into(),
+            message: message.into(),
+            at_ms: now_ms(),
+        };
+        if let Err(error) = self.bus.publish(&subjects::ops::alert(kind), &alert).await {
+            tracing::error!(%error, "Cannot publish an alert");
+        }
+    }
+
+    async fn on_done(&mut self, done: JobDone) -> Result<Ack, WireError> {
+        let current = self
+            .executions
+            .get(&done.operation_id)
+            .is_some_and(|e| e.worker == done.worker && e.attempt == done.attempt);
+        if !current {
+            // A late report of an attempt that was given up on: nothing to do.
+            tracing::debug!(op = %done.operation_id, worker = %done.worker, "Stale job report");
+            return Ok(Ack);
+        }
+        let id = done.operation_id;
+        match done.result {
+            JobResult::Finished(outcome) => {
+                self.executions.remove(&id);
+                self.complete(&id, outcome).await;
+            }
+            JobResult::Infrastructure(reason) => {
+                let reason = format!("on worker {}: {reason}", done.worker);
+                self.infrastructure_failure(&id, reason).await;
+            }
+        }
+        Ok(Ack)
+    }
+
+    /// The first follower of `id` becomes the one that runs; the others follow it.
+    async fn promote_follower(&mut self, id: &str) -> Option<String> {
+        self.release_primary(id);
+        let mut rest = self.followers.remove(id).unwrap_or_default();
+        if rest.is_empty() {
+            return None;
+        }
+        let next = rest.remove(0);
+        let key = self.ops.get(&next).and_then(|t| dedup_key(&t.op));
+        if let Some(k) = key {
+            self.primaries.insert(k, next.clone());
+        }
+        if !rest.is_empty() {
+            self.followers.insert(next.clone(), rest);
+        }
+        if self
+            .write(&next, |op| op.state = OpState::Queued { follows: None })
+            .await
+        {
+            self.enqueue(&next);
+        }
+        Some(next)
+    }
+
+    async fn on_cancel(&mut self, id: &str) -> Result<Ack, WireError> {
+        let Some(t) = self.ops.get(id) else {
+            return match self.kv.entry(id).await {
+                Ok(Some(_)) => Ok(Ack), // already completed
+                Ok(None) => Err(WireError::not_found(format!("no operation {id}"))),
+                Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
+            };
+        };
+        let cancelled = Outcome {
+            error: Some(WireError::new(
+                ErrorCode::Cancelled,
+                format!("operation {id} was cancelled"),
+            )),
+            result: None,
+            cached: false,
+            message: "cancelled".into(),
+        };
+        match t.op.state.clone() {
+            OpState::Queued { follows: Some(p) } => {
+                if let Some(f) = self.followers.get_mut(&p) {
+                    f.retain(|x| x != id);
+                }
+            }
+            OpState::Queued { follows: None } => {
+                self.queues.remove(t.op.pool, t.op.lane, id);
+                self.promote_follower(id).await;
+            }
+            OpState::Executing { worker, .. } => {
+                if self.followers.get(id).is_none_or(Vec::is_empty) {
+                    // Nobody else waits for it: stop it. The slot frees when the worker reports.
+                    let _ = self
+                        .bus
+                        .publish(
+                            &subjects::exec::stop(&worker),
+                            &Cancel {
+                                operation_id: id.to_string(),
+                            },
+                        )
+                        .await;
+                }
+            }
+            OpState::Completed(_) => {}
+        }
+        // Write the cancelled state for this operation alone; followers keep their execution.
+        let followers = self.followers.remove(id);
+        if let Some(t) = self.ops.get(id) {
+            self.queues.remove(t.op.pool, t.op.lane, id);
+        }
+        let o = cancelled;
+        self.write(id, move |op| op.state = OpState::Completed(o))
+            .await;
+        if let Some(f) = followers {
+            self.followers.insert(id.to_string(), f);
+        }
+        Ok(Ack)
+    }
+
+    async fn on_heartbeat(&mut self, info: WorkerInfo) {
+        let id = info.worker_id.clone();
+        // Jobs recorded on this worker that it does not hold, although it had time to show them.
+        let grace = self.config.assign_timeout_ms + 1000;
+        let lost: Vec<String> = self
+            .executions
+            .iter()
+            .filter(|(op, e)| {
+                e.worker == id
+                    && info.heartbeat_at_ms > e.since_ms + grace
+                    && !info
+                        .running
+                        .iter()
+                        .any(|(r, a)| r == *op && *a == e.attempt)
+            })
+            .map(|(op, _)| op.clone())
+            .collect();
+        let fresh = !self.workers.contains_key(&id);
+        self.workers.insert(
+            id.clone(),
+            WorkerSeen {
+                info,
+                seen: Instant::now(),
+            },
+        );
+        if fresh {
+            tracing::info!(worker = %id, "Worker joined");
+        }
+        for op in lost {
+            self.infrastructure_failure(&op, format!("worker {id} does not hold the job"))
+                .await;
+        }
+    }
+
+    async fn tick(&mut self) {
+        let timeout = Duration::from_millis(self.config.worker_timeout_ms);
+        let gone: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.seen.elapsed() > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for w in &gone {
+            self.workers.remove(w);
+            self.alert(
+                "worker_lost",
+                w,
+                &format!("worker {w} sent no heartbeat for {timeout:?}"),
+            )
+            .await;
+        }
+        // Jobs on lost workers, and (after a start-up grace) on workers never heard of.
+        let settled = self.started.elapsed() > timeout;
+        let orphaned: Vec<(String, String)> = self
+            .executions
+            .iter()
+            .filter(|(_, e)| {
+                gone.contains(&e.worker) || (settled && !self.workers.contains_key(&e.worker))
+            })
+            .map(|(op, e)| (op.clone(), e.worker.clone()))
+            .collect();
+        for (op, worker) in orphaned {
+            self.infrastructure_failure(&op, format!("worker {worker} was lost"))
+                .await;
+        }
+        for pool in Pool::ALL {
+            for lane in Lane::ALL {
+                metrics::gauge!("motorpool_scheduler_queue_depth", "pool" => pool.name(), "lane" => lane.name())
+                    .set(self.queues.depth(pool, lane) as f64);
+            }
+        }
+        metrics::gauge!("motorpool_scheduler_executing").set(self.executions.len() as f64);
+        self.buckets.prune(now_ms());
+        metrics::gauge!("motorpool_scheduler_workers").set(self.workers.len() as f64);
+    }
+
+    /// Fills free worker slots from the queues.
+    async fn dispatch(&mut self) {
+        if self.queues.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let mut workers: Vec<WorkerInfo> = self.workers.values().map(|w| w.info.clone()).collect();
+        // Emptiest workers first, so load spreads.
+        workers.sort_by_key(|w| std::cmp::Reverse(self.free_slots(w)));
+        for w in workers {
+            let mut free = self.free_slots(&w);
+            while free > 0 {
+                let ops = &self.ops;
+                let Some(entry) = self.queues.pick(w.pool, now, |id| {
+                    ops.get(id)
+                        .is_some_and(|t| platform_matches(&t.op.platform, &w.platform))
+                }) else {
+                    break;
+                };
+                let id = entry.id;
+                let worker = w.worker_id.clone();
+                let since = now_ms();
+                let ok = self
+                    .write(&id, |op| {
+                        op.attempts += 1;
+                        op.state = OpState::Executing {
+                            worker: worker.clone(),
+                            since_ms: since,
+                        };
+                    })
+                    .await;
+                let Some(t) = self.ops.get(&id).filter(|_| ok) else {
+                    continue;
+                };
+                let op = t.op.clone();
+                metrics::counter!("motorpool_scheduler_dispatched_total", "lane" => op.lane.name(), "pool" => op.pool.name())
+                    .increment(1);
+                metrics::histogram!("motorpool_scheduler_queue_wait_seconds", "lane" => op.lane.name())
+                    .record(since.saturating_sub(op.queued_ms) as f64 / 1000.0);
+                self.executions.insert(
+                    id.clone(),
+                    Execution {
+                        worker: worker.clone(),
+                        attempt: op.attempts,
+                        since_ms: since,
+                    },
+                );
+                free -= 1;
+                self.send_assignment(op, worker);
+            }
+        }
+    }
+
+    fn send_assignment(&self, op: Operation, worker: String) {
+        let bus = self.bus.clone();
+        let events = self.events.clone();
+        let timeout = Duration::from_millis(self.config.assign_timeout_ms);
+        tokio::spawn(async move {
+            let id = op.id.clone();
+            let attempt = op.attempts;
+            let req = Assign { operation: op };
+            let reason = match bus
+                .request_with_timeout(&subjects::exec::assign(&worker), &req, timeout)
+                .await
+            {
+                Ok(AssignReply { accepted: true, .. }) => return,
+                Ok(AssignReply { reason, .. }) => reason,
+                // No reply: the worker may or may not hold it. Its heartbeat will tell.
+                Err(motorpool_bus::BusError::Timeout { .. }) => {
+                    tracing::warn!(op = %id, %worker, "No answer to an assignment; the worker's heartbeat will tell");
+                    return;
+                }
+                Err(e) => e.to_string(),
+            };
+            let _ = events
+                .send(Event::AssignFailed {
+                    id,
+                    worker,
+                    attempt,
+                    reason,
+                })
+                .await;
+        });
+    }
+}

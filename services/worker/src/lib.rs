@@ -1,0 +1,750 @@
+//! The worker actor: runs actions, and holds a CAS shard.
+//!
+//! Layout:
+//! - this file: start-up (the embedded CAS shard, the mailboxes, the heartbeat) and the pipeline.
+//! - [`inputs`]: input fetch (materialise the input tree through a hard-link cache).
+//! - [`run`]: execute (process group, timeout, cancellation).
+//! - [`outputs`]: report (collect and check outputs, upload, ActionResult).
+//!
+//! **The pipeline.** An assignment passes four stages: *match* (the assign mailbox checks the
+//! platform and that the worker has room), *input fetch*, *execute*, *report*. Each stage has a
+//! bounded number of jobs in work and a bounded queue in front of it, and takes a new job only
+//! once the next stage's queue has a place reserved for its result (backpressure end to end). The
+//! execute stage runs at most `slots` actions, and never two of the same action digest at once.
+//! A job stays listed in the worker's heartbeat until the scheduler has acknowledged its
+//! `JobDone`, so a scheduler never mistakes a finished job for a lost one.
+
+pub mod inputs;
+pub mod outputs;
+pub mod run;
+
+use anyhow::Context;
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use futures::future::BoxFuture;
+use motorpool_bus::{Bus, MailboxOptions, serve, subjects};
+use motorpool_cas_client::{Shards, proto};
+use motorpool_cas_shard::store::{Store, StoreError, namespace};
+use motorpool_config::{ShardConfig, WorkerConfig};
+use motorpool_messages::exec::*;
+use motorpool_messages::{BlobDigest, ErrorCode, WireError, now_ms};
+use parking_lot::Mutex;
+use prost::Message as _;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Why a job could not produce its result.
+#[derive(Debug)]
+pub enum JobError {
+    /// The action's fault (a missing input, a bad path): final, not retried.
+    Action(WireError),
+    /// The platform's fault (I/O, the bus, a shard): the scheduler retries elsewhere.
+    Infra(String),
+}
+
+impl JobError {
+    pub fn action(code: ErrorCode, message: impl Into<String>) -> Self {
+        JobError::Action(WireError::new(code, message))
+    }
+    pub fn infra(message: impl Into<String>) -> Self {
+        JobError::Infra(message.into())
+    }
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Action(e) => write!(f, "{}", e.message),
+            JobError::Infra(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// What every stage uses.
+pub struct Services {
+    pub worker_id: String,
+    pub bus: Bus,
+    pub shards: Shards,
+    /// The worker's own CAS shard, read directly when it holds an input.
+    pub store: Arc<Store>,
+    pub cache: inputs::InputCache,
+    pub config: WorkerConfig,
+    exec_dir: PathBuf,
+}
+
+impl Services {
+    /// Reads blobs whole: from the local shard when it has them, else from the cluster. A blob
+    /// no live shard holds is the client's to upload again (FAILED_PRECONDITION).
+    pub async fn read_many(
+        &self,
+        instance: &str,
+        digests: &[BlobDigest],
+    ) -> Result<Vec<Vec<u8>>, JobError> {
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; digests.len()];
+        let ns = namespace(instance);
+        let store = self.store.clone();
+        let ds = digests.to_vec();
+        let local: Vec<Option<Vec<u8>>> = tokio::task::spawn_blocking(move || {
+            ds.iter()
+                .map(|d| match store.read(ns, d, 0, 0) {
+                    Ok(b) => Some(b),
+                    Err(StoreError::NotFound(_)) | Err(_) => None,
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| JobError::infra(format!("local read: {e}")))?;
+        let mut small = Vec::new();
+        let mut large = Vec::new();
+        for (i, b) in local.into_iter().enumerate() {
+            match b {
+                Some(b) => out[i] = Some(b),
+                None if digests[i].size <= self.shards.payload_budget() as u64 / 2 => small.push(i),
+                None => large.push(i),
+            }
+        }
+        if !small.is_empty() {
+            let want: Vec<BlobDigest> = small.iter().map(|&i| digests[i]).collect();
+            let got = self
+                .shards
+                .batch_read(instance, &want)
+                .await
+                .map_err(|e| JobError::infra(format!("read inputs: {e}")))?;
+            for (i, r) in small.into_iter().zip(got) {
+                out[i] = Some(r.map_err(|e| missing_or_infra(&digests[i], e))?);
+            }
+        }
+        for i in large {
+            let b = self
+                .shards
+                .read_blob(instance, &digests[i])
+                .await
+                .map_err(|e| missing_or_infra(&digests[i], WireError::from(e)))?;
+            out[i] = Some(b);
+        }
+        Ok(out
+            .into_iter()
+            .map(|b| b.expect("every blob read"))
+            .collect())
+    }
+
+    pub async fn read_one(&self, instance: &str, d: &BlobDigest) -> Result<Vec<u8>, JobError> {
+        Ok(self
+            .read_many(instance, std::slice::from_ref(d))
+            .await?
+            .pop()
+            .expect("one blob"))
+    }
+}
+
+fn missing_or_infra(d: &BlobDigest, e: WireError) -> JobError {
+    if e.code == ErrorCode::NotFound {
+        JobError::action(
+            ErrorCode::FailedPrecondition,
+            format!("input blob {d} is missing from the CAS; upload it and execute again"),
+        )
+    } else {
+        JobError::infra(format!("read input {d}: {e}"))
+    }
+}
+
+/// A job moving through the pipeline.
+struct Job {
+    op: Operation,
+    cancel: CancellationToken,
+    meta: re::ExecutedActionMetadata,
+    exec_root: PathBuf,
+    action: re::Action,
+    command: re::Command,
+    run: Option<run::RunOutcome>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+fn timestamp(t: SystemTime) -> Option<bazel_remote_apis::google::protobuf::Timestamp> {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Some(bazel_remote_apis::google::protobuf::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+/// The worker's shared state.
+struct Worker {
+    svc: Services,
+    /// Jobs held (any stage, until the scheduler acknowledged their end): id -> (attempt, cancel).
+    held: Mutex<HashMap<String, (u32, CancellationToken)>>,
+    /// Action digests being executed here, to never run one twice at once.
+    running_actions: Mutex<HashMap<(String, BlobDigest), Arc<Semaphore>>>,
+    slots: u32,
+    pool: Pool,
+    platform: Vec<(String, String)>,
+    started_at_ms: u64,
+    draining: std::sync::atomic::AtomicBool,
+}
+
+/// A started worker.
+pub struct Started {
+    pub worker_id: String,
+    shard: motorpool_cas_shard::Shard,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    worker: Arc<Worker>,
+}
+
+impl Started {
+    /// Waits for shutdown, lets held jobs finish (bounded), then stops the shard.
+    pub async fn join(self, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+        self.worker
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.worker.held.lock().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+        self.shard.stop().await;
+        tracing::info!(worker = %self.worker_id, "Worker stopped");
+    }
+}
+
+/// Starts the worker's CAS shard, pipeline, mailboxes and heartbeat.
+pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
+    let shard_config = ShardConfig {
+        nats_url: config.nats_url.clone(),
+        shard_id: config.worker_id.clone(),
+        data_dir: config.data_dir.join("cas"),
+        capacity_bytes: config.cas_capacity_bytes,
+        data_addr: config.data_addr,
+        advertise_addr: config.advertise_addr.clone(),
+        heartbeat_ms: config.heartbeat_ms,
+        fsync: false,
+        http_addr: None,
+        telemetry: config.telemetry.clone(),
+    };
+    std::fs::create_dir_all(&shard_config.data_dir)
+        .with_context(|| format!("create {}", shard_config.data_dir.display()))?;
+    let id = motorpool_cas_shard::resolve_shard_id(&shard_config)?;
+    let shard_config = ShardConfig {
+        shard_id: Some(id.clone()),
+        ..shard_config
+    };
+    // The shard stops on its own token, after the pipeline has drained.
+    let shard = motorpool_cas_shard::start(&shard_config, CancellationToken::new()).await?;
+    let bus = Bus::connect(
+        &config.nats_url,
+        &format!("worker-{id}"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let shards = Shards::watch(
+        bus.clone(),
+        Duration::from_secs(30),
+        Duration::from_millis(config.heartbeat_ms * 5),
+        motorpool_config::BlobTransport::Direct,
+    )
+    .await?;
+    let registry = bus.ensure_kv(subjects::exec::workers_config()).await?;
+    let exec_dir = config.data_dir.join("exec");
+    if exec_dir.exists() {
+        // Exec dirs of a previous run belong to jobs that are gone: they were retried elsewhere.
+        let _ = make_writable_and_remove(&exec_dir);
+    }
+    std::fs::create_dir_all(&exec_dir)?;
+    let cache = inputs::InputCache::open(config.data_dir.join("cache"), config.input_cache_bytes)?;
+    let slots = config
+        .slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
+    let mut platform: Vec<(String, String)> = config
+        .platform
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    platform.sort();
+    let pool = Pool::of(&platform);
+    let worker = Arc::new(Worker {
+        svc: Services {
+            worker_id: id.clone(),
+            bus: bus.clone(),
+            shards,
+            store: shard.store.clone(),
+            cache,
+            config: config.clone(),
+            exec_dir,
+        },
+        held: Mutex::default(),
+        running_actions: Mutex::default(),
+        slots,
+        pool,
+        platform,
+        started_at_ms: now_ms(),
+        draining: Default::default(),
+    });
+
+    // The pipeline: fetch -> execute -> report, each with a bounded queue in front.
+    let cap = slots as usize;
+    let (fetch_tx, fetch_rx) = mpsc::channel::<Job>(cap);
+    let (exec_tx, exec_rx) = mpsc::channel::<Job>(cap);
+    let (report_tx, report_rx) = mpsc::channel::<Job>(cap);
+    let mut tasks = Vec::new();
+    let w = worker.clone();
+    tasks.push(stage(
+        fetch_rx,
+        Some(exec_tx),
+        config.fetch_concurrency.max(1) as usize,
+        move |job| {
+            let w = w.clone();
+            Box::pin(async move { w.fetch(job).await })
+        },
+    ));
+    let w = worker.clone();
+    tasks.push(stage(exec_rx, Some(report_tx), cap, move |job| {
+        let w = w.clone();
+        Box::pin(async move { w.execute(job).await })
+    }));
+    let w = worker.clone();
+    tasks.push(stage(
+        report_rx,
+        None,
+        config.upload_concurrency.max(1) as usize,
+        move |job| {
+            let w = w.clone();
+            Box::pin(async move {
+                w.report(job).await;
+                None
+            })
+        },
+    ));
+
+    // Mailboxes.
+    let w = worker.clone();
+    tasks.push(
+        serve(
+            &bus,
+            subjects::exec::assign(&id),
+            MailboxOptions {
+                queue_group: None,
+                concurrency: 64,
+            },
+            shutdown.clone(),
+            move |req: Assign| {
+                let w = w.clone();
+                let tx = fetch_tx.clone();
+                async move { Ok(w.accept(req.operation, &tx)) }
+            },
+        )
+        .await?,
+    );
+    let w = worker.clone();
+    let mut stops = bus.subscribe::<Cancel>(&subjects::exec::stop(&id)).await?;
+    tasks.push(tokio::spawn(async move {
+        while let Some(c) = stops.next().await {
+            if let Some((_, token)) = w.held.lock().get(&c.operation_id) {
+                tracing::info!(op = %c.operation_id, "Stopping a cancelled job");
+                token.cancel();
+            }
+        }
+    }));
+
+    // Heartbeat.
+    let w = worker.clone();
+    let period = Duration::from_millis(config.heartbeat_ms.max(100));
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let info = w.info();
+            if let Err(error) = w
+                .svc
+                .bus
+                .publish(&subjects::exec::heartbeat(&info.worker_id), &info)
+                .await
+            {
+                tracing::warn!(%error, "Heartbeat failed");
+            }
+            if let Ok(frame) = motorpool_messages::encode(&info) {
+                let _ = registry.put(&info.worker_id, frame.into()).await;
+            }
+        }
+    }));
+    tracing::info!(worker = %id, slots, pool = %pool, "Worker is running");
+    Ok(Started {
+        worker_id: id,
+        shard,
+        tasks,
+        worker,
+    })
+}
+
+/// Runs a worker until `shutdown` fires (the `motorpool worker` command).
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let http = config
+        .http_addr
+        .map(motorpool_telemetry::serve_metrics)
+        .transpose()?;
+    let started = start(config, shutdown.clone()).await?;
+    started.join(shutdown).await;
+    if let Some(h) = http {
+        h.stop(true).await;
+    }
+    Ok(())
+}
+
+/// One pipeline stage: takes a job only when `concurrency` allows and the next stage's queue has a
+/// place reserved for it.
+fn stage(
+    mut rx: mpsc::Receiver<Job>,
+    next: Option<mpsc::Sender<Job>>,
+    concurrency: usize,
+    f: impl Fn(Job) -> BoxFuture<'static, Option<Job>> + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    tokio::spawn(async move {
+        loop {
+            let slot = match &next {
+                Some(tx) => match tx.clone().reserve_owned().await {
+                    Ok(p) => Some(p),
+                    Err(_) => break,
+                },
+                None => None,
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let Some(job) = rx.recv().await else { break };
+            let fut = f(job);
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let (Some(job), Some(slot)) = (fut.await, slot) {
+                    slot.send(job);
+                }
+            });
+        }
+    })
+}
+
+fn make_writable_and_remove(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(p: &std::path::Path) {
+        if let Ok(meta) = std::fs::symlink_metadata(p)
+            && meta.is_dir()
+        {
+            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
+            if let Ok(rd) = std::fs::read_dir(p) {
+                for e in rd.flatten() {
+                    walk(&e.path());
+                }
+            }
+        }
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            walk(dir);
+            std::fs::remove_dir_all(dir)
+        }
+    }
+}
+
+impl Worker {
+    fn info(&self) -> WorkerInfo {
+        let mut running: Vec<(String, u32)> = self
+            .held
+            .lock()
+            .iter()
+            .map(|(id, (a, _))| (id.clone(), *a))
+            .collect();
+        running.sort();
+        WorkerInfo {
+            worker_id: self.svc.worker_id.clone(),
+            pool: self.pool,
+            platform: self.platform.clone(),
+            slots: self.slots,
+            running,
+            started_at_ms: self.started_at_ms,
+            heartbeat_at_ms: now_ms(),
+            draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+
+    /// Stage 1, match: take the job if it fits this worker and the pipeline has room.
+    fn accept(&self, op: Operation, fetch: &mpsc::Sender<Job>) -> AssignReply {
+        let refuse = |reason: String| AssignReply {
+            accepted: false,
+            reason,
+        };
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return refuse("the worker is draining".into());
+        }
+        if op.pool != self.pool || !platform_matches(&op.platform, &self.platform) {
+            return refuse(format!(
+                "platform {:?} does not match this worker's {:?}",
+                op.platform, self.platform
+            ));
+        }
+        let mut held = self.held.lock();
+        if held.contains_key(&op.id) {
+            return AssignReply {
+                accepted: true,
+                reason: "already held".into(),
+            };
+        }
+        let Ok(slot) = fetch.try_reserve() else {
+            return refuse("the input-fetch queue is full".into());
+        };
+        let cancel = CancellationToken::new();
+        held.insert(op.id.clone(), (op.attempts, cancel.clone()));
+        let now = SystemTime::now();
+        let meta = re::ExecutedActionMetadata {
+            worker: self.svc.worker_id.clone(),
+            queued_timestamp: timestamp(
+                SystemTime::UNIX_EPOCH + Duration::from_millis(op.queued_ms),
+            ),
+            worker_start_timestamp: timestamp(now),
+            ..Default::default()
+        };
+        let dir = self.svc.exec_dir.join(format!("{}-{}", op.id, op.attempts));
+        slot.send(Job {
+            stdout: dir.join("stdout"),
+            stderr: dir.join("stderr"),
+            exec_root: dir.join("root"),
+            op,
+            cancel,
+            meta,
+            action: re::Action::default(),
+            command: re::Command::default(),
+            run: None,
+        });
+        AssignReply {
+            accepted: true,
+            reason: String::new(),
+        }
+    }
+
+    /// Stage 2, input fetch.
+    async fn fetch(&self, mut job: Job) -> Option<Job> {
+        job.meta.input_fetch_start_timestamp = timestamp(SystemTime::now());
+        match self.prepare(&mut job).await {
+            Ok(()) => {
+                job.meta.input_fetch_completed_timestamp = timestamp(SystemTime::now());
+                Some(job)
+            }
+            Err(e) => {
+                self.finish(job, Err(e)).await;
+                None
+            }
+        }
+    }
+
+    // Bazel 4 names outputs in the (deprecated) output_files and output_directories.
+    #[allow(deprecated)]
+    async fn prepare(&self, job: &mut Job) -> Result<(), JobError> {
+        let op = &job.op;
+        let f = op.digest_function;
+        let action_blob = self.svc.read_one(&op.instance, &op.action).await?;
+        job.action = re::Action::decode(action_blob.as_slice()).map_err(|e| {
+            JobError::action(
+                ErrorCode::InvalidArgument,
+                format!("action {}: {e}", op.action),
+            )
+        })?;
+        let command_digest = proto::digest(f, job.action.command_digest.as_ref())
+            .map_err(|e| JobError::action(ErrorCode::InvalidArgument, format!("command: {e}")))?;
+        let command_blob = self.svc.read_one(&op.instance, &command_digest).await?;
+        job.command = re::Command::decode(command_blob.as_slice()).map_err(|e| {
+            JobError::action(
+                ErrorCode::InvalidArgument,
+                format!("command {command_digest}: {e}"),
+            )
+        })?;
+        let root = proto::digest(f, job.action.input_root_digest.as_ref()).map_err(|e| {
+            JobError::action(ErrorCode::InvalidArgument, format!("input root: {e}"))
+        })?;
+        std::fs::create_dir_all(&job.exec_root)
+            .map_err(|e| JobError::infra(format!("create exec dir: {e}")))?;
+        inputs::materialize(&self.svc, &op.instance, f, root, &job.exec_root).await?;
+        // The server creates the parent directories of every output.
+        let workdir = job.exec_root.join(run::relative_path(
+            &job.command.working_directory,
+            "working directory",
+        )?);
+        let outs = job
+            .command
+            .output_files
+            .iter()
+            .chain(&job.command.output_directories)
+            .chain(&job.command.output_paths);
+        for p in outs {
+            let rel = run::relative_path(p, "output")?;
+            if let Some(parent) = workdir.join(rel).parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| JobError::infra(format!("create output dir: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage 3, execute.
+    async fn execute(&self, mut job: Job) -> Option<Job> {
+        let key = (job.op.instance.clone(), job.op.action);
+        let gate = self
+            .running_actions
+            .lock()
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone();
+        let _one = gate.acquire().await.ok()?;
+        let cfg = &self.svc.config;
+        let timeout = match job.op.timeout_ms {
+            0 => cfg.default_timeout_ms,
+            t => t.min(cfg.max_timeout_ms),
+        };
+        job.meta.execution_start_timestamp = timestamp(SystemTime::now());
+        let r = run::run(
+            &job.command,
+            &job.exec_root,
+            &job.stdout,
+            &job.stderr,
+            Duration::from_millis(timeout),
+            &job.cancel,
+        )
+        .await;
+        job.meta.execution_completed_timestamp = timestamp(SystemTime::now());
+        {
+            let mut ra = self.running_actions.lock();
+            if Arc::strong_count(&gate) <= 2 {
+                ra.remove(&key);
+            }
+        }
+        match r {
+            Ok(outcome) => {
+                job.run = Some(outcome);
+                Some(job)
+            }
+            Err(e) => {
+                self.finish(job, Err(e)).await;
+                None
+            }
+        }
+    }
+
+    /// Stage 4, report.
+    async fn report(&self, mut job: Job) {
+        job.meta.output_upload_start_timestamp = timestamp(SystemTime::now());
+        let r = self.collect_and_upload(&mut job).await;
+        self.finish(job, r).await;
+    }
+
+    async fn collect_and_upload(&self, job: &mut Job) -> Result<Outcome, JobError> {
+        let run = job.run.as_ref().expect("executed");
+        let f = job.op.digest_function;
+        let mut result = re::ActionResult {
+            exit_code: run.exit_code,
+            ..Default::default()
+        };
+        let mut uploads = outputs::Uploads::default();
+        outputs::std_streams(f, &job.stdout, &job.stderr, &mut result, &mut uploads)?;
+        if !run.timed_out && !run.cancelled {
+            outputs::collect(&job.command, &job.exec_root, f, &mut result, &mut uploads)?;
+        }
+        outputs::upload(&self.svc, &job.op.instance, uploads).await?;
+        job.meta.output_upload_completed_timestamp = timestamp(SystemTime::now());
+        job.meta.worker_completed_timestamp = timestamp(SystemTime::now());
+        result.execution_metadata = Some(job.meta.clone());
+        let encoded = result.encode_to_vec();
+        let (error, message) = if run.cancelled {
+            (
+                Some(WireError::new(
+                    ErrorCode::Cancelled,
+                    "the operation was cancelled",
+                )),
+                "cancelled".to_string(),
+            )
+        } else if run.timed_out {
+            (
+                Some(WireError::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!("the action exceeded its timeout after {:?}", run.elapsed),
+                )),
+                "timed out".to_string(),
+            )
+        } else {
+            (None, String::new())
+        };
+        let cacheable = error.is_none() && run.exit_code == 0 && !job.action.do_not_cache;
+        if cacheable {
+            self.svc
+                .shards
+                .ac_put(&job.op.instance, &job.op.action, encoded.clone())
+                .await
+                .map_err(|e| JobError::infra(format!("store the action result: {e}")))?;
+        }
+        Ok(Outcome {
+            error,
+            result: Some(encoded),
+            cached: false,
+            message,
+        })
+    }
+
+    /// Ends a job: clean its dir, report it until the scheduler acknowledges, release it.
+    async fn finish(&self, job: Job, result: Result<Outcome, JobError>) {
+        let dir = job.exec_root.parent().map(PathBuf::from);
+        if let Some(dir) = dir {
+            let _ = tokio::task::spawn_blocking(move || make_writable_and_remove(&dir)).await;
+        }
+        let result = match result {
+            Ok(o) => JobResult::Finished(o),
+            Err(JobError::Action(e)) => JobResult::Finished(Outcome {
+                message: e.message.clone(),
+                error: Some(e),
+                result: None,
+                cached: false,
+            }),
+            Err(JobError::Infra(m)) => {
+                tracing::warn!(op = %job.op.id, error = %m, "Job failed for an infrastructure reason");
+                metrics::counter!("motorpool_worker_infrastructure_failures_total").increment(1);
+                JobResult::Infrastructure(m)
+            }
+        };
+        let kind = match &result {
+            JobResult::Finished(o) if o.error.is_none() => "ok",
+            JobResult::Finished(_) => "error",
+            JobResult::Infrastructure(_) => "infrastructure",
+        };
+        metrics::counter!("motorpool_worker_jobs_total", "result" => kind).increment(1);
+        let done = JobDone {
+            operation_id: job.op.id.clone(),
+            attempt: job.op.attempts,
+            worker: self.svc.worker_id.clone(),
+            result,
+        };
+        let mut backoff = Duration::from_millis(50);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            match self
+                .svc
+                .bus
+                .request_with_timeout(&subjects::exec::job_done(), &done, Duration::from_secs(5))
+                .await
+            {
+                Ok(Ack) => break,
+                Err(error) => {
+                    if tokio::time::Instant::now() > give_up {
+                        tracing::error!(op = %done.operation_id, %error, "Gave up reporting a job");
+                        break;
+                    }
+                    tracing::debug!(op = %done.operation_id, %error, "Scheduler not reachable; retrying the report");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        self.held.lock().remove(&done.operation_id);
+    }
+}

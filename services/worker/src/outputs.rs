@@ -1,0 +1,357 @@
+//! Report: collect an action's outputs, check that they stay inside the exec root, hash and upload
+//! them, and describe them in an ActionResult.
+
+use crate::run::relative_path;
+use crate::{JobError, Services};
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use motorpool_cas_client::proto::to_proto;
+use motorpool_messages::{BlobDigest, DigestFunction, ErrorCode};
+use prost::Message as _;
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Blobs to upload: digest -> where the bytes are.
+#[derive(Default)]
+pub struct Uploads {
+    pub blobs: HashMap<BlobDigest, Body>,
+}
+
+pub enum Body {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+impl Uploads {
+    fn add_bytes(&mut self, function: DigestFunction, data: Vec<u8>) -> BlobDigest {
+        let d = function.digest_of(&data);
+        self.blobs.entry(d).or_insert(Body::Bytes(data));
+        d
+    }
+}
+
+fn hash_file(function: DigestFunction, path: &Path) -> Result<BlobDigest, JobError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| JobError::infra(format!("read output {}: {e}", path.display())))?;
+    let mut h = function.hasher();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| JobError::infra(format!("read output {}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
+}
+
+fn is_executable(meta: &std::fs::Metadata) -> bool {
+    meta.permissions().mode() & 0o111 != 0
+}
+
+/// Resolves `p` (inside `root`) through symlinks and fails when it leaves `root`.
+fn contained(root: &Path, p: &Path, shown: &str) -> Result<PathBuf, JobError> {
+    let real = std::fs::canonicalize(p)
+        .map_err(|e| JobError::infra(format!("resolve output {shown}: {e}")))?;
+    if !real.starts_with(root) {
+        return Err(JobError::action(
+            ErrorCode::InvalidArgument,
+            format!(
+                "output {shown} resolves to {}, outside the exec root",
+                real.display()
+            ),
+        ));
+    }
+    Ok(real)
+}
+
+/// Builds the Directory tree of `dir` bottom-up; returns the root and every child.
+fn tree(
+    root: &Path,
+    function: DigestFunction,
+    dir: &Path,
+    shown: &str,
+    uploads: &mut Uploads,
+    children: &mut Vec<re::Directory>,
+) -> Result<re::Directory, JobError> {
+    let mut out = re::Directory::default();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| JobError::infra(format!("list output directory {shown}: {e}")))?
+        .filter_map(Result::ok)
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let shown = format!("{shown}/{name}");
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| JobError::infra(format!("stat output {shown}: {e}")))?;
+        if meta.file_type().is_symlink() {
+            contained(root, &path, &shown)?;
+            let target = std::fs::read_link(&path)
+                .map_err(|e| JobError::infra(format!("read link {shown}: {e}")))?;
+            out.symlinks.push(re::SymlinkNode {
+                name,
+                target: target.to_string_lossy().into_owned(),
+                node_properties: None,
+            });
+        } else if meta.is_dir() {
+            let sub = tree(root, function, &path, &shown, uploads, children)?;
+            let bytes = sub.encode_to_vec();
+            let d = function.digest_of(&bytes);
+            children.push(sub);
+            out.directories.push(re::DirectoryNode {
+                name,
+                digest: Some(to_proto(&d)),
+            });
+        } else if meta.is_file() {
+            let d = hash_file(function, &path)?;
+            uploads.blobs.entry(d).or_insert(Body::File(path));
+            out.files.push(re::FileNode {
+                name,
+                digest: Some(to_proto(&d)),
+                is_executable: is_executable(&meta),
+                node_properties: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Collects the outputs the command declares into `result`, and the blobs to upload.
+// Bazel 4 names outputs in the (deprecated) output_files and output_directories.
+#[allow(deprecated)]
+pub fn collect(
+    command: &re::Command,
+    exec_root: &Path,
+    function: DigestFunction,
+    result: &mut re::ActionResult,
+    uploads: &mut Uploads,
+) -> Result<(), JobError> {
+    let root = std::fs::canonicalize(exec_root)
+        .map_err(|e| JobError::infra(format!("resolve the exec root: {e}")))?;
+    let workdir = root.join(relative_path(
+        &command.working_directory,
+        "working directory",
+    )?);
+    // REAPI 2.1 clients name outputs in output_paths; older ones (Bazel 4) split files and dirs.
+    let (files, dirs): (Vec<&String>, Vec<&String>) = if command.output_paths.is_empty() {
+        (
+            command.output_files.iter().collect(),
+            command.output_directories.iter().collect(),
+        )
+    } else {
+        (command.output_paths.iter().collect(), Vec::new())
+    };
+    let either = !command.output_paths.is_empty();
+    for (p, want_dir) in files
+        .into_iter()
+        .map(|p| (p, false))
+        .chain(dirs.into_iter().map(|p| (p, true)))
+    {
+        let rel = relative_path(p, "output")?;
+        let path = workdir.join(&rel);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue; // not produced: the client decides whether that is an error
+        };
+        let real = contained(&root, &path, p)?;
+        let real_meta = std::fs::metadata(&real)
+            .map_err(|e| JobError::infra(format!("stat output {p}: {e}")))?;
+        if meta.file_type().is_symlink() && either {
+            let target = std::fs::read_link(&path)
+                .map_err(|e| JobError::infra(format!("read link {p}: {e}")))?;
+            result.output_symlinks.push(re::OutputSymlink {
+                path: p.clone(),
+                target: target.to_string_lossy().into_owned(),
+                node_properties: None,
+            });
+            continue;
+        }
+        if real_meta.is_dir() && (want_dir || either) {
+            let mut children = Vec::new();
+            let root_dir = tree(&root, function, &real, p, uploads, &mut children)?;
+            let t = re::Tree {
+                root: Some(root_dir),
+                children,
+            };
+            let d = uploads.add_bytes(function, t.encode_to_vec());
+            result.output_directories.push(re::OutputDirectory {
+                path: p.clone(),
+                tree_digest: Some(to_proto(&d)),
+                is_topologically_sorted: false,
+                root_directory_digest: None,
+            });
+        } else if real_meta.is_file() && !want_dir {
+            let d = hash_file(function, &real)?;
+            uploads.blobs.entry(d).or_insert(Body::File(real));
+            result.output_files.push(re::OutputFile {
+                path: p.clone(),
+                digest: Some(to_proto(&d)),
+                is_executable: is_executable(&real_meta),
+                contents: Vec::new(),
+                node_properties: None,
+            });
+        } else {
+            return Err(JobError::action(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "output {p} is a {} but the command declared a {}",
+                    if real_meta.is_dir() {
+                        "directory"
+                    } else {
+                        "file"
+                    },
+                    if want_dir { "directory" } else { "file" }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Uploads whatever of `uploads` the CAS lacks.
+pub async fn upload(svc: &Services, instance: &str, uploads: Uploads) -> Result<(), JobError> {
+    let digests: Vec<BlobDigest> = uploads.blobs.keys().copied().collect();
+    let missing = svc
+        .shards
+        .find_missing(instance, &digests)
+        .await
+        .map_err(|e| JobError::infra(format!("find missing outputs: {e}")))?;
+    let mut bytes = 0u64;
+    let mut count = 0u64;
+    for (d, m) in digests.iter().zip(missing) {
+        if !m {
+            continue;
+        }
+        let data = match &uploads.blobs[d] {
+            Body::Bytes(b) => b.clone(),
+            Body::File(p) => std::fs::read(p)
+                .map_err(|e| JobError::infra(format!("read output {}: {e}", p.display())))?,
+        };
+        bytes += data.len() as u64;
+        count += 1;
+        svc.shards
+            .write_blob(instance, d, data)
+            .await
+            .map_err(|e| JobError::infra(format!("upload output {d}: {e}")))?;
+    }
+    metrics::counter!("motorpool_worker_uploaded_blobs_total").increment(count);
+    metrics::counter!("motorpool_worker_uploaded_bytes_total").increment(bytes);
+    Ok(())
+}
+
+/// Adds stdout and stderr (read from their files) to the result and the uploads.
+pub fn std_streams(
+    function: DigestFunction,
+    stdout: &Path,
+    stderr: &Path,
+    result: &mut re::ActionResult,
+    uploads: &mut Uploads,
+) -> Result<(), JobError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| JobError::infra(format!("read {}: {e}", p.display())))
+    };
+    let out = read(stdout)?;
+    let err = read(stderr)?;
+    result.stdout_digest = Some(to_proto(&uploads.add_bytes(function, out)));
+    result.stderr_digest = Some(to_proto(&uploads.add_bytes(function, err)));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(deprecated)]
+    fn cmd(files: &[&str], dirs: &[&str]) -> re::Command {
+        re::Command {
+            arguments: vec!["true".into()],
+            output_files: files.iter().map(|s| s.to_string()).collect(),
+            output_directories: dirs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn files_and_trees_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("out/d/sub")).unwrap();
+        std::fs::write(root.join("out/a.o"), b"object").unwrap();
+        std::fs::write(root.join("out/d/x"), b"x").unwrap();
+        std::fs::write(root.join("out/d/sub/y"), b"y").unwrap();
+        std::fs::set_permissions(
+            root.join("out/d/sub/y"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let c = cmd(&["out/a.o", "out/never"], &["out/d"]);
+        let mut r = re::ActionResult::default();
+        let mut u = Uploads::default();
+        collect(&c, root, DigestFunction::Sha256, &mut r, &mut u).unwrap();
+        assert_eq!(r.output_files.len(), 1, "a missing output is skipped");
+        assert_eq!(
+            r.output_files[0].digest.as_ref().unwrap().hash,
+            DigestFunction::Sha256.digest_of(b"object").hex()
+        );
+        assert_eq!(r.output_directories.len(), 1);
+        // object, x, y and the Tree message.
+        assert_eq!(u.blobs.len(), 4);
+        let tree_d = r.output_directories[0].tree_digest.clone().unwrap();
+        let tree = u
+            .blobs
+            .iter()
+            .find(|(d, _)| d.hex() == tree_d.hash)
+            .map(|(_, b)| match b {
+                Body::Bytes(b) => re::Tree::decode(b.as_slice()).unwrap(),
+                Body::File(_) => panic!("tree is bytes"),
+            })
+            .unwrap();
+        let root_dir = tree.root.unwrap();
+        assert_eq!(root_dir.files[0].name, "x");
+        assert_eq!(root_dir.directories[0].name, "sub");
+        assert!(tree.children[0].files[0].is_executable);
+    }
+
+    #[test]
+    fn outputs_escaping_the_exec_root_are_rejected() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("out")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.join("out/link")).unwrap();
+        for (c, needle) in [
+            (cmd(&["out/link"], &[]), "outside the exec root"),
+            (cmd(&["../x"], &[]), "'..'"),
+            (cmd(&["/etc/passwd"], &[]), "absolute"),
+        ] {
+            let mut r = re::ActionResult::default();
+            let err = collect(
+                &c,
+                root,
+                DigestFunction::Sha256,
+                &mut r,
+                &mut Uploads::default(),
+            )
+            .unwrap_err();
+            assert!(matches!(err, JobError::Action(_)), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        // A link out of the root inside an output directory is rejected too.
+        std::fs::create_dir_all(root.join("tree")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("tree/escape")).unwrap();
+        let err = collect(
+            &cmd(&[], &["tree"]),
+            root,
+            DigestFunction::Sha256,
+            &mut re::ActionResult::default(),
+            &mut Uploads::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("outside the exec root"), "{err}");
+    }
+}
