@@ -153,7 +153,7 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
                 upload_id,
                 offset,
             } => {
-                let ns = namespace(&instance);
+                let ns = store.namespace_of(&instance);
                 let mut upload = match store.begin_upload(ns, &digest, &upload_id, offset) {
                     Err(e) => {
                         write_frame(&mut writer, &DataReply::Error(e.into()))?;

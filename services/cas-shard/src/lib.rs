@@ -132,7 +132,7 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
         })
     });
     mailbox!(subjects::cas::batch_write(&id), |s, req: BatchWrite| {
-        let ns = namespace(&req.instance);
+        let ns = s.namespace_of(&req.instance);
         let blobs: Vec<_> = req
             .blobs
             .iter()
@@ -144,6 +144,11 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
             .map(|r| r.err().map(WireError::from))
             .collect();
         Ok(BatchWriteReply { results })
+    });
+    mailbox!(subjects::cas::list(&id), |s, req: ListBlobs| {
+        let limit = (req.limit as usize).clamp(1, 10_000);
+        let (blobs, next) = reply(s.list(&req.cursor, limit))?;
+        Ok(BlobList { blobs, next })
     });
     mailbox!(subjects::cas::batch_read(&id), |s, req: BatchRead| {
         let ns = namespace(&req.instance);
@@ -159,7 +164,7 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
             .map(|data| ChunkData { data })
     });
     mailbox!(subjects::cas::write_chunk(&id), |s, req: WriteChunk| {
-        let ns = namespace(&req.instance);
+        let ns = s.namespace_of(&req.instance);
         let Some(mut up) = reply(s.begin_upload(ns, &req.digest, &req.upload_id, req.offset))?
         else {
             return Ok(WriteStatus {
@@ -309,10 +314,15 @@ impl Shard {
         publish_info(&self.bus, &self.registry, &info).await
     }
 
-    /// Leaves the registry, stops the mailboxes and the data stream, flushes metadata.
+    /// Leaves the registry, stops the mailboxes and the data stream, flushes metadata. The
+    /// `shutdown` token given to [`start`] must have fired. Leaving the registry is bounded in
+    /// time: with NATS gone, the entry ages out instead.
     pub async fn stop(self) {
-        let _ = self.register(&self.data_addr.to_string(), true).await;
-        let _ = self.registry.delete(&self.id).await;
+        let leave = async {
+            let _ = self.register(&self.data_addr.to_string(), true).await;
+            let _ = self.registry.delete(&self.id).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), leave).await;
         for t in self.tasks {
             let _ = t.await;
         }

@@ -194,6 +194,9 @@ pub struct Store {
     pack_size: u64,
     blobs: sled::Tree,
     ac: sled::Tree,
+    /// Namespace -> instance name, for tools that walk the store (the reindexer).
+    instances: sled::Tree,
+    known_instances: Mutex<std::collections::HashSet<u64>>,
     db: sled::Db,
     index: Mutex<Index>,
     uploads: Mutex<HashMap<UploadKey, Arc<Session>>>,
@@ -259,6 +262,7 @@ impl Store {
             .open()?;
         let blobs = db.open_tree("blobs")?;
         let ac = db.open_tree("ac")?;
+        let instances = db.open_tree("instances")?;
         let clean = fs::remove_file(root.join(CLEAN_MARKER)).is_ok();
         let store = Store {
             root: root.to_path_buf(),
@@ -273,6 +277,8 @@ impl Store {
             active_id: std::sync::atomic::AtomicU32::new(0),
             blobs,
             ac,
+            instances,
+            known_instances: Mutex::new(Default::default()),
             db,
             index: Mutex::new(Index::default()),
             uploads: Mutex::new(HashMap::new()),
@@ -656,6 +662,70 @@ impl Store {
             });
         }
         Ok(buf)
+    }
+
+    /// The namespace of `instance`, remembering the name so that [`Store::list`] can report it.
+    /// Every write path goes through here.
+    pub fn namespace_of(&self, instance: &str) -> u64 {
+        let ns = namespace(instance);
+        if self.known_instances.lock().insert(ns) {
+            let _ = self.instances.insert(ns.to_be_bytes(), instance.as_bytes());
+        }
+        ns
+    }
+
+    /// Up to `limit` stored blobs after `cursor` (empty = from the start), in key order, with
+    /// their instance names; and the cursor of the next page, if any.
+    #[allow(clippy::type_complexity)]
+    pub fn list(
+        &self,
+        cursor: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<(String, BlobDigest)>, Option<Vec<u8>>), StoreError> {
+        use std::ops::Bound;
+        let mut out = Vec::new();
+        let mut last = None;
+        let mut names: HashMap<u64, String> = HashMap::new();
+        let start = if cursor.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(cursor.to_vec())
+        };
+        for item in self.blobs.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (k, v) = item?;
+            last = Some(k.to_vec());
+            let (Some(key), Some(e)) = (Key::from_bytes(&k), decode_meta(&v)) else {
+                continue;
+            };
+            let Some(function) = DigestFunction::from_tag(key.function) else {
+                continue;
+            };
+            let name = match names.get(&key.ns) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = self
+                        .instances
+                        .get(key.ns.to_be_bytes())?
+                        .map(|v| String::from_utf8_lossy(&v).into_owned());
+                    let Some(n) = n else { continue };
+                    names.insert(key.ns, n.clone());
+                    n
+                }
+            };
+            out.push((
+                name,
+                BlobDigest {
+                    function,
+                    hash: key.hash,
+                    size: e.size,
+                },
+            ));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        let next = if out.len() >= limit { last } else { None };
+        Ok((out, next))
     }
 
     /// Verifies and stores one small blob.
@@ -1436,6 +1506,40 @@ mod tests {
         let empty = sha(b"");
         assert!(s.find_missing(1, &[empty]).is_empty());
         assert_eq!(s.read(1, &empty, 0, 0).unwrap(), b"");
+    }
+
+    #[test]
+    fn list_pages_through_blobs_with_their_instance_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20, false).unwrap();
+        let prod = s.namespace_of("prod");
+        let grey = s.namespace_of("grey");
+        let mut want = Vec::new();
+        for i in 0..25u32 {
+            let data = i.to_le_bytes();
+            let d = sha(&data);
+            let (ns, name) = if i % 2 == 0 {
+                (prod, "prod")
+            } else {
+                (grey, "grey")
+            };
+            s.put(ns, &d, &data).unwrap();
+            want.push((name.to_string(), d));
+        }
+        let mut got = Vec::new();
+        let mut cursor = Vec::new();
+        loop {
+            let (page, next) = s.list(&cursor, 10).unwrap();
+            assert!(page.len() <= 10);
+            got.extend(page);
+            match next {
+                Some(c) => cursor = c,
+                None => break,
+            }
+        }
+        want.sort_by_key(|(n, d)| (n.clone(), d.hex()));
+        got.sort_by_key(|(n, d)| (n.clone(), d.hex()));
+        assert_eq!(got, want);
     }
 
     #[test]

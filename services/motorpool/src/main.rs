@@ -4,13 +4,15 @@
 //!   gateway) as child processes, prints the URLs and the Bazel flags, and stops everything on
 //!   Ctrl-C.
 //! - `motorpool gateway ...`, `motorpool cas-shard ...`, `motorpool scheduler ...`,
-//!   `motorpool worker ...` run one service each, to deploy and scale them separately.
+//!   `motorpool worker ...`, `motorpool reindexer ...` run one service each, to deploy and scale
+//!   them separately.
 
 mod up;
 
 use clap::{Args, Parser, Subcommand};
 use motorpool_config::{
-    GatewayConfig, SchedulerConfig, ServiceConfig, ShardConfig, TelemetryConfig, WorkerConfig,
+    GatewayConfig, ReindexerConfig, SchedulerConfig, ServiceConfig, ShardConfig, TelemetryConfig,
+    WorkerConfig,
 };
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -40,6 +42,23 @@ enum Command {
     Scheduler(SchedulerArgs),
     /// Run one worker (execution pipeline + CAS shard).
     Worker(WorkerArgs),
+    /// Run the reindexer (drops dead registry entries, re-replicates blobs).
+    Reindexer(ReindexerArgs),
+}
+
+#[derive(Args, Serialize)]
+struct ReindexerArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// Milliseconds between passes [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    period_ms: Option<u64>,
+    /// Milliseconds without a heartbeat before a member is dead [default: 60000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dead_after_ms: Option<u64>,
 }
 
 #[derive(Args, Serialize)]
@@ -176,6 +195,25 @@ fn shutdown_on_signals() -> CancellationToken {
         tracing::info!("Shutting down");
         t.cancel();
     });
+    // Under `motorpool up`: stop when the supervisor is gone (killed without a chance to stop its
+    // children), instead of living on as an orphan.
+    if let Some(supervisor) = std::env::var(up::SUPERVISOR_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    {
+        let t = token.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                if nix::unistd::getppid().as_raw() != supervisor {
+                    tracing::warn!("The supervisor is gone; shutting down");
+                    t.cancel();
+                    break;
+                }
+            }
+        });
+    }
     token
 }
 
@@ -212,6 +250,11 @@ async fn main() -> anyhow::Result<()> {
             let config: SchedulerConfig = load(&args.common, &args)?;
             let _telemetry = telemetry("scheduler", &config.telemetry)?;
             motorpool_scheduler::run(config, shutdown_on_signals()).await
+        }
+        Command::Reindexer(args) => {
+            let config: ReindexerConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("reindexer", &config.telemetry)?;
+            motorpool_reindexer::run(config, shutdown_on_signals()).await
         }
         Command::Worker(args) => {
             let config: WorkerConfig = load(&args.common, &args)?;

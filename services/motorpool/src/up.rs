@@ -1,7 +1,7 @@
 //! `motorpool up`: the whole stack on one machine, as child processes under a small supervisor.
 //!
 //! Children: one `nats-server` (JetStream, store under the data dir), N CAS shards, the scheduler,
-//! M workers (each also a CAS shard), one gateway. A child that exits unexpectedly is restarted
+//! the reindexer, M workers (each also a CAS shard), one gateway. A child that exits unexpectedly is restarted
 //! after a short back-off. Ctrl-C (or SIGTERM) stops them in reverse order (gateway, workers,
 //! scheduler, shards), then NATS, each with SIGTERM and a grace period.
 
@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Set on every child: the supervisor's pid, so a child stops when the supervisor is gone.
+pub const SUPERVISOR_ENV: &str = "MOTORPOOL_SUPERVISOR_PID";
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
@@ -52,6 +55,7 @@ struct Supervised {
     child: Option<Child>,
     restarts: u32,
     next_start: Instant,
+    started_at: Instant,
 }
 
 impl Supervised {
@@ -62,6 +66,7 @@ impl Supervised {
             child: None,
             restarts: 0,
             next_start: Instant::now(),
+            started_at: Instant::now(),
         }
     }
 
@@ -69,10 +74,12 @@ impl Supervised {
         let exe = std::env::current_exe()?;
         let child = Command::new(exe)
             .args(&self.args)
+            .env(SUPERVISOR_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .spawn()?;
         tracing::info!(service = %self.name, pid = child.id(), "Started");
         self.child = Some(child);
+        self.started_at = Instant::now();
         Ok(())
     }
 }
@@ -94,9 +101,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     let mut children = Vec::new();
     for i in 0..args.shards {
-        children.push(Supervised {
-            name: format!("cas-{i}"),
-            args: vec![
+        children.push(Supervised::new(
+            &format!("cas-{i}"),
+            vec![
                 "cas-shard".into(),
                 "--nats-url".into(),
                 nats_url.clone(),
@@ -107,14 +114,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--capacity-bytes".into(),
                 args.shard_capacity_bytes.to_string(),
             ],
-            child: None,
-            restarts: 0,
-            next_start: Instant::now(),
-        });
+        ));
     }
     children.push(Supervised::new(
         "scheduler",
         vec!["scheduler".into(), "--nats-url".into(), nats_url.clone()],
+    ));
+    children.push(Supervised::new(
+        "reindexer",
+        vec!["reindexer".into(), "--nats-url".into(), nats_url.clone()],
     ));
     for i in 0..args.workers {
         let mut a = vec![
@@ -133,9 +141,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         children.push(Supervised::new(&format!("worker-{i}"), a));
     }
-    children.push(Supervised {
-        name: "gateway".into(),
-        args: vec![
+    children.push(Supervised::new(
+        "gateway",
+        vec![
             "gateway".into(),
             "--nats-url".into(),
             nats_url.clone(),
@@ -146,10 +154,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "--blob-transport".into(),
             args.blob_transport.clone(),
         ],
-        child: None,
-        restarts: 0,
-        next_start: Instant::now(),
-    });
+    ));
     for c in &mut children {
         c.spawn()?;
     }
@@ -201,7 +206,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the children in reverse start order: gateway, workers, scheduler, shards.
+/// Stops the children in reverse start order: gateway, workers, reindexer, scheduler, shards.
 fn stop_all(children: &mut [Supervised]) {
     for c in children.iter_mut().rev() {
         if let Some(mut child) = c.child.take() {
@@ -221,6 +226,10 @@ fn supervise(children: &mut [Supervised]) {
             None => None,
         };
         if let Some(status) = exited {
+            // A child that ran a while before it died starts over with a short back-off.
+            if c.started_at.elapsed() > Duration::from_secs(30) {
+                c.restarts = 0;
+            }
             c.restarts += 1;
             let backoff = Duration::from_millis(250 * 2u64.pow(c.restarts.min(6)));
             tracing::warn!(service = %c.name, %status, restarts = c.restarts, ?backoff, "Exited; restarting");

@@ -64,6 +64,58 @@ fn bazel_remote_execution_matches_local_and_rebuilds_from_cache() {
         warm.stderr()
     );
     remote.run("clean", &["--expunge".into()]);
+
+    // kill -9 one worker in the middle of a cold build (a fresh instance name): the build still
+    // succeeds, with the same outputs and no missing digest.
+    let mut fault = flags.clone();
+    fault[2] = "--remote_instance_name=fault".into();
+    let build = std::thread::spawn({
+        let remote = Bazel::new(&ws, &dir.path().join("root-remote"));
+        move || remote.run("test", &fault)
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !stack.http_get("/api/v1/queues").contains("\"executing\":") || executing(&stack) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never got going"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    stack.kill9(&["worker", "worker-0"]);
+    let run = build.join().expect("the build survives losing a worker");
+    let err = run.stderr();
+    for bad in [
+        "missing digest",
+        "Missing digest",
+        "CacheNotFoundException",
+        "FAILED_PRECONDITION",
+    ] {
+        assert!(!err.contains(bad), "{bad} after losing a worker:\n{err}");
+    }
+    let out = String::from_utf8_lossy(&run.output.stdout);
+    assert!(
+        out.contains("Executed 50 out of 50 tests: 50 tests pass"),
+        "{out}"
+    );
+    for (artifact, expected) in &reference {
+        assert_eq!(
+            &sha256_file(&remote.bazel_bin().join(artifact)),
+            expected,
+            "{artifact} differs after losing a worker"
+        );
+    }
+    remote.run("clean", &["--expunge".into()]);
+}
+
+/// Actions executing now, from `/api/v1/queues`.
+fn executing(stack: &Stack) -> u64 {
+    let text = stack.http_get("/api/v1/queues");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["executing"].as_u64())
+        .unwrap_or(0)
 }
 
 /// The count of "N remote" in Bazel's process summary.

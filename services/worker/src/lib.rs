@@ -190,6 +190,7 @@ struct Worker {
 pub struct Started {
     pub worker_id: String,
     shard: motorpool_cas_shard::Shard,
+    shard_shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     worker: Arc<Worker>,
 }
@@ -208,6 +209,7 @@ impl Started {
         for t in self.tasks {
             t.abort();
         }
+        self.shard_shutdown.cancel();
         self.shard.stop().await;
         tracing::info!(worker = %self.worker_id, "Worker stopped");
     }
@@ -235,7 +237,8 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         ..shard_config
     };
     // The shard stops on its own token, after the pipeline has drained.
-    let shard = motorpool_cas_shard::start(&shard_config, CancellationToken::new()).await?;
+    let shard_shutdown = CancellationToken::new();
+    let shard = motorpool_cas_shard::start(&shard_config, shard_shutdown.clone()).await?;
     let bus = Bus::connect(
         &config.nats_url,
         &format!("worker-{id}"),
@@ -376,6 +379,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     Ok(Started {
         worker_id: id,
         shard,
+        shard_shutdown,
         tasks,
         worker,
     })

@@ -69,6 +69,10 @@ pub mod cas {
     pub fn batch_read(shard: &str) -> Subject {
         Subject::build(DOMAIN, "blob", "read", Some(shard))
     }
+    /// `ListBlobs` to one shard.
+    pub fn list(shard: &str) -> Subject {
+        Subject::build(DOMAIN, "blob", "list", Some(shard))
+    }
     /// `ReadChunk` to one shard (chunked read over NATS).
     pub fn read_chunk(shard: &str) -> Subject {
         Subject::build(DOMAIN, "chunk", "read", Some(shard))

@@ -89,6 +89,11 @@ impl Placement {
         v.into_iter().map(|(_, r)| r).collect()
     }
 
+    /// The live shards, by id.
+    pub fn members(&self) -> Vec<ShardRef> {
+        self.shards.iter().map(|(_, r)| r.clone()).collect()
+    }
+
     /// Number of live shards.
     pub fn len(&self) -> usize {
         self.shards.len()
@@ -98,6 +103,13 @@ impl Placement {
     pub fn is_empty(&self) -> bool {
         self.shards.is_empty()
     }
+}
+
+/// A stream over a channel receiver.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> std::pin::Pin<Box<dyn futures::Stream<Item = T> + Send>> {
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -271,6 +283,43 @@ impl Shards {
             }
         }
         Ok(missing)
+    }
+
+    /// For each digest: is it missing from this one shard? A shard that does not answer is an
+    /// error here (the caller decides).
+    pub async fn find_missing_on(
+        &self,
+        shard: &ShardRef,
+        instance: &str,
+        digests: &[BlobDigest],
+    ) -> Result<Vec<bool>, ApiError> {
+        let mut missing = vec![false; digests.len()];
+        for (part, chunk) in digests.chunks(16_384).enumerate() {
+            let req = FindMissing {
+                instance: instance.to_string(),
+                digests: chunk.to_vec(),
+            };
+            let reply = self
+                .bus
+                .request_with_timeout(&subjects::cas::find_missing(&shard.id), &req, self.timeout)
+                .await?;
+            for m in reply.missing {
+                if let Some(x) = missing.get_mut(part * 16_384 + m as usize) {
+                    *x = true;
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// The replica set of `d` among the live shards now: the owner first.
+    pub fn replica_set(&self, placement: &Placement, d: &BlobDigest) -> Vec<ShardRef> {
+        self.targets(placement, d)
+    }
+
+    /// How many shards each blob is written to.
+    pub fn replicas(&self) -> usize {
+        self.replicas
     }
 
     /// Asks each shard about its digests; returns the indices found somewhere. A shard that does
@@ -648,9 +697,87 @@ impl Shards {
         })
     }
 
-    /// Writes (or resumes) a large blob from a stream of chunks.
+    /// Writes (or resumes) a large blob from a stream of chunks, to the owner and its replicas
+    /// at once (each chunk is teed to every target). Committed when any target commits; a target
+    /// that fails is counted as under-replicated (the reindexer copies the blob later).
     pub async fn write_stream<S>(
         &self,
+        instance: &str,
+        d: &BlobDigest,
+        upload_id: &str,
+        offset: u64,
+        mut chunks: S,
+    ) -> Result<u64, ApiError>
+    where
+        S: futures::Stream<Item = Result<WriteData, ApiError>> + Unpin,
+    {
+        let placement = self.require_live()?;
+        let targets = self.targets(&placement, d);
+        if targets.len() == 1 {
+            return self
+                .write_to(&targets[0], instance, d, upload_id, offset, chunks)
+                .await;
+        }
+        let mut senders = Vec::new();
+        let mut writers = Vec::new();
+        for t in &targets {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<WriteData, ApiError>>(8);
+            senders.push(Some(tx));
+            let rx = tokio_stream_from(rx);
+            writers.push(self.write_to(t, instance, d, upload_id, offset, rx));
+        }
+        let pump = async move {
+            while let Some(item) = chunks.next().await {
+                let end = matches!(&item, Ok(w) if w.finish) || item.is_err();
+                for slot in senders.iter_mut() {
+                    let Some(tx) = slot else { continue };
+                    let copy = match &item {
+                        Ok(w) => Ok(WriteData {
+                            data: w.data.clone(),
+                            finish: w.finish,
+                        }),
+                        Err(e) => Err(ApiError::Invalid(e.to_string())),
+                    };
+                    if tx.send(copy).await.is_err() {
+                        *slot = None; // that target gave up; the others go on
+                    }
+                }
+                if end || senders.iter().all(Option::is_none) {
+                    break;
+                }
+            }
+        };
+        let (_, results) = tokio::join!(pump, join_all(writers));
+        let mut first_err = None;
+        let mut size = None;
+        for (t, r) in targets.iter().zip(results) {
+            match r {
+                Ok(n) => size = Some(n),
+                Err(e) => {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                    } else {
+                        metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
+                        tracing::warn!(blob = %d, shard = %t.id, "A replica missed a write");
+                    }
+                }
+            }
+        }
+        match (size, first_err) {
+            (Some(n), None) => Ok(n),
+            (Some(n), Some(e)) => {
+                metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
+                tracing::warn!(blob = %d, error = %e, "A replica missed a write");
+                Ok(n)
+            }
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(ApiError::Internal("no write target".into())),
+        }
+    }
+
+    async fn write_to<S>(
+        &self,
+        shard: &ShardRef,
         instance: &str,
         d: &BlobDigest,
         upload_id: &str,
@@ -660,26 +787,16 @@ impl Shards {
     where
         S: futures::Stream<Item = Result<WriteData, ApiError>> + Unpin,
     {
-        let placement = self.require_live()?;
-        let targets = self.targets(&placement, d);
-        let shard = &targets[0];
-        let size = match self.transport {
+        match self.transport {
             BlobTransport::Direct => {
                 self.write_direct(shard, instance, d, upload_id, offset, chunks)
-                    .await?
+                    .await
             }
             BlobTransport::Nats => {
                 self.write_nats(shard, instance, d, upload_id, offset, chunks)
-                    .await?
-            }
-        };
-        for replica in &targets[1..] {
-            if let Err(error) = self.copy(instance, d, shard, replica).await {
-                metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
-                tracing::warn!(blob = %d, from = %shard.id, to = %replica.id, %error, "Could not replicate a blob");
+                    .await
             }
         }
-        Ok(size)
     }
 
     /// The shards a blob is written to: the owner first, then its replicas.
@@ -710,16 +827,7 @@ impl Shards {
             Some((item.map(|data| WriteData { data, finish }), r))
         }));
         let upload_id = format!("copy-{}", from.id);
-        match self.transport {
-            BlobTransport::Direct => {
-                self.write_direct(to, instance, d, &upload_id, 0, chunks)
-                    .await
-            }
-            BlobTransport::Nats => {
-                self.write_nats(to, instance, d, &upload_id, 0, chunks)
-                    .await
-            }
-        }
+        self.write_to(to, instance, d, &upload_id, 0, chunks).await
     }
 
     async fn write_direct<S>(
@@ -906,23 +1014,38 @@ impl Shards {
         Ok(None)
     }
 
-    /// Stores an ActionResult on the owner of `action`.
+    /// Stores an ActionResult on the owner of `action` and its replicas; stored when any is.
     pub async fn ac_put(
         &self,
         instance: &str,
         action: &BlobDigest,
         result: Vec<u8>,
     ) -> Result<(), ApiError> {
-        let shard = self.require_live()?.owner(action).clone();
-        let req = AcPut {
-            instance: instance.to_string(),
-            action: *action,
-            result,
-        };
-        self.bus
-            .request_with_timeout(&subjects::cas::ac_put(&shard.id), &req, self.timeout)
-            .await?;
-        Ok(())
+        let placement = self.require_live()?;
+        let targets = self.targets(&placement, action);
+        let puts = targets.iter().map(|shard| {
+            let req = AcPut {
+                instance: instance.to_string(),
+                action: *action,
+                result: result.clone(),
+            };
+            let subject = subjects::cas::ac_put(&shard.id);
+            async move {
+                self.bus
+                    .request_with_timeout(&subject, &req, self.timeout)
+                    .await
+            }
+        });
+        let mut first_err = None;
+        for r in join_all(puts).await {
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.map_or_else(|| ApiError::Internal("no shard".into()), ApiError::from))
     }
 
     /// Reads one blob whole: in one bus message when it fits, else on the data stream.

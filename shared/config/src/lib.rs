@@ -251,6 +251,50 @@ impl ServiceConfig for SchedulerConfig {
     const ENV_PREFIX: &'static str = "MOTORPOOL_SCHEDULER_";
 }
 
+/// `motorpool reindexer`: keeps the shard registry true and every blob replicated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReindexerConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// Time (milliseconds) between passes over the registries. Default 10000.
+    pub period_ms: u64,
+    /// A shard or worker whose last heartbeat is older than this (milliseconds) is dead: its
+    /// registry entries are dropped. Default 60000.
+    pub dead_after_ms: u64,
+    /// A shard silent this long (milliseconds) no longer counts as live for placement. Default
+    /// 5000 (as the gateway's `shard_timeout_ms`).
+    pub shard_timeout_ms: u64,
+    /// Shards each blob should be on (as the gateway's `replicas`). Default 2.
+    pub replicas: usize,
+    /// Time (milliseconds) between full re-replication sweeps when membership does not change.
+    /// Default 3600000 (hourly). A change of the live shards starts a sweep at once.
+    pub sweep_ms: u64,
+    /// Optional HTTP address for `/metrics` and `/healthz`. Default: none.
+    pub http_addr: Option<SocketAddr>,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for ReindexerConfig {
+    fn default() -> Self {
+        ReindexerConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            period_ms: 10_000,
+            dead_after_ms: 60_000,
+            shard_timeout_ms: 5_000,
+            replicas: 2,
+            sweep_ms: 3_600_000,
+            http_addr: None,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for ReindexerConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_REINDEXER_";
+}
+
 /// `motorpool worker`: a worker (the execution pipeline) that also holds a CAS shard.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -384,5 +428,8 @@ mod tests {
         let worker: WorkerConfig = load(Some(&dir.join("worker.toml")), &Flags::default()).unwrap();
         assert_eq!(worker.platform.get("pool").map(String::as_str), Some("gpu"));
         assert_eq!(worker.slots, Some(16));
+        let reindexer: ReindexerConfig =
+            load(Some(&dir.join("reindexer.toml")), &Flags::default()).unwrap();
+        assert_eq!(reindexer.replicas, 2);
     }
 }

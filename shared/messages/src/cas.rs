@@ -200,6 +200,24 @@ pub enum DataReply {
 }
 message!(DataReply, 121, 1);
 
+/// A page of the blobs a shard holds (for the reindexer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListBlobs {
+    /// Empty for the first page, else the previous page's `next`.
+    pub cursor: Vec<u8>,
+    pub limit: u32,
+}
+message!(ListBlobs, 122, 1, reply = BlobList);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobList {
+    /// `(instance name, digest)` of each blob.
+    pub blobs: Vec<(String, BlobDigest)>,
+    /// Cursor of the next page; `None` after the last.
+    pub next: Option<Vec<u8>>,
+}
+message!(BlobList, 123, 1);
+
 impl<R: crate::Message> crate::Message for Result<R, WireError> {
     const KIND: u16 = R::KIND;
     const VERSION: u16 = R::VERSION;

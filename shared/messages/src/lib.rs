@@ -58,6 +58,8 @@ mod tests {
             AcDelete::KIND,
             DataRequest::KIND,
             DataReply::KIND,
+            ListBlobs::KIND,
+            BlobList::KIND,
             Operation::KIND,
             WorkerInfo::KIND,
             Assign::KIND,

@@ -1,0 +1,153 @@
+//! The reindexer against the real stack: a shard that dies for good is dropped from the registry,
+//! and the blobs it held are copied back to two live shards.
+
+mod support;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use motorpool_bus::{Bus, subjects};
+use motorpool_messages::BlobDigest;
+use motorpool_messages::cas::FindMissing;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// A CAS shard the test starts itself (no supervisor restarts it); killed when dropped.
+struct OwnShard(Child);
+
+impl OwnShard {
+    fn start(nats: &str, id: &str, dir: &std::path::Path) -> OwnShard {
+        let child = Command::new(env!("CARGO_BIN_EXE_motorpool"))
+            .args(["cas-shard", "--nats-url", nats, "--shard-id", id])
+            .arg("--data-dir")
+            .arg(dir.join(id))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        OwnShard(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for OwnShard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn missing_on(bus: &Bus, shard: &str, digests: &[BlobDigest]) -> usize {
+    let req = FindMissing {
+        instance: "ci".into(),
+        digests: digests.to_vec(),
+    };
+    match bus.request(&subjects::cas::find_missing(shard), &req).await {
+        Ok(r) => r.missing.len(),
+        Err(_) => digests.len(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_shards_are_dropped_and_lost_replicas_restored() {
+    let stack = Stack::up_with_env(
+        &["--shards", "1", "--workers", "0"],
+        &[
+            ("MOTORPOOL_REINDEXER_PERIOD_MS", "300"),
+            ("MOTORPOOL_REINDEXER_DEAD_AFTER_MS", "3000"),
+            ("MOTORPOOL_REINDEXER_SHARD_TIMEOUT_MS", "2000"),
+        ],
+    );
+    let nats = stack.nats_url();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(&nats, "test", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut extra = OwnShard::start(&nats, "extra", dir.path());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stack.http_get("/api/v1/shards").contains("\"extra\"") {
+        assert!(
+            Instant::now() < deadline,
+            "the extra shard never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 300 small blobs and one large one, each written to both live shards.
+    let mut c = stack.clients().await;
+    let blobs: Vec<Vec<u8>> = (0..300).map(|i| bytes(i, 1000 + i as usize)).collect();
+    let digests: Vec<BlobDigest> = blobs.iter().map(|b| sha(b)).collect();
+    let req = re::BatchUpdateBlobsRequest {
+        instance_name: "ci".into(),
+        requests: blobs
+            .iter()
+            .zip(&digests)
+            .map(|(b, d)| re::batch_update_blobs_request::Request {
+                digest: Some(proto(d)),
+                data: b.clone(),
+                compressor: 0,
+            })
+            .collect(),
+        digest_function: 0,
+    };
+    c.cas.batch_update_blobs(req).await.unwrap();
+    let large = bytes(999, 6 << 20);
+    let large_d = sha(&large);
+    bs_write(&mut c, "ci", &large_d, &large).await.unwrap();
+    let mut all = digests.clone();
+    all.push(large_d);
+    assert_eq!(missing_on(&bus, "cas-0", &all).await, 0, "written to cas-0");
+    assert_eq!(
+        missing_on(&bus, "extra", &all).await,
+        0,
+        "and replicated to extra"
+    );
+
+    // The extra shard dies for good; a fresh one joins.
+    extra.kill();
+    let mut fresh = OwnShard::start(&nats, "fresh", dir.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shards = stack.http_get("/api/v1/shards");
+        let restored = missing_on(&bus, "fresh", &all).await == 0;
+        let dropped = !registry_has(&bus, "extra").await;
+        if restored && dropped && !shards.contains("\"extra\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not repaired in time: restored={restored} dropped={dropped}\n{shards}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(missing_on(&bus, "cas-0", &all).await, 0);
+    // Reads of every blob work, from either replica.
+    let r = c
+        .cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            instance_name: "ci".into(),
+            blob_digests: all.iter().map(proto).collect(),
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.missing_blob_digests.is_empty());
+    assert_eq!(
+        bs_read(&mut c, &read_name("ci", &large_d), 0, 0)
+            .await
+            .unwrap(),
+        large
+    );
+    fresh.kill();
+}
+
+async fn registry_has(bus: &Bus, id: &str) -> bool {
+    let kv = bus
+        .ensure_kv(subjects::cas::registry_config())
+        .await
+        .unwrap();
+    matches!(kv.get(id).await, Ok(Some(_)))
+}
