@@ -65,6 +65,19 @@ impl Operations {
             loop {
                 match kv.watch_all().await {
                     Ok(mut watch) => {
+                        // Changes made while no watch ran (a NATS restart) are not replayed:
+                        // give every waiter its operation's current state.
+                        let waiting: Vec<String> = waiters.lock().keys().cloned().collect();
+                        for id in waiting {
+                            if let Ok(Some(v)) = kv.get(&id).await
+                                && let Ok(op) = codec::decode::<Operation>(&v)
+                                && let Some(list) = waiters.lock().get(&id)
+                            {
+                                for tx in list {
+                                    let _ = tx.try_send(op.clone());
+                                }
+                            }
+                        }
                         while let Some(Ok(entry)) = watch.next().await {
                             if entry.operation != kv::Operation::Put {
                                 continue;

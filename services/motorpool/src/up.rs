@@ -38,6 +38,10 @@ pub struct UpArgs {
     /// Action slots per worker [default: the number of CPUs].
     #[arg(long)]
     worker_slots: Option<u32>,
+    /// How many of the workers serve the GPU pool (they advertise `pool=gpu`, `gpu=1`; on a
+    /// machine without GPUs this exercises the GPU queues with CPU workers).
+    #[arg(long, default_value_t = 0)]
+    gpu_workers: usize,
     /// Capacity of each CAS shard in bytes.
     #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024)]
     shard_capacity_bytes: u64,
@@ -138,6 +142,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ];
         if let Some(n) = args.worker_slots {
             a.extend(["--slots".to_string(), n.to_string()]);
+        }
+        if i >= args.workers.saturating_sub(args.gpu_workers) {
+            a.extend(["--platform", "pool=gpu", "--platform", "gpu=1"].map(String::from));
         }
         children.push(Supervised::new(&format!("worker-{i}"), a));
     }

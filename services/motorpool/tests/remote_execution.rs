@@ -23,8 +23,16 @@ const RELEASE: (&str, &str) = ("x-motorpool-lane", "release");
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
     let marks = tempfile::tempdir().unwrap();
+    // worker-0 serves the CPU pool, worker-1 the GPU pool.
     let stack = Stack::up_with_env(
-        &["--workers", "2", "--worker-slots", "2"],
+        &[
+            "--workers",
+            "2",
+            "--worker-slots",
+            "2",
+            "--gpu-workers",
+            "1",
+        ],
         &[
             ("MOTORPOOL_SCHEDULER_API_RATE_PER_S", "0.5"),
             ("MOTORPOOL_SCHEDULER_API_BURST", "1"),
@@ -70,6 +78,34 @@ async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
     let again = c.run(&spec, &[]).await;
     assert!(again.response.cached_result, "second run is a cache hit");
     assert_eq!(again.result().output_files, r.output_files);
+
+    assert_eq!(meta.worker, "worker-0", "CPU jobs run on the CPU worker");
+
+    // GPU jobs go to the GPU pool's queues and run only on a worker offering the GPU.
+    let mut gpu = Spec::sh("echo on a gpu");
+    gpu.platform = vec![("gpu".into(), "1".into())];
+    let g = c.run(&gpu, &[]).await;
+    assert_eq!(g.code(), 0, "{:?}", g.response.status);
+    assert_eq!(
+        g.result().execution_metadata.as_ref().unwrap().worker,
+        "worker-1"
+    );
+    // A job no worker can serve (two GPUs) waits in the GPU queue, visible in the queue stats.
+    let mut big = Spec::sh("echo never");
+    big.platform = vec![("gpu".into(), "2".into())];
+    let d = c.upload(&big).await;
+    let mut waiting = c.start(&d, &[RELEASE], true).await.unwrap();
+    let name = waiting.next().await.unwrap().unwrap().name;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queues = stack.http_get("/api/v1/queues");
+    assert!(
+        queues.contains(r#"{"depth":1,"lane":"release","pool":"gpu"}"#),
+        "{queues}"
+    );
+    c.ops
+        .cancel_operation(lr::CancelOperationRequest { name })
+        .await
+        .unwrap();
 
     // A failing action is reported as such, not retried, not cached.
     let fail = Spec::sh(&format!(
@@ -121,11 +157,36 @@ async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
     assert_eq!(cancelled.code(), Code::Cancelled as i32);
     let got = c
         .ops
-        .get_operation(lr::GetOperationRequest { name })
+        .get_operation(lr::GetOperationRequest { name: name.clone() })
         .await
         .unwrap()
         .into_inner();
     assert!(got.done);
+    let list = |filter: &str| lr::ListOperationsRequest {
+        filter: filter.into(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    let done = c
+        .ops
+        .list_operations(list("done=true"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.operations.iter().any(|o| o.name == name));
+    let open = c
+        .ops
+        .list_operations(list("done=false"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.operations.iter().all(|o| !o.done && o.name != name));
+    let bad = c
+        .ops
+        .list_operations(list("state=weird"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
 
     // API clients: a burst of 1 at 0.5/s; the second waits ~2 s, the third would wait 4 s > 2.5 s.
     let api = |n: &str| Spec::sh(&format!("echo {n}"));

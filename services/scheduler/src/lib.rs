@@ -647,7 +647,9 @@ impl Actor {
             }
             OpState::Executing { worker, .. } => {
                 if self.followers.get(id).is_none_or(Vec::is_empty) {
-                    // Nobody else waits for it: stop it. The slot frees when the worker reports.
+                    // Nobody else waits for it: stop it, and let no new identical operation
+                    // follow a run that ends cancelled. The slot frees when the worker reports.
+                    self.release_primary(id);
                     let _ = self
                         .bus
                         .publish(
@@ -782,7 +784,18 @@ impl Actor {
                         };
                     })
                     .await;
-                let Some(t) = self.ops.get(&id).filter(|_| ok) else {
+                if !ok {
+                    // The record moved under us; if it is still waiting, it keeps its place.
+                    if self
+                        .ops
+                        .get(&id)
+                        .is_some_and(|t| matches!(t.op.state, OpState::Queued { follows: None }))
+                    {
+                        self.enqueue(&id);
+                    }
+                    continue;
+                }
+                let Some(t) = self.ops.get(&id) else {
                     continue;
                 };
                 let op = t.op.clone();

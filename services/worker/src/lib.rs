@@ -602,7 +602,11 @@ impl Worker {
             .entry(key.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(1)))
             .clone();
-        let _one = gate.acquire().await.ok()?;
+        let Ok(_one) = gate.acquire().await else {
+            self.finish(job, Err(JobError::infra("the action gate closed")))
+                .await;
+            return None;
+        };
         let cfg = &self.svc.config;
         let timeout = match job.op.timeout_ms {
             0 => cfg.default_timeout_ms,
