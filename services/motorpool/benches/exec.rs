@@ -8,7 +8,9 @@
 //!   medians of `reps` runs each.
 //!
 //! `cargo bench -p motorpool --bench exec` (`MOTORPOOL_BENCH_QUICK=1` for a short run,
-//! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows).
+//! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows, `MOTORPOOL_BENCH_ONLY=bazel` for only them,
+//! `MOTORPOOL_BENCH_SLOTS=N` for N action slots per worker, `MOTORPOOL_BENCH_RE_FLAGS="..."` for
+//! extra Bazel flags on the remote build).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -35,6 +37,11 @@ fn main() {
     let quick = std::env::var("MOTORPOOL_BENCH_QUICK").is_ok_and(|v| v == "1");
     let bazel = std::env::var("MOTORPOOL_BENCH_BAZEL").map_or(true, |v| v != "0");
     let n = if quick { 200 } else { 1000 };
+    let only_bazel = std::env::var("MOTORPOOL_BENCH_ONLY").is_ok_and(|v| v == "bazel");
+    let slots = std::env::var("MOTORPOOL_BENCH_SLOTS").ok();
+    let extra_flags: Vec<String> = std::env::var("MOTORPOOL_BENCH_RE_FLAGS")
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -42,8 +49,15 @@ fn main() {
         .unwrap();
     let mut rows: Vec<[String; 3]> = Vec::new();
     {
-        let stack = Stack::up(&["--workers", "2", "--shards", "0"]);
+        let mut up = vec!["--workers", "2", "--shards", "0"];
+        if let Some(n) = &slots {
+            up.extend(["--worker-slots", n.as_str()]);
+        }
+        let stack = Stack::up(&up);
         rt.block_on(async {
+            if only_bazel {
+                return;
+            }
             let mut c = ExecClient::connect(&stack, "bench").await;
             // Warm up the connections and the workers' caches.
             for i in 0..20 {
@@ -120,14 +134,17 @@ fn main() {
                 b.run("clean", &["--expunge".into()]);
                 local.push(b.run("build", &["//...".into()]).elapsed.as_secs_f64());
                 b.run("clean", &["--expunge".into()]);
-                let flags = vec![
+                let flags: Vec<String> = vec![
                     "//...".to_string(),
                     format!("--remote_executor=grpc://{}", stack.grpc),
                     // A fresh instance each time: a cold cache, every action executed.
                     format!("--remote_instance_name=cold{rep}"),
                     "--spawn_strategy=remote".to_string(),
                     "--jobs=8".to_string(),
-                ];
+                ]
+                .into_iter()
+                .chain(extra_flags.iter().cloned())
+                .collect::<Vec<_>>();
                 remote.push(b.run("build", &flags).elapsed.as_secs_f64());
             }
             b.run("clean", &["--expunge".into()]);

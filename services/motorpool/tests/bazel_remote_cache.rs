@@ -7,10 +7,7 @@ use support::{Stack, sha256_file};
 
 #[test]
 fn bazel_rebuild_after_clean_is_all_remote_cache_hits_and_byte_identical() {
-    assert!(
-        support::which("bazel").is_some(),
-        "bazel is required (apt-get install bazel-bootstrap bazel-platforms); .ci/run installs it"
-    );
+    support::require_bazel();
     let dir = tempfile::tempdir().unwrap();
     let ws = Workspace::generate(dir.path(), 50);
 

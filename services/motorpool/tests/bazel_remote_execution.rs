@@ -7,10 +7,7 @@ use support::{Stack, sha256_file};
 
 #[test]
 fn bazel_remote_execution_matches_local_and_rebuilds_from_cache() {
-    assert!(
-        support::which("bazel").is_some(),
-        "bazel is required (apt-get install bazel-bootstrap bazel-platforms); .ci/run installs it"
-    );
+    support::require_bazel();
     let dir = tempfile::tempdir().unwrap();
     let ws = Workspace::generate(dir.path(), 50);
 

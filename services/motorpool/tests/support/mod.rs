@@ -357,6 +357,14 @@ pub async fn bs_read(
     Ok(out)
 }
 
+/// Fails the test, saying how to get it, when Bazel is not installed.
+pub fn require_bazel() {
+    assert!(
+        which("bazel").is_some(),
+        "bazel is required (apt-get install bazel-bootstrap bazel-platforms); .ci/run installs it"
+    );
+}
+
 /// True when `path` exists and is executable (for finding tools).
 pub fn which(tool: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
