@@ -212,7 +212,8 @@ pub fn collect(
     Ok(())
 }
 
-/// Uploads whatever of `uploads` the CAS lacks.
+/// Uploads whatever of `uploads` the CAS lacks: small blobs together in batches, large ones
+/// each on the data stream.
 pub async fn upload(svc: &Services, instance: &str, uploads: Uploads) -> Result<(), JobError> {
     let digests: Vec<BlobDigest> = uploads.blobs.keys().copied().collect();
     let missing = svc
@@ -220,6 +221,8 @@ pub async fn upload(svc: &Services, instance: &str, uploads: Uploads) -> Result<
         .find_missing(instance, &digests)
         .await
         .map_err(|e| JobError::infra(format!("find missing outputs: {e}")))?;
+    let small_limit = svc.shards.payload_budget() as u64 / 2;
+    let mut batch = Vec::new();
     let mut bytes = 0u64;
     let mut count = 0u64;
     for (d, m) in digests.iter().zip(missing) {
@@ -233,10 +236,29 @@ pub async fn upload(svc: &Services, instance: &str, uploads: Uploads) -> Result<
         };
         bytes += data.len() as u64;
         count += 1;
-        svc.shards
-            .write_blob(instance, d, data)
+        if d.size <= small_limit {
+            batch.push(motorpool_messages::cas::BlobPut { digest: *d, data });
+        } else {
+            svc.shards
+                .write_blob(instance, d, data)
+                .await
+                .map_err(|e| JobError::infra(format!("upload output {d}: {e}")))?;
+        }
+    }
+    if !batch.is_empty() {
+        let names: Vec<BlobDigest> = batch.iter().map(|b| b.digest).collect();
+        let results = svc
+            .shards
+            .batch_write(instance, batch)
             .await
-            .map_err(|e| JobError::infra(format!("upload output {d}: {e}")))?;
+            .map_err(|e| JobError::infra(format!("upload outputs: {e}")))?;
+        if let Some((d, e)) = names
+            .iter()
+            .zip(results)
+            .find_map(|(d, r)| r.map(|e| (d, e)))
+        {
+            return Err(JobError::infra(format!("upload output {d}: {e}")));
+        }
     }
     metrics::counter!("motorpool_worker_uploaded_blobs_total").increment(count);
     metrics::counter!("motorpool_worker_uploaded_bytes_total").increment(bytes);
