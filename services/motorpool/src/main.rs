@@ -6,13 +6,16 @@
 //! - `motorpool gateway ...`, `motorpool cas-shard ...`, `motorpool scheduler ...`,
 //!   `motorpool worker ...`, `motorpool reindexer ...` run one service each, to deploy and scale
 //!   them separately.
+//! - `motorpool mapping|prelabel|annotate ...` run one stage of the BevSlots labeling pipeline;
+//!   `motorpool label run|synth|bench` label a clip, write a synthetic one, measure.
 
+mod label;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
 use motorpool_config::{
-    GatewayConfig, ReindexerConfig, SchedulerConfig, ServiceConfig, ShardConfig, TelemetryConfig,
-    WorkerConfig,
+    GatewayConfig, LabelConfig, ReindexerConfig, SchedulerConfig, ServiceConfig, ShardConfig,
+    TelemetryConfig, WorkerConfig,
 };
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -44,6 +47,34 @@ enum Command {
     Worker(WorkerArgs),
     /// Run the reindexer (drops dead registry entries, re-replicates blobs).
     Reindexer(ReindexerArgs),
+    /// Run the mapping stage of BevSlots labeling (local map, BEV raster).
+    Mapping(LabelArgs),
+    /// Run the prelabel stage of BevSlots labeling (detection, temporal fusion).
+    Prelabel(LabelArgs),
+    /// Run the annotate stage of BevSlots labeling (projection, AVM filter, label files).
+    Annotate(LabelArgs),
+    /// Label clips, make synthetic ones, measure the pipeline.
+    #[command(subcommand)]
+    Label(label::LabelCommand),
+}
+
+#[derive(Args, Serialize)]
+struct LabelArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// Label store root [default: motorpool-data/labels].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Clips worked on at once [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    concurrency: Option<usize>,
+    /// Name of this instance in clip statuses [default: host-stage-pid].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_id: Option<String>,
 }
 
 #[derive(Args, Serialize)]
@@ -255,6 +286,31 @@ async fn main() -> anyhow::Result<()> {
             let config: ReindexerConfig = load(&args.common, &args)?;
             let _telemetry = telemetry("reindexer", &config.telemetry)?;
             motorpool_reindexer::run(config, shutdown_on_signals()).await
+        }
+        Command::Mapping(args) => {
+            let config: LabelConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("mapping", &config.telemetry)?;
+            motorpool_mapping::run(config, shutdown_on_signals()).await
+        }
+        Command::Prelabel(args) => {
+            let config: LabelConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("prelabel", &config.telemetry)?;
+            motorpool_prelabel::run(config, shutdown_on_signals()).await
+        }
+        Command::Annotate(args) => {
+            let config: LabelConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("annotate", &config.telemetry)?;
+            motorpool_annotate::run(config, shutdown_on_signals()).await
+        }
+        Command::Label(cmd) => {
+            let _telemetry = telemetry(
+                "label",
+                &TelemetryConfig {
+                    log_filter: "warn".into(),
+                    ..Default::default()
+                },
+            )?;
+            label::main(cmd).await
         }
         Command::Worker(args) => {
             let config: WorkerConfig = load(&args.common, &args)?;

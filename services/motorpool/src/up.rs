@@ -1,7 +1,8 @@
 //! `motorpool up`: the whole stack on one machine, as child processes under a small supervisor.
 //!
 //! Children: one `nats-server` (JetStream, store under the data dir), N CAS shards, the scheduler,
-//! the reindexer, M workers (each also a CAS shard), one gateway. A child that exits unexpectedly is restarted
+//! the reindexer, the three labeling stages (mapping, prelabel, annotate), M workers (each also a
+//! CAS shard), one gateway. A child that exits unexpectedly is restarted
 //! after a short back-off. Ctrl-C (or SIGTERM) stops them in reverse order (gateway, workers,
 //! scheduler, shards), then NATS, each with SIGTERM and a grace period.
 
@@ -128,6 +129,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "reindexer",
         vec!["reindexer".into(), "--nats-url".into(), nats_url.clone()],
     ));
+    for stage in ["mapping", "prelabel", "annotate"] {
+        children.push(Supervised::new(
+            stage,
+            vec![
+                stage.into(),
+                "--nats-url".into(),
+                nats_url.clone(),
+                "--data-dir".into(),
+                data_dir.join("labels").display().to_string(),
+                "--worker-id".into(),
+                format!("{stage}-0"),
+            ],
+        ));
+    }
     for i in 0..args.workers {
         let mut a = vec![
             "worker".to_string(),
@@ -182,7 +197,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         format!(" --remote_instance_name={}", args.instance_name)
     };
     println!(
-        "\nMotorpool is up.\n  NATS     {nats_url}\n  gRPC     grpc://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nBuild with the remote cache:\n  bazel build //... --remote_cache=grpc://{grpc}{instance}\n{exec}\nPress Ctrl-C to stop.\n",
+        "\nMotorpool is up.\n  NATS     {nats_url}\n  gRPC     grpc://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nBuild with the remote cache:\n  bazel build //... --remote_cache=grpc://{grpc}{instance}\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url}\n\nPress Ctrl-C to stop.\n",
         workers = args.workers,
         exec = if args.workers > 0 {
             format!(

@@ -80,8 +80,7 @@ impl LaneQueues {
 
     /// The effective rank of a job of `lane` that entered at `since_ms`.
     pub fn effective_rank(&self, lane: Lane, since_ms: u64, now_ms: u64) -> u32 {
-        let aged = (now_ms.saturating_sub(since_ms) / self.aging_step_ms).min(3) as u32;
-        (lane.rank() + aged).min(Lane::Release.rank())
+        lane.effective_rank(now_ms.saturating_sub(since_ms), self.aging_step_ms)
     }
 
     /// Takes the next job of `pool` for a slot that can run the jobs `fits` accepts.

@@ -23,7 +23,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use futures::future::BoxFuture;
 use motorpool_bus::{Bus, MailboxOptions, serve, subjects};
 use motorpool_cas_client::{Shards, proto};
-use motorpool_cas_shard::store::{Store, StoreError, namespace};
+use motorpool_cas_shard::store::{Store, namespace};
 use motorpool_config::{ShardConfig, WorkerConfig};
 use motorpool_messages::exec::*;
 use motorpool_messages::{BlobDigest, ErrorCode, WireError, now_ms};
@@ -88,12 +88,8 @@ impl Services {
         let store = self.store.clone();
         let ds = digests.to_vec();
         let local: Vec<Option<Vec<u8>>> = tokio::task::spawn_blocking(move || {
-            ds.iter()
-                .map(|d| match store.read(ns, d, 0, 0) {
-                    Ok(b) => Some(b),
-                    Err(StoreError::NotFound(_)) | Err(_) => None,
-                })
-                .collect()
+            // Whatever the local shard cannot give (absent, or unreadable) comes from the cluster.
+            ds.iter().map(|d| store.read(ns, d, 0, 0).ok()).collect()
         })
         .await
         .map_err(|e| JobError::infra(format!("local read: {e}")))?;

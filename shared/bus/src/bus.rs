@@ -142,6 +142,25 @@ impl Bus {
             })
     }
 
+    /// Publishes a typed message to a JetStream stream and waits for the server to store it: for
+    /// work that must not be lost.
+    pub async fn enqueue<M: Message>(&self, subject: &Subject, msg: &M) -> Result<(), BusError> {
+        let payload = Bytes::from(codec::encode(msg)?);
+        let subject_name = subject.as_str().to_string();
+        let ack = self
+            .jetstream
+            .publish(subject_name.clone(), payload)
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject_name.clone(),
+                message: e.to_string(),
+            })?;
+        ack.await.map(|_| ()).map_err(|e| BusError::Publish {
+            subject: subject_name,
+            message: e.to_string(),
+        })
+    }
+
     /// Sends a request and waits (default timeout) for its typed reply. A remote error comes
     /// back as [`BusError::Remote`].
     pub async fn request<R: Request>(

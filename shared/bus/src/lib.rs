@@ -7,15 +7,19 @@
 //!   and JetStream KV/stream set-up.
 //! - [`serve`]: runs a typed mailbox: a (queue-group) subscription whose requests are handled with
 //!   bounded concurrency, malformed frames answered with a clear error.
+//! - [`lanes`]: lane work queues on JetStream (one durable consumer per priority lane, a picker
+//!   with bounded aging) for jobs that are not REAPI actions.
 //! - [`server`]: starts a real `nats-server` (JetStream on) on a free port with a temp store dir;
 //!   used by `motorpool up` and by every integration test.
 
 mod bus;
+pub mod lanes;
 mod mailbox;
 pub mod server;
 pub mod subjects;
 
 pub use bus::{Bus, BusError, TypedSubscriber};
+pub use lanes::{Delivery, LaneQueue, LaneQueueOptions};
 pub use mailbox::{MailboxOptions, serve};
 pub use server::{NatsServer, NatsServerOptions};
 pub use subjects::Subject;

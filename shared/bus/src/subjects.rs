@@ -188,6 +188,62 @@ pub mod exec {
     }
 }
 
+/// The BevSlots auto-labeling pipeline: stage job queues and per-stage status.
+pub mod label {
+    use super::Subject;
+    use motorpool_messages::exec::Lane;
+    use motorpool_messages::label::Stage;
+    use std::time::Duration;
+
+    const DOMAIN: &str = "label";
+
+    /// `LabelJob`s queued for `stage` in `lane` (JetStream stream [`JOBS_STREAM`]).
+    pub fn run(stage: Stage, lane: Lane) -> Subject {
+        Subject::build(DOMAIN, stage.name(), "run", Some(lane.name()))
+    }
+    /// Every lane of one stage.
+    pub fn all_runs(stage: Stage) -> Subject {
+        Subject::build(DOMAIN, stage.name(), "run", Some("*"))
+    }
+    /// The stream that holds queued jobs until a stage takes and finishes them.
+    pub const JOBS_STREAM: &str = "MP_V1_LABEL_JOBS";
+
+    /// Work-queue retention: a job leaves the stream when its stage acknowledges it.
+    pub fn jobs_stream_config() -> async_nats::jetstream::stream::Config {
+        async_nats::jetstream::stream::Config {
+            name: JOBS_STREAM.to_string(),
+            subjects: vec![format!(
+                "{}.{}.{}.*.run.*",
+                super::ROOT,
+                super::VERSION,
+                DOMAIN
+            )],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+    /// Durable consumer name of `stage` for `lane`.
+    pub fn consumer(stage: Stage, lane: Lane) -> String {
+        format!("label-{}-{}", stage.name(), lane.name())
+    }
+    /// Status of every job in every stage: KV bucket, key `<job id>.<stage>`.
+    pub const STATUS_BUCKET: &str = "mp_v1_label_status";
+
+    pub fn status_key(job_id: &str, stage: Stage) -> String {
+        format!("{job_id}.{}", stage.name())
+    }
+
+    pub fn status_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: STATUS_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+}
+
 /// Operations: alerts for people.
 pub mod ops {
     use super::Subject;
@@ -229,6 +285,17 @@ mod tests {
         assert_eq!(
             cas::all_heartbeats().as_str(),
             "mp.v1.cas.shard.heartbeat.*"
+        );
+    }
+
+    #[test]
+    fn label_subjects_fit_the_jobs_stream() {
+        use motorpool_messages::{exec::Lane, label::Stage};
+        let s = label::run(Stage::Prelabel, Lane::Release);
+        assert_eq!(s.as_str(), "mp.v1.label.prelabel.run.release");
+        assert_eq!(
+            label::jobs_stream_config().subjects,
+            ["mp.v1.label.*.run.*"]
         );
     }
 

@@ -250,3 +250,83 @@ async fn broadcast_and_kv_survive_a_server_restart() {
         .unwrap();
     assert_eq!(got, info);
 }
+
+#[tokio::test]
+async fn lane_queues_hand_out_release_first_then_fifo_and_redeliver_dropped_jobs() {
+    use motorpool_bus::{LaneQueue, LaneQueueOptions};
+    use motorpool_messages::exec::Lane;
+    use motorpool_messages::label::{LabelJob, LabelParams, Stage};
+
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let job = |id: &str, lane: Lane| LabelJob {
+        job_id: id.into(),
+        clip_id: "c".into(),
+        clip_dir: "/nowhere".into(),
+        lane,
+        submitted_ms: 0,
+        params: LabelParams::default(),
+        outputs: vec![],
+    };
+    bus.ensure_stream(subjects::label::jobs_stream_config())
+        .await
+        .unwrap();
+    for (id, lane) in [
+        ("lint-1", Lane::Lint),
+        ("test-1", Lane::Test),
+        ("lint-2", Lane::Lint),
+        ("release-1", Lane::Release),
+        ("test-2", Lane::Test),
+    ] {
+        bus.enqueue(&subjects::label::run(Stage::Mapping, lane), &job(id, lane))
+            .await
+            .unwrap();
+    }
+    let options = LaneQueueOptions {
+        stream: subjects::label::JOBS_STREAM.into(),
+        consumer: |l| subjects::label::consumer(Stage::Mapping, l),
+        subject: |l| subjects::label::run(Stage::Mapping, l),
+        aging_step_ms: 3_600_000,
+        ack_wait: Duration::from_secs(1),
+        max_deliver: 5,
+    };
+    let mut queue =
+        LaneQueue::<LabelJob>::open(&bus, subjects::label::jobs_stream_config(), options.clone())
+            .await
+            .unwrap();
+    // Let every lane's first job arrive before picking.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut order = Vec::new();
+    let mut dropped = None;
+    for i in 0..5 {
+        let d = tokio::time::timeout(Duration::from_secs(5), queue.next())
+            .await
+            .unwrap()
+            .unwrap();
+        order.push(d.msg.job_id.clone());
+        if i == 1 {
+            dropped = Some(d); // held, never acknowledged
+        } else {
+            d.ack().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(order, ["release-1", "test-1", "test-2", "lint-1", "lint-2"]);
+    // A job whose holder went away comes back after ack_wait.
+    drop(dropped);
+    let again = tokio::time::timeout(Duration::from_secs(10), queue.next())
+        .await
+        .expect("redelivered")
+        .unwrap();
+    assert_eq!(again.msg.job_id, "test-1");
+    assert_eq!(again.delivered, 2);
+    again.ack().await.unwrap();
+    queue.close().await;
+    // Nothing is left: the work queue is empty.
+    let stream = bus
+        .ensure_stream(subjects::label::jobs_stream_config())
+        .await
+        .unwrap();
+    let mut stream = stream;
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}

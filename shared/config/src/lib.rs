@@ -364,6 +364,51 @@ impl ServiceConfig for WorkerConfig {
     const ENV_PREFIX: &'static str = "MOTORPOOL_WORKER_";
 }
 
+/// `motorpool mapping`, `motorpool prelabel`, `motorpool annotate`: a stage of the BevSlots
+/// labeling pipeline. The three stages share this configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LabelConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// Root of the label store: every stage writes its versioned outputs under
+    /// `<data_dir>/<clip id>/<stage>/v<version>-<input hash>/`. Stages on different hosts need
+    /// it on shared storage. Clips are read where their job says. Default
+    /// `./motorpool-data/labels`.
+    pub data_dir: PathBuf,
+    /// Name of this instance in clip statuses. Default: the host name and the stage.
+    pub worker_id: Option<String>,
+    /// Clips worked on at once. Default 1 (each stage's work is single-threaded; run more
+    /// instances, or raise this, to use more cores).
+    pub concurrency: usize,
+    /// Milliseconds of waiting that raise a queued clip one lane (the platform's aging rule).
+    /// Default 10000.
+    pub aging_step_ms: u64,
+    /// Milliseconds a taken clip may go without a keep-alive before it is redelivered to another
+    /// instance (the holder died). Default 120000.
+    pub ack_wait_ms: u64,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for LabelConfig {
+    fn default() -> Self {
+        LabelConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            data_dir: PathBuf::from("motorpool-data/labels"),
+            worker_id: None,
+            concurrency: 1,
+            aging_step_ms: 10_000,
+            ack_wait_ms: 120_000,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for LabelConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_LABEL_";
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
 mod tests {
@@ -431,5 +476,7 @@ mod tests {
         let reindexer: ReindexerConfig =
             load(Some(&dir.join("reindexer.toml")), &Flags::default()).unwrap();
         assert_eq!(reindexer.replicas, 2);
+        let label: LabelConfig = load(Some(&dir.join("label.toml")), &Flags::default()).unwrap();
+        assert_eq!(label.concurrency, 2);
     }
 }

@@ -42,6 +42,14 @@ impl Lane {
         }
     }
 
+    /// The lane a job of this lane competes as after waiting `waited_ms`: one lane higher for
+    /// every `aging_step_ms` waited, capped at release. The one aging rule for every kind of job
+    /// (actions, image builds, labeling), so no lane starves anywhere.
+    pub fn effective_rank(self, waited_ms: u64, aging_step_ms: u64) -> u32 {
+        let aged = (waited_ms / aging_step_ms.max(1)).min(3) as u32;
+        (self.rank() + aged).min(Lane::Release.rank())
+    }
+
     /// Parses a lane name (case-insensitive).
     pub fn from_name(s: &str) -> Option<Lane> {
         Lane::ALL
@@ -322,5 +330,18 @@ mod tests {
         assert!(Lane::Test.rank() > Lane::Lint.rank());
         assert_eq!(Lane::from_name(" Release"), Some(Lane::Release));
         assert_eq!(Lane::from_name("urgent"), None);
+    }
+
+    #[test]
+    fn waiting_raises_a_lane_up_to_release() {
+        assert_eq!(Lane::Lint.effective_rank(0, 10_000), 0);
+        assert_eq!(Lane::Lint.effective_rank(19_999, 10_000), 1);
+        assert_eq!(Lane::Test.effective_rank(20_000, 10_000), 3);
+        assert_eq!(
+            Lane::Lint.effective_rank(u64::MAX, 10_000),
+            3,
+            "capped at release"
+        );
+        assert_eq!(Lane::Release.effective_rank(0, 0), 3);
     }
 }

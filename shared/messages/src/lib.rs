@@ -8,6 +8,8 @@
 //!   action-cache entries, and the framing of the direct shard data stream.
 //! - [`exec`]: remote execution: the operation record, lanes and pools, worker registration,
 //!   the scheduler ⇄ worker conversation, alerts.
+//! - [`label`]: the BevSlots auto-labeling pipeline: the job that travels mapping -> prelabel ->
+//!   annotate, and each stage's status.
 //! - [`error`]: the error a remote handler answers with; its code mirrors gRPC status codes.
 //!
 //! A message type states its subject's kind id and schema version through [`Message`]. A newer
@@ -19,6 +21,7 @@ pub mod codec;
 pub mod digest;
 pub mod error;
 pub mod exec;
+pub mod label;
 
 pub use codec::{CodecError, Message, Request, decode, encode};
 pub use digest::{BlobDigest, DigestFunction, Hasher};
@@ -35,7 +38,7 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use crate::Message;
-    use crate::{cas::*, exec::*};
+    use crate::{cas::*, exec::*, label::*};
 
     #[test]
     fn kinds_are_unique_across_the_workspace() {
@@ -72,6 +75,8 @@ mod tests {
             GetQueueStats::KIND,
             Admit::KIND,
             Admission::KIND,
+            LabelJob::KIND,
+            StageStatus::KIND,
         ];
         let mut sorted = kinds.to_vec();
         sorted.sort();

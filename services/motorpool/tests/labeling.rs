@@ -1,0 +1,235 @@
+//! BevSlots labeling end to end: `motorpool up` runs the three stage actors, `motorpool label run`
+//! queues synthetic clips on the real NATS and follows them; outputs are versioned and reused;
+//! malformed clips fail with the clip and the frame named.
+
+mod support;
+
+use motorpool_labeling::synth::{Layout, SynthOptions, generate};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use support::Stack;
+
+fn synth_clip(dir: &Path, seed: u64, frames: u32) -> PathBuf {
+    let clip = generate(&SynthOptions {
+        seed,
+        layout: Layout::Angled,
+        frames,
+        points: 3000,
+        ..Default::default()
+    });
+    let path = dir.join(&clip.clip_id);
+    clip.write(&path).unwrap();
+    path
+}
+
+fn label_run(nats: &str, clip: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_motorpool"))
+        .args(["label", "run"])
+        .arg(clip)
+        .args(["--nats-url", nats])
+        .args(extra)
+        .output()
+        .expect("run motorpool label run")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// The annotate output directory a run printed.
+fn annotate_dir(out: &str) -> PathBuf {
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("picture"))
+        .unwrap_or_else(|| panic!("no picture line in:\n{out}"));
+    let html = line.split_whitespace().last().unwrap();
+    Path::new(html).parent().unwrap().to_path_buf()
+}
+
+#[test]
+fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
+    let stack = Stack::up(&["--workers", "0"]);
+    let nats = stack.nats_url();
+    let clips = tempfile::tempdir().unwrap();
+    let clip = synth_clip(clips.path(), 7, 120);
+
+    let first = label_run(&nats, &clip, &["--lane", "release"]);
+    let out = text(&first);
+    assert!(first.status.success(), "{out}\n{}", stack.log());
+    assert!(out.contains("in the release lane"), "{out}");
+    for stage in ["mapping", "prelabel", "annotate"] {
+        assert!(
+            out.contains(&format!("{stage:<9} done")),
+            "{stage} not done:\n{out}"
+        );
+    }
+    let dir = annotate_dir(&out);
+    assert!(
+        dir.starts_with(stack.dir.path().join("data/labels")),
+        "outputs go to the stack's label store: {}",
+        dir.display()
+    );
+
+    // Statistics and a reason for every dropped frame.
+    let stats = json(&dir.join("stats.json"));
+    let kept = stats["frames_kept"].as_u64().unwrap();
+    assert_eq!(stats["frames"], 120);
+    assert!(kept > 60, "{stats}");
+    assert!(stats["slots"].as_u64().unwrap() >= 15, "{stats}");
+    assert!(
+        stats["tracks"].as_u64() > stats["slots"].as_u64(),
+        "false positives make short tracks: {stats}"
+    );
+    let dropped = json(&dir.join("dropped_frames.json"));
+    assert_eq!(dropped.as_array().unwrap().len() as u64, 120 - kept);
+    for d in dropped.as_array().unwrap() {
+        assert!(
+            ["no_visible_slots", "avm_no_result", "avm_disagrees"]
+                .contains(&d["dropped"].as_str().unwrap()),
+            "{d}"
+        );
+        assert!(!d["detail"].as_str().unwrap().is_empty());
+    }
+
+    // COCO keypoints: an image per kept frame (rendered), four keypoints per slot.
+    let coco = json(&dir.join("coco_keypoints.json"));
+    let images = coco["images"].as_array().unwrap();
+    assert_eq!(images.len() as u64, kept);
+    for img in images {
+        assert!(
+            dir.join(img["file_name"].as_str().unwrap()).is_file(),
+            "{img}"
+        );
+    }
+    let anns = coco["annotations"].as_array().unwrap();
+    assert_eq!(
+        anns.len() as u64,
+        stats["label_instances"].as_u64().unwrap()
+    );
+    for a in anns {
+        assert_eq!(a["keypoints"].as_array().unwrap().len(), 12);
+        assert_eq!(a["num_keypoints"], 4);
+        assert!(
+            a["area"].as_f64().unwrap() > 100.0,
+            "a slot is ~13 m^2 = 1300 px: {a}"
+        );
+    }
+    assert_eq!(
+        coco["categories"][0]["keypoints"].as_array().unwrap().len(),
+        4
+    );
+
+    // Label Studio: a task per kept frame, polygons in percent with scores.
+    let ls = json(&dir.join("label_studio.json"));
+    assert_eq!(ls.as_array().unwrap().len() as u64, kept);
+    let r = &ls[0]["predictions"][0]["result"][0];
+    assert_eq!(r["type"], "polygonlabels");
+    assert!(r["score"].as_f64().unwrap() > 0.0);
+    for p in r["value"]["points"].as_array().unwrap() {
+        let x = p[0].as_f64().unwrap();
+        assert!((-50.0..=150.0).contains(&x), "{p}");
+    }
+
+    // The picture.
+    let svg = std::fs::read_to_string(dir.join("report.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("data:image/png;base64,"));
+    assert!(svg.matches("<title>slot ").count() as u64 == stats["slots"].as_u64().unwrap());
+    assert!(
+        std::fs::read_to_string(dir.join("report.html"))
+            .unwrap()
+            .contains(&svg[..200])
+    );
+
+    // The same clip again: every stage reuses its output.
+    let again = label_run(&nats, &clip, &[]);
+    let out2 = text(&again);
+    assert!(again.status.success(), "{out2}");
+    assert_eq!(out2.matches("(cached").count(), 3, "{out2}");
+    assert_eq!(annotate_dir(&out2), dir);
+
+    // Other annotate parameters: mapping and prelabel are reused, annotate writes a new version
+    // beside the old one.
+    let narrow = label_run(&nats, &clip, &["--visible-m", "7"]);
+    let out3 = text(&narrow);
+    assert!(narrow.status.success(), "{out3}");
+    assert_eq!(out3.matches("(cached").count(), 2, "{out3}");
+    let dir3 = annotate_dir(&out3);
+    assert_ne!(dir3, dir);
+    assert!(dir.join("manifest.json").is_file() && dir3.join("manifest.json").is_file());
+    let w3 = json(&dir3.join("coco_keypoints.json"))["images"][0]["width"].as_u64();
+    assert_eq!(w3, Some(140), "7 m at 0.1 m/px");
+
+    // A malformed detections file fails the prelabel stage, naming the clip and the frame.
+    let bad = synth_clip(clips.path(), 8, 40);
+    let path = bad.join("detections/avm.json");
+    let mut v = json(&path);
+    v["frames"][5]["index"] = 77.into();
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let failed = label_run(&nats, &bad, &[]);
+    let out4 = text(&failed);
+    assert!(!failed.status.success(), "{out4}");
+    assert!(
+        out4.contains("prelabel  FAILED: clip synth-angled-s8, frame 77"),
+        "{out4}"
+    );
+    // The stack goes on serving.
+    let fine = label_run(&nats, &synth_clip(clips.path(), 9, 40), &[]);
+    assert!(fine.status.success(), "{}", text(&fine));
+}
+
+#[test]
+fn label_run_without_a_stack_runs_the_pipeline_in_process_and_refuses_bad_clips() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    let synth = Command::new(env!("CARGO_BIN_EXE_motorpool"))
+        .args([
+            "label", "synth", "--seed", "3", "--layout", "parallel", "--frames", "60", "--out",
+        ])
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(synth.status.success(), "{}", text(&synth));
+    assert!(text(&synth).contains("60 frames"), "{}", text(&synth));
+
+    let run = Command::new(env!("CARGO_BIN_EXE_motorpool"))
+        .args(["label", "run"])
+        .arg(&clip)
+        .arg("--data-dir")
+        .arg(dir.path().join("labels"))
+        .env_remove("MOTORPOOL_NATS_URL")
+        .output()
+        .unwrap();
+    let out = text(&run);
+    assert!(run.status.success(), "{out}");
+    assert!(out.contains("Labeled clip synth-parallel-s3"), "{out}");
+    assert!(annotate_dir(&out).join("coco_keypoints.json").is_file());
+
+    // A frame missing from clip.json: refused before anything is queued.
+    let manifest = clip.join("clip.json");
+    let mut v = json(&manifest);
+    v["frames"].as_array_mut().unwrap().remove(10);
+    std::fs::write(&manifest, serde_json::to_vec(&v).unwrap()).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_motorpool"))
+        .args(["label", "run"])
+        .arg(&clip)
+        .env_remove("MOTORPOOL_NATS_URL")
+        .output()
+        .unwrap();
+    let out = text(&run);
+    assert!(!run.status.success());
+    assert!(
+        out.contains("clip synth-parallel-s3, frame 10: frame 10 is missing"),
+        "{out}"
+    );
+}

@@ -1,0 +1,311 @@
+//! Lane work queues on JetStream, for work that is not an REAPI action (labeling jobs, image
+//! builds): one durable pull consumer per priority lane, and a picker that hands out the best
+//! waiting job by the platform's one rule ([`Lane::effective_rank`]: lane rank plus bounded
+//! aging, ties to the older job).
+//!
+//! Each lane holds at most one job in the picker and one in flight from the server, so a release
+//! job queued behind a thousand lint jobs is at most one pick away. A job held here (waiting in
+//! the picker or being worked on) is kept alive with progress acknowledgements; it leaves the
+//! stream only when the worker calls [`Delivery::ack`] (or [`Delivery::term`] for a job that can
+//! never succeed). A worker that dies leaves it to be redelivered after `ack_wait`; after
+//! `max_deliver` deliveries the server stops offering it (a poison job never blocks a lane).
+
+use crate::{Bus, BusError, Subject};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use futures::StreamExt;
+use motorpool_messages::exec::Lane;
+use motorpool_messages::{Message, codec, now_ms};
+use std::marker::PhantomData;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How a lane queue consumes its stream.
+#[derive(Clone, Debug)]
+pub struct LaneQueueOptions {
+    /// The stream holding the jobs.
+    pub stream: String,
+    /// Durable consumer name per lane.
+    pub consumer: fn(Lane) -> String,
+    /// Subject of each lane's jobs.
+    pub subject: fn(Lane) -> Subject,
+    /// Waiting this long raises a job one lane.
+    pub aging_step_ms: u64,
+    /// A held job not acknowledged (or kept alive) for this long is redelivered.
+    pub ack_wait: Duration,
+    /// Deliveries of one job before the server gives up on it.
+    pub max_deliver: i64,
+}
+
+/// One job taken from a lane queue. Kept alive until acknowledged, terminated or dropped (a
+/// dropped delivery is redelivered after `ack_wait`).
+pub struct Delivery<M> {
+    pub msg: M,
+    pub lane: Lane,
+    /// When it was queued (ms since the epoch): the stream's publish time.
+    pub queued_ms: u64,
+    /// 1 for the first delivery.
+    pub delivered: i64,
+    raw: jetstream::Message,
+    keepalive: CancellationToken,
+}
+
+impl<M> std::fmt::Debug for Delivery<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("lane", &self.lane)
+            .field("queued_ms", &self.queued_ms)
+            .field("delivered", &self.delivered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> Drop for Delivery<M> {
+    fn drop(&mut self) {
+        self.keepalive.cancel();
+    }
+}
+
+impl<M> Delivery<M> {
+    /// Done: the job leaves the stream.
+    pub async fn ack(self) -> Result<(), BusError> {
+        self.keepalive.cancel();
+        self.raw
+            .double_ack()
+            .await
+            .map_err(|e| BusError::JetStream(format!("ack: {e}")))
+    }
+
+    /// Never retry: the job leaves the stream without succeeding.
+    pub async fn term(self) -> Result<(), BusError> {
+        self.keepalive.cancel();
+        self.raw
+            .ack_with(AckKind::Term)
+            .await
+            .map_err(|e| BusError::JetStream(format!("term: {e}")))
+    }
+
+    /// Retry later, after `delay`.
+    pub async fn nak(self, delay: Duration) -> Result<(), BusError> {
+        self.keepalive.cancel();
+        self.raw
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| BusError::JetStream(format!("nak: {e}")))
+    }
+}
+
+/// The consuming side of a lane work queue.
+pub struct LaneQueue<M> {
+    receivers: Vec<(Lane, mpsc::Receiver<Delivery<M>>)>,
+    heads: Vec<Option<Delivery<M>>>,
+    aging_step_ms: u64,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    _m: PhantomData<M>,
+}
+
+impl<M> Drop for LaneQueue<M> {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl<M: Message> LaneQueue<M> {
+    /// Opens (creating where needed) the stream's per-lane consumers and starts fetching.
+    pub async fn open(
+        bus: &Bus,
+        stream: jetstream::stream::Config,
+        options: LaneQueueOptions,
+    ) -> Result<LaneQueue<M>, BusError> {
+        let stream = bus.ensure_stream(stream).await?;
+        let shutdown = CancellationToken::new();
+        let mut receivers = Vec::new();
+        let mut tasks = Vec::new();
+        for lane in Lane::ALL {
+            let durable = (options.consumer)(lane);
+            let consumer: jetstream::consumer::PullConsumer = stream
+                .get_or_create_consumer(
+                    &durable,
+                    pull::Config {
+                        durable_name: Some(durable.clone()),
+                        filter_subject: (options.subject)(lane).to_string(),
+                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                        ack_wait: options.ack_wait,
+                        max_deliver: options.max_deliver,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| BusError::JetStream(format!("consumer {durable}: {e}")))?;
+            let (tx, rx) = mpsc::channel(1);
+            receivers.push((lane, rx));
+            tasks.push(tokio::spawn(fetch_lane::<M>(
+                consumer,
+                lane,
+                tx,
+                options.ack_wait,
+                shutdown.clone(),
+            )));
+        }
+        Ok(LaneQueue {
+            heads: (0..receivers.len()).map(|_| None).collect(),
+            receivers,
+            aging_step_ms: options.aging_step_ms,
+            shutdown,
+            tasks,
+            _m: PhantomData,
+        })
+    }
+
+    /// The next job by the lane rule; waits while every lane is empty. `None` once closed.
+    pub async fn next(&mut self) -> Option<Delivery<M>> {
+        loop {
+            for (i, (_, rx)) in self.receivers.iter_mut().enumerate() {
+                if self.heads[i].is_none()
+                    && let Ok(d) = rx.try_recv()
+                {
+                    self.heads[i] = Some(d);
+                }
+            }
+            if let Some(best) = self.best(now_ms()) {
+                return self.heads[best].take();
+            }
+            let waits = self
+                .receivers
+                .iter_mut()
+                .enumerate()
+                .map(|(i, (_, rx))| Box::pin(async move { (i, rx.recv().await) }));
+            let ((i, got), _, _) = futures::future::select_all(waits).await;
+            match got {
+                Some(d) => self.heads[i] = Some(d),
+                None => return None,
+            }
+        }
+    }
+
+    /// The index of the head to take: highest effective rank, then the older, then the higher
+    /// base lane.
+    fn best(&self, now: u64) -> Option<usize> {
+        let mut best: Option<(u32, u64, u32, usize)> = None;
+        for (i, d) in self.heads.iter().enumerate() {
+            let Some(d) = d else { continue };
+            let key = (
+                d.lane
+                    .effective_rank(now.saturating_sub(d.queued_ms), self.aging_step_ms),
+                d.queued_ms,
+                d.lane.rank(),
+                i,
+            );
+            let better = match best {
+                None => true,
+                Some(b) => {
+                    key.0 > b.0 || (key.0 == b.0 && (key.1 < b.1 || (key.1 == b.1 && key.2 > b.2)))
+                }
+            };
+            if better {
+                best = Some(key);
+            }
+        }
+        best.map(|b| b.3)
+    }
+
+    /// Stops fetching; held jobs are redelivered after `ack_wait`.
+    pub async fn close(mut self) {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn fetch_lane<M: Message>(
+    consumer: jetstream::consumer::PullConsumer,
+    lane: Lane,
+    tx: mpsc::Sender<Delivery<M>>,
+    ack_wait: Duration,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(1)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(%lane, %error, "Cannot pull from a lane queue; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = messages.next() => n,
+            };
+            let raw = match next {
+                Some(Ok(raw)) => raw,
+                Some(Err(error)) => {
+                    tracing::warn!(%lane, %error, "Lane queue pull failed; re-subscribing");
+                    break;
+                }
+                None => break,
+            };
+            let (queued_ms, delivered) = raw
+                .info()
+                .map(|i| {
+                    (
+                        (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+                        i.delivered,
+                    )
+                })
+                .unwrap_or((now_ms(), 1));
+            let msg = match codec::decode::<M>(&raw.payload) {
+                Ok(m) => m,
+                Err(error) => {
+                    metrics::counter!("motorpool_bus_malformed_total", "message" => M::NAME)
+                        .increment(1);
+                    tracing::warn!(%lane, %error, "Dropped a malformed job");
+                    let _ = raw.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let keepalive = CancellationToken::new();
+            tokio::spawn(keep_alive(raw.clone(), ack_wait, keepalive.clone()));
+            let d = Delivery {
+                msg,
+                lane,
+                queued_ms,
+                delivered,
+                raw,
+                keepalive,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                sent = tx.send(d) => if sent.is_err() { return },
+            }
+        }
+    }
+}
+
+/// Tells the server, every third of `ack_wait`, that a held job is still being worked on.
+async fn keep_alive(raw: jetstream::Message, ack_wait: Duration, stop: CancellationToken) {
+    let period = (ack_wait / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {
+                if let Err(error) = raw.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "Keep-alive of a held job failed");
+                }
+            }
+        }
+    }
+}

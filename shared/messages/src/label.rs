@@ -1,0 +1,193 @@
+//! Messages of the BevSlots auto-labeling pipeline (mapping -> prelabel -> annotate). Kind ids
+//! live in 300..400.
+//!
+//! One [`LabelJob`] travels the pipeline: it is queued (JetStream) for the mapping stage in its
+//! lane, and each stage, when done, appends its [`StageOutput`] and queues the job for the next
+//! stage in the same lane. Every stage records a [`StageStatus`] per job in a KV bucket, so a
+//! failed clip can be found, debugged and re-run.
+
+use crate::exec::Lane;
+use crate::message;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The stages, in pipeline order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Stage {
+    /// Local map and BEV base-map raster from the clip's frames.
+    Mapping,
+    /// Slot detection (BevSlots and AVM backends) and temporal fusion.
+    Prelabel,
+    /// Projection into frames, AVM quality filter, label files and statistics.
+    Annotate,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Mapping, Stage::Prelabel, Stage::Annotate];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Mapping => "mapping",
+            Stage::Prelabel => "prelabel",
+            Stage::Annotate => "annotate",
+        }
+    }
+
+    /// The stage after this one.
+    pub fn next(self) -> Option<Stage> {
+        match self {
+            Stage::Mapping => Some(Stage::Prelabel),
+            Stage::Prelabel => Some(Stage::Annotate),
+            Stage::Annotate => None,
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where slot detections come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DetectorSource {
+    /// Per-frame model outputs produced elsewhere: a slots file (format `motorpool.slots.v1`),
+    /// a path relative to the clip directory.
+    File(String),
+    /// An ONNX model run on each frame's ego-centred BEV crop (see the prelabel crate for the
+    /// input and output contract).
+    Onnx { model: String, score_threshold: f64 },
+}
+
+/// The knobs of one pipeline run. Part of every stage's input hash, so changing one re-runs the
+/// stages it affects and nothing else.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabelParams {
+    /// Voxel edge for downsampling the local map, metres. Default 0.1.
+    pub voxel_m: f64,
+    /// BEV raster resolution, metres per pixel. Default 0.1.
+    pub raster_m: f64,
+    /// BevSlots detections. Default: the file `detections/bevslots.json`.
+    pub bevslots: DetectorSource,
+    /// AVM detections. Default: the file `detections/avm.json`.
+    pub avm: DetectorSource,
+    /// Largest mean corner distance for an observation to join a track, metres. Default 1.0.
+    pub gate_m: f64,
+    /// Consecutive frames without a match that end a track. Default 5.
+    pub max_missed: u32,
+    /// Observations a track needs to become a label. Default 3.
+    pub min_hits: u32,
+    /// Mean confidence a track needs to become a label. Default 0.5.
+    pub min_score: f64,
+    /// An observation further than this from its track's estimate is an outlier, metres.
+    /// Default 0.45.
+    pub outlier_m: f64,
+    /// Time constant of the recency weight, seconds: an observation `tau` older than the track's
+    /// newest weighs 1/e as much. Default 20.
+    pub recency_tau_s: f64,
+    /// Half-width of the square around the ego vehicle whose slots are labeled in a frame,
+    /// metres. Default 10.
+    pub visible_m: f64,
+    /// AVM and BevSlots slots match when the mean of their two closest corner pairs is under
+    /// this, metres. Default 0.5.
+    pub avm_match_m: f64,
+    /// A frame with more unmatched AVM slots than this is dropped. Default 1.
+    pub avm_max_unmatched: u32,
+}
+
+impl Default for LabelParams {
+    fn default() -> Self {
+        LabelParams {
+            voxel_m: 0.1,
+            raster_m: 0.1,
+            bevslots: DetectorSource::File("detections/bevslots.json".into()),
+            avm: DetectorSource::File("detections/avm.json".into()),
+            gate_m: 1.0,
+            max_missed: 5,
+            min_hits: 3,
+            min_score: 0.5,
+            outlier_m: 0.45,
+            recency_tau_s: 20.0,
+            visible_m: 10.0,
+            avm_match_m: 0.5,
+            avm_max_unmatched: 1,
+        }
+    }
+}
+
+/// What a stage produced: a versioned directory keyed by the stage's version and input hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageOutput {
+    pub stage: Stage,
+    /// `v<stage version>-<input hash>`: a re-run of another version or other inputs gets another
+    /// key, so it never overwrites these labels.
+    pub key: String,
+    /// Absolute path of the output directory.
+    pub dir: String,
+    /// True when the output already existed for this key and nothing was recomputed.
+    pub cached: bool,
+    pub elapsed_ms: u64,
+}
+
+/// A clip on its way through the pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabelJob {
+    /// 32 lower-case hex characters.
+    pub job_id: String,
+    pub clip_id: String,
+    /// Absolute path of the clip directory, readable by every stage.
+    pub clip_dir: String,
+    pub lane: Lane,
+    pub submitted_ms: u64,
+    pub params: LabelParams,
+    /// Outputs of the stages done so far, in order.
+    pub outputs: Vec<StageOutput>,
+}
+message!(LabelJob, 300, 1);
+
+impl LabelJob {
+    /// The output of an earlier stage.
+    pub fn output(&self, stage: Stage) -> Option<&StageOutput> {
+        self.outputs.iter().find(|o| o.stage == stage)
+    }
+}
+
+/// Where a job is in one stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StageState {
+    Queued,
+    /// Working; `done` of `total` units (frames) so far.
+    Running {
+        done: u64,
+        total: u64,
+    },
+    Done(StageOutput),
+    /// Failed; the reason names the clip and, where there is one, the frame.
+    Failed {
+        reason: String,
+    },
+}
+
+/// The status of one job in one stage (KV bucket `mp_v1_label_status`, key
+/// `<job id>.<stage>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageStatus {
+    pub job_id: String,
+    pub clip_id: String,
+    pub stage: Stage,
+    pub lane: Lane,
+    pub state: StageState,
+    /// The stage's worker that holds it.
+    pub worker: String,
+    pub queued_ms: u64,
+    pub started_ms: u64,
+    pub updated_ms: u64,
+}
+message!(StageStatus, 301, 1);
+
+impl StageStatus {
+    pub fn is_final(&self) -> bool {
+        matches!(self.state, StageState::Done(_) | StageState::Failed { .. })
+    }
+}
