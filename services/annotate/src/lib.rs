@@ -393,6 +393,81 @@ mod tests {
         assert_eq!(v.avm_matched, 2);
     }
 
+    /// The quality goals, on one synthetic clip per layout: fused corner error at most
+    /// half the raw detections', fused precision and recall at least 0.98 (every slot is seen in
+    /// 5 or more frames).
+    #[test]
+    fn fused_labels_beat_raw_detections_on_synthetic_clips() {
+        use motorpool_labeling::eval::{EvalOptions, evaluate};
+        use motorpool_labeling::synth::{Layout, SynthOptions, generate};
+        use motorpool_prelabel::fusion::{FusionParams, fuse};
+        for layout in Layout::ALL {
+            let dir = tempfile::tempdir().unwrap();
+            let synth = generate(&SynthOptions {
+                seed: 11,
+                layout,
+                points: 50,
+                ..Default::default()
+            });
+            synth.write(dir.path()).unwrap();
+            let clip = Clip::open(dir.path()).unwrap();
+            let raw: Vec<Vec<Slot>> = clip
+                .slots("detections/bevslots.json")
+                .unwrap()
+                .into_iter()
+                .map(Option::unwrap_or_default)
+                .collect();
+            let frames: Vec<motorpool_labeling::clip::FrameSlots> = raw
+                .iter()
+                .enumerate()
+                .map(|(i, s)| motorpool_labeling::clip::FrameSlots {
+                    index: i as u32,
+                    slots: s.clone(),
+                })
+                .collect();
+            let params = LabelParams::default();
+            let fusion = fuse(
+                &motorpool_prelabel::observations(&clip, &frames),
+                &FusionParams::from(&params),
+            );
+            let avm = clip.slots("detections/avm.json").unwrap();
+            let verdicts = annotate(&clip, &fusion.labels, &avm, &params);
+            let fused: Vec<Vec<Slot>> = verdicts
+                .iter()
+                .map(|v| {
+                    v.labels
+                        .iter()
+                        .map(|l| Slot {
+                            corners: l.corners,
+                            score: l.score,
+                        })
+                        .collect()
+                })
+                .collect();
+            let truth = clip.ground_truth().unwrap().unwrap();
+            let (r, f) = (
+                evaluate(&truth, &raw, &EvalOptions::default()),
+                evaluate(&truth, &fused, &EvalOptions::default()),
+            );
+            assert!(
+                f.mean_error() <= 0.5 * r.mean_error(),
+                "{layout:?}: fused {} vs raw {}",
+                f.mean_error(),
+                r.mean_error()
+            );
+            assert!(
+                f.precision() >= 0.98 && f.recall() >= 0.98,
+                "{layout:?}: P {} R {}",
+                f.precision(),
+                f.recall()
+            );
+            assert!(
+                r.precision() < 0.95,
+                "the raw detections are noisy enough to matter"
+            );
+        }
+    }
+
     #[test]
     fn projection_keeps_only_the_visible_square() {
         let f = FrameMeta {

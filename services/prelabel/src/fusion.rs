@@ -11,9 +11,9 @@
 //! A gap of missed frames inside a track is filled by interpolating the observations on either
 //! side (recorded as `Filled` points; they inform reviewers, they are not fused).
 //!
-//! When a track ends, its inliers are fused: a weighted mean of the corners with weight
-//! `confidence * exp(-(t_newest - t) / recency_tau)`, then observations further than `outlier_m`
-//! from that mean are dropped and the mean is taken again. A track becomes a label when it has
+//! When a track ends, every observation is judged again against the median of all of them
+//! (further than `outlier_m`: an outlier), and the inliers are fused: a weighted mean of the
+//! corners with weight `confidence * exp(-(t_newest - t) / recency_tau)`. A track becomes a label when it has
 //! `min_hits` inliers and their mean confidence is at least `min_score`. Labels within 0.5 m of
 //! each other (a slot seen again after the car came back) are merged.
 
@@ -170,14 +170,23 @@ pub fn fuse(frames: &[FrameObservations], params: &FusionParams) -> Fusion {
         );
         let mut taken = vec![false; f.slots.len()];
         let mut matched = vec![false; live.len()];
-        for (t, o, d) in pairs {
+        for (t, o, _) in pairs {
             taken[o] = true;
             matched[t] = true;
             let track = &mut live[t];
             let obs = &f.slots[o];
             let (corners, _) = align(&track.estimate, &obs.corners);
             fill_gap(track, f.frame, f.t_s, &corners, params.max_missed);
-            let outlier = track.inliers >= 3 && d > params.outlier_m;
+            // Outliers are judged against the median of the track's observations so far: a bad
+            // early observation cannot drag the reference along and make every later good one
+            // look wrong.
+            let outlier = track
+                .points
+                .iter()
+                .filter(|p| p.kind != PointKind::Filled)
+                .count()
+                >= 3
+                && mean_corner_dist(&median_corners(&track.points), &corners) > params.outlier_m;
             track.points.push(TrackPoint {
                 frame: f.frame,
                 t_s: f.t_s,
@@ -311,6 +320,24 @@ fn fill_gap(track: &mut Live, frame: u32, t_s: f64, corners: &Corners, max_misse
             kind: PointKind::Filled,
         });
     }
+}
+
+/// The component-wise median of a track's observed corners (outliers included, filled points
+/// not): a reference that up to half of the observations can be wrong about.
+fn median_corners(points: &[TrackPoint]) -> Corners {
+    let obs: Vec<&TrackPoint> = points
+        .iter()
+        .filter(|p| p.kind != PointKind::Filled)
+        .collect();
+    let mut buf = Vec::with_capacity(obs.len());
+    std::array::from_fn(|i| {
+        std::array::from_fn(|k| {
+            buf.clear();
+            buf.extend(obs.iter().map(|p| p.corners[i][k]));
+            buf.sort_by(f64::total_cmp);
+            buf.get(buf.len() / 2).copied().unwrap_or(0.0)
+        })
+    })
 }
 
 fn weighted_mean(points: &[TrackPoint], newest: f64, tau: f64) -> Option<(Corners, f64)> {
@@ -480,6 +507,17 @@ mod tests {
             .map(|q| q.frame)
             .collect();
         assert_eq!(filled, [8, 9]);
+    }
+
+    #[test]
+    fn a_bad_early_observation_does_not_turn_the_good_ones_into_outliers() {
+        let mut obs: Vec<Vec<Slot>> = (0..30).map(|_| vec![slot(0.0, 0.0, 0.9)]).collect();
+        obs[1] = vec![slot(0.8, 0.0, 0.9)]; // within the gate, accepted before the track is established
+        let f = fuse(&frames(obs), &params());
+        assert_eq!(f.labels.len(), 1);
+        assert_eq!(f.stats.outliers, 1, "{:?}", f.stats);
+        assert_eq!(f.labels[0].hits, 29);
+        assert!(mean_corner_dist(&f.labels[0].corners, &slot(0.0, 0.0, 1.0).corners) < 1e-9);
     }
 
     #[test]
