@@ -1,0 +1,407 @@
+//! Burning one image onto many drives at once, and verifying it past the page cache.
+//!
+//! For each drive, in its own thread:
+//! 1. **Interlock.** Read the GPT; a drive without one, or whose disk GUID does not start with
+//!    `00000000`, is refused and not one byte of it is written.
+//! 2. **Slot.** A drive that already holds the image is only verified. Otherwise the first empty
+//!    slot, else the one burned longest ago (a burn sequence number kept in the partition's
+//!    type-specific attribute bits), is marked empty in the GPT and written. A marked drive
+//!    without Motorpool partitions is laid out first ([`crate::layout::plan`]).
+//! 3. **Write** only the image's mapped ranges, from the one in-memory copy every drive shares, in
+//!    large aligned writes with `O_DIRECT` where the target allows it; then `fsync`, then name the
+//!    slot after the image in the GPT. A drive pulled mid-burn (its bay file gone, or I/O
+//!    errors) ends its job as `Failed`; the others go on.
+//! 4. **Verify** by reading the ranges back with `O_DIRECT` (or after dropping the drive's pages
+//!    from the cache where `O_DIRECT` is refused) and comparing each range's BLAKE3.
+
+use crate::gpt::{Gpt, GptError, SECTOR};
+use crate::image::Image;
+use crate::layout::{self, EMPTY_NAME, LayoutOptions};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Largest single write or read.
+const CHUNK: usize = 8 << 20;
+const ALIGN: usize = 4096;
+
+/// Where a drive is, as operators and the bus see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum DriveState {
+    Inserted,
+    /// Not ours: left untouched.
+    Refused {
+        reason: String,
+    },
+    Burning {
+        slot: usize,
+        done: u64,
+        total: u64,
+    },
+    Verifying {
+        slot: usize,
+        done: u64,
+        total: u64,
+    },
+    Ready {
+        slot: usize,
+        image: String,
+        verify_only: bool,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// How a burn ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BurnReport {
+    pub drive: PathBuf,
+    pub state: DriveState,
+    pub bytes_written: u64,
+    pub bytes_verified: u64,
+    pub direct_io: bool,
+}
+
+/// A drive: a block device or a bay file, and the identity it had when it was opened.
+struct Drive {
+    path: PathBuf,
+    file: File,
+    dev_ino: (u64, u64),
+    sectors: u64,
+}
+
+impl Drive {
+    fn open(path: &Path) -> std::io::Result<Drive> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let meta = file.metadata()?;
+        let size = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            use std::io::Seek;
+            (&file).seek(std::io::SeekFrom::End(0))?
+        };
+        Ok(Drive {
+            path: path.to_path_buf(),
+            file,
+            dev_ino: (meta.dev(), meta.ino()),
+            sectors: size / SECTOR,
+        })
+    }
+
+    /// False once the drive was pulled (its path is gone or names another file).
+    fn present(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.dev_ino)
+    }
+
+    fn gpt(&self) -> Result<Gpt, GptError> {
+        Gpt::read(&mut &self.file, self.sectors)
+    }
+
+    fn write_gpt(&self, gpt: &Gpt) -> Result<(), GptError> {
+        gpt.write(&mut &self.file)?;
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// A second handle with `O_DIRECT`, when the target allows it.
+    fn direct(&self) -> Option<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.path)
+            .ok()
+    }
+}
+
+/// A buffer whose usable part starts on a 4 KiB boundary (what `O_DIRECT` needs).
+struct Aligned {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let buf = vec![0u8; len + ALIGN];
+        let at = buf.as_ptr().align_offset(ALIGN);
+        Aligned { buf, at }
+    }
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.buf[self.at..self.at + len]
+    }
+}
+
+/// Burns `image` onto the drive at `path`, reporting every state change to `on_state`.
+pub fn burn(
+    path: &Path,
+    image: &Image,
+    layout_opts: &LayoutOptions,
+    on_state: &(dyn Fn(&Path, &DriveState) + Sync),
+) -> BurnReport {
+    let mut report = BurnReport {
+        drive: path.to_path_buf(),
+        state: DriveState::Inserted,
+        bytes_written: 0,
+        bytes_verified: 0,
+        direct_io: false,
+    };
+    on_state(path, &report.state);
+    report.state = match burn_inner(path, image, layout_opts, on_state, &mut report) {
+        Ok(state) | Err(state) => state,
+    };
+    on_state(path, &report.state);
+    report
+}
+
+fn failed(reason: impl Into<String>) -> DriveState {
+    DriveState::Failed {
+        reason: reason.into(),
+    }
+}
+
+fn burn_inner(
+    path: &Path,
+    image: &Image,
+    layout_opts: &LayoutOptions,
+    on_state: &(dyn Fn(&Path, &DriveState) + Sync),
+    report: &mut BurnReport,
+) -> Result<DriveState, DriveState> {
+    let drive = Drive::open(path).map_err(|e| failed(format!("cannot open: {e}")))?;
+    // 1. The interlock: nothing is written before this says yes.
+    let mut gpt = match drive.gpt() {
+        Ok(g) => g,
+        Err(GptError::Io(e)) => return Err(failed(format!("cannot read: {e}"))),
+        Err(e) => {
+            return Err(DriveState::Refused {
+                reason: format!("not a Motorpool drive ({e})"),
+            });
+        }
+    };
+    if !layout::is_motorpool(&gpt) {
+        return Err(DriveState::Refused {
+            reason: format!(
+                "disk GUID {} does not start with 00000000: not a Motorpool drive",
+                gpt.disk_guid
+            ),
+        });
+    }
+    if layout::slots(&gpt).is_empty() {
+        gpt = layout::plan(gpt.disk_guid, drive.sectors, layout_opts).map_err(failed)?;
+        drive
+            .write_gpt(&gpt)
+            .map_err(|e| failed(format!("cannot lay out: {e}")))?;
+    }
+    let id = &image.manifest.id;
+    let slots = layout::slots(&gpt);
+    // 2. The slot.
+    if let Some(s) = slots
+        .iter()
+        .find(|s| s.image.as_deref() == Some(id.as_str()))
+    {
+        verify(
+            &drive,
+            image,
+            s.number,
+            s.partition.offset(),
+            on_state,
+            report,
+        )?;
+        return Ok(DriveState::Ready {
+            slot: s.number,
+            image: id.clone(),
+            verify_only: true,
+        });
+    }
+    let seq = |p: &crate::gpt::Partition| p.attributes >> 48;
+    let target = slots
+        .iter()
+        .find(|s| s.image.is_none())
+        .or_else(|| slots.iter().min_by_key(|s| seq(&s.partition)))
+        .cloned()
+        .ok_or_else(|| failed("the drive has no image slot"))?;
+    if image.manifest.size > target.partition.len() {
+        return Err(failed(format!(
+            "image {id} ({} bytes) does not fit slot {} ({} bytes)",
+            image.manifest.size,
+            target.number,
+            target.partition.len()
+        )));
+    }
+    let next_seq = slots.iter().map(|s| seq(&s.partition)).max().unwrap_or(0) + 1;
+    gpt.partitions[target.index].name = EMPTY_NAME.into();
+    drive
+        .write_gpt(&gpt)
+        .map_err(|e| failed(format!("cannot update the GPT: {e}")))?;
+
+    // 3. Write.
+    let base = target.partition.offset();
+    let total = image.manifest.mapped_bytes();
+    let direct = drive.direct();
+    report.direct_io = direct.is_some();
+    let mut bounce = Aligned::new(CHUNK);
+    let mut done = 0u64;
+    on_state(
+        path,
+        &DriveState::Burning {
+            slot: target.number,
+            done,
+            total,
+        },
+    );
+    for (i, r) in image.manifest.ranges.iter().enumerate() {
+        let bytes = image.range_bytes(i);
+        for (k, chunk) in bytes.chunks(CHUNK).enumerate() {
+            if !drive.present() {
+                return Err(failed("the drive was removed during the burn"));
+            }
+            let at = base + r.offset + (k * CHUNK) as u64;
+            let result = match &direct {
+                Some(f) if chunk.len().is_multiple_of(ALIGN) => {
+                    let b = bounce.get(chunk.len());
+                    b.copy_from_slice(chunk);
+                    f.write_all_at(b, at)
+                }
+                _ => drive.file.write_all_at(chunk, at),
+            };
+            result.map_err(|e| failed(format!("write at byte {at}: {e}")))?;
+            done += chunk.len() as u64;
+            report.bytes_written += chunk.len() as u64;
+            on_state(
+                path,
+                &DriveState::Burning {
+                    slot: target.number,
+                    done,
+                    total,
+                },
+            );
+        }
+    }
+    drive
+        .file
+        .sync_all()
+        .map_err(|e| failed(format!("flush: {e}")))?;
+    if !drive.present() {
+        return Err(failed("the drive was removed during the burn"));
+    }
+    // 4. Verify, then name the slot: a slot is named only after its bytes were read back.
+    verify(&drive, image, target.number, base, on_state, report)?;
+    let p = &mut gpt.partitions[target.index];
+    p.name = format!("mp:{id}");
+    p.attributes = (p.attributes & 0x0000_ffff_ffff_ffff) | (next_seq.min(0xffff) << 48);
+    drive
+        .write_gpt(&gpt)
+        .map_err(|e| failed(format!("cannot update the GPT: {e}")))?;
+    Ok(DriveState::Ready {
+        slot: target.number,
+        image: id.clone(),
+        verify_only: false,
+    })
+}
+
+/// Reads the image's ranges back from the drive, past the page cache, and compares hashes.
+fn verify(
+    drive: &Drive,
+    image: &Image,
+    slot: usize,
+    base: u64,
+    on_state: &(dyn Fn(&Path, &DriveState) + Sync),
+    report: &mut BurnReport,
+) -> Result<(), DriveState> {
+    let direct = drive.direct();
+    if direct.is_none() {
+        // No O_DIRECT here: drop the drive's cached pages so the reads come from the medium.
+        let _ = drive.file.sync_all();
+        let _ = nix::fcntl::posix_fadvise(
+            &drive.file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    } else {
+        report.direct_io = true;
+    }
+    let total = image.manifest.mapped_bytes();
+    let mut done = 0;
+    let mut buf = Aligned::new(CHUNK);
+    on_state(&drive.path, &DriveState::Verifying { slot, done, total });
+    for r in &image.manifest.ranges {
+        let mut h = blake3::Hasher::new();
+        let mut off = 0u64;
+        while off < r.len {
+            if !drive.present() {
+                return Err(failed("the drive was removed during verification"));
+            }
+            let n = (r.len - off).min(CHUNK as u64) as usize;
+            let at = base + r.offset + off;
+            let b = buf.get(n);
+            let result = match &direct {
+                Some(f) if n.is_multiple_of(ALIGN) => f.read_exact_at(b, at),
+                _ => drive.file.read_exact_at(b, at),
+            };
+            result.map_err(|e| failed(format!("read back at byte {at}: {e}")))?;
+            h.update(b);
+            off += n as u64;
+            done += n as u64;
+            report.bytes_verified += n as u64;
+            on_state(&drive.path, &DriveState::Verifying { slot, done, total });
+        }
+        let got = h.finalize().to_hex().to_string();
+        if got != r.blake3 {
+            return Err(failed(format!(
+                "verification failed: bytes {}..{} of image {} read back with BLAKE3 {got}, the manifest says {}",
+                r.offset,
+                r.offset + r.len,
+                image.manifest.id,
+                r.blake3
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Burns `image` onto every drive in parallel (one thread per drive, one shared copy of the
+/// image).
+pub fn burn_all(
+    drives: &[PathBuf],
+    image: &Image,
+    layout_opts: &LayoutOptions,
+    on_state: &(dyn Fn(&Path, &DriveState) + Sync),
+) -> Vec<BurnReport> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = drives
+            .iter()
+            .map(|d| s.spawn(move || burn(d, image, layout_opts, on_state)))
+            .collect();
+        handles
+            .into_iter()
+            .zip(drives)
+            .map(|(h, d)| {
+                h.join().unwrap_or_else(|_| BurnReport {
+                    drive: d.clone(),
+                    state: failed("the burn thread panicked"),
+                    bytes_written: 0,
+                    bytes_verified: 0,
+                    direct_io: false,
+                })
+            })
+            .collect()
+    })
+}
+
+/// The drives in a bay directory: its regular files and block devices, sorted.
+pub fn scan_bays(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let t = std::fs::metadata(e.path())?.file_type();
+        if t.is_file() || t.is_block_device() {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}

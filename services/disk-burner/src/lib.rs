@@ -1,0 +1,21 @@
+//! Fleet image deployment, after Lyft's Flexo: drives that boot exactly the same tested software.
+//!
+//! Layout:
+//! - [`gpt`]: GUID partition tables, read and written here (no partitioning tool).
+//! - [`layout`]: the Motorpool drive layout (ESP, up to 12 image + overlay pairs whose GUID
+//!   prefixes say what they are) and the safety interlock (disk GUID `00000000-...`).
+//! - [`image`]: an image's manifest (size, BLAKE3, block map of the ranges holding data) and its
+//!   bytes, read once and shared by every drive.
+//! - [`burn`]: burning onto many drives at once, sparse-aware, with read-back verification past
+//!   the page cache; per-drive states; drive bays.
+//! - [`grub`]: the master GRUB menu, the image selector.
+//!
+//! Not here yet (see the fleet-image issue): the image builder, the burner as a bus actor with
+//! udev and bay watching, the ESP's FAT filesystem with GRUB's EFI binary, the `drives` CLI and
+//! the qemu boot test.
+
+pub mod burn;
+pub mod gpt;
+pub mod grub;
+pub mod image;
+pub mod layout;
