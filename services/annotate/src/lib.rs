@@ -400,7 +400,7 @@ mod tests {
     fn fused_labels_beat_raw_detections_on_synthetic_clips() {
         use motorpool_labeling::eval::{EvalOptions, evaluate};
         use motorpool_labeling::synth::{Layout, SynthOptions, generate};
-        use motorpool_prelabel::fusion::{FusionParams, fuse};
+        use motorpool_prelabel::fusion::fuse;
         for layout in Layout::ALL {
             let dir = tempfile::tempdir().unwrap();
             let synth = generate(&SynthOptions {
@@ -426,10 +426,7 @@ mod tests {
                 })
                 .collect();
             let params = LabelParams::default();
-            let fusion = fuse(
-                &motorpool_prelabel::observations(&clip, &frames),
-                &FusionParams::from(&params),
-            );
+            let fusion = fuse(&motorpool_prelabel::observations(&clip, &frames), &params);
             let avm = clip.slots("detections/avm.json").unwrap();
             let verdicts = annotate(&clip, &fusion.labels, &avm, &params);
             let fused: Vec<Vec<Slot>> = verdicts

@@ -9,6 +9,7 @@
 use clap::{Args, Subcommand, ValueEnum};
 use motorpool_annotate::Annotate;
 use motorpool_bus::{Bus, NatsServer};
+use motorpool_labeling::clip::FrameSlots;
 use motorpool_labeling::eval::{EvalOptions, Quality, evaluate, percentile};
 use motorpool_labeling::synth::{Layout, SynthOptions, generate};
 use motorpool_labeling::{Clip, Progress, StageOptions, run_once, serve_stage, submit, watch};
@@ -355,21 +356,16 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 .collect();
             let avm = clip.slots("detections/avm.json")?;
             let params = &job.params;
-            let frames: Vec<_> = clip
-                .frames()
+            let detected: Vec<FrameSlots> = raw
                 .iter()
                 .enumerate()
-                .map(|(i, f)| motorpool_prelabel::fusion::FrameObservations {
-                    frame: i as u32,
-                    t_s: (f.t_us - clip.frames()[0].t_us) as f64 / 1e6,
-                    slots: raw[i]
-                        .iter()
-                        .map(|s| s.map_corners(|p| f.pose.to_map(p)))
-                        .collect(),
+                .map(|(i, slots)| FrameSlots {
+                    index: i as u32,
+                    slots: slots.clone(),
                 })
                 .collect();
-            let fusion_params = motorpool_prelabel::fusion::FusionParams::from(params);
-            let fusion = motorpool_prelabel::fusion::fuse(&frames, &fusion_params);
+            let frames = motorpool_prelabel::observations(&clip, &detected);
+            let fusion = motorpool_prelabel::fusion::fuse(&frames, params);
             let verdicts = motorpool_annotate::annotate(&clip, &fusion.labels, &avm, params);
             let fused: Vec<Vec<_>> = verdicts
                 .iter()
@@ -410,7 +406,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             let mut samples = Vec::new();
             for _ in 0..a.repeats.max(1) {
                 let t = Instant::now();
-                let f = motorpool_prelabel::fusion::fuse(&frames, &fusion_params);
+                let f = motorpool_prelabel::fusion::fuse(&frames, params);
                 let v = motorpool_annotate::annotate(&clip, &f.labels, &avm, params);
                 std::hint::black_box(&v);
                 samples.push(t.elapsed().as_secs_f64() * 1000.0);

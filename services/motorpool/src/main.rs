@@ -8,7 +8,9 @@
 //!   them separately.
 //! - `motorpool mapping|prelabel|annotate ...` run one stage of the BevSlots labeling pipeline;
 //!   `motorpool label run|synth|bench` label a clip, write a synthetic one, measure.
+//! - `motorpool drives list|images|menu|burn` look at boot drives and burn images onto them.
 
+mod drives;
 mod label;
 mod up;
 
@@ -56,6 +58,9 @@ enum Command {
     /// Label clips, make synthetic ones, measure the pipeline.
     #[command(subcommand)]
     Label(label::LabelCommand),
+    /// Boot drives: list them, their images and menus; burn images onto them.
+    #[command(subcommand)]
+    Drives(drives::DrivesCommand),
 }
 
 #[derive(Args, Serialize)]
@@ -312,6 +317,7 @@ async fn main() -> anyhow::Result<()> {
             )?;
             label::main(cmd).await
         }
+        Command::Drives(cmd) => tokio::task::spawn_blocking(move || drives::main(cmd)).await?,
         Command::Worker(args) => {
             let config: WorkerConfig = load(&args.common, &args)?;
             let _telemetry = telemetry("worker", &config.telemetry)?;

@@ -30,30 +30,6 @@ pub struct FrameObservations {
     pub slots: Vec<Slot>,
 }
 
-/// The fusion knobs (from [`LabelParams`]).
-#[derive(Clone, Debug)]
-pub struct FusionParams {
-    pub gate_m: f64,
-    pub max_missed: u32,
-    pub min_hits: u32,
-    pub min_score: f64,
-    pub outlier_m: f64,
-    pub recency_tau_s: f64,
-}
-
-impl From<&LabelParams> for FusionParams {
-    fn from(p: &LabelParams) -> Self {
-        FusionParams {
-            gate_m: p.gate_m,
-            max_missed: p.max_missed,
-            min_hits: p.min_hits,
-            min_score: p.min_score,
-            outlier_m: p.outlier_m,
-            recency_tau_s: p.recency_tau_s,
-        }
-    }
-}
-
 /// How a point of a track came about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -149,7 +125,9 @@ impl Live {
 }
 
 /// Runs the tracker over `frames` (in time order) and fuses the tracks.
-pub fn fuse(frames: &[FrameObservations], params: &FusionParams) -> Fusion {
+/// The knobs are the job's [`LabelParams`] (`gate_m`, `max_missed`, `min_hits`, `min_score`,
+/// `outlier_m`, `recency_tau_s`).
+pub fn fuse(frames: &[FrameObservations], params: &LabelParams) -> Fusion {
     let mut live: Vec<Live> = Vec::new();
     let mut ended: Vec<Live> = Vec::new();
     let mut next_id = 0u32;
@@ -356,7 +334,7 @@ fn weighted_mean(points: &[TrackPoint], newest: f64, tau: f64) -> Option<(Corner
 
 /// Fuses one track's inliers into a label, marking late-found outliers; `None` when the track is
 /// not good enough to be a label.
-fn fuse_track(points: &mut [TrackPoint], params: &FusionParams) -> Option<FusedSlot> {
+fn fuse_track(points: &mut [TrackPoint], params: &LabelParams) -> Option<FusedSlot> {
     let newest = points
         .iter()
         .filter(|p| p.kind == PointKind::Observed)
@@ -436,8 +414,8 @@ mod tests {
     use super::*;
     use motorpool_labeling::geom::rotate;
 
-    fn params() -> FusionParams {
-        FusionParams::from(&LabelParams::default())
+    fn params() -> LabelParams {
+        LabelParams::default()
     }
 
     fn slot(x: f64, y: f64, score: f64) -> Slot {

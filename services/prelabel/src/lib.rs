@@ -13,7 +13,7 @@
 pub mod fusion;
 pub mod onnx;
 
-use fusion::{FrameObservations, Fusion, FusionParams, fuse};
+use fusion::{FrameObservations, Fusion, fuse};
 use motorpool_config::LabelConfig;
 use motorpool_labeling::clip::{Clip, FrameSlots, SLOTS_FORMAT, SlotsFile};
 use motorpool_labeling::geom::Slot;
@@ -197,10 +197,7 @@ impl StageWork for Prelabel {
             }
             progress.advance(1);
         }
-        let fusion = fuse(
-            &observations(&clip, &bev_frames),
-            &FusionParams::from(&job.params),
-        );
+        let fusion = fuse(&observations(&clip, &bev_frames), &job.params);
         progress.advance(1);
         let write = |name: &str, v: &dyn ErasedJson| {
             std::fs::write(out.join(name), v.json())

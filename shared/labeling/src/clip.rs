@@ -415,6 +415,16 @@ mod tests {
         std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     }
 
+    fn rewrite(dir: &Path, file: &str, v: &serde_json::Value) {
+        std::fs::write(dir.join(file), serde_json::to_vec(v).unwrap()).unwrap();
+    }
+
+    fn slots_err(clip: &Clip) -> String {
+        clip.slots("detections/bevslots.json")
+            .unwrap_err()
+            .to_string()
+    }
+
     fn open_err(dir: &Path) -> String {
         Clip::open(dir).unwrap_err().to_string()
     }
@@ -496,15 +506,8 @@ mod tests {
             .position(|f| !f["slots"].as_array().unwrap().is_empty())
             .unwrap();
         v["frames"][frame]["slots"][0]["corners"][1][0] = serde_json::Value::Null;
-        std::fs::write(
-            dir.path().join("detections/bevslots.json"),
-            serde_json::to_vec(&v).unwrap(),
-        )
-        .unwrap();
-        let e = clip
-            .slots("detections/bevslots.json")
-            .unwrap_err()
-            .to_string();
+        rewrite(dir.path(), "detections/bevslots.json", &v);
+        let e = slots_err(&clip);
         assert!(
             e.contains(&format!("clip synth-perpendicular-s1, frame {frame}")) && e.contains("NaN"),
             "{e}"
@@ -512,15 +515,8 @@ mod tests {
 
         v["frames"][frame]["slots"][0]["corners"][1][0] = 1.0.into();
         v["frames"][frame]["slots"][0]["score"] = 1.5.into();
-        std::fs::write(
-            dir.path().join("detections/bevslots.json"),
-            serde_json::to_vec(&v).unwrap(),
-        )
-        .unwrap();
-        let e = clip
-            .slots("detections/bevslots.json")
-            .unwrap_err()
-            .to_string();
+        rewrite(dir.path(), "detections/bevslots.json", &v);
+        let e = slots_err(&clip);
         assert!(
             e.contains(&format!("frame {frame}")) && e.contains("outside [0, 1]"),
             "{e}"

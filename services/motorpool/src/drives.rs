@@ -1,0 +1,266 @@
+//! `motorpool drives`: look at boot drives and burn images onto them.
+//!
+//! - `drives list` shows each drive (a bay directory's files or block devices named on the command
+//!   line): size, whether it is a Motorpool drive, its images.
+//! - `drives images <drive>` lists a drive's slots; `drives menu <drive>` prints its master GRUB
+//!   menu (optionally with another default image).
+//! - `drives burn --image FILE --id ID` burns an image onto every given drive in parallel with a
+//!   progress bar per drive (the role Flexo gave to chassis LEDs); drives that are not Motorpool's
+//!   are reported and left untouched.
+
+use clap::{Args, Subcommand};
+use motorpool_disk_burner::burn::{DriveState, burn_all, scan_bays};
+use motorpool_disk_burner::gpt::{Gpt, SECTOR};
+use motorpool_disk_burner::grub::master_config;
+use motorpool_disk_burner::image::Image;
+use motorpool_disk_burner::layout::{self, LayoutOptions};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand)]
+pub enum DrivesCommand {
+    /// List drives: size, Motorpool or not, images.
+    List(Which),
+    /// List a drive's image slots.
+    Images { drive: PathBuf },
+    /// Print a drive's master GRUB menu.
+    Menu {
+        drive: PathBuf,
+        /// Image id to boot by default [default: the newest burn].
+        #[arg(long)]
+        default: Option<String>,
+    },
+    /// Burn an image onto drives in parallel, verified by reading back.
+    Burn(BurnArgs),
+}
+
+#[derive(Args)]
+pub struct Which {
+    /// A directory whose files (or block devices) are drives, as hot-plug bays.
+    #[arg(long)]
+    bays: Option<PathBuf>,
+    /// Drives by path.
+    drives: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct BurnArgs {
+    #[command(flatten)]
+    which: Which,
+    /// The image file (an ext4 partition image).
+    #[arg(long)]
+    image: PathBuf,
+    /// The image's id (1-27 of [A-Za-z0-9._-]); it names the slot.
+    #[arg(long)]
+    id: String,
+    /// Size of the ESP made when a marked drive is laid out, MiB.
+    #[arg(long, default_value_t = 256)]
+    esp_mib: u64,
+}
+
+fn drives(w: &Which) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = w.drives.clone();
+    if let Some(b) = &w.bays {
+        out.extend(scan_bays(b)?);
+    }
+    anyhow::ensure!(!out.is_empty(), "no drives: name some, or --bays DIR");
+    Ok(out)
+}
+
+fn read_gpt(p: &Path) -> anyhow::Result<Result<Gpt, String>> {
+    use std::io::Seek;
+    let mut f = std::fs::File::open(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let size = f.seek(std::io::SeekFrom::End(0))?;
+    Ok(Gpt::read(&mut f, size / SECTOR).map_err(|e| e.to_string()))
+}
+
+pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
+    match cmd {
+        DrivesCommand::List(w) => {
+            println!("{:<40} {:>10}  {:<10} images", "drive", "size", "motorpool");
+            for d in drives(&w)? {
+                let size = std::fs::File::open(&d)
+                    .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                    .unwrap_or(0);
+                let (ours, images) = match read_gpt(&d)? {
+                    Ok(g) if layout::is_motorpool(&g) => (
+                        "yes".to_string(),
+                        layout::slots(&g)
+                            .into_iter()
+                            .filter_map(|s| s.image)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ),
+                    Ok(g) => (format!("no ({})", g.disk_guid), String::new()),
+                    Err(e) => (format!("no ({e})"), String::new()),
+                };
+                println!(
+                    "{:<40} {:>9}M  {:<10} {images}",
+                    d.display(),
+                    size >> 20,
+                    ours
+                );
+            }
+            Ok(())
+        }
+        DrivesCommand::Images { drive } => {
+            let gpt = read_gpt(&drive)?.map_err(|e| anyhow::anyhow!("{}: {e}", drive.display()))?;
+            anyhow::ensure!(
+                layout::is_motorpool(&gpt),
+                "{}: not a Motorpool drive (disk GUID {})",
+                drive.display(),
+                gpt.disk_guid
+            );
+            println!(
+                "{:<5} {:<28} {:>9}  {:<38} overlay",
+                "slot", "image", "size", "partuuid"
+            );
+            for s in layout::slots(&gpt) {
+                println!(
+                    "{:<5} {:<28} {:>8}M  {:<38} {}",
+                    s.number,
+                    s.image.as_deref().unwrap_or("(empty)"),
+                    s.partition.len() >> 20,
+                    s.partition.unique_guid.to_string(),
+                    s.overlay
+                        .map(|o| o.unique_guid.to_string())
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        DrivesCommand::Menu { drive, default } => {
+            let gpt = read_gpt(&drive)?.map_err(|e| anyhow::anyhow!("{}: {e}", drive.display()))?;
+            anyhow::ensure!(
+                layout::is_motorpool(&gpt),
+                "{}: not a Motorpool drive",
+                drive.display()
+            );
+            print!("{}", master_config(&gpt, default.as_deref()));
+            Ok(())
+        }
+        DrivesCommand::Burn(a) => burn(a),
+    }
+}
+
+fn bar(done: u64, total: u64) -> String {
+    let width = 24usize;
+    let filled = if total > 0 {
+        (done as usize * width / total as usize).min(width)
+    } else {
+        0
+    };
+    format!(
+        "[{}{}] {:>3}%",
+        "#".repeat(filled),
+        "-".repeat(width - filled),
+        (done * 100).checked_div(total).unwrap_or(0)
+    )
+}
+
+fn describe(s: &DriveState) -> String {
+    match s {
+        DriveState::Inserted => "inserted".into(),
+        DriveState::Refused { reason } => format!("REFUSED, untouched: {reason}"),
+        DriveState::Burning { slot, done, total } => {
+            format!("burning slot {slot}   {}", bar(*done, *total))
+        }
+        DriveState::Verifying { slot, done, total } => {
+            format!("verifying slot {slot} {}", bar(*done, *total))
+        }
+        DriveState::Ready {
+            slot,
+            image,
+            verify_only,
+        } => format!(
+            "READY: {image} in slot {slot}{}",
+            if *verify_only {
+                " (already there; verified)"
+            } else {
+                ", verified"
+            }
+        ),
+        DriveState::Failed { reason } => format!("FAILED: {reason}"),
+    }
+}
+
+fn burn(a: BurnArgs) -> anyhow::Result<()> {
+    let list = drives(&a.which)?;
+    let t = Instant::now();
+    let image = Image::load(&a.image, &a.id)?;
+    println!(
+        "Image {}: {} MiB, {} MiB of data in {} ranges, BLAKE3 {} (read in {:.1} s)",
+        image.manifest.id,
+        image.manifest.size >> 20,
+        image.manifest.mapped_bytes() >> 20,
+        image.manifest.ranges.len(),
+        &image.manifest.blake3[..16],
+        t.elapsed().as_secs_f64()
+    );
+    let states: Mutex<BTreeMap<PathBuf, DriveState>> = Mutex::new(BTreeMap::new());
+    let tty = std::io::stdout().is_terminal();
+    let opts = LayoutOptions {
+        esp_bytes: a.esp_mib << 20,
+        ..Default::default()
+    };
+    let finished = std::sync::atomic::AtomicBool::new(false);
+    let reports = std::thread::scope(|s| {
+        let render = s.spawn(|| {
+            let mut drawn = 0usize;
+            // Without a terminal: a line whenever a drive's state changes kind.
+            let mut kinds: BTreeMap<PathBuf, std::mem::Discriminant<DriveState>> = BTreeMap::new();
+            loop {
+                let done = finished.load(std::sync::atomic::Ordering::Relaxed);
+                let now = states.lock().unwrap().clone();
+                if tty {
+                    if drawn > 0 {
+                        print!("\x1b[{drawn}A");
+                    }
+                    for (d, st) in &now {
+                        println!("\x1b[2K{:<32} {}", d.display(), describe(st));
+                    }
+                    drawn = now.len();
+                } else {
+                    for (d, st) in &now {
+                        let kind = std::mem::discriminant(st);
+                        if kinds.insert(d.clone(), kind) != Some(kind) {
+                            println!("{:<32} {}", d.display(), describe(st));
+                        }
+                    }
+                }
+                let _ = std::io::stdout().flush();
+                if done {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let r = burn_all(&list, &image, &opts, &|p, st| {
+            states.lock().unwrap().insert(p.to_path_buf(), st.clone());
+        });
+        finished.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = render.join();
+        r
+    });
+    let ready = reports
+        .iter()
+        .filter(|r| matches!(r.state, DriveState::Ready { .. }))
+        .count();
+    let written: u64 = reports.iter().map(|r| r.bytes_written).sum();
+    println!(
+        "{ready} of {} drives ready in {:.1} s ({} MiB written, {:.0} MB/s aggregate)",
+        reports.len(),
+        t.elapsed().as_secs_f64(),
+        written >> 20,
+        written as f64 / t.elapsed().as_secs_f64() / 1e6
+    );
+    let failed = reports
+        .iter()
+        .filter(|r| matches!(r.state, DriveState::Failed { .. }))
+        .count();
+    anyhow::ensure!(failed == 0, "{failed} drive(s) failed");
+    Ok(())
+}
