@@ -8,9 +8,11 @@
 //!   them separately.
 //! - `motorpool mapping|prelabel|annotate ...` run one stage of the BevSlots labeling pipeline;
 //!   `motorpool label run|synth|bench` label a clip, write a synthetic one, measure.
-//! - `motorpool drives list|images|menu|burn` look at boot drives and burn images onto them.
+//! - `motorpool image build|list` build fleet images from git + Dockerfile;
+//!   `motorpool drives list|images|menu|burn` look at boot drives and burn images onto them.
 
 mod drives;
+mod image;
 mod label;
 mod up;
 
@@ -58,6 +60,9 @@ enum Command {
     /// Label clips, make synthetic ones, measure the pipeline.
     #[command(subcommand)]
     Label(label::LabelCommand),
+    /// Fleet images: build them from a git repository with a Dockerfile, list them.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Boot drives: list them, their images and menus; burn images onto them.
     #[command(subcommand)]
     Drives(drives::DrivesCommand),
@@ -318,6 +323,7 @@ async fn main() -> anyhow::Result<()> {
             label::main(cmd).await
         }
         Command::Drives(cmd) => tokio::task::spawn_blocking(move || drives::main(cmd)).await?,
+        Command::Image(cmd) => tokio::task::spawn_blocking(move || image::main(cmd)).await?,
         Command::Worker(args) => {
             let config: WorkerConfig = load(&args.common, &args)?;
             let _telemetry = telemetry("worker", &config.telemetry)?;
