@@ -209,6 +209,7 @@ fn burn_inner(
             on_state,
             report,
         )?;
+        boot_menu(path, &gpt, layout_opts)?;
         return Ok(DriveState::Ready {
             slot: s.number,
             image: id.clone(),
@@ -294,11 +295,20 @@ fn burn_inner(
     drive
         .write_gpt(&gpt)
         .map_err(|e| failed(format!("cannot update the GPT: {e}")))?;
+    boot_menu(path, &gpt, layout_opts)?;
     Ok(DriveState::Ready {
         slot: target.number,
         image: id.clone(),
         verify_only: false,
     })
+}
+
+/// Writes the ESP (GRUB, the master menu listing every image) when the options ask for it.
+fn boot_menu(path: &Path, gpt: &Gpt, opts: &LayoutOptions) -> Result<(), DriveState> {
+    if !opts.boot_menu {
+        return Ok(());
+    }
+    crate::esp::install(path, gpt, None).map_err(|e| failed(format!("boot menu: {e}")))
 }
 
 /// Reads the image's ranges back from the drive, past the page cache, and compares hashes.

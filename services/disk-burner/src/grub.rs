@@ -31,11 +31,26 @@ pub fn master_config(gpt: &Gpt, default: Option<&str>) -> String {
          insmod part_gpt\n\
          insmod ext2\n\
          insmod regexp\n\
-         regexp --set=1:mp_disk '^\\(([^,]+),' \"$root\"\n",
+         insmod test\n\
+         regexp --set=1:mp_disk '^\\(?([^,)]+),' \"$root\"\n",
         disk = gpt.disk_guid,
     );
     if slots.is_empty() {
         cfg.push_str("menuentry \"No image on this drive\" { halt }\n");
+    }
+    // Before the menu, GRUB looks into every image partition and says what it found: the proof
+    // that the menu's entries are there to boot (the boot test reads these lines).
+    for s in &slots {
+        let (n, part, image) = (
+            s.number,
+            s.index + 1,
+            s.image.as_deref().unwrap_or_default(),
+        );
+        cfg.push_str(&format!(
+            "if [ -e ($mp_disk,gpt{part})/boot/grub/grub.cfg ]; then echo \"motorpool: slot {n} image {image} found, bootable\"\n\
+             elif [ -d ($mp_disk,gpt{part})/ ]; then echo \"motorpool: slot {n} image {image} found, no boot config\"\n\
+             else echo \"motorpool: slot {n} image {image} MISSING\"; fi\n"
+        ));
     }
     for s in &slots {
         let image = s.image.as_deref().unwrap_or_default();

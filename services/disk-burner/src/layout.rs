@@ -76,14 +76,17 @@ pub struct LayoutOptions {
     pub slots: usize,
     /// Share of each slot's space given to its overlay, in percent.
     pub overlay_percent: u64,
+    /// Write the ESP (GRUB and the master menu) after each burn. Default true.
+    pub boot_menu: bool,
 }
 
 impl Default for LayoutOptions {
     fn default() -> Self {
         LayoutOptions {
-            esp_bytes: 256 << 20,
+            esp_bytes: 300 << 20,
             slots: MAX_IMAGES,
             overlay_percent: 20,
+            boot_menu: true,
         }
     }
 }

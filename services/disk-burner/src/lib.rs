@@ -8,13 +8,15 @@
 //!   bytes, read once and shared by every drive.
 //! - [`burn`]: burning onto many drives at once, sparse-aware, with read-back verification past
 //!   the page cache; per-drive states; drive bays.
-//! - [`grub`]: the master GRUB menu, the image selector.
+//! - [`grub`]: the master GRUB menu, the image selector; [`esp`]: the ESP's FAT file system with
+//!   GRUB and the menu, written in place; [`boot`]: the qemu + OVMF boot test.
 //!
-//! Not here yet (see the fleet-image issue): the image builder, the burner as a bus actor with
-//! udev and bay watching, the ESP's FAT filesystem with GRUB's EFI binary, the `drives` CLI and
-//! the qemu boot test.
+//! Not here yet (see the fleet-image issue): the burner as a bus actor with udev and bay
+//! watching.
 
+pub mod boot;
 pub mod burn;
+pub mod esp;
 pub mod gpt;
 pub mod grub;
 pub mod image;

@@ -270,3 +270,68 @@ fn images_burn_onto_marked_drives_in_parallel_and_nothing_else_is_touched() {
     assert!(seen[..first_ready].contains(&"burning".to_string()));
     assert!(seen[..first_ready].contains(&"verifying".to_string()));
 }
+
+#[test]
+fn a_burned_drive_boots_in_qemu_to_a_menu_that_finds_every_image() {
+    use motorpool_disk_burner::boot::boot_test;
+    use motorpool_disk_burner::esp;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("drive.img");
+    drive(
+        &d,
+        Guid::parse("00000000-0b00-4000-8000-000000000001").unwrap(),
+        vec![],
+    );
+    let opts = LayoutOptions {
+        esp_bytes: 64 << 20,
+        ..Default::default()
+    };
+    // One image with its own boot config, one without.
+    let bootable = mkfs_image(dir.path(), "boot");
+    let tree = dir.path().join("tree-boot");
+    std::fs::create_dir_all(tree.join("boot/grub")).unwrap();
+    std::fs::write(tree.join("boot/grub/grub.cfg"), "menuentry x { true }\n").unwrap();
+    std::fs::remove_file(&bootable).unwrap();
+    let out = Command::new(
+        ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap(),
+    )
+    .args(["-q", "-F", "-d"])
+    .arg(&tree)
+    .arg(&bootable)
+    .arg("48M")
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    let plain = mkfs_image(dir.path(), "plain");
+    for (path, id) in [(&bootable, "av-boot"), (&plain, "av-plain")] {
+        let img = Image::load(path, id).unwrap();
+        let r = burn_all(std::slice::from_ref(&d), &img, &opts, &|_, _| {});
+        assert!(matches!(r[0].state, DriveState::Ready { .. }), "{:?}", r[0]);
+    }
+    let mut f = std::fs::File::open(&d).unwrap();
+    let gpt = Gpt::read(&mut f, DRIVE / 512).unwrap();
+    let menu = esp::read_menu(&d, &gpt).unwrap();
+    assert!(
+        menu.contains("Motorpool image av-boot") && menu.contains("Motorpool image av-plain"),
+        "{menu}"
+    );
+
+    let report = boot_test(&d, 2, std::time::Duration::from_secs(300)).unwrap();
+    assert!(report.menu_shown);
+    assert_eq!(
+        report.images,
+        [
+            (
+                2,
+                "av-plain".to_string(),
+                "found, no boot config".to_string()
+            ),
+            (1, "av-boot".to_string(), "found, bootable".to_string()),
+        ],
+        "{}",
+        report.console
+    );
+}

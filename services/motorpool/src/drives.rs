@@ -3,15 +3,17 @@
 //! - `drives list` shows each drive (a bay directory's files or block devices named on the command
 //!   line): size, whether it is a Motorpool drive, its images.
 //! - `drives images <drive>` lists a drive's slots; `drives menu <drive>` prints its master GRUB
-//!   menu (optionally with another default image).
+//!   menu; `drives set-default <drive> <image>` changes the image it boots; `drives boot-test
+//!   <drive>` boots it in qemu until the menu has found every image.
 //! - `drives burn --image FILE --id ID` burns an image onto every given drive in parallel with a
 //!   progress bar per drive (the role Flexo gave to chassis LEDs); drives that are not Motorpool's
 //!   are reported and left untouched.
 
 use clap::{Args, Subcommand};
+use motorpool_disk_burner::boot::boot_test;
 use motorpool_disk_burner::burn::{DriveState, burn_all, scan_bays};
+use motorpool_disk_burner::esp;
 use motorpool_disk_burner::gpt::{Gpt, SECTOR};
-use motorpool_disk_burner::grub::master_config;
 use motorpool_disk_burner::image::Image;
 use motorpool_disk_burner::layout::{self, LayoutOptions};
 use std::collections::BTreeMap;
@@ -26,12 +28,16 @@ pub enum DrivesCommand {
     List(Which),
     /// List a drive's image slots.
     Images { drive: PathBuf },
-    /// Print a drive's master GRUB menu.
-    Menu {
+    /// Print a drive's master GRUB menu, as its ESP holds it.
+    Menu { drive: PathBuf },
+    /// Make an image the one the drive boots by default.
+    SetDefault { drive: PathBuf, image: String },
+    /// Boot the drive in qemu with OVMF until its menu has found every image (read-only).
+    BootTest {
         drive: PathBuf,
-        /// Image id to boot by default [default: the newest burn].
-        #[arg(long)]
-        default: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_s: u64,
     },
     /// Burn an image onto drives in parallel, verified by reading back.
     Burn(BurnArgs),
@@ -57,7 +63,7 @@ pub struct BurnArgs {
     #[arg(long)]
     id: String,
     /// Size of the ESP made when a marked drive is laid out, MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 300)]
     esp_mib: u64,
 }
 
@@ -75,6 +81,18 @@ fn read_gpt(p: &Path) -> anyhow::Result<Result<Gpt, String>> {
     let mut f = std::fs::File::open(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
     let size = f.seek(std::io::SeekFrom::End(0))?;
     Ok(Gpt::read(&mut f, size / SECTOR).map_err(|e| e.to_string()))
+}
+
+/// The drive's table, when it is a Motorpool drive.
+fn ours(drive: &Path) -> anyhow::Result<Gpt> {
+    let gpt = read_gpt(drive)?.map_err(|e| anyhow::anyhow!("{}: {e}", drive.display()))?;
+    anyhow::ensure!(
+        layout::is_motorpool(&gpt),
+        "{}: not a Motorpool drive (disk GUID {})",
+        drive.display(),
+        gpt.disk_guid
+    );
+    Ok(gpt)
 }
 
 pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
@@ -132,14 +150,54 @@ pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DrivesCommand::Menu { drive, default } => {
-            let gpt = read_gpt(&drive)?.map_err(|e| anyhow::anyhow!("{}: {e}", drive.display()))?;
+        DrivesCommand::Menu { drive } => {
+            let gpt = ours(&drive)?;
+            print!("{}", esp::read_menu(&drive, &gpt)?);
+            Ok(())
+        }
+        DrivesCommand::SetDefault { drive, image } => {
+            let gpt = ours(&drive)?;
+            let images: Vec<String> = layout::slots(&gpt)
+                .into_iter()
+                .filter_map(|s| s.image)
+                .collect();
             anyhow::ensure!(
-                layout::is_motorpool(&gpt),
-                "{}: not a Motorpool drive",
+                images.contains(&image),
+                "{}: no image {image:?} on this drive (it has: {})",
+                drive.display(),
+                images.join(", ")
+            );
+            esp::install(&drive, &gpt, Some(&image))?;
+            println!("{}: boots {image} by default", drive.display());
+            Ok(())
+        }
+        DrivesCommand::BootTest { drive, timeout_s } => {
+            let gpt = ours(&drive)?;
+            let expected = layout::slots(&gpt)
+                .iter()
+                .filter(|s| s.image.is_some())
+                .count();
+            println!(
+                "Booting {} in qemu (OVMF, software emulation; read-only)...",
                 drive.display()
             );
-            print!("{}", master_config(&gpt, default.as_deref()));
+            let report = boot_test(&drive, expected, Duration::from_secs(timeout_s))?;
+            for (slot, image, status) in &report.images {
+                println!("  slot {slot:<2} {image:<28} {status}");
+            }
+            let found = report
+                .images
+                .iter()
+                .filter(|i| i.2.starts_with("found"))
+                .count();
+            println!(
+                "The menu came up after {:.1} s and found {found} of {expected} images",
+                report.seconds
+            );
+            anyhow::ensure!(
+                report.images.len() == expected && found == expected,
+                "the menu did not find every image"
+            );
             Ok(())
         }
         DrivesCommand::Burn(a) => burn(a),
