@@ -68,7 +68,9 @@ pub struct BurnReport {
 /// A drive: a block device or a bay file, and the identity it had when it was opened.
 struct Drive {
     path: PathBuf,
-    file: File,
+    /// Held with an exclusive `flock` for the whole job: no drive is written by two jobs at once
+    /// (two burners, or a burner and `drives set-default`).
+    file: nix::fcntl::Flock<File>,
     dev_ino: (u64, u64),
     sectors: u64,
 }
@@ -76,12 +78,20 @@ struct Drive {
 impl Drive {
     fn open(path: &Path) -> std::io::Result<Drive> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| match errno {
+                nix::errno::Errno::EWOULDBLOCK => std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "another job is writing this drive",
+                ),
+                e => e.into(),
+            })?;
         let meta = file.metadata()?;
         let size = if meta.file_type().is_file() {
             meta.len()
         } else {
             use std::io::Seek;
-            (&file).seek(std::io::SeekFrom::End(0))?
+            (&*file).seek(std::io::SeekFrom::End(0))?
         };
         Ok(Drive {
             path: path.to_path_buf(),
@@ -97,11 +107,11 @@ impl Drive {
     }
 
     fn gpt(&self) -> Result<Gpt, GptError> {
-        Gpt::read(&mut &self.file, self.sectors)
+        Gpt::read(&mut &*self.file, self.sectors)
     }
 
     fn write_gpt(&self, gpt: &Gpt) -> Result<(), GptError> {
-        gpt.write(&mut &self.file)?;
+        gpt.write(&mut &*self.file)?;
         self.file.sync_data()?;
         Ok(())
     }
@@ -325,7 +335,7 @@ fn verify(
         // No O_DIRECT here: drop the drive's cached pages so the reads come from the medium.
         let _ = drive.file.sync_all();
         let _ = nix::fcntl::posix_fadvise(
-            &drive.file,
+            &*drive.file,
             0,
             0,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,

@@ -335,3 +335,41 @@ fn a_burned_drive_boots_in_qemu_to_a_menu_that_finds_every_image() {
         report.console
     );
 }
+
+#[test]
+fn a_drive_another_job_holds_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("drive.img");
+    drive(
+        &d,
+        Guid::parse("00000000-0c00-4000-8000-000000000001").unwrap(),
+        vec![],
+    );
+    let before = hash_file(&d);
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(&d).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap();
+    let img = Image::load(&mkfs_image(dir.path(), "held"), "av-held").unwrap();
+    let r = burn_all(
+        std::slice::from_ref(&d),
+        &img,
+        &LayoutOptions::default(),
+        &|_, _| {},
+    );
+    assert!(
+        matches!(&r[0].state, DriveState::Failed { reason } if reason.contains("another job is writing this drive")),
+        "{:?}",
+        r[0]
+    );
+    assert_eq!(hash_file(&d), before);
+    drop(held);
+    let r = burn_all(
+        std::slice::from_ref(&d),
+        &img,
+        &LayoutOptions::default(),
+        &|_, _| {},
+    );
+    assert!(matches!(r[0].state, DriveState::Ready { .. }), "{:?}", r[0]);
+}
