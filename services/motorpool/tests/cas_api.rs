@@ -640,7 +640,8 @@ async fn raw_grpc(stack: &Stack, path: &str, body: &[u8]) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn action_cache_never_returns_a_result_whose_blobs_are_gone() {
     // A 2 MiB shard: writing 3 MiB of other blobs evicts the action's outputs.
-    let stack = Stack::up(&["--shard-capacity-bytes", "2097152"]);
+    // One shard, no workers: a replica (and the reindexer restoring it) would keep the output.
+    let stack = Stack::up(&["--shard-capacity-bytes", "2097152", "--workers", "0"]);
     let mut c = stack.clients().await;
     let out = bytes(1, 100_000);
     let stdout = b"compiled ok\n".to_vec();
