@@ -195,7 +195,27 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     );
     let tty = std::io::stderr().is_terminal();
     let mut shown = ShowProgress::default();
-    let result = watch(&bus, &job.job_id, |s| shown.show(s, tty)).await;
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let watching = watch(&bus, &job.job_id, |s| {
+        if !matches!(s.state, StageState::Queued) {
+            started.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        shown.show(s, tty)
+    });
+    // A stack without the labeling stages would leave the job queued without a word: say so.
+    let hint = async {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        if !started.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "\nNo mapping stage has taken the job after 15 s; it stays queued (nothing is lost). Is `motorpool up` or `motorpool mapping --nats-url {url}` running?"
+            );
+        }
+        std::future::pending::<()>().await
+    };
+    let result = tokio::select! {
+        r = watching => r,
+        _ = hint => unreachable!("the hint never finishes"),
+    };
     if tty {
         eprintln!();
     }
