@@ -6,7 +6,13 @@ COPY . .
 RUN cargo build --release --locked -p motorpool && cp target/release/motorpool /motorpool
 
 FROM debian:bookworm-slim
+# The fleet services call these: git, the Docker CLI, tar and e2fsprogs (image builder);
+# dosfstools, mtools and GRUB's EFI modules (the drives' ESP).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates git docker.io tar e2fsprogs \
+      dosfstools mtools grub-efi-amd64-bin && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --home /var/lib/motorpool motorpool && mkdir -p /var/lib/motorpool && chown motorpool /var/lib/motorpool
 COPY --from=build /motorpool /usr/local/bin/motorpool
+# The image builder needs the Docker socket and the burner the drives: run those two as root
+# (`user: root` in compose) where the host allows it.
 USER motorpool
 ENTRYPOINT ["/usr/local/bin/motorpool"]

@@ -10,10 +10,12 @@
 //!   the page cache; per-drive states; drive bays.
 //! - [`grub`]: the master GRUB menu, the image selector; [`esp`]: the ESP's FAT file system with
 //!   GRUB and the menu, written in place; [`boot`]: the qemu + OVMF boot test.
+//! - [`actor`]: the burner as a bus actor: watches the bays, burns the channel's newest images
+//!   onto every drive that appears, publishes each drive's state.
 //!
-//! Not here yet (see the fleet-image issue): the burner as a bus actor with udev and bay
-//! watching.
+//! Not here yet (see the fleet-image issue): a udev (netlink) drive source for real hosts.
 
+pub mod actor;
 pub mod boot;
 pub mod burn;
 pub mod esp;

@@ -20,6 +20,9 @@
 //!
 //! Images are vehicle-agnostic: nothing of a car (identity, keys, calibration) is an input.
 
+pub mod actor;
+pub mod testing;
+
 use motorpool_disk_burner::image::{Image, ImageManifest, valid_id};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -6,11 +6,10 @@ use motorpool_disk_burner::burn::{DriveState, burn_all};
 use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::image::Image;
 use motorpool_disk_burner::layout::LayoutOptions;
+use motorpool_image_builder::testing::{base_image, git, sample_repo};
 use motorpool_image_builder::{BuildError, BuildRequest, build, list};
 use std::path::Path;
 use std::process::Command;
-
-const BASE: &str = "motorpool-test-base:busybox";
 
 fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
@@ -20,90 +19,6 @@ fn sh(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A base image made locally from Debian's static busybox: `docker import` of a tiny root.
-fn base_image(dir: &Path) {
-    if Command::new("docker")
-        .args(["image", "inspect", BASE])
-        .output()
-        .unwrap()
-        .status
-        .success()
-    {
-        return;
-    }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is required (scripts/setup --test installs it)");
-    let root = dir.join("base");
-    for d in ["bin", "etc", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    let tar = dir.join("base.tar");
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("."));
-    sh(Command::new("docker").arg("import").arg(&tar).arg(BASE));
-}
-
-fn git(repo: &Path, args: &[&str]) -> String {
-    sh(Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(args)
-        .env("GIT_AUTHOR_DATE", "2026-11-01T12:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2026-11-01T12:00:00Z"))
-}
-
-fn repo(dir: &Path) -> std::path::PathBuf {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(repo.join("images/av")).unwrap();
-    std::fs::write(
-        repo.join("images/av/Dockerfile"),
-        format!(
-            "FROM {BASE}\n\
-             RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
-             ARG FLAVOR=dev\n\
-             RUN mkdir -p /boot /opt/av && echo \"flavor=$FLAVOR\" > /etc/motorpool-release \\\n\
-             \x20   && echo kernel > /boot/vmlinuz-6.1.0-av && echo initrd > /boot/initrd.img-6.1.0-av\n\
-             COPY stack.txt /opt/av/stack.txt\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(repo.join("images/av/stack.txt"), "planner v1\n").unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(
-        &repo,
-        &[
-            "-c",
-            "user.name=ci",
-            "-c",
-            "user.email=ci@example.invalid",
-            "add",
-            ".",
-        ],
-    );
-    git(
-        &repo,
-        &[
-            "-c",
-            "user.name=ci",
-            "-c",
-            "user.email=ci@example.invalid",
-            "commit",
-            "-q",
-            "-m",
-            "v1",
-        ],
-    );
-    repo
 }
 
 fn debugfs_cat(image: &Path, file: &str) -> String {
@@ -120,7 +35,7 @@ fn debugfs_cat(image: &Path, file: &str) -> String {
 fn a_dockerfile_in_git_becomes_a_verified_bootable_image() {
     let dir = tempfile::tempdir().unwrap();
     base_image(dir.path());
-    let repo = repo(dir.path());
+    let repo = sample_repo(dir.path());
     let store = dir.path().join("store");
     let req = BuildRequest {
         repo: repo.display().to_string(),

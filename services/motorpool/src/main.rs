@@ -8,7 +8,8 @@
 //!   them separately.
 //! - `motorpool mapping|prelabel|annotate ...` run one stage of the BevSlots labeling pipeline;
 //!   `motorpool label run|synth|bench` label a clip, write a synthetic one, measure.
-//! - `motorpool image build|list` build fleet images from git + Dockerfile;
+//! - `motorpool image-builder ...`, `motorpool disk-burner ...` run the fleet actors;
+//!   `motorpool image build|list` build fleet images from git + Dockerfile;
 //!   `motorpool drives list|images|menu|burn` look at boot drives and burn images onto them.
 
 mod drives;
@@ -18,8 +19,8 @@ mod up;
 
 use clap::{Args, Parser, Subcommand};
 use motorpool_config::{
-    GatewayConfig, LabelConfig, ReindexerConfig, SchedulerConfig, ServiceConfig, ShardConfig,
-    TelemetryConfig, WorkerConfig,
+    FleetConfig, GatewayConfig, LabelConfig, ReindexerConfig, SchedulerConfig, ServiceConfig,
+    ShardConfig, TelemetryConfig, WorkerConfig,
 };
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -60,12 +61,47 @@ enum Command {
     /// Label clips, make synthetic ones, measure the pipeline.
     #[command(subcommand)]
     Label(label::LabelCommand),
+    /// Run the image builder (build jobs from the lane queues).
+    ImageBuilder(FleetArgs),
+    /// Run the disk burner (watches the bays, burns the channel's newest images).
+    DiskBurner(FleetArgs),
     /// Fleet images: build them from a git repository with a Dockerfile, list them.
     #[command(subcommand)]
     Image(image::ImageCommand),
     /// Boot drives: list them, their images and menus; burn images onto them.
     #[command(subcommand)]
     Drives(drives::DrivesCommand),
+}
+
+#[derive(Args, Serialize)]
+struct FleetArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// Image store [default: motorpool-data/images].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_dir: Option<PathBuf>,
+    /// Drive bays directory (burner) [default: motorpool-data/bays].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bays_dir: Option<PathBuf>,
+    /// Channel whose images the burner puts on drives [default: stable].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<String>,
+    /// Newest images per drive [default: 3].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    images_per_drive: Option<usize>,
+    /// Images kept per channel by the builder [default: 5].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keep: Option<usize>,
+    /// The burner's name in drive states [default: the host name].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    burner_id: Option<String>,
 }
 
 #[derive(Args, Serialize)]
@@ -321,6 +357,16 @@ async fn main() -> anyhow::Result<()> {
                 },
             )?;
             label::main(cmd).await
+        }
+        Command::ImageBuilder(args) => {
+            let config: FleetConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("image-builder", &config.telemetry)?;
+            motorpool_image_builder::actor::run(config, shutdown_on_signals()).await
+        }
+        Command::DiskBurner(args) => {
+            let config: FleetConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("disk-burner", &config.telemetry)?;
+            motorpool_disk_burner::actor::run(config, shutdown_on_signals()).await
         }
         Command::Drives(cmd) => tokio::task::spawn_blocking(move || drives::main(cmd)).await?,
         Command::Image(cmd) => tokio::task::spawn_blocking(move || image::main(cmd)).await?,

@@ -244,6 +244,62 @@ pub mod label {
     }
 }
 
+/// Fleet images: build jobs, build statuses, drive states.
+pub mod fleet {
+    use super::Subject;
+    use motorpool_messages::exec::Lane;
+    use std::time::Duration;
+
+    const DOMAIN: &str = "fleet";
+
+    /// `ImageBuildJob`s queued in `lane` (stream [`BUILDS_STREAM`]).
+    pub fn build(lane: Lane) -> Subject {
+        Subject::build(DOMAIN, "image", "build", Some(lane.name()))
+    }
+    pub const BUILDS_STREAM: &str = "MP_V1_FLEET_BUILDS";
+
+    pub fn builds_stream_config() -> async_nats::jetstream::stream::Config {
+        async_nats::jetstream::stream::Config {
+            name: BUILDS_STREAM.to_string(),
+            subjects: vec![build_all().as_str().to_string()],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+    fn build_all() -> Subject {
+        Subject::build(DOMAIN, "image", "build", Some("*"))
+    }
+    /// Durable consumer of the builders for `lane`.
+    pub fn build_consumer(lane: Lane) -> String {
+        format!("fleet-build-{}", lane.name())
+    }
+    /// Build statuses: KV bucket, key = job id.
+    pub const BUILDS_BUCKET: &str = "mp_v1_fleet_builds";
+    pub fn builds_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: BUILDS_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+    /// `DriveStatus` changes of one burner (cheap signals for dashboards).
+    pub fn drive_state(burner: &str) -> Subject {
+        Subject::build(DOMAIN, "drive", "state", Some(burner))
+    }
+    /// Drive states: KV bucket, key `<burner>.<drive>`.
+    pub const DRIVES_BUCKET: &str = "mp_v1_fleet_drives";
+    pub fn drives_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: DRIVES_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+}
+
 /// Operations: alerts for people.
 pub mod ops {
     use super::Subject;

@@ -409,6 +409,59 @@ impl ServiceConfig for LabelConfig {
     const ENV_PREFIX: &'static str = "MOTORPOOL_LABEL_";
 }
 
+/// `motorpool image-builder` and `motorpool disk-burner`: fleet image deployment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// The image store: `<store_dir>/<channel>/<image id>/{image.ext4,manifest.json}`. The
+    /// builder writes it, the burner reads it. Default `./motorpool-data/images`.
+    pub store_dir: PathBuf,
+    /// Images kept per channel by the builder. Default 5.
+    pub keep: usize,
+    /// Builds run at once. Default 1.
+    pub concurrency: usize,
+    /// Burner: the drive bays, a directory of block devices or raw disk files (hot-plug: a drive
+    /// appears and disappears there). Default `./motorpool-data/bays`.
+    pub bays_dir: PathBuf,
+    /// Burner: the channel whose images go onto every inserted drive. Default `stable`.
+    pub channel: String,
+    /// Burner: how many of the channel's newest images each drive gets (at most 12; the newest
+    /// boots by default). Default 3.
+    pub images_per_drive: usize,
+    /// Burner: milliseconds between scans of the bays. Default 1000.
+    pub scan_ms: u64,
+    /// Burner: its name in drive states. Default: the host name.
+    pub burner_id: Option<String>,
+    /// Milliseconds of waiting that raise a queued build one lane. Default 10000.
+    pub aging_step_ms: u64,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            store_dir: PathBuf::from("motorpool-data/images"),
+            keep: 5,
+            concurrency: 1,
+            bays_dir: PathBuf::from("motorpool-data/bays"),
+            channel: "stable".into(),
+            images_per_drive: 3,
+            scan_ms: 1000,
+            burner_id: None,
+            aging_step_ms: 10_000,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for FleetConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_FLEET_";
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
 mod tests {
@@ -478,5 +531,7 @@ mod tests {
         assert_eq!(reindexer.replicas, 2);
         let label: LabelConfig = load(Some(&dir.join("label.toml")), &Flags::default()).unwrap();
         assert_eq!(label.concurrency, 2);
+        let fleet: FleetConfig = load(Some(&dir.join("fleet.toml")), &Flags::default()).unwrap();
+        assert_eq!(fleet.images_per_drive, 3);
     }
 }

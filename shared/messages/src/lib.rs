@@ -8,6 +8,7 @@
 //!   action-cache entries, and the framing of the direct shard data stream.
 //! - [`exec`]: remote execution: the operation record, lanes and pools, worker registration,
 //!   the scheduler ⇄ worker conversation, alerts.
+//! - [`fleet`]: fleet images: build jobs and their status, drive states.
 //! - [`label`]: the BevSlots auto-labeling pipeline: the job that travels mapping -> prelabel ->
 //!   annotate, and each stage's status.
 //! - [`error`]: the error a remote handler answers with; its code mirrors gRPC status codes.
@@ -21,6 +22,7 @@ pub mod codec;
 pub mod digest;
 pub mod error;
 pub mod exec;
+pub mod fleet;
 pub mod label;
 
 pub use codec::{CodecError, Message, Request, decode, encode};
@@ -38,7 +40,7 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use crate::Message;
-    use crate::{cas::*, exec::*, label::*};
+    use crate::{cas::*, exec::*, fleet::*, label::*};
 
     #[test]
     fn kinds_are_unique_across_the_workspace() {
@@ -77,6 +79,9 @@ mod tests {
             Admission::KIND,
             LabelJob::KIND,
             StageStatus::KIND,
+            ImageBuildJob::KIND,
+            BuildStatus::KIND,
+            DriveStatus::KIND,
         ];
         let mut sorted = kinds.to_vec();
         sorted.sort();

@@ -1,0 +1,257 @@
+//! The disk burner as an actor: it watches the drive bays (a directory of block devices or raw
+//! disk files) and burns the channel's newest images onto every drive that appears, oldest first
+//! so the newest boots by default. Every state change goes to the KV bucket `mp_v1_fleet_drives`
+//! (`<burner>.<drive>`), to the subject `mp.v1.fleet.drive.state.<burner>`, and to the metric
+//! `motorpool_fleet_drives{state}`. Each image is read once and shared by all drives; drives
+//! burn in parallel, one thread each; a drive that disappears ends its job on its own.
+
+use crate::burn::{DriveState, burn, scan_bays};
+use crate::image::Image;
+use crate::layout::LayoutOptions;
+use motorpool_bus::{Bus, BusError, subjects::fleet};
+use motorpool_config::FleetConfig;
+use motorpool_messages::fleet::{DriveKind, DriveStatus};
+use motorpool_messages::{codec, now_ms};
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The channel's newest `n` images in the store, oldest first: `(id, image file)`.
+pub fn newest_images(store: &Path, channel: &str, n: usize) -> Vec<(String, PathBuf)> {
+    let mut found: Vec<(u64, String, PathBuf)> = std::fs::read_dir(store.join(channel))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path().join("manifest.json")).ok()?)
+                    .ok()?;
+            Some((
+                m["built_at_ms"].as_u64()?,
+                m["image"]["id"].as_str()?.to_string(),
+                e.path().join("image.ext4"),
+            ))
+        })
+        .collect();
+    found.sort();
+    let skip = found
+        .len()
+        .saturating_sub(n.clamp(1, crate::layout::MAX_IMAGES));
+    found
+        .into_iter()
+        .skip(skip)
+        .map(|(_, id, p)| (id, p))
+        .collect()
+}
+
+fn status(burner: &str, drive: &Path, image: &str, s: &DriveState) -> DriveStatus {
+    let (kind, slot, done, total, reason) = match s {
+        DriveState::Inserted => (DriveKind::Inserted, 0, 0, 0, String::new()),
+        DriveState::Refused { reason } => (DriveKind::Refused, 0, 0, 0, reason.clone()),
+        DriveState::Burning { slot, done, total } => {
+            (DriveKind::Burning, *slot, *done, *total, String::new())
+        }
+        DriveState::Verifying { slot, done, total } => {
+            (DriveKind::Verifying, *slot, *done, *total, String::new())
+        }
+        DriveState::Ready { slot, .. } => (DriveKind::Ready, *slot, 0, 0, String::new()),
+        DriveState::Failed { reason } => (DriveKind::Failed, 0, 0, 0, reason.clone()),
+    };
+    DriveStatus {
+        burner: burner.to_string(),
+        drive: drive.display().to_string(),
+        kind,
+        image: image.to_string(),
+        slot: slot as u32,
+        done,
+        total,
+        reason,
+        updated_ms: now_ms(),
+    }
+}
+
+/// A KV-key-safe name for a drive.
+fn drive_key(burner: &str, drive: &Path) -> String {
+    let name: String = drive
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{burner}.{name}")
+}
+
+/// Burns every image in `images` (oldest first) onto one drive; reports each state.
+fn burn_drive(
+    drive: &Path,
+    images: &[Arc<Image>],
+    layout: &LayoutOptions,
+    report: &(dyn Fn(&Path, &str, &DriveState) + Sync),
+) {
+    for img in images {
+        let id = img.manifest.id.clone();
+        let r = burn(drive, img, layout, &|p, s| report(p, &id, s));
+        if !matches!(r.state, DriveState::Ready { .. }) {
+            return;
+        }
+    }
+}
+
+/// Watches the bays and burns until `shutdown`.
+pub async fn serve(
+    bus: Bus,
+    config: FleetConfig,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let kv = bus.ensure_kv(fleet::drives_config()).await?;
+    let burner = config.burner_id.clone().unwrap_or_else(|| {
+        hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "burner".into())
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DriveStatus>();
+    // The publisher: KV, subject, metrics, in the order the states happened.
+    let publisher = {
+        let (bus, kv, burner) = (bus.clone(), kv.clone(), burner.clone());
+        tokio::spawn(async move {
+            let mut kinds: BTreeMap<String, DriveKind> = BTreeMap::new();
+            let mut last_progress: HashMap<String, u64> = HashMap::new();
+            while let Some(s) = rx.recv().await {
+                let key = drive_key(&burner, Path::new(&s.drive));
+                // Progress is published at most every 64 MiB per drive; changes of kind always.
+                let progress = matches!(s.kind, DriveKind::Burning | DriveKind::Verifying);
+                let prev = kinds.insert(key.clone(), s.kind);
+                if progress && prev == Some(s.kind) && s.done < s.total {
+                    let last = last_progress.entry(key.clone()).or_default();
+                    if s.done < *last + (64 << 20) {
+                        continue;
+                    }
+                    *last = s.done;
+                } else {
+                    last_progress.insert(key.clone(), 0);
+                }
+                for k in DriveKind::ALL {
+                    let n = kinds.values().filter(|v| **v == k).count();
+                    metrics::gauge!("motorpool_fleet_drives", "state" => k.name()).set(n as f64);
+                }
+                if let Ok(bytes) = codec::encode(&s) {
+                    let _ = kv.put(&key, bytes.into()).await;
+                }
+                let _ = bus.publish(&fleet::drive_state(&burner), &s).await;
+            }
+        })
+    };
+    let layout = LayoutOptions::default();
+    let loaded: Arc<Mutex<HashMap<String, Arc<Image>>>> = Arc::default();
+    let mut known: HashMap<PathBuf, (u64, u64)> = HashMap::new();
+    tracing::info!(bays = %config.bays_dir.display(), channel = %config.channel, %burner, "Disk burner ready");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(config.scan_ms.max(50))) => {}
+        }
+        let Ok(drives) = scan_bays(&config.bays_dir) else {
+            continue;
+        };
+        // Drives that went away.
+        known.retain(|path, _| {
+            let here = drives.contains(path);
+            if !here {
+                let _ = tx.send(DriveStatus {
+                    kind: DriveKind::Removed,
+                    ..status(&burner, path, "", &DriveState::Inserted)
+                });
+            }
+            here
+        });
+        for path in drives {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let id = (meta.dev(), meta.ino());
+            if known.get(&path) == Some(&id) {
+                continue;
+            }
+            known.insert(path.clone(), id);
+            let (tx, burner, loaded, config, layout) = (
+                tx.clone(),
+                burner.clone(),
+                loaded.clone(),
+                config.clone(),
+                layout.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.send(status(&burner, &path, "", &DriveState::Inserted));
+                let mut images = Vec::new();
+                for (id, file) in
+                    newest_images(&config.store_dir, &config.channel, config.images_per_drive)
+                {
+                    let cached = loaded.lock().ok().and_then(|m| m.get(&id).cloned());
+                    let img = match cached {
+                        Some(i) => i,
+                        None => match Image::load(&file, &id) {
+                            Ok(i) => {
+                                let i = Arc::new(i);
+                                if let Ok(mut m) = loaded.lock() {
+                                    m.insert(id.clone(), i.clone());
+                                }
+                                i
+                            }
+                            Err(e) => {
+                                let _ = tx.send(status(
+                                    &burner,
+                                    &path,
+                                    &id,
+                                    &DriveState::Failed {
+                                        reason: format!("image {id}: {e}"),
+                                    },
+                                ));
+                                return;
+                            }
+                        },
+                    };
+                    images.push(img);
+                }
+                if images.is_empty() {
+                    let _ = tx.send(status(
+                        &burner,
+                        &path,
+                        "",
+                        &DriveState::Failed {
+                            reason: format!("no image in channel {}", config.channel),
+                        },
+                    ));
+                    return;
+                }
+                burn_drive(&path, &images, &layout, &|p, id, s| {
+                    let _ = tx.send(status(&burner, p, id, s));
+                });
+            });
+        }
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+    Ok(())
+}
+
+/// `motorpool disk-burner`: connects and serves until `shutdown`.
+pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.bays_dir)?;
+    let bus = Bus::connect(
+        &config.nats_url,
+        "motorpool-disk-burner",
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok(serve(bus, config, shutdown).await?)
+}

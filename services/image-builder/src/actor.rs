@@ -1,0 +1,166 @@
+//! The image builder as an actor: build jobs come from per-lane JetStream queues (release by
+//! default, the platform's lane rule), each job's status is kept in the KV bucket
+//! `mp_v1_fleet_builds`, and a job leaves its queue only once it is done or failed for good.
+
+use crate::{BuildError, BuildRequest, build};
+use motorpool_bus::{Bus, BusError, LaneQueue, LaneQueueOptions, subjects::fleet};
+use motorpool_config::FleetConfig;
+use motorpool_messages::exec::Lane;
+use motorpool_messages::fleet::{BuildState, BuildStatus, ImageBuildJob};
+use motorpool_messages::{codec, now_ms};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+async fn put(kv: &async_nats::jetstream::kv::Store, job_id: &str, state: BuildState) {
+    let s = BuildStatus {
+        job_id: job_id.to_string(),
+        state,
+        updated_ms: now_ms(),
+    };
+    if let Ok(bytes) = codec::encode(&s)
+        && let Err(error) = kv.put(job_id, bytes.into()).await
+    {
+        tracing::warn!(%error, "Cannot record a build status");
+    }
+}
+
+/// Queues a build (its status `Queued`) and returns the job.
+pub async fn submit(bus: &Bus, req: &BuildRequest, lane: Lane) -> Result<ImageBuildJob, BusError> {
+    bus.ensure_stream(fleet::builds_stream_config()).await?;
+    let kv = bus.ensure_kv(fleet::builds_config()).await?;
+    let job = ImageBuildJob {
+        job_id: uuid::Uuid::new_v4().simple().to_string(),
+        repo: req.repo.clone(),
+        git_ref: req.git_ref.clone(),
+        dockerfile: req.dockerfile.clone(),
+        context: req.context.clone(),
+        build_args: req.build_args.clone(),
+        channel: req.channel.clone(),
+        image_id: req.image_id.clone(),
+        lane,
+        submitted_ms: now_ms(),
+    };
+    put(&kv, &job.job_id, BuildState::Queued).await;
+    bus.enqueue(&fleet::build(lane), &job).await?;
+    Ok(job)
+}
+
+/// Serves build jobs until `shutdown`.
+pub async fn serve(
+    bus: Bus,
+    config: FleetConfig,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let kv = bus.ensure_kv(fleet::builds_config()).await?;
+    let mut queue = LaneQueue::<ImageBuildJob>::open(
+        &bus,
+        fleet::builds_stream_config(),
+        LaneQueueOptions {
+            stream: fleet::BUILDS_STREAM.into(),
+            consumer: fleet::build_consumer,
+            subject: fleet::build,
+            aging_step_ms: config.aging_step_ms,
+            ack_wait: Duration::from_secs(120),
+            max_deliver: 3,
+        },
+    )
+    .await?;
+    tracing::info!(store = %config.store_dir.display(), "Image builder ready");
+    let capacity = config.concurrency.max(1);
+    let permits = Arc::new(Semaphore::new(capacity));
+    let config = Arc::new(config);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = queue.next() => match d { Some(d) => d, None => break },
+        };
+        let (kv, config) = (kv.clone(), config.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let job = delivery.msg.clone();
+            let req = BuildRequest {
+                repo: job.repo.clone(),
+                git_ref: job.git_ref.clone(),
+                dockerfile: job.dockerfile.clone(),
+                context: job.context.clone(),
+                build_args: job.build_args.clone(),
+                channel: job.channel.clone(),
+                image_id: job.image_id.clone(),
+            };
+            tracing::info!(job = %job.job_id, repo = %job.repo, git_ref = %job.git_ref, lane = %job.lane, "Building an image");
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let steps = {
+                let (kv, id) = (kv.clone(), job.job_id.clone());
+                tokio::spawn(async move {
+                    while let Some(step) = rx.recv().await {
+                        put(&kv, &id, BuildState::Running { step }).await;
+                    }
+                })
+            };
+            let result = tokio::task::spawn_blocking(move || {
+                build(&req, &config.store_dir, config.keep, &|s| {
+                    let _ = tx.send(s.to_string());
+                })
+            })
+            .await
+            .unwrap_or_else(|e| Err(BuildError::Request(format!("the build panicked: {e}"))));
+            let _ = steps.await;
+            match result {
+                Ok(built) => {
+                    metrics::counter!("motorpool_fleet_builds_total", "result" => "done")
+                        .increment(1);
+                    put(
+                        &kv,
+                        &job.job_id,
+                        BuildState::Done {
+                            image_id: built.manifest.image.id.clone(),
+                            dir: built.dir.display().to_string(),
+                            blake3: built.manifest.image.blake3.clone(),
+                        },
+                    )
+                    .await;
+                    let _ = delivery.ack().await;
+                }
+                Err(error) => {
+                    metrics::counter!("motorpool_fleet_builds_total", "result" => "failed")
+                        .increment(1);
+                    tracing::warn!(job = %job.job_id, %error, "An image build failed");
+                    put(
+                        &kv,
+                        &job.job_id,
+                        BuildState::Failed {
+                            reason: error.to_string(),
+                        },
+                    )
+                    .await;
+                    let _ = delivery.term().await;
+                }
+            }
+        });
+    }
+    queue.close().await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        permits.acquire_many(capacity as u32),
+    )
+    .await;
+    Ok(())
+}
+
+/// `motorpool image-builder`: connects and serves until `shutdown`.
+pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.store_dir)?;
+    let bus = Bus::connect(
+        &config.nats_url,
+        "motorpool-image-builder",
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok(serve(bus, config, shutdown).await?)
+}

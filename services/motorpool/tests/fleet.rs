@@ -1,0 +1,196 @@
+//! Fleet images over the bus: a build job in the release lane becomes an image in the store, a
+//! second build a newer one; a marked drive put into a bay gets both (the newest boots by
+//! default), a foreign drive is refused and untouched, and every state is on the bus.
+
+use futures::StreamExt;
+use motorpool_bus::{Bus, NatsServer, subjects::fleet};
+use motorpool_config::FleetConfig;
+use motorpool_disk_burner::gpt::{Gpt, Guid};
+use motorpool_disk_burner::layout::slots;
+use motorpool_image_builder::BuildRequest;
+use motorpool_image_builder::testing::{base_image, git, sample_repo};
+use motorpool_messages::exec::Lane;
+use motorpool_messages::fleet::{BuildState, BuildStatus, DriveKind, DriveStatus};
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const DRIVE: u64 = 2 << 30;
+
+fn drive(path: &Path, guid: &str) {
+    let tmp = path.with_extension("part");
+    let mut f = std::fs::File::create(&tmp).unwrap();
+    f.set_len(DRIVE).unwrap();
+    Gpt {
+        disk_guid: Guid::parse(guid).unwrap(),
+        sectors: DRIVE / 512,
+        partitions: vec![],
+    }
+    .write(&mut f)
+    .unwrap();
+    // Plugged in at once, whole.
+    std::fs::rename(tmp, path).unwrap();
+}
+
+async fn build_done(bus: &Bus, job_id: &str) -> (String, Vec<String>) {
+    let kv = bus.ensure_kv(fleet::builds_config()).await.unwrap();
+    let mut w = kv.watch_with_history(job_id).await.unwrap();
+    let mut steps = Vec::new();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(120), w.next())
+            .await
+            .expect("build status")
+            .unwrap()
+            .unwrap();
+        let s: BuildStatus = motorpool_messages::codec::decode(&e.value).unwrap();
+        match s.state {
+            BuildState::Done { image_id, .. } => return (image_id, steps),
+            BuildState::Failed { reason } => panic!("build failed: {reason}"),
+            BuildState::Running { step } => steps.push(step),
+            BuildState::Queued => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_and_burns_ride_the_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    base_image(dir.path());
+    let repo = sample_repo(dir.path());
+    let server = NatsServer::start().unwrap();
+    let bus = Bus::connect(&server.url(), "test", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let config = FleetConfig {
+        nats_url: server.url(),
+        store_dir: dir.path().join("images"),
+        bays_dir: dir.path().join("bays"),
+        images_per_drive: 2,
+        scan_ms: 100,
+        burner_id: Some("flexo-1".into()),
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&config.bays_dir).unwrap();
+    let stop = CancellationToken::new();
+    let builder = tokio::spawn(motorpool_image_builder::actor::serve(
+        bus.clone(),
+        config.clone(),
+        stop.clone(),
+    ));
+
+    let req = BuildRequest {
+        repo: repo.display().to_string(),
+        git_ref: "main".into(),
+        dockerfile: "images/av/Dockerfile".into(),
+        context: "images/av".into(),
+        build_args: vec![],
+        channel: "stable".into(),
+        image_id: None,
+    };
+    let job = motorpool_image_builder::actor::submit(&bus, &req, Lane::Release)
+        .await
+        .unwrap();
+    let (first, steps) = build_done(&bus, &job.job_id).await;
+    assert!(
+        steps.iter().any(|s| s.starts_with("docker build")),
+        "{steps:?}"
+    );
+    std::fs::write(repo.join("images/av/stack.txt"), "planner v2\n").unwrap();
+    git(&repo, &["commit", "-q", "-am", "v2"]);
+    let job = motorpool_image_builder::actor::submit(&bus, &req, Lane::Release)
+        .await
+        .unwrap();
+    let (second, _) = build_done(&bus, &job.job_id).await;
+    assert_ne!(first, second);
+
+    // The burner, and two drives plugged in.
+    let mut states = bus
+        .subscribe::<DriveStatus>(&fleet::drive_state("flexo-1"))
+        .await
+        .unwrap();
+    let burner = tokio::spawn(motorpool_disk_burner::actor::serve(
+        bus.clone(),
+        config.clone(),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ours = config.bays_dir.join("bay0.img");
+    let theirs = config.bays_dir.join("bay1.img");
+    drive(&ours, "00000000-00f1-4000-8000-000000000001");
+    drive(&theirs, "7c9e6679-7425-40de-944b-e07fc1f90ae7");
+    let before = std::fs::read(&theirs).unwrap();
+
+    let mut seen: Vec<(String, DriveKind, String)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let done_ours = seen
+            .iter()
+            .filter(|s| s.0.ends_with("bay0.img") && s.1 == DriveKind::Ready)
+            .count()
+            == 2;
+        let done_theirs = seen
+            .iter()
+            .any(|s| s.0.ends_with("bay1.img") && s.1 == DriveKind::Refused);
+        if done_ours && done_theirs {
+            break;
+        }
+        let s = tokio::time::timeout_at(deadline, states.next())
+            .await
+            .expect("drive states")
+            .unwrap();
+        assert_ne!(s.kind, DriveKind::Failed, "{s:?}");
+        seen.push((s.drive.clone(), s.kind, s.image.clone()));
+    }
+    // Oldest first: the newest image is burned last and boots by default.
+    let ready: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.1 == DriveKind::Ready)
+        .map(|s| s.2.as_str())
+        .collect();
+    assert_eq!(ready, [first.as_str(), second.as_str()]);
+    assert!(
+        seen.iter()
+            .any(|s| s.0.ends_with("bay0.img") && s.1 == DriveKind::Burning)
+    );
+    assert_eq!(
+        std::fs::read(&theirs).unwrap(),
+        before,
+        "the foreign drive is untouched"
+    );
+    let mut f = std::fs::File::open(&ours).unwrap();
+    let gpt = Gpt::read(&mut f, DRIVE / 512).unwrap();
+    let names: Vec<_> = slots(&gpt).into_iter().filter_map(|s| s.image).collect();
+    assert_eq!(names, [first.clone(), second.clone()]);
+    let menu = motorpool_disk_burner::esp::read_menu(&ours, &gpt).unwrap();
+    assert!(menu.contains("set default=\"slot-2\""), "{menu}");
+
+    // The KV bucket keeps the latest state per drive for whoever looks later.
+    let kv = bus.ensure_kv(fleet::drives_config()).await.unwrap();
+    let entry = kv
+        .get("flexo-1.bay0_img")
+        .await
+        .unwrap()
+        .expect("drive state");
+    let s: DriveStatus = motorpool_messages::codec::decode(&entry).unwrap();
+    assert_eq!(
+        (s.kind, s.image.as_str()),
+        (DriveKind::Ready, second.as_str())
+    );
+
+    // Pulled: reported as removed.
+    std::fs::remove_file(&ours).unwrap();
+    let removed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(s) = states.next().await {
+            if s.drive.ends_with("bay0.img") && s.kind == DriveKind::Removed {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(removed);
+    stop.cancel();
+    let _ = builder.await;
+    let _ = burner.await;
+}

@@ -1,0 +1,105 @@
+//! Messages of fleet image deployment: image builds and drive states. Kind ids live in 400..500.
+
+use crate::exec::Lane;
+use crate::message;
+use serde::{Deserialize, Serialize};
+
+/// Build an image from a git repository with a Dockerfile (queued in its lane, release by
+/// default).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageBuildJob {
+    /// 32 lower-case hex characters.
+    pub job_id: String,
+    pub repo: String,
+    pub git_ref: String,
+    pub dockerfile: String,
+    pub context: String,
+    pub build_args: Vec<(String, String)>,
+    pub channel: String,
+    pub image_id: Option<String>,
+    pub lane: Lane,
+    pub submitted_ms: u64,
+}
+message!(ImageBuildJob, 400, 1);
+
+/// Where a build is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildState {
+    Queued,
+    Running {
+        step: String,
+    },
+    Done {
+        image_id: String,
+        dir: String,
+        blake3: String,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// A build's status (KV bucket `mp_v1_fleet_builds`, key = job id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildStatus {
+    pub job_id: String,
+    pub state: BuildState,
+    pub updated_ms: u64,
+}
+message!(BuildStatus, 401, 1);
+
+/// What a drive is doing, as the burner reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DriveKind {
+    Inserted,
+    /// Not a Motorpool drive: left untouched.
+    Refused,
+    Burning,
+    Verifying,
+    Ready,
+    Failed,
+    Removed,
+}
+
+impl DriveKind {
+    pub const ALL: [DriveKind; 7] = [
+        DriveKind::Inserted,
+        DriveKind::Refused,
+        DriveKind::Burning,
+        DriveKind::Verifying,
+        DriveKind::Ready,
+        DriveKind::Failed,
+        DriveKind::Removed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DriveKind::Inserted => "inserted",
+            DriveKind::Refused => "refused",
+            DriveKind::Burning => "burning",
+            DriveKind::Verifying => "verifying",
+            DriveKind::Ready => "ready",
+            DriveKind::Failed => "failed",
+            DriveKind::Removed => "removed",
+        }
+    }
+}
+
+/// One drive's state (KV bucket `mp_v1_fleet_drives`, key `<burner>.<drive>`, and the subject
+/// `mp.v1.fleet.drive.state.<burner>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveStatus {
+    pub burner: String,
+    /// The drive's path on the burner host.
+    pub drive: String,
+    pub kind: DriveKind,
+    /// The image being burned or verified, or the last one made ready.
+    pub image: String,
+    pub slot: u32,
+    pub done: u64,
+    pub total: u64,
+    /// Why it was refused or failed.
+    pub reason: String,
+    pub updated_ms: u64,
+}
+message!(DriveStatus, 402, 1);
