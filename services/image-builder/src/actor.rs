@@ -10,7 +10,6 @@ use motorpool_messages::fleet::{BuildState, BuildStatus, ImageBuildJob};
 use motorpool_messages::{codec, now_ms};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 async fn put(kv: &async_nats::jetstream::kv::Store, job_id: &str, state: BuildState) {
@@ -32,13 +31,7 @@ pub async fn submit(bus: &Bus, req: &BuildRequest, lane: Lane) -> Result<ImageBu
     let kv = bus.ensure_kv(fleet::builds_config()).await?;
     let job = ImageBuildJob {
         job_id: uuid::Uuid::new_v4().simple().to_string(),
-        repo: req.repo.clone(),
-        git_ref: req.git_ref.clone(),
-        dockerfile: req.dockerfile.clone(),
-        context: req.context.clone(),
-        build_args: req.build_args.clone(),
-        channel: req.channel.clone(),
-        image_id: req.image_id.clone(),
+        request: req.clone(),
         lane,
         submitted_ms: now_ms(),
     };
@@ -54,7 +47,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let kv = bus.ensure_kv(fleet::builds_config()).await?;
-    let mut queue = LaneQueue::<ImageBuildJob>::open(
+    let queue = LaneQueue::<ImageBuildJob>::open(
         &bus,
         fleet::builds_stream_config(),
         LaneQueueOptions {
@@ -68,89 +61,70 @@ pub async fn serve(
     )
     .await?;
     tracing::info!(store = %config.store_dir.display(), "Image builder ready");
-    let capacity = config.concurrency.max(1);
-    let permits = Arc::new(Semaphore::new(capacity));
+    let concurrency = config.concurrency;
     let config = Arc::new(config);
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            d = queue.next() => match d { Some(d) => d, None => break },
-        };
-        let (kv, config) = (kv.clone(), config.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let job = delivery.msg.clone();
-            let req = BuildRequest {
-                repo: job.repo.clone(),
-                git_ref: job.git_ref.clone(),
-                dockerfile: job.dockerfile.clone(),
-                context: job.context.clone(),
-                build_args: job.build_args.clone(),
-                channel: job.channel.clone(),
-                image_id: job.image_id.clone(),
-            };
-            tracing::info!(job = %job.job_id, repo = %job.repo, git_ref = %job.git_ref, lane = %job.lane, "Building an image");
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-            let steps = {
-                let (kv, id) = (kv.clone(), job.job_id.clone());
-                tokio::spawn(async move {
-                    while let Some(step) = rx.recv().await {
-                        put(&kv, &id, BuildState::Running { step }).await;
-                    }
-                })
-            };
-            let result = tokio::task::spawn_blocking(move || {
-                build(&req, &config.store_dir, config.keep, &|s| {
-                    let _ = tx.send(s.to_string());
-                })
-            })
-            .await
-            .unwrap_or_else(|e| Err(BuildError::Request(format!("the build panicked: {e}"))));
-            let _ = steps.await;
-            match result {
-                Ok(built) => {
-                    metrics::counter!("motorpool_fleet_builds_total", "result" => "done")
-                        .increment(1);
-                    put(
-                        &kv,
-                        &job.job_id,
-                        BuildState::Done {
-                            image_id: built.manifest.image.id.clone(),
-                            dir: built.dir.display().to_string(),
-                            blake3: built.manifest.image.blake3.clone(),
-                        },
-                    )
-                    .await;
-                    let _ = delivery.ack().await;
-                }
-                Err(error) => {
-                    metrics::counter!("motorpool_fleet_builds_total", "result" => "failed")
-                        .increment(1);
-                    tracing::warn!(job = %job.job_id, %error, "An image build failed");
-                    put(
-                        &kv,
-                        &job.job_id,
-                        BuildState::Failed {
-                            reason: error.to_string(),
-                        },
-                    )
-                    .await;
-                    let _ = delivery.term().await;
-                }
-            }
-        });
-    }
-    queue.close().await;
-    let _ = tokio::time::timeout(
-        Duration::from_secs(30),
-        permits.acquire_many(capacity as u32),
-    )
-    .await;
+    queue
+        .serve(concurrency, shutdown, move |delivery| {
+            handle(kv.clone(), config.clone(), delivery)
+        })
+        .await;
     Ok(())
+}
+
+async fn handle(
+    kv: async_nats::jetstream::kv::Store,
+    config: Arc<FleetConfig>,
+    delivery: motorpool_bus::Delivery<ImageBuildJob>,
+) {
+    let job = delivery.msg.clone();
+    let req = job.request.clone();
+    tracing::info!(job = %job.job_id, repo = %req.repo, git_ref = %req.git_ref, lane = %job.lane, "Building an image");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let steps = {
+        let (kv, id) = (kv.clone(), job.job_id.clone());
+        tokio::spawn(async move {
+            while let Some(step) = rx.recv().await {
+                put(&kv, &id, BuildState::Running { step }).await;
+            }
+        })
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        build(&req, &config.store_dir, config.keep, &|s| {
+            let _ = tx.send(s.to_string());
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(BuildError::Request(format!("the build panicked: {e}"))));
+    let _ = steps.await;
+    match result {
+        Ok(built) => {
+            metrics::counter!("motorpool_fleet_builds_total", "result" => "done").increment(1);
+            put(
+                &kv,
+                &job.job_id,
+                BuildState::Done {
+                    image_id: built.manifest.image.id.clone(),
+                    dir: built.dir.display().to_string(),
+                    blake3: built.manifest.image.blake3.clone(),
+                },
+            )
+            .await;
+            let _ = delivery.ack().await;
+        }
+        Err(error) => {
+            metrics::counter!("motorpool_fleet_builds_total", "result" => "failed").increment(1);
+            tracing::warn!(job = %job.job_id, %error, "An image build failed");
+            put(
+                &kv,
+                &job.job_id,
+                BuildState::Failed {
+                    reason: error.to_string(),
+                },
+            )
+            .await;
+            let _ = delivery.term().await;
+        }
+    }
 }
 
 /// `motorpool image-builder`: connects and serves until `shutdown`.

@@ -24,27 +24,10 @@ pub mod actor;
 pub mod testing;
 
 use motorpool_disk_burner::image::{Image, ImageManifest, valid_id};
+pub use motorpool_messages::fleet::BuildRequest;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// What to build.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BuildRequest {
-    /// A git URL or path.
-    pub repo: String,
-    /// Branch, tag or commit.
-    pub git_ref: String,
-    /// The Dockerfile, relative to the repository root.
-    pub dockerfile: String,
-    /// The build context, relative to the repository root.
-    pub context: String,
-    pub build_args: Vec<(String, String)>,
-    /// Release channel (`stable`, `beta`, ...): retention counts per channel.
-    pub channel: String,
-    /// Image id; default `<channel>-<short commit>`.
-    pub image_id: Option<String>,
-}
 
 /// The manifest written beside every image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

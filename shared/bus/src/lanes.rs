@@ -211,6 +211,40 @@ impl<M: Message> LaneQueue<M> {
         best.map(|b| b.3)
     }
 
+    /// Hands jobs to `handle`, at most `concurrency` at a time, taking a job from the queue only
+    /// when there is room to work on it; until `shutdown`, then waits (at most 30 s) for the jobs
+    /// in hand. The worker loop of every lane-queue actor.
+    pub async fn serve<F, Fut>(mut self, concurrency: usize, shutdown: CancellationToken, handle: F)
+    where
+        F: Fn(Delivery<M>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let capacity = concurrency.max(1);
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(capacity));
+        let handle = std::sync::Arc::new(handle);
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                d = self.next() => match d { Some(d) => d, None => break },
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                handle(delivery).await;
+            });
+        }
+        self.close().await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            permits.acquire_many(capacity as u32),
+        )
+        .await;
+    }
+
     /// Stops fetching; held jobs are redelivered after `ack_wait`.
     pub async fn close(mut self) {
         self.shutdown.cancel();

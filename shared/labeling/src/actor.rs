@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Work units done so far, shared between a stage's blocking work and its status reporter.
@@ -134,7 +133,7 @@ pub async fn serve_stage<W: StageWork>(
 ) -> Result<(), BusError> {
     let status = bus.ensure_kv(subjects::label::status_config()).await?;
     let stage = W::STAGE;
-    let mut queue = LaneQueue::<LabelJob>::open(
+    let queue = LaneQueue::<LabelJob>::open(
         &bus,
         subjects::label::jobs_stream_config(),
         LaneQueueOptions {
@@ -156,32 +155,15 @@ pub async fn serve_stage<W: StageWork>(
     )
     .await?;
     tracing::info!(%stage, worker = %options.worker_id, "Labeling stage ready");
-    let capacity = options.concurrency.max(1);
-    let permits = Arc::new(Semaphore::new(capacity));
+    let concurrency = options.concurrency;
     let options = Arc::new(options);
-    loop {
-        // Take a job only when there is room to work on it.
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            d = queue.next() => match d { Some(d) => d, None => break },
-        };
-        let (bus, status, work, options) =
-            (bus.clone(), status.clone(), work.clone(), options.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            handle(&bus, &status, work, &options, delivery).await;
-        });
-    }
-    queue.close().await;
-    let _ = tokio::time::timeout(
-        Duration::from_secs(30),
-        permits.acquire_many(capacity as u32),
-    )
-    .await;
+    queue
+        .serve(concurrency, shutdown, move |delivery| {
+            let (bus, status, work, options) =
+                (bus.clone(), status.clone(), work.clone(), options.clone());
+            async move { handle(&bus, &status, work, &options, delivery).await }
+        })
+        .await;
     Ok(())
 }
 

@@ -4,19 +4,30 @@ use crate::exec::Lane;
 use crate::message;
 use serde::{Deserialize, Serialize};
 
-/// Build an image from a git repository with a Dockerfile (queued in its lane, release by
-/// default).
+/// What to build: a git repository with a Dockerfile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    /// A git URL or path.
+    pub repo: String,
+    /// Branch, tag or commit.
+    pub git_ref: String,
+    /// The Dockerfile, relative to the repository root.
+    pub dockerfile: String,
+    /// The build context, relative to the repository root.
+    pub context: String,
+    pub build_args: Vec<(String, String)>,
+    /// Release channel (`stable`, `beta`, ...): retention counts per channel.
+    pub channel: String,
+    /// Image id; default `<channel>-<short commit>`.
+    pub image_id: Option<String>,
+}
+
+/// A build queued in its lane (release by default).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageBuildJob {
     /// 32 lower-case hex characters.
     pub job_id: String,
-    pub repo: String,
-    pub git_ref: String,
-    pub dockerfile: String,
-    pub context: String,
-    pub build_args: Vec<(String, String)>,
-    pub channel: String,
-    pub image_id: Option<String>,
+    pub request: BuildRequest,
     pub lane: Lane,
     pub submitted_ms: u64,
 }
