@@ -51,7 +51,6 @@ pub async fn serve(
         &bus,
         fleet::builds_stream_config(),
         LaneQueueOptions {
-            stream: fleet::BUILDS_STREAM.into(),
             consumer: fleet::build_consumer,
             subject: fleet::build,
             aging_step_ms: config.aging_step_ms,

@@ -24,8 +24,6 @@ use tokio_util::sync::CancellationToken;
 /// How a lane queue consumes its stream.
 #[derive(Clone, Debug)]
 pub struct LaneQueueOptions {
-    /// The stream holding the jobs.
-    pub stream: String,
     /// Durable consumer name per lane.
     pub consumer: fn(Lane) -> String,
     /// Subject of each lane's jobs.

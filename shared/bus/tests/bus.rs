@@ -283,7 +283,6 @@ async fn lane_queues_hand_out_release_first_then_fifo_and_redeliver_dropped_jobs
             .unwrap();
     }
     let options = LaneQueueOptions {
-        stream: subjects::label::JOBS_STREAM.into(),
         consumer: |l| subjects::label::consumer(Stage::Mapping, l),
         subject: |l| subjects::label::run(Stage::Mapping, l),
         aging_step_ms: 3_600_000,

@@ -137,7 +137,6 @@ pub async fn serve_stage<W: StageWork>(
         &bus,
         subjects::label::jobs_stream_config(),
         LaneQueueOptions {
-            stream: subjects::label::JOBS_STREAM.into(),
             consumer: match stage {
                 Stage::Mapping => |l| subjects::label::consumer(Stage::Mapping, l),
                 Stage::Prelabel => |l| subjects::label::consumer(Stage::Prelabel, l),
