@@ -1,19 +1,24 @@
-//! The disk burner as an actor: it watches the drive bays (a directory of block devices or raw
-//! disk files) and burns the channel's newest images onto every drive that appears, oldest first
-//! so the newest boots by default. Every state change goes to the KV bucket `mp_v1_fleet_drives`
+//! The disk burner as an actor: it watches for drives (the bays directory, or the host's block
+//! devices woken by kernel uevents: [`crate::source`]) and burns the channel's newest images onto
+//! every drive that appears, oldest first so the newest boots by default. Drives in use or
+//! read-only are refused before anything opens them for writing; the interlock refuses the rest
+//! that are not ours. Every state change goes to the KV bucket `mp_v1_fleet_drives`
 //! (`<burner>.<drive>`), to the subject `mp.v1.fleet.drive.state.<burner>`, and to the metric
 //! `motorpool_fleet_drives{state}`. Each image is read once and shared by all drives; drives
-//! burn in parallel, one thread each; a drive that disappears ends its job on its own.
+//! burn in parallel, one thread each; a drive that disappears ends its job on its own. The chassis
+//! LEDs follow the states through `ledctl` ([`crate::leds`]).
 
-use crate::burn::{DriveState, burn, scan_bays};
+use crate::burn::{DriveState, burn};
 use crate::image::Image;
 use crate::layout::LayoutOptions;
-use motorpool_bus::{Bus, BusError, subjects::fleet};
-use motorpool_config::FleetConfig;
+use crate::leds::{Leds, find_ledctl};
+use crate::source::{Seen, Sysfs, Uevents, scan_bays};
+use anyhow::Context;
+use motorpool_bus::{Bus, subjects::fleet};
+use motorpool_config::{DriveSource, FleetConfig};
 use motorpool_messages::fleet::{DriveKind, DriveStatus};
 use motorpool_messages::{codec, now_ms};
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,20 +112,41 @@ fn burn_drive(
     }
 }
 
-/// Watches the bays and burns until `shutdown`.
+/// Waits for the kernel to say a disk came, went or changed; forever without a socket. A
+/// socket error (an overflowed queue) also wakes the caller, which rescans.
+async fn disk_event(uevents: &mut Option<Uevents>) {
+    let Some(u) = uevents else {
+        return std::future::pending().await;
+    };
+    loop {
+        match u.next().await {
+            Ok(e) if e.is_disk() => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("uevents: {e}; rescanning");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Watches for drives and burns until `shutdown`.
 pub async fn serve(
     bus: Bus,
     config: FleetConfig,
     shutdown: CancellationToken,
-) -> Result<(), BusError> {
+) -> anyhow::Result<()> {
     let kv = bus.ensure_kv(fleet::drives_config()).await?;
     let burner = config.burner_id.clone().unwrap_or_else(|| {
         hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "burner".into())
     });
+    let leds = Leds::start(find_ledctl(config.ledctl.as_deref()));
+    let has_leds = leds.is_some();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DriveStatus>();
-    // The publisher: KV, subject, metrics, in the order the states happened.
+    // The publisher: KV, subject, metrics, LEDs, in the order the states happened.
     let publisher = {
         let (bus, kv, burner) = (bus.clone(), kv.clone(), burner.clone());
         tokio::spawn(async move {
@@ -140,6 +166,11 @@ pub async fn serve(
                 } else {
                     last_progress.insert(key.clone(), 0);
                 }
+                if prev != Some(s.kind)
+                    && let Some(leds) = &leds
+                {
+                    leds.show(Path::new(&s.drive), s.kind);
+                }
                 for k in DriveKind::ALL {
                     let n = kinds.values().filter(|v| **v == k).count();
                     metrics::gauge!("motorpool_fleet_drives", "state" => k.name()).set(n as f64);
@@ -153,90 +184,60 @@ pub async fn serve(
     };
     let layout = LayoutOptions::default();
     let loaded: Arc<Mutex<HashMap<String, Arc<Image>>>> = Arc::default();
-    let mut known: HashMap<PathBuf, (u64, u64)> = HashMap::new();
-    tracing::info!(bays = %config.bays_dir.display(), channel = %config.channel, %burner, "Disk burner ready");
+    let mut known: HashMap<PathBuf, (u64, u64, u64)> = HashMap::new();
+    let sysfs = Sysfs::host();
+    let mut uevents = match config.drive_source {
+        DriveSource::Bays => None,
+        DriveSource::Udev => Some(Uevents::open().context("joining the kernel's uevents")?),
+    };
+    tracing::info!(
+        source = ?config.drive_source, bays = %config.bays_dir.display(),
+        udev_match = ?config.udev_match, channel = %config.channel, %burner,
+        leds = has_leds, "Disk burner ready"
+    );
     loop {
+        let scanned = match config.drive_source {
+            DriveSource::Bays => scan_bays(&config.bays_dir),
+            DriveSource::Udev => sysfs.scan(&config.udev_match),
+        };
+        match scanned {
+            Ok(drives) => {
+                for (path, s) in changes(&mut known, drives) {
+                    match s {
+                        Change::Gone => {
+                            let _ = tx.send(DriveStatus {
+                                kind: DriveKind::Removed,
+                                ..status(&burner, &path, "", &DriveState::Inserted)
+                            });
+                        }
+                        Change::Refuse(reason) => {
+                            let _ = tx.send(status(&burner, &path, "", &DriveState::Inserted));
+                            let _ = tx.send(status(
+                                &burner,
+                                &path,
+                                "",
+                                &DriveState::Refused { reason },
+                            ));
+                        }
+                        Change::Burn => {
+                            let job = Job {
+                                tx: tx.clone(),
+                                burner: burner.clone(),
+                                loaded: loaded.clone(),
+                                config: config.clone(),
+                                layout: layout.clone(),
+                            };
+                            tokio::task::spawn_blocking(move || job.run(&path));
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(source = ?config.drive_source, "cannot scan for drives: {e}"),
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(config.scan_ms.max(50))) => {}
-        }
-        let Ok(drives) = scan_bays(&config.bays_dir) else {
-            continue;
-        };
-        // Drives that went away.
-        known.retain(|path, _| {
-            let here = drives.contains(path);
-            if !here {
-                let _ = tx.send(DriveStatus {
-                    kind: DriveKind::Removed,
-                    ..status(&burner, path, "", &DriveState::Inserted)
-                });
-            }
-            here
-        });
-        for path in drives {
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
-            };
-            let id = (meta.dev(), meta.ino());
-            if known.get(&path) == Some(&id) {
-                continue;
-            }
-            known.insert(path.clone(), id);
-            let (tx, burner, loaded, config, layout) = (
-                tx.clone(),
-                burner.clone(),
-                loaded.clone(),
-                config.clone(),
-                layout.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                let _ = tx.send(status(&burner, &path, "", &DriveState::Inserted));
-                let mut images = Vec::new();
-                for (id, file) in
-                    newest_images(&config.store_dir, &config.channel, config.images_per_drive)
-                {
-                    let cached = loaded.lock().ok().and_then(|m| m.get(&id).cloned());
-                    let img = match cached {
-                        Some(i) => i,
-                        None => match Image::load(&file, &id) {
-                            Ok(i) => {
-                                let i = Arc::new(i);
-                                if let Ok(mut m) = loaded.lock() {
-                                    m.insert(id.clone(), i.clone());
-                                }
-                                i
-                            }
-                            Err(e) => {
-                                let _ = tx.send(status(
-                                    &burner,
-                                    &path,
-                                    &id,
-                                    &DriveState::Failed {
-                                        reason: format!("image {id}: {e}"),
-                                    },
-                                ));
-                                return;
-                            }
-                        },
-                    };
-                    images.push(img);
-                }
-                if images.is_empty() {
-                    let _ = tx.send(status(
-                        &burner,
-                        &path,
-                        "",
-                        &DriveState::Failed {
-                            reason: format!("no image in channel {}", config.channel),
-                        },
-                    ));
-                    return;
-                }
-                burn_drive(&path, &images, &layout, &|p, id, s| {
-                    let _ = tx.send(status(&burner, p, id, s));
-                });
-            });
+            _ = disk_event(&mut uevents) => {}
         }
     }
     drop(tx);
@@ -244,14 +245,102 @@ pub async fn serve(
     Ok(())
 }
 
+/// What a scan means for one drive.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    Gone,
+    Refuse(String),
+    Burn,
+}
+
+/// Compares a scan with the drives known so far (and remembers it): drives gone, and drives
+/// new or replaced (another disk under the same path) with what to do about them.
+fn changes(
+    known: &mut HashMap<PathBuf, (u64, u64, u64)>,
+    drives: Vec<Seen>,
+) -> Vec<(PathBuf, Change)> {
+    let mut out = Vec::new();
+    known.retain(|path, _| {
+        let here = drives.iter().any(|d| &d.path == path);
+        if !here {
+            out.push((path.clone(), Change::Gone));
+        }
+        here
+    });
+    for d in drives {
+        if known.get(&d.path) == Some(&d.identity) {
+            continue;
+        }
+        known.insert(d.path.clone(), d.identity);
+        let change = d.refuse.map_or(Change::Burn, Change::Refuse);
+        out.push((d.path, change));
+    }
+    out
+}
+
+/// One drive's job: load the channel's newest images (each once for all drives) and burn them.
+struct Job {
+    tx: tokio::sync::mpsc::UnboundedSender<DriveStatus>,
+    burner: String,
+    loaded: Arc<Mutex<HashMap<String, Arc<Image>>>>,
+    config: FleetConfig,
+    layout: LayoutOptions,
+}
+
+impl Job {
+    fn run(self, path: &Path) {
+        let Job {
+            tx,
+            burner,
+            loaded,
+            config,
+            layout,
+        } = self;
+        let _ = tx.send(status(&burner, path, "", &DriveState::Inserted));
+        let mut images = Vec::new();
+        for (id, file) in newest_images(&config.store_dir, &config.channel, config.images_per_drive)
+        {
+            let cached = loaded.lock().ok().and_then(|m| m.get(&id).cloned());
+            let img = match cached {
+                Some(i) => i,
+                None => match Image::load(&file, &id) {
+                    Ok(i) => {
+                        let i = Arc::new(i);
+                        if let Ok(mut m) = loaded.lock() {
+                            m.insert(id.clone(), i.clone());
+                        }
+                        i
+                    }
+                    Err(e) => {
+                        let reason = format!("image {id}: {e}");
+                        let _ = tx.send(status(&burner, path, &id, &DriveState::Failed { reason }));
+                        return;
+                    }
+                },
+            };
+            images.push(img);
+        }
+        if images.is_empty() {
+            let reason = format!("no image in channel {}", config.channel);
+            let _ = tx.send(status(&burner, path, "", &DriveState::Failed { reason }));
+            return;
+        }
+        burn_drive(path, &images, &layout, &|p, id, s| {
+            let _ = tx.send(status(&burner, p, id, s));
+        });
+    }
+}
+
 /// `motorpool disk-burner`: connects and serves until `shutdown`.
 pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.bays_dir)?;
+    if config.drive_source == DriveSource::Bays {
+        std::fs::create_dir_all(&config.bays_dir)?;
+    }
     let bus = Bus::connect(
         &config.nats_url,
         "motorpool-disk-burner",
         Duration::from_secs(10),
     )
     .await?;
-    Ok(serve(bus, config, shutdown).await?)
+    serve(bus, config, shutdown).await
 }

@@ -19,7 +19,7 @@ use crate::image::Image;
 use crate::layout::{self, EMPTY_NAME, LayoutOptions};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Largest single write or read.
@@ -72,6 +72,9 @@ struct Drive {
     /// (two burners, or a burner and `drives set-default`).
     file: nix::fcntl::Flock<File>,
     dev_ino: (u64, u64),
+    /// For a block device: its sysfs directory and the kernel's disk sequence number at open
+    /// (a loop device keeps its node when another file is attached; the sequence changes).
+    block: Option<(PathBuf, String)>,
     sectors: u64,
 }
 
@@ -93,17 +96,36 @@ impl Drive {
             use std::io::Seek;
             (&*file).seek(std::io::SeekFrom::End(0))?
         };
+        let block = meta.file_type().is_block_device().then(|| {
+            let rdev = meta.rdev();
+            let sys = PathBuf::from(format!(
+                "/sys/dev/block/{}:{}",
+                libc::major(rdev),
+                libc::minor(rdev)
+            ));
+            let seq = std::fs::read_to_string(sys.join("diskseq")).unwrap_or_default();
+            (sys, seq)
+        });
         Ok(Drive {
             path: path.to_path_buf(),
             file,
             dev_ino: (meta.dev(), meta.ino()),
+            block,
             sectors: size / SECTOR,
         })
     }
 
-    /// False once the drive was pulled (its path is gone or names another file).
+    /// False once the drive was pulled: its path is gone or names another file, or the block
+    /// device lost its media or holds another disk now.
     fn present(&self) -> bool {
-        std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.dev_ino)
+        let same_node =
+            std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.dev_ino);
+        same_node
+            && self.block.as_ref().is_none_or(|(sys, seq)| {
+                let size = std::fs::read_to_string(sys.join("size")).unwrap_or_default();
+                size.trim().parse::<u64>().is_ok_and(|s| s > 0)
+                    && std::fs::read_to_string(sys.join("diskseq")).unwrap_or_default() == *seq
+            })
     }
 
     fn gpt(&self) -> Result<Gpt, GptError> {
@@ -172,6 +194,30 @@ fn failed(reason: impl Into<String>) -> DriveState {
     }
 }
 
+/// Reads the GPT through a read-only handle and refuses a drive that is not a Motorpool drive.
+fn interlock(path: &Path) -> Result<(), DriveState> {
+    let file = File::open(path).map_err(|e| failed(format!("cannot open: {e}")))?;
+    let size = {
+        use std::io::Seek;
+        (&file)
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|e| failed(format!("cannot read: {e}")))?
+    };
+    match Gpt::read(&mut &file, size / SECTOR) {
+        Ok(gpt) if layout::is_motorpool(&gpt) => Ok(()),
+        Ok(gpt) => Err(DriveState::Refused {
+            reason: format!(
+                "disk GUID {} does not start with 00000000: not a Motorpool drive",
+                gpt.disk_guid
+            ),
+        }),
+        Err(GptError::Io(e)) => Err(failed(format!("cannot read: {e}"))),
+        Err(e) => Err(DriveState::Refused {
+            reason: format!("not a Motorpool drive ({e})"),
+        }),
+    }
+}
+
 fn burn_inner(
     path: &Path,
     image: &Image,
@@ -179,8 +225,10 @@ fn burn_inner(
     on_state: &(dyn Fn(&Path, &DriveState) + Sync),
     report: &mut BurnReport,
 ) -> Result<DriveState, DriveState> {
+    // 1. The interlock, on a read-only handle: a drive that is not ours is never even opened
+    //    for writing. (Checked again below under the write lock.)
+    interlock(path)?;
     let drive = Drive::open(path).map_err(|e| failed(format!("cannot open: {e}")))?;
-    // 1. The interlock: nothing is written before this says yes.
     let mut gpt = match drive.gpt() {
         Ok(g) => g,
         Err(GptError::Io(e)) => return Err(failed(format!("cannot read: {e}"))),
@@ -413,7 +461,6 @@ pub fn burn_all(
 
 /// The drives in a bay directory: its regular files and block devices, sorted.
 pub fn scan_bays(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    use std::os::unix::fs::FileTypeExt;
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;

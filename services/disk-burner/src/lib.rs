@@ -7,13 +7,14 @@
 //! - [`image`]: an image's manifest (size, BLAKE3, block map of the ranges holding data) and its
 //!   bytes, read once and shared by every drive.
 //! - [`burn`]: burning onto many drives at once, sparse-aware, with read-back verification past
-//!   the page cache; per-drive states; drive bays.
+//!   the page cache; per-drive states.
+//! - [`source`]: where drives come from: a bays directory, or the host's block devices with
+//!   netlink uevents for hot-plug; disks in use or read-only are refused there.
+//! - [`leds`]: drive states on the chassis LEDs through ledmon's `ledctl`.
 //! - [`grub`]: the master GRUB menu, the image selector; [`esp`]: the ESP's FAT file system with
 //!   GRUB and the menu, written in place; [`boot`]: the qemu + OVMF boot test.
-//! - [`actor`]: the burner as a bus actor: watches the bays, burns the channel's newest images
+//! - [`actor`]: the burner as a bus actor: watches for drives, burns the channel's newest images
 //!   onto every drive that appears, publishes each drive's state.
-//!
-//! Not here yet (see the fleet-image issue): a udev (netlink) drive source for real hosts.
 
 pub mod actor;
 pub mod boot;
@@ -23,3 +24,5 @@ pub mod gpt;
 pub mod grub;
 pub mod image;
 pub mod layout;
+pub mod leds;
+pub mod source;

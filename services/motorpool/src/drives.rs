@@ -5,6 +5,8 @@
 //! - `drives images <drive>` lists a drive's slots; `drives menu <drive>` prints its master GRUB
 //!   menu; `drives set-default <drive> <image>` changes the image it boots; `drives boot-test
 //!   <drive>` boots it in qemu until the menu has found every image.
+//! - `drives watch --nats-url URL` shows the drives of running burners, as they publish them in the
+//!   KV bucket `mp_v1_fleet_drives`, with a progress bar per drive.
 //! - `drives burn --image FILE --id ID` burns an image onto every given drive in parallel with a
 //!   progress bar per drive (the role Flexo gave to chassis LEDs); drives that are not Motorpool's
 //!   are reported and left untouched.
@@ -16,6 +18,7 @@ use motorpool_disk_burner::esp;
 use motorpool_disk_burner::gpt::{Gpt, SECTOR};
 use motorpool_disk_burner::image::Image;
 use motorpool_disk_burner::layout::{self, LayoutOptions};
+use motorpool_messages::fleet::{DriveKind, DriveStatus};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -41,6 +44,26 @@ pub enum DrivesCommand {
     },
     /// Burn an image onto drives in parallel, verified by reading back.
     Burn(BurnArgs),
+    /// Watch the drives of running burners (`motorpool disk-burner`) over the bus, with a
+    /// progress bar per drive.
+    Watch(WatchArgs),
+}
+
+#[derive(Args)]
+pub struct WatchArgs {
+    /// NATS server URL.
+    #[arg(
+        long,
+        env = "MOTORPOOL_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// Only this burner's drives.
+    #[arg(long)]
+    burner: Option<String>,
+    /// Print the drives once and exit.
+    #[arg(long)]
+    once: bool,
 }
 
 #[derive(Args)]
@@ -201,6 +224,97 @@ pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
             Ok(())
         }
         DrivesCommand::Burn(a) => burn(a),
+        DrivesCommand::Watch(a) => tokio::runtime::Handle::current().block_on(watch(a)),
+    }
+}
+
+/// One line for a drive as its burner published it.
+fn describe_status(s: &DriveStatus) -> String {
+    let what = match s.kind {
+        DriveKind::Inserted => "inserted".to_string(),
+        DriveKind::Refused => format!("REFUSED, untouched: {}", s.reason),
+        DriveKind::Burning => format!(
+            "burning {} into slot {} {}",
+            s.image,
+            s.slot,
+            bar(s.done, s.total)
+        ),
+        DriveKind::Verifying => format!(
+            "verifying {} in slot {} {}",
+            s.image,
+            s.slot,
+            bar(s.done, s.total)
+        ),
+        DriveKind::Ready => format!("READY: {} in slot {}", s.image, s.slot),
+        DriveKind::Failed => format!("FAILED: {}", s.reason),
+        DriveKind::Removed => "removed".to_string(),
+    };
+    format!("{:<12} {:<32} {what}", s.burner, s.drive)
+}
+
+async fn watch(a: WatchArgs) -> anyhow::Result<()> {
+    use futures::{StreamExt, TryStreamExt};
+    use motorpool_bus::{Bus, subjects::fleet};
+    let bus = Bus::connect(
+        &a.nats_url,
+        "motorpool-drives-watch",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let kv = bus.ensure_kv(fleet::drives_config()).await?;
+    let mine = |s: &DriveStatus| a.burner.as_ref().is_none_or(|b| *b == s.burner);
+    let mut drives: BTreeMap<String, DriveStatus> = BTreeMap::new();
+    if a.once {
+        let keys: Vec<String> = kv.keys().await?.try_collect().await?;
+        for k in keys {
+            if let Some(v) = kv.get(&k).await?
+                && let Ok(s) = motorpool_messages::codec::decode::<DriveStatus>(&v)
+                && mine(&s)
+            {
+                drives.insert(k, s);
+            }
+        }
+        if drives.is_empty() {
+            println!("no drives");
+        }
+        for s in drives.values() {
+            println!("{}", describe_status(s));
+        }
+        return Ok(());
+    }
+    // The latest state of every drive, then each change as it happens.
+    let mut updates = kv.watch_all_from_revision(1).await?;
+    let tty = std::io::stdout().is_terminal();
+    let mut drawn = 0usize;
+    let mut redraw = tokio::time::interval(Duration::from_millis(200));
+    let mut dirty = false;
+    loop {
+        tokio::select! {
+            e = updates.next() => {
+                let Some(e) = e else { return Ok(()) };
+                let e = e?;
+                if let Ok(s) = motorpool_messages::codec::decode::<DriveStatus>(&e.value)
+                    && mine(&s)
+                {
+                    if !tty && drives.get(&e.key).map(|p| p.kind) != Some(s.kind) {
+                        println!("{}", describe_status(&s));
+                    }
+                    drives.insert(e.key, s);
+                    dirty = true;
+                }
+            }
+            _ = redraw.tick(), if tty && dirty => {
+                if drawn > 0 {
+                    print!("\x1b[{drawn}A");
+                }
+                for s in drives.values() {
+                    println!("\x1b[2K{}", describe_status(s));
+                }
+                drawn = drives.len();
+                dirty = false;
+                let _ = std::io::stdout().flush();
+            }
+        }
     }
 }
 

@@ -82,10 +82,24 @@ struct FleetArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     store_dir: Option<PathBuf>,
+    /// Where the burner finds drives: `bays` (the bays directory) or `udev` (the host's block
+    /// devices, hot-plug by netlink uevents) [default: bays].
+    #[arg(long, value_parser = ["bays", "udev"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drive_source: Option<String>,
     /// Drive bays directory (burner) [default: motorpool-data/bays].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     bays_dir: Option<PathBuf>,
+    /// Kernel names of the disks the `udev` source considers, `*` as wildcard; repeat or
+    /// comma-separate [default: sd*,nvme*,vd*,xvd*,mmcblk*].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    udev_match: Option<Vec<String>>,
+    /// ledmon's `ledctl`, to show drive states on the chassis LEDs [default: from PATH].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ledctl: Option<PathBuf>,
     /// Channel whose images the burner puts on drives [default: stable].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -177,6 +177,32 @@ async fn builds_and_burns_ride_the_bus() {
         (DriveKind::Ready, second.as_str())
     );
 
+    // The operator's view of the same states.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_motorpool"))
+        .args([
+            "drives",
+            "watch",
+            "--once",
+            "--burner",
+            "flexo-1",
+            "--nats-url",
+        ])
+        .arg(server.url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |bay: &str| text.lines().find(|l| l.contains(bay)).unwrap_or_default();
+    assert!(
+        line("bay0.img").contains(&format!("READY: {second} in slot 2")),
+        "{text}"
+    );
+    assert!(line("bay1.img").contains("REFUSED, untouched"), "{text}");
+
     // Pulled: reported as removed.
     std::fs::remove_file(&ours).unwrap();
     let removed = tokio::time::timeout(Duration::from_secs(10), async {

@@ -409,6 +409,16 @@ impl ServiceConfig for LabelConfig {
     const ENV_PREFIX: &'static str = "MOTORPOOL_LABEL_";
 }
 
+/// Where the disk burner finds its drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveSource {
+    /// A directory of raw disk files or block devices: a drive is plugged by appearing there.
+    Bays,
+    /// The host's block devices, with netlink uevents for hot-plug.
+    Udev,
+}
+
 /// `motorpool image-builder` and `motorpool disk-burner`: fleet image deployment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -422,9 +432,21 @@ pub struct FleetConfig {
     pub keep: usize,
     /// Builds run at once. Default 1.
     pub concurrency: usize,
+    /// Burner: where drives come from. `bays` (default): the `bays_dir` directory. `udev`: the
+    /// host's block devices, woken by the kernel's netlink uevents (hot-plug), filtered by
+    /// `udev_match`.
+    pub drive_source: DriveSource,
     /// Burner: the drive bays, a directory of block devices or raw disk files (hot-plug: a drive
     /// appears and disappears there). Default `./motorpool-data/bays`.
     pub bays_dir: PathBuf,
+    /// Burner, `udev` source: kernel names of the whole disks to consider (`*` matches any run of
+    /// characters). The interlock still refuses every disk not marked as a Motorpool drive, and
+    /// disks in use (mounted, swap, holders) or read-only are refused without being opened for
+    /// writing. Default `["sd*", "nvme*", "vd*", "xvd*", "mmcblk*"]`.
+    pub udev_match: Vec<String>,
+    /// Burner: the ledmon `ledctl` that shows drive states on the chassis LEDs (block devices
+    /// only). Default: `ledctl` when it is on PATH, else no LEDs.
+    pub ledctl: Option<PathBuf>,
     /// Burner: the channel whose images go onto every inserted drive. Default `stable`.
     pub channel: String,
     /// Burner: how many of the channel's newest images each drive gets (at most 12; the newest
@@ -447,7 +469,12 @@ impl Default for FleetConfig {
             store_dir: PathBuf::from("motorpool-data/images"),
             keep: 5,
             concurrency: 1,
+            drive_source: DriveSource::Bays,
             bays_dir: PathBuf::from("motorpool-data/bays"),
+            udev_match: ["sd*", "nvme*", "vd*", "xvd*", "mmcblk*"]
+                .map(String::from)
+                .to_vec(),
+            ledctl: None,
             channel: "stable".into(),
             images_per_drive: 3,
             scan_ms: 1000,
@@ -533,5 +560,7 @@ mod tests {
         assert_eq!(label.concurrency, 2);
         let fleet: FleetConfig = load(Some(&dir.join("fleet.toml")), &Flags::default()).unwrap();
         assert_eq!(fleet.images_per_drive, 3);
+        assert_eq!(fleet.drive_source, DriveSource::Udev);
+        assert_eq!(fleet.udev_match, ["sd*", "nvme*"]);
     }
 }
