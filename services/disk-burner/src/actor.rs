@@ -184,7 +184,7 @@ pub async fn serve(
     };
     let layout = LayoutOptions::default();
     let loaded: Arc<Mutex<HashMap<String, Arc<Image>>>> = Arc::default();
-    let mut known: HashMap<PathBuf, (u64, u64, u64)> = HashMap::new();
+    let mut known: HashMap<PathBuf, Seen> = HashMap::new();
     let sysfs = Sysfs::host();
     let mut uevents = match config.drive_source {
         DriveSource::Bays => None,
@@ -253,12 +253,10 @@ enum Change {
     Burn,
 }
 
-/// Compares a scan with the drives known so far (and remembers it): drives gone, and drives
-/// new or replaced (another disk under the same path) with what to do about them.
-fn changes(
-    known: &mut HashMap<PathBuf, (u64, u64, u64)>,
-    drives: Vec<Seen>,
-) -> Vec<(PathBuf, Change)> {
+/// Compares a scan with the drives known so far (and remembers it): drives gone, drives new or
+/// replaced (another disk under the same path), and refused drives whose reason changed or went
+/// away (a disk unmounted after it was plugged is burned then), each with what to do.
+fn changes(known: &mut HashMap<PathBuf, Seen>, drives: Vec<Seen>) -> Vec<(PathBuf, Change)> {
     let mut out = Vec::new();
     known.retain(|path, _| {
         let here = drives.iter().any(|d| &d.path == path);
@@ -268,12 +266,19 @@ fn changes(
         here
     });
     for d in drives {
-        if known.get(&d.path) == Some(&d.identity) {
-            continue;
+        let change = match known.get(&d.path) {
+            Some(k) if k.identity == d.identity => match (&k.refuse, &d.refuse) {
+                (Some(_), None) => Some(Change::Burn),
+                (Some(was), Some(now)) if was != now => Some(Change::Refuse(now.clone())),
+                // Unchanged, or in use after its job began: the job owns the drive.
+                _ => None,
+            },
+            _ => Some(d.refuse.clone().map_or(Change::Burn, Change::Refuse)),
+        };
+        if let Some(c) = change {
+            out.push((d.path.clone(), c));
         }
-        known.insert(d.path.clone(), d.identity);
-        let change = d.refuse.map_or(Change::Burn, Change::Refuse);
-        out.push((d.path, change));
+        known.insert(d.path.clone(), d);
     }
     out
 }
@@ -343,4 +348,78 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .await?;
     serve(bus, config, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(path: &str, id: u64, refuse: Option<&str>) -> Seen {
+        Seen {
+            path: path.into(),
+            identity: (id, 0, 0),
+            refuse: refuse.map(String::from),
+        }
+    }
+
+    #[test]
+    fn scans_become_burns_refusals_and_removals_once_each() {
+        let mut known = HashMap::new();
+        let scan = |known: &mut HashMap<PathBuf, Seen>, v: Vec<Seen>| {
+            let mut c = changes(known, v);
+            c.sort_by(|a, b| a.0.cmp(&b.0));
+            c
+        };
+        let c = scan(
+            &mut known,
+            vec![
+                seen("/dev/sda", 1, None),
+                seen("/dev/sdb", 2, Some("in use: sdb1 mounted at /")),
+            ],
+        );
+        assert_eq!(
+            c,
+            [
+                ("/dev/sda".into(), Change::Burn),
+                (
+                    "/dev/sdb".into(),
+                    Change::Refuse("in use: sdb1 mounted at /".into())
+                )
+            ]
+        );
+        // The same scan again: nothing to do.
+        let again = vec![
+            seen("/dev/sda", 1, None),
+            seen("/dev/sdb", 2, Some("in use: sdb1 mounted at /")),
+        ];
+        assert_eq!(scan(&mut known, again), []);
+        // sda is in use once its job runs (ignored); sdb is unmounted (burned now); sdc came.
+        let c = scan(
+            &mut known,
+            vec![
+                seen("/dev/sda", 1, Some("in use: sda1 mounted at /mnt")),
+                seen("/dev/sdb", 2, None),
+                seen("/dev/sdc", 3, None),
+            ],
+        );
+        assert_eq!(
+            c,
+            [
+                ("/dev/sdb".into(), Change::Burn),
+                ("/dev/sdc".into(), Change::Burn)
+            ]
+        );
+        // sda pulled; another disk under sdb's name.
+        let c = scan(
+            &mut known,
+            vec![seen("/dev/sdb", 9, None), seen("/dev/sdc", 3, None)],
+        );
+        assert_eq!(
+            c,
+            [
+                ("/dev/sda".into(), Change::Gone),
+                ("/dev/sdb".into(), Change::Burn)
+            ]
+        );
+    }
 }
