@@ -10,7 +10,8 @@
 //! `cargo bench -p motorpool --bench exec` (`MOTORPOOL_BENCH_QUICK=1` for a short run,
 //! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows, `MOTORPOOL_BENCH_ONLY=bazel` for only them,
 //! `MOTORPOOL_BENCH_SLOTS=N` for N action slots per worker, `MOTORPOOL_BENCH_RE_FLAGS="..."` for
-//! extra Bazel flags on the remote build).
+//! extra Bazel flags on the remote build, `MOTORPOOL_BENCH_METRICS=1` for the gateway's latency
+//! per method after the Bazel builds).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -24,6 +25,37 @@ use support::workspace::{Bazel, Workspace};
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Where a remote build's time goes on the gateway: calls and mean latency per method, from the
+/// `motorpool_gateway_request_duration_seconds` sums and counts.
+fn print_gateway_latencies(metrics: &str) {
+    let mut by: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for line in metrics.lines() {
+        let name = "motorpool_gateway_request_duration_seconds_";
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (Some(method), Some(value)) = (
+            rest.split('"').nth(1),
+            line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        let e = by.entry(method.to_string()).or_default();
+        if rest.starts_with("sum") {
+            e.0 = value;
+        } else if rest.starts_with("count") {
+            e.1 = value;
+        }
+    }
+    println!("\n| gateway method | calls | mean | total |\n|---|---|---|---|");
+    for (m, (sum, count)) in by {
+        println!(
+            "| {m} | {count:.0} | {:.2} ms | {sum:.2} s |",
+            sum / count.max(1.0) * 1e3
+        );
+    }
 }
 
 fn trivial(i: usize) -> Spec {
@@ -148,6 +180,9 @@ fn main() {
                 remote.push(b.run("build", &flags).elapsed.as_secs_f64());
             }
             b.run("clean", &["--expunge".into()]);
+            if std::env::var("MOTORPOOL_BENCH_METRICS").is_ok_and(|v| v == "1") {
+                print_gateway_latencies(&stack.http_get("/metrics"));
+            }
             let (l, r) = (percentile(&mut local, 0.5), percentile(&mut remote, 0.5));
             rows.push([
                 "Bazel local build, 50 libs + 50 tests (build //...)".into(),

@@ -611,6 +611,7 @@ impl Worker {
         job.meta.execution_start_timestamp = timestamp(SystemTime::now());
         let r = run::run(
             &job.command,
+            cfg.action_nice,
             &job.exec_root,
             &job.stdout,
             &job.stderr,

@@ -317,6 +317,10 @@ pub struct WorkerConfig {
     /// `pool = "gpu"`, ...). Labels must match a job's exactly; numbers are minimums. A worker
     /// offering `pool = "gpu"` or `gpu >= 1` serves the GPU queues. Default `OSFamily = "linux"`.
     pub platform: std::collections::BTreeMap<String, String>,
+    /// How far below the worker's CPU priority actions run (`nice -n`; 0 runs them at the
+    /// worker's). A worker is also a CAS shard: its compilers must not keep it from serving
+    /// other workers' fetches and the gateway's writes. Default 10.
+    pub action_nice: i32,
     /// Timeout (milliseconds) of an action that sets none. Default 900000 (15 minutes).
     pub default_timeout_ms: u64,
     /// Longest timeout (milliseconds) an action may ask for. Default 3600000 (one hour).
@@ -346,6 +350,7 @@ impl Default for WorkerConfig {
             slots: None,
             fetch_concurrency: 4,
             upload_concurrency: 4,
+            action_nice: 10,
             platform: [("OSFamily".to_string(), "linux".to_string())].into(),
             default_timeout_ms: 900_000,
             max_timeout_ms: 3_600_000,
