@@ -238,24 +238,27 @@ mod tests {
     async fn a_missing_program_is_a_failed_run() {
         let dir = tempfile::tempdir().unwrap();
         let (o, e) = (dir.path().join("out"), dir.path().join("err"));
-        let c = command(&["bin/nope"]);
-        let r = run(
-            &c,
-            0,
-            dir.path(),
-            &o,
-            &e,
-            Duration::from_secs(5),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.exit_code, 127);
-        assert!(std::fs::read_to_string(e).unwrap().contains("bin/nope"));
+        // Run directly and through nice(1) alike: exit 127, the program named on stderr.
+        for nice in [0, 7] {
+            let c = command(&["bin/nope"]);
+            let r = run(
+                &c,
+                nice,
+                dir.path(),
+                &o,
+                &e,
+                Duration::from_secs(5),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.exit_code, 127, "nice {nice}");
+            assert!(std::fs::read_to_string(&e).unwrap().contains("bin/nope"));
+        }
     }
 
     #[tokio::test]
-    async fn actions_run_below_the_workers_priority_and_keep_their_failures() {
+    async fn actions_run_below_the_workers_priority_and_keep_their_exit_codes() {
         let dir = tempfile::tempdir().unwrap();
         let (o, e) = (dir.path().join("out"), dir.path().join("err"));
         let own: i32 =
@@ -279,19 +282,5 @@ mod tests {
         assert_eq!(r.exit_code, 4);
         let got: i32 = std::fs::read_to_string(&o).unwrap().trim().parse().unwrap();
         assert_eq!(got, (own + 7).min(19));
-        // A missing program still fails like one, named on stderr.
-        let r = run(
-            &command(&["bin/nope"]),
-            7,
-            dir.path(),
-            &o,
-            &e,
-            Duration::from_secs(5),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.exit_code, 127);
-        assert!(std::fs::read_to_string(e).unwrap().contains("bin/nope"));
     }
 }
