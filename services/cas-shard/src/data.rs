@@ -8,13 +8,15 @@
 //! - `Write`: `WriteReady { committed }` (or `Committed` when the blob is already stored), then the
 //!   client sends chunks (`u32` length + bytes) and a zero-length chunk to finish; the shard answers
 //!   `Committed` or `Error`. A connection that drops mid-stream leaves the upload resumable.
+//! - `Put`: the frame and then exactly the blob's bytes (at most [`DATA_PUT_MAX`]), sent at once;
+//!   answered `Committed` or `Error` — one round trip for the small blobs builds upload most.
 //!
 //! One thread per connection: gateways pool their connections, so there are few, and blocking
 //! I/O lets reads use `sendfile` and writes hash on a second core while the first writes.
 
 use crate::store::{Store, StoreError, namespace};
 use motorpool_messages::WireError;
-use motorpool_messages::cas::{DataReply, DataRequest};
+use motorpool_messages::cas::{DATA_PUT_MAX, DataReply, DataRequest};
 use motorpool_messages::codec;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -28,11 +30,13 @@ pub const MAX_CHUNK: u32 = 16 * 1024 * 1024;
 /// Data is handed to the file and the hasher in batches of about this size.
 const BATCH: usize = 1 << 20;
 
-/// Writes one control frame.
+/// Writes one control frame (in one `write`: replies go out as one packet).
 pub fn write_frame<W: Write, M: motorpool_messages::Message>(w: &mut W, msg: &M) -> io::Result<()> {
     let frame = codec::encode(msg).map_err(io::Error::other)?;
-    w.write_all(&(frame.len() as u32).to_le_bytes())?;
-    w.write_all(&frame)
+    let mut out = Vec::with_capacity(4 + frame.len());
+    out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    out.extend_from_slice(&frame);
+    w.write_all(&out)
 }
 
 /// Reads one control frame; `Ok(None)` on a clean end of stream before the frame.
@@ -147,6 +151,29 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
                     }
                 }
             }
+            DataRequest::Put { instance, digest } => {
+                if digest.size > DATA_PUT_MAX {
+                    let e = WireError::invalid(format!(
+                        "{digest} is larger than the {DATA_PUT_MAX} bytes a put carries; stream it with a write"
+                    ));
+                    write_frame(&mut writer, &DataReply::Error(e))?;
+                    // The announced bytes follow and are not worth reading: end the connection.
+                    return Ok(());
+                }
+                let mut data = vec![0u8; digest.size as usize];
+                // Cut short: the connection ends and nothing is stored.
+                reader.read_exact(&mut data)?;
+                let ns = store.namespace_of(&instance);
+                let reply = match store.put(ns, &digest, &data) {
+                    Ok(()) => {
+                        metrics::counter!("motorpool_cas_shard_written_bytes_total")
+                            .increment(digest.size);
+                        DataReply::Committed { size: digest.size }
+                    }
+                    Err(e) => DataReply::Error(e.into()),
+                };
+                write_frame(&mut writer, &reply)?;
+            }
             DataRequest::Write {
                 instance,
                 digest,
@@ -243,5 +270,108 @@ impl<R: Read> Iterator for ChunkReader<'_, R> {
         } else {
             Some(Ok(Arc::new(batch)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use motorpool_messages::{BlobDigest, DigestFunction, ErrorCode};
+    use std::net::Shutdown;
+
+    fn server() -> (tempfile::TempDir, Arc<Store>, DataServer) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 64 << 20, false).unwrap());
+        let server = DataServer::start("127.0.0.1:0".parse().unwrap(), store.clone()).unwrap();
+        (dir, store, server)
+    }
+
+    /// Sends a put (frame and body together, as the client does) and reads the reply.
+    fn put(conn: &mut TcpStream, digest: BlobDigest, body: &[u8]) -> io::Result<Option<DataReply>> {
+        let req = DataRequest::Put {
+            instance: "main".into(),
+            digest,
+        };
+        let mut out = Vec::new();
+        write_frame(&mut out, &req)?;
+        out.extend_from_slice(body);
+        conn.write_all(&out)?;
+        read_frame(conn)
+    }
+
+    fn error_code(reply: Option<DataReply>) -> ErrorCode {
+        match reply {
+            Some(DataReply::Error(e)) => e.code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn puts_store_whole_blobs_in_one_round_trip_and_refuse_bad_ones() {
+        let (_dir, store, server) = server();
+        let ns = namespace("main");
+        let mut conn = TcpStream::connect(server.local_addr()).unwrap();
+
+        let body = b"#include <vector>\n".repeat(40);
+        let d = DigestFunction::Sha256.digest_of(&body);
+        assert_eq!(
+            put(&mut conn, d, &body).unwrap(),
+            Some(DataReply::Committed { size: d.size })
+        );
+        assert_eq!(store.read(ns, &d, 0, 0).unwrap(), body);
+        // Again: already stored, still committed.
+        assert_eq!(
+            put(&mut conn, d, &body).unwrap(),
+            Some(DataReply::Committed { size: d.size })
+        );
+
+        // Bytes that do not hash to the digest: refused, nothing stored, the connection goes on.
+        let mut forged = d;
+        forged.hash[0] ^= 1;
+        assert_eq!(
+            error_code(put(&mut conn, forged, &body).unwrap()),
+            ErrorCode::InvalidArgument
+        );
+        assert!(!store.contains(ns, &forged));
+        let empty = DigestFunction::Sha256.digest_of(b"");
+        assert_eq!(
+            put(&mut conn, empty, b"").unwrap(),
+            Some(DataReply::Committed { size: 0 })
+        );
+
+        // Larger than a put may carry: refused before its bytes are read, and the connection
+        // (whose framing those bytes would break) is closed.
+        let mut big = DigestFunction::Sha256.digest_of(b"big");
+        big.size = DATA_PUT_MAX + 1;
+        let mut conn2 = TcpStream::connect(server.local_addr()).unwrap();
+        assert_eq!(
+            error_code(put(&mut conn2, big, b"").unwrap()),
+            ErrorCode::InvalidArgument
+        );
+        assert!(read_frame::<_, DataReply>(&mut conn2).unwrap().is_none());
+
+        // Cut inside the body: nothing is stored, and the shard keeps serving.
+        let cut = b"truncated upload body".repeat(10);
+        let dc = DigestFunction::Sha256.digest_of(&cut);
+        let mut conn3 = TcpStream::connect(server.local_addr()).unwrap();
+        let mut out = Vec::new();
+        write_frame(
+            &mut out,
+            &DataRequest::Put {
+                instance: "main".into(),
+                digest: dc,
+            },
+        )
+        .unwrap();
+        out.extend_from_slice(&cut[..cut.len() / 2]);
+        conn3.write_all(&out).unwrap();
+        conn3.shutdown(Shutdown::Write).unwrap();
+        assert!(read_frame::<_, DataReply>(&mut conn3).unwrap().is_none());
+        assert!(!store.contains(ns, &dc));
+        assert_eq!(
+            put(&mut conn, dc, &cut).unwrap(),
+            Some(DataReply::Committed { size: dc.size })
+        );
+        server.stop();
     }
 }

@@ -7,6 +7,7 @@ use bs::byte_stream_server::ByteStream;
 use futures::StreamExt;
 use motorpool_cas_client::ApiError;
 use motorpool_cas_client::WriteData;
+use motorpool_messages::cas::DATA_PUT_MAX;
 use std::pin::Pin;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -40,6 +41,23 @@ impl Gateway {
             )));
         }
         let start = first.write_offset as u64;
+        if start == 0
+            && first.finish_write
+            && first.data.len() as u64 == res.digest.size
+            && res.digest.size <= DATA_PUT_MAX
+        {
+            // The whole blob in one message, as clients send small blobs: one round trip to
+            // each replica instead of a resumable upload session.
+            metrics::counter!("motorpool_gateway_bytestream_written_bytes_total")
+                .increment(res.digest.size);
+            let committed = self
+                .shards
+                .put_whole(&res.instance, &res.digest, first.data)
+                .await?;
+            return Ok(bs::WriteResponse {
+                committed_size: committed as i64,
+            });
+        }
         let name = first.resource_name.clone();
         // Each message must continue exactly where the previous one ended; resource names after
         // the first may be empty or must repeat the first.

@@ -60,12 +60,14 @@ impl Gateway {
             .shards
             .find_missing(&req.instance_name, &digests)
             .await?;
+        // The request's own digests (already validated) go back: no re-encoding of the hashes.
         Ok(re::FindMissingBlobsResponse {
-            missing_blob_digests: digests
-                .iter()
+            missing_blob_digests: req
+                .blob_digests
+                .into_iter()
                 .zip(missing)
                 .filter(|(_, m)| *m)
-                .map(|(d, _)| to_proto(d))
+                .map(|(d, _)| d)
                 .collect(),
         })
     }

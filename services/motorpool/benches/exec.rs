@@ -5,7 +5,10 @@
 //!   action's own run time (from its ExecutedActionMetadata); p50 and p99.
 //! - Throughput: 1000 trivial actions with 64 in flight on 2 workers; actions per second.
 //! - Bazel: a cold remote-execution build of the generated workspace beside a local build of it,
-//!   medians of `reps` runs each.
+//!   medians of `reps` runs each, and where each build's CPU time went (Bazel itself, the
+//!   platform's services, the actions). On a machine whose cores are all busy, wall time follows
+//!   the CPU total, so this says what the remote build costs beyond the local one, and whose
+//!   cost it is.
 //!
 //! `cargo bench -p motorpool --bench exec` (`MOTORPOOL_BENCH_QUICK=1` for a short run,
 //! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows, `MOTORPOOL_BENCH_ONLY=bazel` for only them,
@@ -21,6 +24,66 @@ use std::time::Instant;
 use support::Stack;
 use support::exec::{ExecClient, Spec, follow, secs};
 use support::workspace::{Bazel, Workspace};
+
+/// CPU seconds of a process, from `/proc/<pid>/stat`: `(its own, its reaped children's)`.
+/// `/proc` counts in USER_HZ, which is 100 on Linux.
+fn cpu_of(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect()
+        })
+        .unwrap_or_default();
+    // After the name: state, ppid, ... utime is field 14 of the line, i.e. index 11 here.
+    if f.len() < 15 {
+        return (0.0, 0.0);
+    }
+    ((f[11] + f[12]) / 100.0, (f[13] + f[14]) / 100.0)
+}
+
+/// `root` and every process below it.
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parent.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// CPU seconds of the stack: `(its processes' own, what their reaped children used)`. The
+/// children that are reaped are the actions the workers ran.
+fn stack_cpu(up: u32) -> (f64, f64) {
+    process_tree(up)
+        .into_iter()
+        .map(cpu_of)
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// CPU seconds used so far by this process's reaped children (Bazel runs with `--batch`, so its
+/// JVM and, for a local build, every action it ran are among them).
+fn children_cpu() -> f64 {
+    cpu_of(std::process::id()).1
+}
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -159,41 +222,14 @@ fn main() {
             let reps = if quick { 1 } else { 3 };
             let dir = tempfile::tempdir().unwrap();
             let ws = Workspace::generate(dir.path(), 50);
-            let b = Bazel::new(&ws, &dir.path().join("root"));
-            let mut local = Vec::new();
-            let mut remote = Vec::new();
-            for rep in 0..reps {
-                b.run("clean", &["--expunge".into()]);
-                local.push(b.run("build", &["//...".into()]).elapsed.as_secs_f64());
-                b.run("clean", &["--expunge".into()]);
-                let flags: Vec<String> = vec![
-                    "//...".to_string(),
-                    format!("--remote_executor=grpc://{}", stack.grpc),
-                    // A fresh instance each time: a cold cache, every action executed.
-                    format!("--remote_instance_name=cold{rep}"),
-                    "--spawn_strategy=remote".to_string(),
-                    "--jobs=8".to_string(),
-                ]
-                .into_iter()
-                .chain(extra_flags.iter().cloned())
-                .collect::<Vec<_>>();
-                remote.push(b.run("build", &flags).elapsed.as_secs_f64());
-            }
-            b.run("clean", &["--expunge".into()]);
+            let cold = Bazel::new(&ws, &dir.path().join("root-batch"));
+            rows.extend(bazel_rows(&stack, &cold, reps, &extra_flags));
+            let warm = Bazel::with_server(&ws, &dir.path().join("root-server"));
+            rows.extend(bazel_rows(&stack, &warm, reps, &extra_flags));
+            warm.run("shutdown", &[]);
             if std::env::var("MOTORPOOL_BENCH_METRICS").is_ok_and(|v| v == "1") {
                 print_gateway_latencies(&stack.http_get("/metrics"));
             }
-            let (l, r) = (percentile(&mut local, 0.5), percentile(&mut remote, 0.5));
-            rows.push([
-                "Bazel local build, 50 libs + 50 tests (build //...)".into(),
-                format!("{l:.2} s"),
-                String::new(),
-            ]);
-            rows.push([
-                "Bazel cold remote-execution build, same workspace".into(),
-                format!("{r:.2} s ({:.2}x local)", r / l),
-                "<= 1.15x local".into(),
-            ]);
         }
         drop(stack);
     }
@@ -201,4 +237,112 @@ fn main() {
     for [a, b, c] in rows {
         println!("| {a} | {b} | {c} |");
     }
+}
+
+/// Local and cold remote-execution builds of the workspace, `reps` of each, alternating: their
+/// wall times and where the CPU went. With `--batch` Bazel (a fresh JVM per command) every build
+/// also pays the JVM's start and JIT warm-up; with a Bazel server, one untimed build of each kind
+/// warms it first, and `clean` (not `--expunge`, which stops the server) empties the outputs.
+fn bazel_rows(stack: &Stack, b: &Bazel, reps: usize, extra_flags: &[String]) -> Vec<[String; 3]> {
+    let batch = b.batch();
+    let mode = if batch { "batch" } else { "server" };
+    let remote_flags = |instance: String| -> Vec<String> {
+        [
+            "//...".to_string(),
+            format!("--remote_executor=grpc://{}", stack.grpc),
+            // A fresh instance each time: a cold cache, every action executed.
+            format!("--remote_instance_name={instance}"),
+            "--spawn_strategy=remote".to_string(),
+            "--jobs=8".to_string(),
+        ]
+        .into_iter()
+        .chain(extra_flags.iter().cloned())
+        .collect()
+    };
+    let clean = || {
+        if batch {
+            b.run("clean", &["--expunge".into()]);
+        } else {
+            b.run("clean", &[]);
+        }
+    };
+    // Bazel's CPU so far: with --batch, this process's reaped children (the JVM and, locally,
+    // the actions); with a server, the server's own and its reaped children's.
+    let server = (!batch).then(|| {
+        b.run("build", &["//...".into()]);
+        clean();
+        b.run(
+            "build",
+            &remote_flags(format!("warm-{}", std::process::id())),
+        );
+        let out = b.run("info", &["server_pid".into()]).output.stdout;
+        String::from_utf8_lossy(&out).trim().parse::<u32>().unwrap()
+    });
+    let bazel_cpu = || match server {
+        None => children_cpu(),
+        Some(pid) => {
+            let (own, children) = cpu_of(pid);
+            own + children
+        }
+    };
+    let up = stack.pid().expect("the stack runs");
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    let (mut local_cpu, mut client_cpu, mut platform_cpu, mut actions_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        clean();
+        let before = bazel_cpu();
+        local.push(b.run("build", &["//...".into()]).elapsed.as_secs_f64());
+        local_cpu.push(bazel_cpu() - before);
+        clean();
+        let instance = format!("cold-{}-{mode}-{rep}", std::process::id());
+        let (before, stack_before) = (bazel_cpu(), stack_cpu(up));
+        remote.push(
+            b.run("build", &remote_flags(instance))
+                .elapsed
+                .as_secs_f64(),
+        );
+        let stack_after = stack_cpu(up);
+        client_cpu.push(bazel_cpu() - before);
+        platform_cpu.push(stack_after.0 - stack_before.0);
+        actions_cpu.push(stack_after.1 - stack_before.1);
+    }
+    clean();
+    let how = if batch {
+        "bazel --batch"
+    } else {
+        "warm Bazel server"
+    };
+    let (l, r) = (percentile(&mut local, 0.5), percentile(&mut remote, 0.5));
+    let (lc, cc, pc, ac) = (
+        percentile(&mut local_cpu, 0.5),
+        percentile(&mut client_cpu, 0.5),
+        percentile(&mut platform_cpu, 0.5),
+        percentile(&mut actions_cpu, 0.5),
+    );
+    vec![
+        [
+            format!("Bazel local build, 50 libs + 50 tests (build //...), {how}"),
+            format!("{l:.2} s"),
+            String::new(),
+        ],
+        [
+            format!("Bazel cold remote-execution build, same workspace, {how}"),
+            format!("{r:.2} s ({:.2}x local)", r / l),
+            "<= 1.15x local".into(),
+        ],
+        [
+            format!("CPU, local build: Bazel and the actions it ran, {how}"),
+            format!("{lc:.1} s"),
+            String::new(),
+        ],
+        [
+            format!("CPU, remote build: Bazel / platform services / actions, {how}"),
+            format!(
+                "{cc:.1} s / {pc:.1} s / {ac:.1} s (total {:.2}x local)",
+                (cc + pc + ac) / lc
+            ),
+            String::new(),
+        ],
+    ]
 }

@@ -71,11 +71,42 @@ pub struct Services {
     /// The worker's own CAS shard, read directly when it holds an input.
     pub store: Arc<Store>,
     pub cache: inputs::InputCache,
+    /// Empty directories for exec roots.
+    stash: Arc<inputs::DirStash>,
     pub config: WorkerConfig,
     exec_dir: PathBuf,
+    /// Exec dirs whose jobs ended, kept for the next jobs (their roots are reconciled with the
+    /// next input tree instead of being built from nothing; see `inputs`).
+    spare_dirs: Mutex<Vec<PathBuf>>,
+    /// How many spare exec dirs are kept; the rest are removed.
+    spare_cap: usize,
+    next_dir: std::sync::atomic::AtomicU64,
 }
 
 impl Services {
+    /// An exec dir for a new job: a spare one, or a new name.
+    fn take_exec_dir(&self) -> PathBuf {
+        if let Some(d) = self.spare_dirs.lock().pop() {
+            return d;
+        }
+        let n = self
+            .next_dir
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.exec_dir.join(format!("job-{n}"))
+    }
+
+    /// Hands back the exec dir of an ended job: kept for reuse while there is room, else removed.
+    async fn return_exec_dir(&self, dir: PathBuf) {
+        {
+            let mut spare = self.spare_dirs.lock();
+            if spare.len() < self.spare_cap {
+                spare.push(dir);
+                return;
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || make_writable_and_remove(&dir)).await;
+    }
+
     /// Reads blobs whole: from the local shard when it has them, else from the cluster. A blob
     /// no live shard holds is the client's to upload again (FAILED_PRECONDITION).
     pub async fn read_many(
@@ -273,8 +304,12 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             shards,
             store: shard.store.clone(),
             cache,
+            stash: Arc::new(inputs::DirStash::open(exec_dir.join("stash"), 20_000)?),
             config: config.clone(),
             exec_dir,
+            spare_dirs: Mutex::default(),
+            spare_cap: (slots + config.fetch_concurrency.max(1)) as usize,
+            next_dir: Default::default(),
         },
         held: Mutex::default(),
         running_actions: Mutex::default(),
@@ -428,7 +463,7 @@ fn stage(
     })
 }
 
-fn make_writable_and_remove(dir: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn make_writable_and_remove(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fn walk(p: &std::path::Path) {
         if let Ok(meta) = std::fs::symlink_metadata(p)
@@ -508,7 +543,7 @@ impl Worker {
             worker_start_timestamp: timestamp(now),
             ..Default::default()
         };
-        let dir = self.svc.exec_dir.join(format!("{}-{}", op.id, op.attempts));
+        let dir = self.svc.take_exec_dir();
         slot.send(Job {
             stdout: dir.join("stdout"),
             stderr: dir.join("stderr"),
@@ -565,14 +600,9 @@ impl Worker {
         let root = proto::digest(f, job.action.input_root_digest.as_ref()).map_err(|e| {
             JobError::action(ErrorCode::InvalidArgument, format!("input root: {e}"))
         })?;
-        std::fs::create_dir_all(&job.exec_root)
-            .map_err(|e| JobError::infra(format!("create exec dir: {e}")))?;
-        inputs::materialize(&self.svc, &op.instance, f, root, &job.exec_root).await?;
-        // The server creates the parent directories of every output.
-        let workdir = job.exec_root.join(run::relative_path(
-            &job.command.working_directory,
-            "working directory",
-        )?);
+        // The server creates the working directory and the parent directories of every output.
+        let workdir = run::relative_path(&job.command.working_directory, "working directory")?;
+        let mut dirs = vec![workdir.clone()];
         let outs = job
             .command
             .output_files
@@ -582,11 +612,12 @@ impl Worker {
         for p in outs {
             let rel = run::relative_path(p, "output")?;
             if let Some(parent) = workdir.join(rel).parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| JobError::infra(format!("create output dir: {e}")))?;
+                dirs.push(parent.to_path_buf());
             }
         }
-        Ok(())
+        std::fs::create_dir_all(&job.exec_root)
+            .map_err(|e| JobError::infra(format!("create exec dir: {e}")))?;
+        inputs::materialize(&self.svc, &op.instance, f, root, &job.exec_root, &dirs).await
     }
 
     /// Stage 3, execute.
@@ -697,11 +728,10 @@ impl Worker {
         })
     }
 
-    /// Ends a job: clean its dir, report it until the scheduler acknowledges, release it.
+    /// Ends a job: hand back its dir, report it until the scheduler acknowledges, release it.
     async fn finish(&self, job: Job, result: Result<Outcome, JobError>) {
-        let dir = job.exec_root.parent().map(PathBuf::from);
-        if let Some(dir) = dir {
-            let _ = tokio::task::spawn_blocking(move || make_writable_and_remove(&dir)).await;
+        if let Some(dir) = job.exec_root.parent() {
+            self.svc.return_exec_dir(dir.to_path_buf()).await;
         }
         let result = match result {
             Ok(o) => JobResult::Finished(o),

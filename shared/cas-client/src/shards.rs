@@ -748,30 +748,72 @@ impl Shards {
             }
         };
         let (_, results) = tokio::join!(pump, join_all(writers));
-        let mut first_err = None;
-        let mut size = None;
-        for (t, r) in targets.iter().zip(results) {
-            match r {
-                Ok(n) => size = Some(n),
-                Err(e) => {
-                    if first_err.is_none() {
-                        first_err = Some(e);
-                    } else {
-                        metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
-                        tracing::warn!(blob = %d, shard = %t.id, "A replica missed a write");
-                    }
-                }
-            }
+        committed_somewhere(d, &targets, results)
+    }
+
+    /// Stores a whole blob that is already in memory (at most [`DATA_PUT_MAX`] bytes) on the
+    /// owner and its replicas at once: one round trip per target on the data stream, instead of
+    /// a write's two. Committed when any target commits, like [`Shards::write_stream`].
+    pub async fn put_whole(
+        &self,
+        instance: &str,
+        d: &BlobDigest,
+        data: Vec<u8>,
+    ) -> Result<u64, ApiError> {
+        if data.len() as u64 != d.size || d.size > DATA_PUT_MAX {
+            return Err(ApiError::Invalid(format!(
+                "a whole-blob put of {d} carries {} bytes",
+                data.len()
+            )));
         }
-        match (size, first_err) {
-            (Some(n), None) => Ok(n),
-            (Some(n), Some(e)) => {
-                metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
-                tracing::warn!(blob = %d, error = %e, "A replica missed a write");
-                Ok(n)
+        if self.transport == BlobTransport::Nats {
+            self.write_blob(instance, d, data).await?;
+            return Ok(d.size);
+        }
+        let placement = self.require_live()?;
+        let targets = self.targets(&placement, d);
+        let puts = targets
+            .iter()
+            .map(|t| self.put_direct(t, instance, d, &data));
+        let results = join_all(puts).await;
+        committed_somewhere(d, &targets, results)
+    }
+
+    async fn put_direct(
+        &self,
+        shard: &ShardRef,
+        instance: &str,
+        d: &BlobDigest,
+        data: &[u8],
+    ) -> Result<u64, ApiError> {
+        let mut conn = self.connect(shard).await?;
+        let req = DataRequest::Put {
+            instance: instance.to_string(),
+            digest: *d,
+        };
+        let frame = codec::encode(&req).map_err(|e| ApiError::Internal(e.to_string()))?;
+        // The frame and the body in one write: one packet for a small blob.
+        let mut out = Vec::with_capacity(4 + frame.len() + data.len());
+        out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        out.extend_from_slice(&frame);
+        out.extend_from_slice(data);
+        let unavailable = |e: std::io::Error| {
+            ApiError::Unavailable(format!("shard {} data stream: {e}", shard.id))
+        };
+        conn.write_all(&out).await.map_err(unavailable)?;
+        match read_reply(&mut conn).await.map_err(unavailable)? {
+            DataReply::Committed { size } => {
+                shard.pool.lock().push(conn);
+                Ok(size)
             }
-            (None, Some(e)) => Err(e),
-            (None, None) => Err(ApiError::Internal("no write target".into())),
+            DataReply::Error(e) => {
+                shard.pool.lock().push(conn);
+                Err(e.into())
+            }
+            other => Err(ApiError::Internal(format!(
+                "shard {} answered a put with {other:?}",
+                shard.id
+            ))),
         }
     }
 
@@ -1171,6 +1213,40 @@ fn scatter<T>(
                 out[i] = on_error(e.clone());
             }
         }
+    }
+}
+
+/// The outcome of writing one blob to several targets: committed when any target committed
+/// (a replica that missed it is counted and logged; the reindexer copies it later).
+fn committed_somewhere(
+    d: &BlobDigest,
+    targets: &[ShardRef],
+    results: Vec<Result<u64, ApiError>>,
+) -> Result<u64, ApiError> {
+    let mut first_err = None;
+    let mut size = None;
+    for (t, r) in targets.iter().zip(results) {
+        match r {
+            Ok(n) => size = Some(n),
+            Err(e) => {
+                if first_err.is_none() {
+                    first_err = Some(e);
+                } else {
+                    metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
+                    tracing::warn!(blob = %d, shard = %t.id, "A replica missed a write");
+                }
+            }
+        }
+    }
+    match (size, first_err) {
+        (Some(n), None) => Ok(n),
+        (Some(n), Some(e)) => {
+            metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
+            tracing::warn!(blob = %d, error = %e, "A replica missed a write");
+            Ok(n)
+        }
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(ApiError::Internal("no write target".into())),
     }
 }
 

@@ -46,6 +46,7 @@ message!(FindMissingReply, 102, 1);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobPut {
     pub digest: BlobDigest,
+    #[serde(with = "crate::bytes::vec")]
     pub data: Vec<u8>,
 }
 
@@ -75,6 +76,7 @@ message!(BatchRead, 105, 1, reply = BatchReadReply);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchReadReply {
     /// One entry per request digest, in order.
+    #[serde(with = "crate::bytes::results")]
     pub blobs: Vec<Result<Vec<u8>, WireError>>,
 }
 message!(BatchReadReply, 106, 1);
@@ -91,6 +93,7 @@ message!(ReadChunk, 107, 1, reply = ChunkData);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkData {
+    #[serde(with = "crate::bytes::vec")]
     pub data: Vec<u8>,
 }
 message!(ChunkData, 108, 1);
@@ -102,6 +105,7 @@ pub struct WriteChunk {
     pub digest: BlobDigest,
     pub upload_id: String,
     pub offset: u64,
+    #[serde(with = "crate::bytes::vec")]
     pub data: Vec<u8>,
     pub finish: bool,
 }
@@ -136,6 +140,7 @@ message!(AcGet, 112, 1, reply = AcEntry);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcEntry {
     /// The encoded `ActionResult`, or `None` when there is no entry.
+    #[serde(with = "crate::bytes::option")]
     pub result: Option<Vec<u8>>,
 }
 message!(AcEntry, 113, 1);
@@ -145,6 +150,7 @@ message!(AcEntry, 113, 1);
 pub struct AcPut {
     pub instance: String,
     pub action: BlobDigest,
+    #[serde(with = "crate::bytes::vec")]
     pub result: Vec<u8>,
 }
 message!(AcPut, 114, 1, reply = AcEntry);
@@ -178,8 +184,19 @@ pub enum DataRequest {
         offset: u64,
         limit: u64,
     },
+    /// Store a whole blob of at most [`DATA_PUT_MAX`] bytes in one round trip: exactly
+    /// `digest.size` raw bytes follow this frame at once, and the shard answers
+    /// [`DataReply::Committed`] or [`DataReply::Error`]. For the many small blobs a build uploads
+    /// one ByteStream write each; a connection cut inside the bytes stores nothing.
+    Put {
+        instance: String,
+        digest: BlobDigest,
+    },
 }
-message!(DataRequest, 120, 1);
+message!(DataRequest, 120, 2);
+
+/// Largest blob a [`DataRequest::Put`] carries; larger blobs are streamed with `Write`.
+pub const DATA_PUT_MAX: u64 = 1 << 20;
 
 /// Control replies on the direct data stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -131,6 +131,7 @@ pub struct Outcome {
     /// `None` when the action ran (whatever its exit code); otherwise why it could not.
     pub error: Option<WireError>,
     /// The encoded `ActionResult` (also present with a timeout: the partial result).
+    #[serde(with = "crate::bytes::option")]
     pub result: Option<Vec<u8>>,
     /// Served from the action cache or from an identical operation's run.
     pub cached: bool,

@@ -17,6 +17,7 @@
 //! service that receives an older (or newer) message sees [`codec::CodecError::Version`] instead of
 //! a garbled value.
 
+pub mod bytes;
 pub mod cas;
 pub mod codec;
 pub mod digest;

@@ -158,6 +158,11 @@ impl Stack {
             .expect("motorpool up prints the NATS URL")
     }
 
+    /// Pid of the `motorpool up` process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Pid of the stack's child process whose command line contains every one of `words`.
     pub fn child_pid(&self, words: &[&str]) -> Option<u32> {
         let up = self.child.as_ref()?.id();

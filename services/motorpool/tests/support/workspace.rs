@@ -132,6 +132,8 @@ pub struct Bazel {
     pub workspace: PathBuf,
     pub output_user_root: PathBuf,
     repos: PathBuf,
+    /// `--batch` (a fresh JVM for every command) rather than a long-running Bazel server.
+    batch: bool,
 }
 
 /// A finished Bazel command.
@@ -175,10 +177,25 @@ impl Bazel {
             workspace: ws.root.clone(),
             output_user_root: output_user_root.to_path_buf(),
             repos: ws.repos.clone(),
+            batch: true,
         }
     }
 
-    /// Runs `bazel --batch <command> <args>` with the offline overrides; panics on failure.
+    /// Like [`Bazel::new`], but commands go to a Bazel server that stays up between them, as
+    /// developers run Bazel (stop it with `shutdown`).
+    pub fn with_server(ws: &Workspace, output_user_root: &Path) -> Bazel {
+        Bazel {
+            batch: false,
+            ..Bazel::new(ws, output_user_root)
+        }
+    }
+
+    /// Whether every command runs a fresh JVM (`--batch`).
+    pub fn batch(&self) -> bool {
+        self.batch
+    }
+
+    /// Runs `bazel [--batch] <command> <args>` with the offline overrides; panics on failure.
     pub fn run(&self, command: &str, args: &[String]) -> Run {
         let mut cmd = Command::new("bazel");
         cmd.current_dir(&self.workspace)
@@ -186,9 +203,9 @@ impl Bazel {
                 "--output_user_root={}",
                 self.output_user_root.display()
             ))
-            .arg("--batch")
+            .args(self.batch.then_some("--batch"))
             .arg(command);
-        if command != "clean" && command != "shutdown" {
+        if !["clean", "shutdown", "info"].contains(&command) {
             for repo in ["rules_cc", "rules_java", "remote_coverage_tools"] {
                 cmd.arg(format!(
                     "--override_repository={repo}={}",
