@@ -600,6 +600,11 @@ impl Shards {
         if let Some(c) = shard.pool.lock().pop() {
             return Ok(c);
         }
+        self.dial(shard).await
+    }
+
+    /// A new connection to the shard's data stream.
+    async fn dial(&self, shard: &ShardRef) -> Result<TcpStream, ApiError> {
         let c = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&shard.addr))
             .await
             .map_err(|_| {
@@ -797,11 +802,29 @@ impl Shards {
         out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
         out.extend_from_slice(&frame);
         out.extend_from_slice(data);
-        let unavailable = |e: std::io::Error| {
-            ApiError::Unavailable(format!("shard {} data stream: {e}", shard.id))
+        let mut attempt = 0;
+        let reply = loop {
+            let exchange = async {
+                conn.write_all(&out).await?;
+                read_reply(&mut conn).await
+            };
+            let failure = match tokio::time::timeout(self.timeout, exchange).await {
+                Ok(Ok(reply)) => break reply,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer in {:?}", self.timeout),
+            };
+            attempt += 1;
+            if attempt == 2 {
+                return Err(ApiError::Unavailable(format!(
+                    "shard {} data stream: {failure}",
+                    shard.id
+                )));
+            }
+            // A pooled connection may have died with the shard's last process; a put is
+            // idempotent, so one more try on a new connection tells that from a dead shard.
+            conn = self.dial(shard).await?;
         };
-        conn.write_all(&out).await.map_err(unavailable)?;
-        match read_reply(&mut conn).await.map_err(unavailable)? {
+        match reply {
             DataReply::Committed { size } => {
                 shard.pool.lock().push(conn);
                 Ok(size)
