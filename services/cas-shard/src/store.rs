@@ -136,7 +136,9 @@ struct PackMeta {
 
 #[derive(Default)]
 struct Index {
-    map: HashMap<Key, Entry>,
+    /// Keyed by digest; foldhash (seeded per process) instead of SipHash: FindMissingBlobs looks up
+    /// a hundred thousand keys per call.
+    map: HashMap<Key, Entry, foldhash::fast::RandomState>,
     used: u64,
     reserved: u64,
     /// Keys whose files are being deleted by eviction; a writer of the same key waits.

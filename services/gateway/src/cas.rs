@@ -1,5 +1,6 @@
 //! ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree.
 
+use crate::find_missing::{WireRequest, WireResponse};
 use crate::resource::{check_instance, digest, digest_function, to_proto};
 use crate::{Gateway, observe};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
@@ -45,31 +46,18 @@ impl Gateway {
         Ok(())
     }
 
-    async fn find_missing(
+    /// FindMissingBlobs as the server receives it (see [`crate::find_missing`]).
+    pub(crate) async fn find_missing_wire(
         &self,
-        req: re::FindMissingBlobsRequest,
-    ) -> Result<re::FindMissingBlobsResponse, ApiError> {
+        req: WireRequest,
+    ) -> Result<WireResponse, ApiError> {
         check_instance(&req.instance_name, &self.config.instance_names)?;
-        let f = digest_function(req.digest_function)?;
-        let digests = req
-            .blob_digests
-            .iter()
-            .map(|d| digest(f, Some(d)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let digests = req.digests()?;
         let missing = self
             .shards
             .find_missing(&req.instance_name, &digests)
             .await?;
-        // The request's own digests (already validated) go back: no re-encoding of the hashes.
-        Ok(re::FindMissingBlobsResponse {
-            missing_blob_digests: req
-                .blob_digests
-                .into_iter()
-                .zip(missing)
-                .filter(|(_, m)| *m)
-                .map(|(d, _)| d)
-                .collect(),
-        })
+        Ok(req.respond(&missing))
     }
 
     async fn batch_update(
@@ -201,11 +189,18 @@ type TreeStream = Pin<Box<dyn futures::Stream<Item = Result<re::GetTreeResponse,
 
 #[tonic::async_trait]
 impl ContentAddressableStorage for Gateway {
+    /// Served by [`crate::find_missing::CasService`] off the wire; this typed form (for callers of
+    /// the trait) goes through the same code.
     async fn find_missing_blobs(
         &self,
         request: Request<re::FindMissingBlobsRequest>,
     ) -> Result<Response<re::FindMissingBlobsResponse>, Status> {
-        observe("FindMissingBlobs", self.find_missing(request.into_inner())).await
+        let raw = bytes::Bytes::from(request.into_inner().encode_to_vec());
+        let req = WireRequest::parse(raw).map_err(|e| Status::internal(e.to_string()))?;
+        let resp = observe("FindMissingBlobs", self.find_missing_wire(req)).await?;
+        re::FindMissingBlobsResponse::decode(resp.get_ref().as_bytes())
+            .map(Response::new)
+            .map_err(|e| Status::internal(e.to_string()))
     }
 
     async fn batch_update_blobs(

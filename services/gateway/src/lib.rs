@@ -2,7 +2,8 @@
 //!
 //! Layout (one file per gRPC service, as the protocol is laid out):
 //! - [`capabilities`] (in this file): what the server supports, truthfully.
-//! - [`cas`]: ContentAddressableStorage (FindMissingBlobs, Batch*, GetTree).
+//! - [`cas`]: ContentAddressableStorage (FindMissingBlobs, Batch*, GetTree); [`find_missing`]
+//!   serves FindMissingBlobs straight off the wire.
 //! - [`bytestream`]: ByteStream Read / Write / QueryWriteStatus.
 //! - [`ac`]: ActionCache with the completeness check.
 //! - [`execution`]: Execution (Execute, WaitExecution) and google.longrunning Operations, over the
@@ -19,6 +20,7 @@ pub mod ac;
 pub mod bytestream;
 pub mod cas;
 pub mod execution;
+pub mod find_missing;
 pub mod resource;
 
 use anyhow::Context;
@@ -32,7 +34,6 @@ use motorpool_cas_client::Shards;
 use motorpool_config::GatewayConfig;
 use re::action_cache_server::ActionCacheServer;
 use re::capabilities_server::{Capabilities, CapabilitiesServer};
-use re::content_addressable_storage_server::ContentAddressableStorageServer;
 use re::execution_server::ExecutionServer;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -194,12 +195,9 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .max_frame_size(Some(1024 * 1024))
         .add_service(CapabilitiesServer::new(gateway.clone()).max_decoding_message_size(max))
-        .add_service(
-            ContentAddressableStorageServer::new(gateway.clone())
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
+        .add_service(find_missing::CasService::new(gateway.clone(), max))
         .add_service(ByteStreamServer::new(gateway.clone()).max_decoding_message_size(max))
         .add_service(ActionCacheServer::new(gateway.clone()).max_decoding_message_size(max))
         .add_service(ExecutionServer::new(gateway.clone()).max_decoding_message_size(max))
