@@ -27,6 +27,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc's malloc: the services allocate and free megabyte buffers (request
+/// bodies, batches, chunks) all the time, and glibc hands such memory back to the kernel and
+/// faults it in again, zeroed, on the next request — a tenth of a CAS shard's CPU under
+/// BatchUpdateBlobs. mimalloc keeps it for reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "motorpool",
