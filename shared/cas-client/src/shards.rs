@@ -1357,14 +1357,22 @@ impl BlobReader {
         match &mut self.source {
             Source::Direct { conn, .. } => {
                 let n = (max as u64).min(self.remaining) as usize;
-                let mut buf = vec![0u8; n];
+                // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+                let mut buf = Vec::with_capacity(n);
                 let c = conn.as_mut()?;
-                if let Err(e) = c.read_exact(&mut buf).await {
-                    *conn = None;
-                    self.remaining = 0;
-                    return Some(Err(ApiError::Unavailable(format!(
-                        "shard data stream broke: {e}"
-                    ))));
+                while buf.len() < n {
+                    let broke = match c.read_buf(&mut buf).await {
+                        Ok(0) => Some("the shard closed the connection".to_string()),
+                        Ok(_) => None,
+                        Err(e) => Some(e.to_string()),
+                    };
+                    if let Some(e) = broke {
+                        *conn = None;
+                        self.remaining = 0;
+                        return Some(Err(ApiError::Unavailable(format!(
+                            "shard data stream broke: {e}"
+                        ))));
+                    }
                 }
                 self.remaining -= n as u64;
                 Some(Ok(buf))
