@@ -6,9 +6,10 @@
 //! - Throughput: 1000 trivial actions with 64 in flight on 2 workers; actions per second.
 //! - Bazel: a cold remote-execution build of the generated workspace beside a local build of it,
 //!   medians of `reps` runs each, and where each build's CPU time went (Bazel itself, the
-//!   platform's services, the actions). On a machine whose cores are all busy, wall time follows
-//!   the CPU total, so this says what the remote build costs beyond the local one, and whose
-//!   cost it is.
+//!   platform's services, each by process, and what they burn idle; the actions). On a machine
+//!   whose cores are all busy, wall time follows the CPU total, so this says what the remote
+//!   build costs beyond the local one, and whose cost it is: "without the platform's CPU" is the
+//!   ratio a platform that cost nothing would reach with this Bazel.
 //!
 //! `cargo bench -p motorpool --bench exec` (`MOTORPOOL_BENCH_QUICK=1` for a short run,
 //! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows, `MOTORPOOL_BENCH_ONLY=bazel` for only them,
@@ -70,13 +71,37 @@ fn process_tree(root: u32) -> Vec<u32> {
     tree
 }
 
-/// CPU seconds of the stack: `(its processes' own, what their reaped children used)`. The
-/// children that are reaped are the actions the workers ran.
-fn stack_cpu(up: u32) -> (f64, f64) {
-    process_tree(up)
-        .into_iter()
-        .map(cpu_of)
-        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+/// What a process of the stack is: its service (`motorpool <service> ...`), or its program's name.
+fn role_of(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let program = args[0].rsplit('/').next().unwrap_or_default().to_string();
+    match args.get(1) {
+        Some(service) if program == "motorpool" || program.starts_with("motorpool-") => {
+            service.clone()
+        }
+        _ => program,
+    }
+}
+
+/// CPU seconds of the stack per role: `(its processes' own, what their reaped children used)`.
+/// The children that are reaped are the actions the workers ran.
+fn stack_cpu(up: u32) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let mut by = std::collections::BTreeMap::<String, (f64, f64)>::new();
+    for pid in process_tree(up) {
+        let (own, children) = cpu_of(pid);
+        let e = by.entry(role_of(pid)).or_default();
+        e.0 += own;
+        e.1 += children;
+    }
+    by
+}
+
+fn total(by: &std::collections::BTreeMap<String, (f64, f64)>) -> (f64, f64) {
+    by.values().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 /// CPU seconds used so far by this process's reaped children (Bazel runs with `--batch`, so its
@@ -278,22 +303,29 @@ fn bazel_rows(stack: &Stack, b: &Bazel, reps: usize, extra_flags: &[String]) -> 
         let out = b.run("info", &["server_pid".into()]).output.stdout;
         String::from_utf8_lossy(&out).trim().parse::<u32>().unwrap()
     });
+    // `(Bazel's own, the actions it ran locally)`; with --batch the two cannot be told apart
+    // (the JVM's reaped children are added to its own parent's), so all of it is in the first.
     let bazel_cpu = || match server {
-        None => children_cpu(),
-        Some(pid) => {
-            let (own, children) = cpu_of(pid);
-            own + children
-        }
+        None => (children_cpu(), 0.0),
+        Some(pid) => cpu_of(pid),
     };
     let up = stack.pid().expect("the stack runs");
     let (mut local, mut remote) = (Vec::new(), Vec::new());
-    let (mut local_cpu, mut client_cpu, mut platform_cpu, mut actions_cpu) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut local_cpu, mut local_actions_cpu, mut client_cpu, mut platform_cpu, mut actions_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut by_role = std::collections::BTreeMap::<String, Vec<f64>>::new();
+    // The stack's own CPU per second while it has nothing to do (heartbeats, timers), measured
+    // during the local builds: the remote build pays it too, but it is no request's cost.
+    let mut idle_rate = Vec::new();
     for rep in 0..reps {
         clean();
-        let before = bazel_cpu();
-        local.push(b.run("build", &["//...".into()]).elapsed.as_secs_f64());
-        local_cpu.push(bazel_cpu() - before);
+        let (before, idle_before) = (bazel_cpu(), total(&stack_cpu(up)).0);
+        let wall = b.run("build", &["//...".into()]).elapsed.as_secs_f64();
+        local.push(wall);
+        idle_rate.push((total(&stack_cpu(up)).0 - idle_before) / wall);
+        let after = bazel_cpu();
+        local_cpu.push(after.0 + after.1 - before.0 - before.1);
+        local_actions_cpu.push(after.1 - before.1);
         clean();
         let instance = format!("cold-{}-{mode}-{rep}", std::process::id());
         let (before, stack_before) = (bazel_cpu(), stack_cpu(up));
@@ -303,9 +335,15 @@ fn bazel_rows(stack: &Stack, b: &Bazel, reps: usize, extra_flags: &[String]) -> 
                 .as_secs_f64(),
         );
         let stack_after = stack_cpu(up);
-        client_cpu.push(bazel_cpu() - before);
-        platform_cpu.push(stack_after.0 - stack_before.0);
-        actions_cpu.push(stack_after.1 - stack_before.1);
+        let after = bazel_cpu();
+        client_cpu.push(after.0 + after.1 - before.0 - before.1);
+        let (all_before, all_after) = (total(&stack_before), total(&stack_after));
+        platform_cpu.push(all_after.0 - all_before.0);
+        actions_cpu.push(all_after.1 - all_before.1);
+        for (role, (own, _)) in &stack_after {
+            let was = stack_before.get(role).map_or(0.0, |b| b.0);
+            by_role.entry(role.clone()).or_default().push(own - was);
+        }
     }
     clean();
     let how = if batch {
@@ -314,12 +352,31 @@ fn bazel_rows(stack: &Stack, b: &Bazel, reps: usize, extra_flags: &[String]) -> 
         "warm Bazel server"
     };
     let (l, r) = (percentile(&mut local, 0.5), percentile(&mut remote, 0.5));
-    let (lc, cc, pc, ac) = (
+    let (lc, la, cc, pc, ac) = (
         percentile(&mut local_cpu, 0.5),
+        percentile(&mut local_actions_cpu, 0.5),
         percentile(&mut client_cpu, 0.5),
         percentile(&mut platform_cpu, 0.5),
         percentile(&mut actions_cpu, 0.5),
     );
+    let idle = percentile(&mut idle_rate, 0.5) * r;
+    let local_split = if batch {
+        format!("{lc:.1} s")
+    } else {
+        format!("{lc:.1} s ({:.1} s Bazel / {la:.1} s actions)", lc - la)
+    };
+    // The platform's CPU per service, busiest first (medians over the reps).
+    let mut roles: Vec<(f64, String)> = by_role
+        .into_iter()
+        .map(|(role, mut v)| (percentile(&mut v, 0.5), role))
+        .filter(|(cpu, _)| *cpu >= 0.05)
+        .collect();
+    roles.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+    let roles = roles
+        .iter()
+        .map(|(cpu, role)| format!("{role} {cpu:.1} s"))
+        .collect::<Vec<_>>()
+        .join(", ");
     vec![
         [
             format!("Bazel local build, 50 libs + 50 tests (build //...), {how}"),
@@ -333,15 +390,22 @@ fn bazel_rows(stack: &Stack, b: &Bazel, reps: usize, extra_flags: &[String]) -> 
         ],
         [
             format!("CPU, local build: Bazel and the actions it ran, {how}"),
-            format!("{lc:.1} s"),
+            local_split,
             String::new(),
         ],
         [
             format!("CPU, remote build: Bazel / platform services / actions, {how}"),
             format!(
-                "{cc:.1} s / {pc:.1} s / {ac:.1} s (total {:.2}x local)",
-                (cc + pc + ac) / lc
+                "{cc:.1} s / {pc:.1} s ({idle:.1} s of it idle) / {ac:.1} s (total {:.2}x local; \
+                 {:.2}x without the platform's CPU)",
+                (cc + pc + ac) / lc,
+                (cc + ac) / lc
             ),
+            String::new(),
+        ],
+        [
+            format!("CPU, remote build: platform services by process, {how}"),
+            roles,
             String::new(),
         ],
     ]
