@@ -468,7 +468,7 @@ impl Store {
         Ok(locs)
     }
 
-    /// Makes stored blobs visible: metadata in one sled batch, then the index.
+    /// Makes stored blobs visible: metadata in sled (see `put_meta`), then the index.
     fn commit_entries(
         &self,
         items: &[(Key, u64, u32, u64)],
@@ -733,7 +733,7 @@ impl Store {
     }
 
     /// Verifies and stores a batch; one result per blob. Small blobs are appended to the active
-    /// pack in one write and their metadata written in one sled batch.
+    /// pack in one write and become visible together.
     pub fn put_batch(&self, ns: u64, blobs: &[(BlobDigest, &[u8])]) -> Vec<Result<(), StoreError>> {
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(blobs.len());
         let mut packed: Vec<(usize, Key, &[u8])> = Vec::new();

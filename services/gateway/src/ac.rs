@@ -180,10 +180,18 @@ impl ActionCache for Gateway {
         &self,
         request: Request<re::GetActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
-        observe(
-            "GetActionResult",
-            self.get_action_result(request.into_inner()),
-        )
+        let req = request.into_inner();
+        observe("GetActionResult", async move {
+            let instance = req.instance_name.clone();
+            let action = digest_function(req.digest_function)
+                .and_then(|f| digest(f, req.action_digest.as_ref()));
+            let r = self.get_action_result(req).await;
+            if let (Err(ApiError::NotFound(_)), Ok(action)) = (&r, action) {
+                // Execute of this action usually follows at once; see `recent`.
+                self.recent.note_miss(&instance, &action);
+            }
+            r
+        })
         .await
     }
 

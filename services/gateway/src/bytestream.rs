@@ -1,7 +1,7 @@
 //! ByteStream: Read with offset and limit, Write (resumable), QueryWriteStatus.
 
 use crate::resource::{parse_read, parse_write};
-use crate::{Gateway, observe};
+use crate::{Gateway, observe, recent};
 use bazel_remote_apis::google::bytestream as bs;
 use bs::byte_stream_server::ByteStream;
 use futures::StreamExt;
@@ -50,10 +50,14 @@ impl Gateway {
             // each replica instead of a resumable upload session.
             metrics::counter!("motorpool_gateway_bytestream_written_bytes_total")
                 .increment(res.digest.size);
+            let copy = (first.data.len() <= recent::BLOB_MAX).then(|| first.data.clone());
             let committed = self
                 .shards
                 .put_whole(&res.instance, &res.digest, first.data)
                 .await?;
+            if let Some(data) = copy {
+                self.recent.keep_blob(&res.instance, &res.digest, &data);
+            }
             return Ok(bs::WriteResponse {
                 committed_size: committed as i64,
             });

@@ -92,11 +92,19 @@ impl Gateway {
                 });
             }
         }
-        let mut results = self
-            .shards
-            .batch_write(&req.instance_name, puts)
-            .await?
-            .into_iter();
+        // Copies of the small ones, kept once a shard has accepted them (see `recent`).
+        let copies: Vec<Option<Vec<u8>>> = puts
+            .iter()
+            .map(|p| (p.data.len() <= crate::recent::BLOB_MAX).then(|| p.data.clone()))
+            .collect();
+        let names: Vec<_> = puts.iter().map(|p| p.digest).collect();
+        let results = self.shards.batch_write(&req.instance_name, puts).await?;
+        for ((d, copy), r) in names.iter().zip(copies).zip(&results) {
+            if let (Some(data), None) = (copy, r) {
+                self.recent.keep_blob(&req.instance_name, d, &data);
+            }
+        }
+        let mut results = results.into_iter();
         let responses = digests
             .iter()
             .zip(errors)

@@ -367,7 +367,11 @@ impl Gateway {
             state: OpState::Queued { follows: None },
             queued_ms: now,
         };
-        if !req.skip_cache_lookup && !action.do_not_cache {
+        // A miss this gateway answered a moment ago stands for the lookup (see `recent`).
+        if !req.skip_cache_lookup
+            && !action.do_not_cache
+            && !self.recent.take_miss(&op.instance, &action_digest)
+        {
             let lookup = re::GetActionResultRequest {
                 instance_name: op.instance.clone(),
                 action_digest: req.action_digest.clone(),
@@ -426,16 +430,19 @@ impl Gateway {
         what: &str,
         d: &motorpool_messages::BlobDigest,
     ) -> Result<M, ApiError> {
-        let blob = self
-            .shards
-            .read_blob(instance, d)
-            .await
-            .map_err(|e| match e {
-                ApiError::NotFound(_) => ApiError::FailedPrecondition(format!(
-                    "the {what} {d} is not in the CAS; upload it before Execute"
-                )),
-                other => other,
-            })?;
+        let blob = match self.recent.blob(instance, d) {
+            Some(b) => b,
+            None => self
+                .shards
+                .read_blob(instance, d)
+                .await
+                .map_err(|e| match e {
+                    ApiError::NotFound(_) => ApiError::FailedPrecondition(format!(
+                        "the {what} {d} is not in the CAS; upload it before Execute"
+                    )),
+                    other => other,
+                })?,
+        };
         M::decode(blob.as_slice()).map_err(|e| {
             ApiError::Invalid(format!("{what} {d} is not a valid {what} message: {e}"))
         })

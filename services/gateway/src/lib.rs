@@ -9,18 +9,21 @@
 //! - [`execution`]: Execution (Execute, WaitExecution) and google.longrunning Operations, over the
 //!   operation records the scheduler works from.
 //! - [`resource`]: validation of instance names, digests and resource names.
+//! - [`recent`]: small blobs just written and action-cache misses just answered, kept briefly
+//!   so that Execute saves bus round trips.
 //!
 //! The shard registry, placement and the calls to shards live in `motorpool-cas-client`, which
 //! workers share; its [`ApiError`] maps once to `tonic::Status`.
 //!
-//! The gateway keeps no blob state of its own: everything lives on CAS shards, so gateways can be
-//! added or restarted freely.
+//! The gateway keeps no blob state of its own: everything lives on CAS shards (what [`recent`]
+//! holds are copies, never the only one), so gateways can be added or restarted freely.
 
 pub mod ac;
 pub mod bytestream;
 pub mod cas;
 pub mod execution;
 pub mod find_missing;
+pub mod recent;
 pub mod resource;
 
 use anyhow::Context;
@@ -49,6 +52,7 @@ pub struct Gateway {
     pub(crate) shards: Shards,
     /// The operation records; `None` when remote execution is switched off.
     pub(crate) operations: Option<execution::Operations>,
+    pub(crate) recent: Arc<recent::Recent>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -183,6 +187,7 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         config: Arc::new(config.clone()),
         shards: shards.clone(),
         operations,
+        recent: Arc::default(),
     };
     let max = config.max_grpc_message_bytes;
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)

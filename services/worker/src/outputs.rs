@@ -7,7 +7,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use motorpool_cas_client::proto::to_proto;
 use motorpool_messages::{BlobDigest, DigestFunction, ErrorCode};
 use prost::Message as _;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -212,21 +212,38 @@ pub fn collect(
     Ok(())
 }
 
-/// Uploads whatever of `uploads` the CAS lacks: small blobs together in batches, large ones
-/// each on the data stream.
+/// Uploads the outputs: small blobs together in batches, without asking first (an action
+/// that ran missed the cache, so its outputs are nearly always new, and a shard skips a blob it
+/// holds for the price of hashing it); large ones each on the data stream, only those the CAS
+/// lacks.
 pub async fn upload(svc: &Services, instance: &str, uploads: Uploads) -> Result<(), JobError> {
-    let digests: Vec<BlobDigest> = uploads.blobs.keys().copied().collect();
-    let missing = svc
-        .shards
-        .find_missing(instance, &digests)
-        .await
-        .map_err(|e| JobError::infra(format!("find missing outputs: {e}")))?;
     let small_limit = svc.shards.payload_budget() as u64 / 2;
+    let large: Vec<BlobDigest> = uploads
+        .blobs
+        .keys()
+        .filter(|d| d.size > small_limit)
+        .copied()
+        .collect();
+    let present: HashSet<BlobDigest> = if large.is_empty() {
+        HashSet::new()
+    } else {
+        let missing = svc
+            .shards
+            .find_missing(instance, &large)
+            .await
+            .map_err(|e| JobError::infra(format!("find missing outputs: {e}")))?;
+        large
+            .into_iter()
+            .zip(missing)
+            .filter(|(_, m)| !m)
+            .map(|(d, _)| d)
+            .collect()
+    };
     let mut batch = Vec::new();
     let mut bytes = 0u64;
     let mut count = 0u64;
-    for (d, m) in digests.iter().zip(missing) {
-        if !m {
+    for d in uploads.blobs.keys() {
+        if d.is_empty_blob() || present.contains(d) {
             continue;
         }
         let data = match &uploads.blobs[d] {
