@@ -197,7 +197,7 @@ type TreeStream = Pin<Box<dyn futures::Stream<Item = Result<re::GetTreeResponse,
 
 #[tonic::async_trait]
 impl ContentAddressableStorage for Gateway {
-    /// Served by [`crate::find_missing::CasService`] off the wire; this typed form (for callers of
+    /// Served by [`crate::find_missing::cas_service`] off the wire; this typed form (for callers of
     /// the trait) goes through the same code.
     async fn find_missing_blobs(
         &self,

@@ -7,22 +7,20 @@
 //! into the 32-byte hash), and the reply repeats the request's own bytes for the missing ones, so
 //! the client gets back exactly the digests it sent.
 //!
-//! [`CasService`] serves the ContentAddressableStorage service: FindMissingBlobs through this
+//! [`cas_service`] serves the ContentAddressableStorage service: FindMissingBlobs through this
 //! codec, every other method through the generated server.
 
-use crate::Gateway;
 use crate::resource::digest_function;
+use crate::{Gateway, OneMethodRaw};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bytes::{Buf, BufMut, Bytes};
 use motorpool_cas_client::ApiError;
 use motorpool_messages::BlobDigest;
 use re::content_addressable_storage_server::ContentAddressableStorageServer;
-use std::convert::Infallible;
 use std::ops::Range;
-use std::task::{Context, Poll};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::{BoxFuture, Service, http};
-use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::codegen::BoxFuture;
+use tonic::server::{Grpc, UnaryService};
 use tonic::{Request, Response, Status};
 
 const PATH: &str = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
@@ -294,48 +292,24 @@ impl UnaryService<WireRequest> for FindMissingMethod {
 
 /// The ContentAddressableStorage service: FindMissingBlobs read off the wire, the other methods
 /// by the generated server.
-#[derive(Clone)]
-pub struct CasService {
-    generated: ContentAddressableStorageServer<Gateway>,
+pub fn cas_service(
     gateway: Gateway,
     max_message_bytes: usize,
-}
-
-impl CasService {
-    pub fn new(gateway: Gateway, max_message_bytes: usize) -> CasService {
-        CasService {
-            generated: ContentAddressableStorageServer::new(gateway.clone())
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
-            gateway,
-            max_message_bytes,
-        }
-    }
-}
-
-impl NamedService for CasService {
-    const NAME: &'static str = <ContentAddressableStorageServer<Gateway> as NamedService>::NAME;
-}
-
-impl Service<http::Request<tonic::body::Body>> for CasService {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        if req.uri().path() != PATH {
-            return self.generated.call(req);
-        }
-        let method = FindMissingMethod(self.gateway.clone());
-        let max = self.max_message_bytes;
-        Box::pin(async move {
-            let mut grpc = Grpc::new(WireCodec).apply_max_message_size_config(Some(max), Some(max));
-            Ok(grpc.unary(method, req).await)
-        })
+) -> OneMethodRaw<ContentAddressableStorageServer<Gateway>> {
+    OneMethodRaw {
+        generated: ContentAddressableStorageServer::new(gateway.clone())
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes),
+        path: PATH,
+        serve: |gateway, req, max| {
+            Box::pin(async move {
+                let mut grpc =
+                    Grpc::new(WireCodec).apply_max_message_size_config(Some(max), Some(max));
+                Ok(grpc.unary(FindMissingMethod(gateway), req).await)
+            })
+        },
+        gateway,
+        max_message_bytes,
     }
 }
 

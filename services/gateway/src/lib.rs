@@ -4,7 +4,8 @@
 //! - [`capabilities`] (in this file): what the server supports, truthfully.
 //! - [`cas`]: ContentAddressableStorage (FindMissingBlobs, Batch*, GetTree); [`find_missing`]
 //!   serves FindMissingBlobs straight off the wire.
-//! - [`bytestream`]: ByteStream Read / Write / QueryWriteStatus.
+//! - [`bytestream`]: ByteStream Read / Write / QueryWriteStatus; Read's chunks leave without a
+//!   protobuf copy.
 //! - [`ac`]: ActionCache with the completeness check.
 //! - [`execution`]: Execution (Execute, WaitExecution) and google.longrunning Operations, over the
 //!   operation records the scheduler works from.
@@ -29,7 +30,6 @@ pub mod resource;
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::build::bazel::semver::SemVer;
-use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
 use motorpool_bus::Bus;
 pub use motorpool_cas_client::ApiError;
@@ -38,11 +38,15 @@ use motorpool_config::GatewayConfig;
 use re::action_cache_server::ActionCacheServer;
 use re::capabilities_server::{Capabilities, CapabilitiesServer};
 use re::execution_server::ExecutionServer;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 /// The gateway's shared state; cloned into every gRPC service.
@@ -80,6 +84,56 @@ pub(crate) async fn observe<T>(
     metrics::histogram!("motorpool_gateway_request_duration_seconds", "method" => method)
         .record(start.elapsed().as_secs_f64());
     result.map(Response::new)
+}
+
+/// How a method served below the generated code answers a call: the gateway, the HTTP/2
+/// request and the largest message accepted.
+type RawMethod = fn(
+    Gateway,
+    http::Request<tonic::body::Body>,
+    usize,
+) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>;
+
+/// A gRPC service one of whose methods the gateway serves from the wire itself (where the
+/// generated code's copies or allocations cost too much); every other method goes to the
+/// generated server `G`.
+#[derive(Clone)]
+pub struct OneMethodRaw<G> {
+    generated: G,
+    path: &'static str,
+    serve: RawMethod,
+    gateway: Gateway,
+    max_message_bytes: usize,
+}
+
+impl<G: NamedService> NamedService for OneMethodRaw<G> {
+    const NAME: &'static str = G::NAME;
+}
+
+impl<G> Service<http::Request<tonic::body::Body>> for OneMethodRaw<G>
+where
+    G: Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future = BoxFuture<http::Response<tonic::body::Body>, Infallible>,
+        >,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() == self.path {
+            (self.serve)(self.gateway.clone(), req, self.max_message_bytes)
+        } else {
+            self.generated.call(req)
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -202,8 +256,8 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .max_frame_size(Some(1024 * 1024))
         .add_service(CapabilitiesServer::new(gateway.clone()).max_decoding_message_size(max))
-        .add_service(find_missing::CasService::new(gateway.clone(), max))
-        .add_service(ByteStreamServer::new(gateway.clone()).max_decoding_message_size(max))
+        .add_service(find_missing::cas_service(gateway.clone(), max))
+        .add_service(bytestream::byte_stream_service(gateway.clone(), max))
         .add_service(ActionCacheServer::new(gateway.clone()).max_decoding_message_size(max))
         .add_service(ExecutionServer::new(gateway.clone()).max_decoding_message_size(max))
         .add_service(OperationsServer::new(gateway.clone()).max_decoding_message_size(max));

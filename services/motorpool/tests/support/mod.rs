@@ -111,10 +111,17 @@ impl Stack {
     }
 
     pub async fn channel(&self) -> Channel {
+        self.channel_with_frames(16 * 1024).await
+    }
+
+    /// A channel that accepts HTTP/2 frames of up to `max_frame` bytes (16 KiB, the protocol's
+    /// default and what Bazel's netty accepts, in [`Stack::channel`]).
+    pub async fn channel_with_frames(&self, max_frame: u32) -> Channel {
         Channel::from_shared(self.endpoint())
             .unwrap()
             .initial_stream_window_size(Some(8 * 1024 * 1024))
             .initial_connection_window_size(Some(16 * 1024 * 1024))
+            .max_frame_size(Some(max_frame))
             .connect()
             .await
             .unwrap()
