@@ -111,7 +111,9 @@ impl DataServer {
 
 fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let mut reader = BufReader::with_capacity(256 * 1024, stream.try_clone()?);
+    // Small: a write's chunks (up to a megabyte each from gateways) are read past it straight
+    // into their batch, and only what the buffer already holds is copied.
+    let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
     let mut writer = stream;
     loop {
         let Some(req) = read_frame::<_, DataRequest>(&mut reader)? else {

@@ -1,36 +1,41 @@
 //! ByteStream: Read with offset and limit, Write (resumable), QueryWriteStatus.
 //!
-//! Read is served below the generated code ([`byte_stream_service`]): a blob's chunks go from the
-//! shard's socket to the client's without passing through a protobuf encoder, which would copy
-//! every byte once more on the gateway's busiest path.
+//! Read and Write are served below the generated code ([`byte_stream_service`]): a blob's chunks
+//! go from the shard's socket to the client's without passing through a protobuf encoder, and
+//! from the client's to the shard's without prost copying each into a new `Vec`; either would
+//! copy every byte once more on the gateway's busiest paths.
 
 use crate::resource::{parse_read, parse_write};
-use crate::{Gateway, OneMethodRaw, observe, recent};
+use crate::wire::{Fields, Malformed, Value, put_varint};
+use crate::{Gateway, RawMethods, observe};
 use bazel_remote_apis::google::bytestream as bs;
 use bs::byte_stream_server::{ByteStream, ByteStreamServer};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
 use motorpool_cas_client::ApiError;
 use motorpool_cas_client::WriteData;
 use motorpool_messages::cas::DATA_PUT_MAX;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use tonic::codec::{DecodeBuf, Decoder};
-use tonic::codegen::http;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{BoxFuture, http};
+use tonic::server::{ClientStreamingService, Grpc};
 use tonic::{Request, Response, Status, Streaming};
 
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
+const WRITE_PATH: &str = "/google.bytestream.ByteStream/Write";
 
 type ReadStream = Pin<Box<dyn futures::Stream<Item = Result<bs::ReadResponse, Status>> + Send>>;
 
 impl Gateway {
-    async fn write(
-        &self,
-        mut stream: Streaming<bs::WriteRequest>,
-    ) -> Result<bs::WriteResponse, ApiError> {
+    async fn write<S>(&self, mut stream: S) -> Result<bs::WriteResponse, ApiError>
+    where
+        S: Stream<Item = Result<WriteMessage, Status>> + Send + Unpin + 'static,
+    {
         let first = stream
-            .message()
+            .next()
             .await
+            .transpose()
             .map_err(|s| {
                 ApiError::Invalid(format!(
                     "write stream failed before its first message: {}",
@@ -59,14 +64,12 @@ impl Gateway {
             // each replica instead of a resumable upload session.
             metrics::counter!("motorpool_gateway_bytestream_written_bytes_total")
                 .increment(res.digest.size);
-            let copy = (first.data.len() <= recent::BLOB_MAX).then(|| first.data.clone());
             let committed = self
                 .shards
-                .put_whole(&res.instance, &res.digest, first.data)
+                .put_whole(&res.instance, &res.digest, first.data.clone())
                 .await?;
-            if let Some(data) = copy {
-                self.recent.keep_blob(&res.instance, &res.digest, &data);
-            }
+            self.recent
+                .keep_blob(&res.instance, &res.digest, &first.data);
             return Ok(bs::WriteResponse {
                 committed_size: committed as i64,
             });
@@ -233,12 +236,7 @@ fn read_response_prefix(n: usize) -> Bytes {
     if n > 0 {
         // proto3 leaves an empty `data` out.
         field.push(0x52);
-        let mut v = n as u64;
-        while v >= 0x80 {
-            field.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        field.push(v as u8);
+        put_varint(&mut field, n as u64);
     }
     let len = u32::try_from(field.len() + n).expect("read chunks are far below 4 GiB");
     let mut out = Vec::with_capacity(5 + field.len());
@@ -354,18 +352,134 @@ impl Gateway {
 
 /// The ByteStream service: Read answered by [`ReadBody`] (each chunk's bytes go out as they came
 /// from the shard, where the generated server would copy every chunk into a protobuf encoding
-/// buffer first), Write and QueryWriteStatus by the generated server.
+/// buffer first), Write read off the wire by [`WriteCodec`] (each chunk's `data` a slice of the
+/// buffer it arrived in, where prost would copy it into a new `Vec`), QueryWriteStatus by the
+/// generated server.
 pub fn byte_stream_service(
     gateway: Gateway,
     max_message_bytes: usize,
-) -> OneMethodRaw<ByteStreamServer<Gateway>> {
-    OneMethodRaw {
+) -> RawMethods<ByteStreamServer<Gateway>> {
+    RawMethods {
         generated: ByteStreamServer::new(gateway.clone())
             .max_decoding_message_size(max_message_bytes),
-        path: READ_PATH,
-        serve: |gateway, req, max| Box::pin(async move { Ok(gateway.serve_read(req, max).await) }),
+        methods: &[
+            (READ_PATH, |gateway, req, max| {
+                Box::pin(async move { Ok(gateway.serve_read(req, max).await) })
+            }),
+            (WRITE_PATH, |gateway, req, max| {
+                Box::pin(async move {
+                    let mut grpc =
+                        Grpc::new(WriteCodec).apply_max_message_size_config(Some(max), Some(max));
+                    Ok(grpc.client_streaming(WriteMethod(gateway), req).await)
+                })
+            }),
+        ],
         gateway,
         max_message_bytes,
+    }
+}
+
+/// A `WriteRequest` read off the wire: `data` is a slice of the buffer the message arrived in.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WriteMessage {
+    pub resource_name: String,
+    pub write_offset: i64,
+    pub finish_write: bool,
+    pub data: Bytes,
+}
+
+impl WriteMessage {
+    /// Reads a `WriteRequest`'s fields from its encoding (unknown fields skipped, a repeated
+    /// field's last value kept, as protobuf requires).
+    pub fn parse(raw: Bytes) -> Result<WriteMessage, Malformed> {
+        let mut m = WriteMessage::default();
+        let mut fields = Fields::new(&raw);
+        while let Some((field, value)) = fields.next()? {
+            match (field, value) {
+                (1, Value::Bytes(b)) => {
+                    m.resource_name = std::str::from_utf8(b)
+                        .map_err(|_| Malformed("resource_name is not UTF-8"))?
+                        .to_string();
+                }
+                (2, Value::Varint(v)) => m.write_offset = v as i64,
+                (3, Value::Varint(v)) => m.finish_write = v != 0,
+                (10, Value::Bytes(b)) => m.data = raw.slice_ref(b),
+                (1..=3 | 10, _) => return Err(Malformed("a known field has the wrong wire type")),
+                _ => {}
+            }
+        }
+        Ok(m)
+    }
+}
+
+impl From<bs::WriteRequest> for WriteMessage {
+    fn from(r: bs::WriteRequest) -> WriteMessage {
+        WriteMessage {
+            resource_name: r.resource_name,
+            write_offset: r.write_offset,
+            finish_write: r.finish_write,
+            data: r.data.into(),
+        }
+    }
+}
+
+/// The codec of the Write method: [`WriteMessage`]s in, a prost-encoded `WriteResponse` out.
+#[derive(Debug, Default, Clone, Copy)]
+struct WriteCodec;
+
+impl Codec for WriteCodec {
+    type Encode = bs::WriteResponse;
+    type Decode = WriteMessage;
+    type Encoder = WriteCodec;
+    type Decoder = WriteCodec;
+
+    fn encoder(&mut self) -> WriteCodec {
+        WriteCodec
+    }
+
+    fn decoder(&mut self) -> WriteCodec {
+        WriteCodec
+    }
+}
+
+impl Encoder for WriteCodec {
+    type Item = bs::WriteResponse;
+    type Error = Status;
+
+    fn encode(&mut self, item: bs::WriteResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        prost::Message::encode(&item, dst)
+            .map_err(|e| Status::internal(format!("encoding a WriteResponse: {e}")))
+    }
+}
+
+impl Decoder for WriteCodec {
+    type Item = WriteMessage;
+    type Error = Status;
+
+    /// Room for many 16 KiB messages at once: tonic's 8 KiB default made it grow (and copy) its
+    /// receive buffer for every message.
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(256 * 1024, 32 * 1024)
+    }
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<WriteMessage>, Status> {
+        // Splits the message off tonic's receive buffer without copying it.
+        let raw = src.copy_to_bytes(src.remaining());
+        WriteMessage::parse(raw)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("malformed WriteRequest: {e}")))
+    }
+}
+
+struct WriteMethod(Gateway);
+
+impl ClientStreamingService<WriteMessage> for WriteMethod {
+    type Response = bs::WriteResponse;
+    type Future = BoxFuture<Response<bs::WriteResponse>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<WriteMessage>>) -> Self::Future {
+        let gateway = self.0.clone();
+        Box::pin(async move { observe("Write", gateway.write(request.into_inner())).await })
     }
 }
 
@@ -389,7 +503,10 @@ impl ByteStream for Gateway {
         &self,
         request: Request<Streaming<bs::WriteRequest>>,
     ) -> Result<Response<bs::WriteResponse>, Status> {
-        observe("Write", self.write(request.into_inner())).await
+        // Calls arrive through [`byte_stream_service`], which reads Write off the wire itself;
+        // this is the generated server's path, kept equivalent.
+        let messages = request.into_inner().map(|m| m.map(WriteMessage::from));
+        observe("Write", self.write(messages)).await
     }
 
     async fn query_write_status(
@@ -405,6 +522,64 @@ mod tests {
     use super::*;
     use http_body::Body as _;
     use prost::Message;
+
+    #[test]
+    fn write_requests_read_off_the_wire_match_prost_and_keep_their_data_in_place() {
+        let requests = [
+            bs::WriteRequest {
+                resource_name: "uploads/u/blobs/ab/3".into(),
+                write_offset: 0,
+                finish_write: false,
+                data: b"abc".to_vec(),
+            },
+            bs::WriteRequest {
+                resource_name: String::new(),
+                write_offset: 1 << 40,
+                finish_write: true,
+                data: vec![9u8; 20_000],
+            },
+            // Everything at its default: an empty message.
+            bs::WriteRequest::default(),
+        ];
+        for r in requests {
+            let raw = Bytes::from(r.encode_to_vec());
+            let m = WriteMessage::parse(raw.clone()).unwrap();
+            assert_eq!(m, WriteMessage::from(r.clone()));
+            if !m.data.is_empty() {
+                let inside = raw.as_ptr_range();
+                assert!(
+                    inside.contains(&m.data.as_ptr()),
+                    "data is a slice of the message"
+                );
+            }
+        }
+
+        // Fields out of order, an unknown field, a repeated field (the last wins).
+        let mut raw = vec![0x52, 2, b'h', b'i']; // data "hi"
+        raw.extend_from_slice(&[0x18, 1]); // finish_write
+        raw.extend_from_slice(&[0xA0, 0x06, 5]); // field 100, unknown
+        raw.extend_from_slice(&[0x10, 7, 0x10, 8]); // write_offset 7, then 8
+        raw.extend_from_slice(&[0x0A, 1, b'n']); // resource_name "n"
+        let m = WriteMessage::parse(Bytes::from(raw.clone())).unwrap();
+        let want = bs::WriteRequest::decode(&raw[..]).unwrap();
+        assert_eq!(m, WriteMessage::from(want));
+        assert_eq!((m.write_offset, m.finish_write), (8, true));
+
+        // Wrong wire types, bad UTF-8 and truncation are errors, never a guess.
+        for bad in [
+            &[0x50, 1][..],        // data as a varint
+            &[0x0A, 1, 0xFF][..],  // resource_name not UTF-8
+            &[0x52, 10, 1, 2][..], // data longer than the message
+            &[0x12, 0][..],        // write_offset length-delimited
+            &[0x10, 0x80][..],     // truncated varint
+            &[0x0B][..],           // wire type 3 (a group)
+        ] {
+            assert!(
+                WriteMessage::parse(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn message_prefixes_match_protobuf_encoding() {

@@ -11,7 +11,8 @@
 //! codec, every other method through the generated server.
 
 use crate::resource::digest_function;
-use crate::{Gateway, OneMethodRaw};
+use crate::wire::{Fields, Malformed, Value, put_varint};
+use crate::{Gateway, RawMethods};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bytes::{Buf, BufMut, Bytes};
 use motorpool_cas_client::ApiError;
@@ -39,79 +40,6 @@ pub struct WireRequest {
 #[derive(Debug)]
 pub struct WireResponse(Vec<u8>);
 
-/// Why bytes are not a protobuf message of the expected shape.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("malformed FindMissingBlobsRequest: {0}")]
-pub struct Malformed(&'static str);
-
-/// Reads protobuf fields from a byte slice (the wire format's four live wire types; groups,
-/// deprecated since proto2 and never sent by REAPI clients, are refused).
-struct Fields<'a> {
-    buf: &'a [u8],
-}
-
-enum Value<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-impl<'a> Fields<'a> {
-    fn varint(&mut self) -> Result<u64, Malformed> {
-        let mut v = 0u64;
-        for i in 0..10 {
-            let (&b, rest) = self
-                .buf
-                .split_first()
-                .ok_or(Malformed("truncated varint"))?;
-            self.buf = rest;
-            v |= u64::from(b & 0x7F) << (7 * i);
-            if b < 0x80 {
-                return Ok(v);
-            }
-        }
-        Err(Malformed("varint longer than 10 bytes"))
-    }
-
-    fn take(&mut self, n: u64) -> Result<&'a [u8], Malformed> {
-        if n > self.buf.len() as u64 {
-            return Err(Malformed("field runs past the end of its message"));
-        }
-        let (head, rest) = self.buf.split_at(n as usize);
-        self.buf = rest;
-        Ok(head)
-    }
-
-    /// The next field number and value; `None` at the end.
-    fn next(&mut self) -> Result<Option<(u64, Value<'a>)>, Malformed> {
-        if self.buf.is_empty() {
-            return Ok(None);
-        }
-        let key = self.varint()?;
-        let field = key >> 3;
-        if field == 0 {
-            return Err(Malformed("field number 0"));
-        }
-        let value = match key & 7 {
-            0 => Value::Varint(self.varint()?),
-            1 => {
-                self.take(8)?;
-                Value::Fixed
-            }
-            2 => {
-                let n = self.varint()?;
-                Value::Bytes(self.take(n)?)
-            }
-            5 => {
-                self.take(4)?;
-                Value::Fixed
-            }
-            _ => return Err(Malformed("unsupported wire type")),
-        };
-        Ok(Some((field, value)))
-    }
-}
-
 impl WireRequest {
     /// Splits a request into its fields; digests are only located here, parsed by
     /// [`WireRequest::digests`].
@@ -120,7 +48,7 @@ impl WireRequest {
         let mut digest_function = 0;
         let mut digests = Vec::new();
         let base = raw.as_ptr() as usize;
-        let mut fields = Fields { buf: &raw };
+        let mut fields = Fields::new(&raw);
         while let Some((field, value)) = fields.next()? {
             match (field, value) {
                 (1, Value::Bytes(b)) => {
@@ -176,12 +104,7 @@ impl WireRequest {
         let mut out = Vec::new();
         for (r, _) in self.digests.iter().zip(missing).filter(|(_, m)| **m) {
             out.push(0x12); // field 2, length-delimited: missing_blob_digests
-            let mut n = r.len() as u64;
-            while n >= 0x80 {
-                out.push((n as u8) | 0x80);
-                n >>= 7;
-            }
-            out.push(n as u8);
+            put_varint(&mut out, r.len() as u64);
             out.extend_from_slice(&self.raw[r.clone()]);
         }
         WireResponse(out)
@@ -202,13 +125,12 @@ fn digest_fields(b: &[u8]) -> Result<(&[u8], i64), Malformed> {
         && rest.len() >= 64
     {
         let (hash, tail) = rest.split_at(64);
-        let mut f = Fields { buf: tail };
         match tail {
             [] => return Ok((hash, 0)),
-            [0x10, ..] => {
-                f.buf = &tail[1..];
+            [0x10, size @ ..] => {
+                let mut f = Fields::new(size);
                 let size = f.varint()? as i64;
-                if f.buf.is_empty() {
+                if f.is_empty() {
                     return Ok((hash, size));
                 }
             }
@@ -219,7 +141,7 @@ fn digest_fields(b: &[u8]) -> Result<(&[u8], i64), Malformed> {
     // unknown ones skipped.
     let mut hash: &[u8] = &[];
     let mut size = 0i64;
-    let mut fields = Fields { buf: b };
+    let mut fields = Fields::new(b);
     while let Some((field, value)) = fields.next()? {
         match (field, value) {
             (1, Value::Bytes(h)) => hash = h,
@@ -266,9 +188,9 @@ impl Decoder for WireCodec {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<WireRequest>, Status> {
         let raw = src.copy_to_bytes(src.remaining());
-        WireRequest::parse(raw)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(e.to_string()))
+        WireRequest::parse(raw).map(Some).map_err(|e| {
+            Status::invalid_argument(format!("malformed FindMissingBlobsRequest: {e}"))
+        })
     }
 }
 
@@ -295,19 +217,18 @@ impl UnaryService<WireRequest> for FindMissingMethod {
 pub fn cas_service(
     gateway: Gateway,
     max_message_bytes: usize,
-) -> OneMethodRaw<ContentAddressableStorageServer<Gateway>> {
-    OneMethodRaw {
+) -> RawMethods<ContentAddressableStorageServer<Gateway>> {
+    RawMethods {
         generated: ContentAddressableStorageServer::new(gateway.clone())
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes),
-        path: PATH,
-        serve: |gateway, req, max| {
+        methods: &[(PATH, |gateway, req, max| {
             Box::pin(async move {
                 let mut grpc =
                     Grpc::new(WireCodec).apply_max_message_size_config(Some(max), Some(max));
                 Ok(grpc.unary(FindMissingMethod(gateway), req).await)
             })
-        },
+        })],
         gateway,
         max_message_bytes,
     }

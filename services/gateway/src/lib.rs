@@ -26,6 +26,7 @@ pub mod execution;
 pub mod find_missing;
 pub mod recent;
 pub mod resource;
+mod wire;
 
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
@@ -94,23 +95,23 @@ type RawMethod = fn(
     usize,
 ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>;
 
-/// A gRPC service one of whose methods the gateway serves from the wire itself (where the
+/// A gRPC service some of whose methods the gateway serves from the wire itself (where the
 /// generated code's copies or allocations cost too much); every other method goes to the
 /// generated server `G`.
 #[derive(Clone)]
-pub struct OneMethodRaw<G> {
+pub struct RawMethods<G> {
     generated: G,
-    path: &'static str,
-    serve: RawMethod,
+    /// Each method's path and how it is served.
+    methods: &'static [(&'static str, RawMethod)],
     gateway: Gateway,
     max_message_bytes: usize,
 }
 
-impl<G: NamedService> NamedService for OneMethodRaw<G> {
+impl<G: NamedService> NamedService for RawMethods<G> {
     const NAME: &'static str = G::NAME;
 }
 
-impl<G> Service<http::Request<tonic::body::Body>> for OneMethodRaw<G>
+impl<G> Service<http::Request<tonic::body::Body>> for RawMethods<G>
 where
     G: Service<
             http::Request<tonic::body::Body>,
@@ -128,10 +129,10 @@ where
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        if req.uri().path() == self.path {
-            (self.serve)(self.gateway.clone(), req, self.max_message_bytes)
-        } else {
-            self.generated.call(req)
+        let path = req.uri().path();
+        match self.methods.iter().find(|(p, _)| *p == path) {
+            Some((_, serve)) => serve(self.gateway.clone(), req, self.max_message_bytes),
+            None => self.generated.call(req),
         }
     }
 }

@@ -199,22 +199,41 @@ async fn read_blob_sliced(channel: &Channel, d: &BlobDigest) -> Duration {
     t.elapsed()
 }
 
+/// CPU seconds used so far by each of `pids`.
+fn cpu_now(pids: &[u32]) -> Vec<f64> {
+    pids.iter().map(|p| cpu_of(*p).0).collect()
+}
+
 async fn bytestream_rows(
     rows: &mut Vec<Row>,
     c: &mut Clients,
     wide: &Channel,
+    stack: &Stack,
     label: &str,
     sizes: &[(u64, usize)],
     sha_rate: f64,
 ) {
+    // Where a write's CPU goes: this client, the gateway, the shard (all on the same cores).
+    let pids = [
+        Some(std::process::id()),
+        stack.child_pid(&["gateway"]),
+        stack.child_pid(&["cas-shard"]),
+    ];
+    let pids: Option<Vec<u32>> = pids.into_iter().collect();
     for &(size, reps) in sizes {
         let base = bytes(size, size as usize);
         let mut w = Vec::new();
+        let mut write_cpu = [0.0f64; 3];
         let (mut r, mut r_bazel) = (Vec::new(), Vec::new());
         for rep in 0..reps as u64 {
             let data = unique(&base, rep + 1);
             let d = DigestFunction::Sha256.digest_of(&data);
+            let before = cpu_now(pids.as_deref().unwrap_or_default());
             w.push(gbps(size, write_blob(c, &d, &data).await));
+            let after = cpu_now(pids.as_deref().unwrap_or_default());
+            for (sum, (a, b)) in write_cpu.iter_mut().zip(after.iter().zip(&before)) {
+                *sum += a - b;
+            }
             drop(data);
             r.push(gbps(size, read_blob_sliced(wide, &d).await));
             r_bazel.push(gbps(size, read_blob(c, &d).await));
@@ -236,6 +255,22 @@ async fn bytestream_rows(
                 "-".into()
             },
         });
+        if pids.is_some() && size >= 64 << 20 {
+            // /proc counts CPU in 10 ms ticks: only large writes are long enough to tell.
+            let per_gb = write_cpu.map(|s| s / (size as f64 * reps as f64 / 1e9));
+            rows.push(Row {
+                name: format!(
+                    "ByteStream write {human} ({label}): CPU per GB written, client / gateway / shard"
+                ),
+                median: format!(
+                    "{:.2} / {:.2} / {:.2} s",
+                    per_gb[0], per_gb[1], per_gb[2]
+                ),
+                limit: format!("SHA-256 alone {:.2} s", 1.0 / sha_rate),
+                ratio: String::new(),
+                goal: "-".into(),
+            });
+        }
         rows.push(Row {
             name: format!("ByteStream read {human} ({label})"),
             median: format!("{r:.2} GB/s"),
@@ -461,7 +496,7 @@ fn main() {
             let mut c = stack.clients().await;
             if section("bytestream") {
                 let wide = stack.channel_with_frames(1 << 20).await;
-                bytestream_rows(&mut rows, &mut c, &wide, "direct", &sizes, sha_rate).await;
+                bytestream_rows(&mut rows, &mut c, &wide, &stack, "direct", &sizes, sha_rate).await;
             }
 
             if section("batch") {
@@ -547,7 +582,16 @@ fn main() {
             } else {
                 vec![(64 << 20, 5)]
             };
-            bytestream_rows(&mut rows, &mut c, &wide, "nats chunks", &sizes, sha_rate).await;
+            bytestream_rows(
+                &mut rows,
+                &mut c,
+                &wide,
+                &stack,
+                "nats chunks",
+                &sizes,
+                sha_rate,
+            )
+            .await;
         });
     }
 

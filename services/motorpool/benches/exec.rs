@@ -22,28 +22,9 @@ mod support;
 
 use std::sync::Arc;
 use std::time::Instant;
-use support::Stack;
 use support::exec::{ExecClient, Spec, follow, secs};
 use support::workspace::{Bazel, Workspace};
-
-/// CPU seconds of a process, from `/proc/<pid>/stat`: `(its own, its reaped children's)`.
-/// `/proc` counts in USER_HZ, which is 100 on Linux.
-fn cpu_of(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<f64> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .map(|x| x.parse().unwrap_or(0.0))
-                .collect()
-        })
-        .unwrap_or_default();
-    // After the name: state, ppid, ... utime is field 14 of the line, i.e. index 11 here.
-    if f.len() < 15 {
-        return (0.0, 0.0);
-    }
-    ((f[11] + f[12]) / 100.0, (f[13] + f[14]) / 100.0)
-}
+use support::{Stack, cpu_of};
 
 /// `root` and every process below it.
 fn process_tree(root: u32) -> Vec<u32> {

@@ -563,8 +563,8 @@ async fn bad_input_gets_a_clear_status_and_stores_nothing() {
     still_serving(&mut c).await;
 
     // Malformed protobuf on the wire: a raw gRPC frame of garbage. FindMissingBlobs and
-    // ByteStream Read are read off the wire by the gateway itself and say what is wrong; the other
-    // methods are decoded by tonic, which rejects undecodable messages as INTERNAL.
+    // ByteStream Read and Write are read off the wire by the gateway itself and say what is wrong;
+    // the other methods are decoded by tonic, which rejects undecodable messages as INTERNAL.
     let garbage = [0xff, 0xff, 0xff, 0x0f, 0x12];
     let cas = "/build.bazel.remote.execution.v2.ContentAddressableStorage";
     let status = raw_grpc(&stack, &format!("{cas}/FindMissingBlobs"), &garbage).await;
@@ -573,6 +573,8 @@ async fn bad_input_gets_a_clear_status_and_stores_nothing() {
     assert_eq!(status, Code::Internal as i32);
     // ByteStream Read is served below the generated code too, and says what is wrong.
     let status = raw_grpc(&stack, "/google.bytestream.ByteStream/Read", &garbage).await;
+    assert_eq!(status, Code::InvalidArgument as i32);
+    let status = raw_grpc(&stack, "/google.bytestream.ByteStream/Write", &garbage).await;
     assert_eq!(status, Code::InvalidArgument as i32);
     // A digest that is not one inside a well-formed request.
     let mut digest = vec![0x0A, 64];

@@ -8,8 +8,9 @@
 //! that no live shard holds.
 
 use crate::error::ApiError;
-use futures::StreamExt;
+use bytes::Bytes;
 use futures::future::join_all;
+use futures::{FutureExt, StreamExt};
 use motorpool_bus::{Bus, BusError, subjects};
 use motorpool_messages::cas::*;
 use motorpool_messages::{BlobDigest, ErrorCode, WireError, codec};
@@ -17,7 +18,7 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use motorpool_config::BlobTransport;
@@ -763,7 +764,7 @@ impl Shards {
         &self,
         instance: &str,
         d: &BlobDigest,
-        data: Vec<u8>,
+        data: Bytes,
     ) -> Result<u64, ApiError> {
         if data.len() as u64 != d.size || d.size > DATA_PUT_MAX {
             return Err(ApiError::Invalid(format!(
@@ -772,7 +773,7 @@ impl Shards {
             )));
         }
         if self.transport == BlobTransport::Nats {
-            self.write_blob(instance, d, data).await?;
+            self.write_blob(instance, d, data.to_vec()).await?;
             return Ok(d.size);
         }
         let placement = self.require_live()?;
@@ -889,7 +890,13 @@ impl Shards {
         let chunks = Box::pin(futures::stream::unfold(reader, |mut r| async move {
             let item = r.next_chunk(1 << 20).await?;
             let finish = r.remaining == 0;
-            Some((item.map(|data| WriteData { data, finish }), r))
+            Some((
+                item.map(|data| WriteData {
+                    data: data.into(),
+                    finish,
+                }),
+                r,
+            ))
         }));
         let upload_id = format!("copy-{}", from.id);
         self.write_to(to, instance, d, &upload_id, 0, chunks).await
@@ -933,43 +940,62 @@ impl Shards {
                 )));
             }
         }
-        let mut w = BufWriter::with_capacity(256 * 1024, conn);
-        let mut finished = false;
-        while let Some(item) = chunks.next().await {
-            let item = item?; // the client's stream broke: dropping the connection keeps the upload resumable
-            if !item.data.is_empty() {
-                let sent = async {
-                    w.write_all(&(item.data.len() as u32).to_le_bytes()).await?;
-                    w.write_all(&item.data).await
+        // Chunks go to the shard as they arrive; when the client is ahead, the ones already here
+        // are gathered into frames of up to GATHER bytes (the shard takes frames of at most
+        // 16 MiB, whatever size the client's messages were), sent with one writev from the chunks' own
+        // buffers, never copied into a write buffer.
+        const GATHER: usize = 1 << 20;
+        let mut next = chunks.next().await;
+        loop {
+            let mut frame: Vec<Bytes> = Vec::new();
+            let mut framed = 0usize;
+            let (mut finished, mut ended, mut broke) = (false, false, None);
+            loop {
+                match next.take() {
+                    None => ended = true,
+                    // The client's stream broke: what came before it still goes to the shard,
+                    // then dropping the connection keeps the upload resumable.
+                    Some(Err(e)) => broke = Some(e),
+                    Some(Ok(item)) => {
+                        if !item.data.is_empty() {
+                            framed += item.data.len();
+                            frame.push(item.data);
+                        }
+                        finished = item.finish;
+                    }
                 }
-                .await;
-                if sent.is_err() {
-                    // The shard refused more data; its reply says why.
-                    let mut conn = w.into_inner();
-                    return match read_reply(&mut conn).await {
-                        Ok(DataReply::Error(e)) => Err(e.into()),
-                        _ => Err(ApiError::Unavailable(format!(
-                            "shard {} closed the upload",
-                            shard.id
-                        ))),
-                    };
+                if finished || ended || broke.is_some() || framed >= GATHER {
+                    break;
+                }
+                match chunks.next().now_or_never() {
+                    Some(item) => next = item, // `None`: the stream ended
+                    None => break,
                 }
             }
-            if item.finish {
-                finished = true;
+            let parts = data_frames(frame, GATHER, finished);
+            if write_gathered(&mut conn, &parts).await.is_err() {
+                // The shard refused more data; its reply says why.
+                return match read_reply(&mut conn).await {
+                    Ok(DataReply::Error(e)) => Err(e.into()),
+                    _ => Err(ApiError::Unavailable(format!(
+                        "shard {} closed the upload",
+                        shard.id
+                    ))),
+                };
+            }
+            if let Some(e) = broke {
+                return Err(e);
+            }
+            if ended {
+                return Err(ApiError::Invalid(
+                    "the write stream ended without finish_write; resume at the offset QueryWriteStatus returns".into(),
+                ));
+            }
+            if finished {
                 break;
             }
+            next = chunks.next().await;
         }
-        if !finished {
-            return Err(ApiError::Invalid(
-                "the write stream ended without finish_write; resume at the offset QueryWriteStatus returns".into(),
-            ));
-        }
-        w.write_all(&0u32.to_le_bytes())
-            .await
-            .map_err(unavailable)?;
-        w.flush().await.map_err(unavailable)?;
-        let mut conn = w.into_inner();
         match read_reply(&mut conn).await.map_err(unavailable)? {
             DataReply::Committed { size } => {
                 shard.pool.lock().push(conn);
@@ -1150,7 +1176,10 @@ impl Shards {
             "put-{:016x}",
             splitmix(digest_key(d) ^ motorpool_messages::now_ms())
         );
-        let chunk = futures::stream::iter([Ok(WriteData { data, finish: true })]);
+        let chunk = futures::stream::iter([Ok(WriteData {
+            data: data.into(),
+            finish: true,
+        })]);
         self.write_stream(instance, d, &upload_id, 0, chunk).await?;
         Ok(())
     }
@@ -1290,6 +1319,54 @@ async fn exchange(conn: &mut TcpStream, req: &DataRequest) -> std::io::Result<Da
     read_reply(conn).await
 }
 
+/// The data-stream frames carrying `chunks` (a `u32` little-endian length, then that many bytes)
+/// in frames of at most `max` bytes, plus the zero-length frame that ends an upload when
+/// `finish`. Only the length prefixes are new buffers; the chunks are sliced, never copied.
+fn data_frames(chunks: Vec<Bytes>, max: usize, finish: bool) -> Vec<Bytes> {
+    fn close(out: &mut Vec<Bytes>, frame: &mut Vec<Bytes>, len: &mut usize) {
+        if *len > 0 {
+            out.push(Bytes::copy_from_slice(&(*len as u32).to_le_bytes()));
+            out.append(frame);
+            *len = 0;
+        }
+    }
+    let mut out = Vec::with_capacity(chunks.len() + 2);
+    let (mut frame, mut len) = (Vec::new(), 0usize);
+    for mut chunk in chunks {
+        while !chunk.is_empty() {
+            let take = (max - len).min(chunk.len());
+            frame.push(chunk.split_to(take));
+            len += take;
+            if len == max {
+                close(&mut out, &mut frame, &mut len);
+            }
+        }
+    }
+    close(&mut out, &mut frame, &mut len);
+    if finish {
+        out.push(Bytes::from_static(&[0; 4]));
+    }
+    out
+}
+
+/// Writes `parts` in order, with as few `writev` calls as the socket allows.
+async fn write_gathered(conn: &mut TcpStream, parts: &[Bytes]) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| std::io::IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = conn.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
 async fn read_reply(conn: &mut TcpStream) -> std::io::Result<DataReply> {
     let len = conn.read_u32_le().await? as usize;
     if len > 64 * 1024 {
@@ -1306,7 +1383,8 @@ async fn read_reply(conn: &mut TcpStream) -> std::io::Result<DataReply> {
 /// One chunk of a write stream.
 #[derive(Debug)]
 pub struct WriteData {
-    pub data: Vec<u8>,
+    /// The chunk's bytes; a slice of the buffer it arrived in, where the caller has one.
+    pub data: Bytes,
     pub finish: bool,
 }
 
@@ -1414,6 +1492,62 @@ impl BlobReader {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads frames back as the shard does: `(frame lengths, the bytes, ended)`.
+    fn unframe(parts: &[Bytes]) -> (Vec<usize>, Vec<u8>, bool) {
+        let wire: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let (mut lens, mut data, mut rest) = (Vec::new(), Vec::new(), &wire[..]);
+        while !rest.is_empty() {
+            let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            if len == 0 {
+                assert_eq!(rest.len(), 4, "nothing follows the end of an upload");
+                return (lens, data, true);
+            }
+            lens.push(len);
+            data.extend_from_slice(&rest[4..4 + len]);
+            rest = &rest[4 + len..];
+        }
+        (lens, data, false)
+    }
+
+    #[test]
+    fn data_frames_carry_every_byte_in_order_within_the_frame_limit() {
+        let chunks: Vec<Bytes> = [5usize, 0, 3, 17, 1, 8]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Bytes::from(vec![i as u8; *n]))
+            .collect();
+        let all: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+
+        let (lens, data, ended) = unframe(&data_frames(chunks.clone(), 8, true));
+        assert_eq!(data, all);
+        assert_eq!(lens, vec![8, 8, 8, 8, 2]);
+        assert!(ended);
+
+        // A limit above the total: one frame; not finished: no end marker.
+        let (lens, data, ended) = unframe(&data_frames(chunks.clone(), 1 << 20, false));
+        assert_eq!((lens, data, ended), (vec![34], all, false));
+
+        // Nothing to send but the end; nothing at all.
+        assert_eq!(
+            unframe(&data_frames(vec![], 8, true)),
+            (vec![], vec![], true)
+        );
+        assert!(data_frames(vec![Bytes::new()], 8, false).is_empty());
+
+        // Chunks are sliced, not copied.
+        let big = Bytes::from(vec![1u8; 20]);
+        let parts = data_frames(vec![big.clone()], 8, false);
+        let inside = big.as_ptr_range();
+        for p in parts.iter().filter(|p| p.len() > 4) {
+            assert!(inside.contains(&p.as_ptr()));
         }
     }
 }

@@ -394,3 +394,22 @@ pub fn sha256_file(p: &Path) -> String {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// CPU seconds of a process, from `/proc/<pid>/stat`: `(its own, its reaped children's)`.
+/// `/proc` counts in USER_HZ, which is 100 on Linux.
+pub fn cpu_of(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect()
+        })
+        .unwrap_or_default();
+    // After the name: state, ppid, ... utime is field 14 of the line, i.e. index 11 here.
+    if f.len() < 15 {
+        return (0.0, 0.0);
+    }
+    ((f[11] + f[12]) / 100.0, (f[13] + f[14]) / 100.0)
+}
