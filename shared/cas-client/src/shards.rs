@@ -942,8 +942,8 @@ impl Shards {
         }
         // Chunks go to the shard as they arrive; when the client is ahead, the ones already here
         // are gathered into frames of up to GATHER bytes (the shard takes frames of at most
-        // 16 MiB, whatever size the client's messages were), sent with one writev from the chunks' own
-        // buffers, never copied into a write buffer.
+        // 16 MiB, whatever size the client's messages were), sent with one writev from the
+        // chunks' own buffers, never copied into a write buffer.
         const GATHER: usize = 1 << 20;
         let mut next = chunks.next().await;
         loop {
