@@ -342,6 +342,20 @@ async fn interrupted_64mib_upload_resumes_at_the_committed_offset() {
         sha(&bs_read(&mut c, &read_name("", &d), 0, 0).await.unwrap()),
         d
     );
+
+    // A client that sends large messages: a 40 MiB blob in a 24 MiB message and a 16 MiB one.
+    // The first is larger than the frames the shard's data stream takes (16 MiB at most); the
+    // gateway cuts it into frames rather than passing the shard's refusal on.
+    let big = bytes(65, 40 * 1024 * 1024);
+    let bd = sha(&big);
+    let reqs = write_requests(&write_name("", &bd, "big-1"), &big, 0, 24 * 1024 * 1024);
+    assert_eq!(reqs.len(), 2);
+    let done = c.bs.write(futures::stream::iter(reqs)).await.unwrap();
+    assert_eq!(done.into_inner().committed_size, bd.size as i64);
+    assert_eq!(
+        sha(&bs_read(&mut c, &read_name("", &bd), 0, 0).await.unwrap()),
+        bd
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
