@@ -115,6 +115,7 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
     // into their batch, and only what the buffer already holds is copied.
     let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
     let mut writer = stream;
+    let batches = BatchPool::default();
     loop {
         let Some(req) = read_frame::<_, DataRequest>(&mut reader)? else {
             return Ok(());
@@ -201,10 +202,14 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
                 )?;
                 let before = upload.committed();
                 let mut finished = false;
-                let appended = upload.append_pipelined(ChunkReader {
-                    r: &mut reader,
-                    finished: &mut finished,
-                });
+                let appended = upload.append_pipelined(
+                    ChunkReader {
+                        r: &mut reader,
+                        finished: &mut finished,
+                        pool: &batches,
+                    },
+                    &|buf| batches.put(buf),
+                );
                 metrics::counter!("motorpool_cas_shard_written_bytes_total")
                     .increment(upload.committed() - before);
                 let outcome = match appended {
@@ -251,10 +256,33 @@ fn send_file(sock: &TcpStream, mut file: &std::fs::File, len: u64) -> io::Result
     Ok(sent)
 }
 
+/// A connection's batch buffers, handed back by the hasher: each is allocated, faulted in and
+/// zeroed once, not for every megabyte of every write.
+#[derive(Default)]
+struct BatchPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl BatchPool {
+    /// Enough for the batches a write has in flight (the hasher's queue and one each side).
+    const KEEP: usize = 12;
+
+    fn take(&self) -> Vec<u8> {
+        let buf = self.0.lock().expect("batch pool").pop();
+        buf.unwrap_or_else(|| Vec::with_capacity(BATCH + 64 * 1024))
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        let mut free = self.0.lock().expect("batch pool");
+        if free.len() < Self::KEEP && buf.capacity() <= 2 * BATCH {
+            free.push(buf);
+        }
+    }
+}
+
 /// Yields the chunks of one write, batched to about [`BATCH`] bytes, until the zero-length chunk.
 struct ChunkReader<'a, R> {
     r: &'a mut R,
     finished: &'a mut bool,
+    pool: &'a BatchPool,
 }
 
 impl<R: Read> Iterator for ChunkReader<'_, R> {
@@ -264,8 +292,11 @@ impl<R: Read> Iterator for ChunkReader<'_, R> {
         if *self.finished {
             return None;
         }
-        let mut batch: Vec<u8> = Vec::with_capacity(BATCH + 64 * 1024);
-        while batch.len() < BATCH {
+        // A recycled buffer keeps its length: bytes up to it are initialized (stale) and are
+        // read over, so only a batch longer than any before it has a tail zeroed.
+        let mut batch = self.pool.take();
+        let mut filled = 0;
+        while filled < BATCH {
             let mut len = [0u8; 4];
             if let Err(e) = self.r.read_exact(&mut len) {
                 return Some(Err(e));
@@ -281,13 +312,18 @@ impl<R: Read> Iterator for ChunkReader<'_, R> {
                     format!("chunk of {len} bytes exceeds {MAX_CHUNK}"),
                 )));
             }
-            let start = batch.len();
-            batch.resize(start + len as usize, 0);
-            if let Err(e) = self.r.read_exact(&mut batch[start..]) {
+            let end = filled + len as usize;
+            if batch.len() < end {
+                batch.resize(end, 0);
+            }
+            if let Err(e) = self.r.read_exact(&mut batch[filled..end]) {
                 return Some(Err(e));
             }
+            filled = end;
         }
+        batch.truncate(filled);
         if batch.is_empty() {
+            self.pool.put(batch);
             None
         } else {
             Some(Ok(Arc::new(batch)))
@@ -326,6 +362,54 @@ mod tests {
             Some(DataReply::Error(e)) => e.code,
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    /// Streams one write as gateways do: chunks of `chunk` bytes, then the zero-length chunk.
+    fn write(conn: &mut TcpStream, digest: BlobDigest, body: &[u8], chunk: usize) -> DataReply {
+        let req = DataRequest::Write {
+            instance: "main".into(),
+            digest,
+            upload_id: format!("up-{}", digest.size),
+            offset: 0,
+        };
+        write_frame(conn, &req).unwrap();
+        let ready = read_frame::<_, DataReply>(conn).unwrap();
+        assert_eq!(ready, Some(DataReply::WriteReady { committed: 0 }));
+        let mut out = Vec::new();
+        for c in body.chunks(chunk) {
+            out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+            out.extend_from_slice(c);
+        }
+        out.extend_from_slice(&0u32.to_le_bytes());
+        conn.write_all(&out).unwrap();
+        read_frame(conn).unwrap().expect("a reply")
+    }
+
+    #[test]
+    fn writes_on_one_connection_reuse_batches_without_mixing_their_bytes() {
+        let (_dir, store, server) = server();
+        let ns = namespace("main");
+        let mut conn = TcpStream::connect(server.local_addr()).unwrap();
+        // Each blob is shorter than the one before, in differently sized chunks, so a batch
+        // buffer handed back by the hasher still holds the previous write's bytes past the end
+        // of the new ones.
+        for (i, (len, chunk)) in [
+            (5 << 20, 1 << 20),
+            (3 << 20, 300_000),
+            (1_500_000, 16 << 10),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let body: Vec<u8> = (0..len).map(|j| (j * 7 + i * 13) as u8).collect();
+            let d = DigestFunction::Sha256.digest_of(&body);
+            assert_eq!(
+                write(&mut conn, d, &body, chunk),
+                DataReply::Committed { size: d.size }
+            );
+            assert_eq!(store.read(ns, &d, 0, 0).unwrap(), body);
+        }
+        server.stop();
     }
 
     #[test]

@@ -1196,6 +1196,17 @@ fn open_upload(path: &Path, d: &BlobDigest) -> io::Result<Upload> {
         hasher.update(&buf[..n]);
         committed += n as u64;
     }
+    if committed < d.size && d.size >= 1 << 20 {
+        // Reserve the blob's blocks up front (the file's length still counts what is written):
+        // the page cache then takes each chunk without a delayed-allocation reservation per page.
+        // Best effort: a file system without fallocate just allocates as it goes.
+        let _ = nix::fcntl::fallocate(
+            &file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            committed as i64,
+            (d.size - committed) as i64,
+        );
+    }
     if committed > d.size {
         file.set_len(0)?;
         use std::io::Seek;
@@ -1247,8 +1258,14 @@ impl UploadHandle<'_> {
     }
 
     /// Appends many chunks, hashing on a second thread while this one writes the file, so a
-    /// large upload runs at the speed of the slower of the two rather than their sum.
-    pub fn append_pipelined<I>(&mut self, chunks: I) -> Result<(), StoreError>
+    /// large upload runs at the speed of the slower of the two rather than their sum. Each chunk,
+    /// once hashed, goes to `recycle` (the hasher holds its last reference), so the caller can
+    /// read the next chunks into buffers that are already allocated and faulted in.
+    pub fn append_pipelined<I>(
+        &mut self,
+        chunks: I,
+        recycle: &(dyn Fn(Vec<u8>) + Sync),
+    ) -> Result<(), StoreError>
     where
         I: Iterator<Item = io::Result<Arc<Vec<u8>>>>,
     {
@@ -1261,6 +1278,9 @@ impl UploadHandle<'_> {
             let hashing = scope.spawn(move || {
                 for chunk in rx {
                     hasher.update(&chunk);
+                    if let Ok(buf) = Arc::try_unwrap(chunk) {
+                        recycle(buf);
+                    }
                 }
                 hasher
             });
@@ -1631,26 +1651,32 @@ mod tests {
     #[test]
     fn uploads_resume_verify_and_survive_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let d = DigestFunction::Blake3.digest_of(&data);
         {
             let s = Store::open(dir.path(), 1 << 30, false).unwrap();
             let mut up = s.begin_upload(0, &d, "u1", 0).unwrap().unwrap();
-            up.append(&data[..100_000]).unwrap();
+            up.append(&data[..1_000_000]).unwrap();
             drop(up); // the stream was cut
-            assert_eq!(s.upload_status(0, &d, "u1"), (100_000, false));
+            assert_eq!(s.upload_status(0, &d, "u1"), (1_000_000, false));
             assert!(matches!(
                 s.begin_upload(0, &d, "u1", 5),
                 Err(StoreError::Invalid(_))
             ));
         }
         let s = Store::open(dir.path(), 1 << 30, false).unwrap();
-        assert_eq!(s.upload_status(0, &d, "u1"), (100_000, false));
-        let mut up = s.begin_upload(0, &d, "u1", 100_000).unwrap().unwrap();
-        let chunks = data[100_000..]
+        assert_eq!(s.upload_status(0, &d, "u1"), (1_000_000, false));
+        let mut up = s.begin_upload(0, &d, "u1", 1_000_000).unwrap().unwrap();
+        let chunks = data[1_000_000..]
             .chunks(16 * 1024)
             .map(|c| Ok(Arc::new(c.to_vec())));
-        up.append_pipelined(chunks).unwrap();
+        // Every chunk comes back once hashed, for the caller to read into again.
+        let recycled = std::sync::atomic::AtomicUsize::new(0);
+        up.append_pipelined(chunks, &|_| {
+            recycled.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(recycled.into_inner(), 2_000_000usize.div_ceil(16 * 1024));
         up.finish().unwrap();
         assert_eq!(s.upload_status(0, &d, "u1"), (d.size, true));
         assert_eq!(s.read(0, &d, 0, 0).unwrap(), data);
