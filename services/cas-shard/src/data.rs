@@ -16,10 +16,12 @@
 
 use crate::store::{Store, StoreError, namespace};
 use motorpool_messages::WireError;
-use motorpool_messages::cas::{DATA_PUT_MAX, DataReply, DataRequest};
+use motorpool_messages::cas::{DATA_PUT_MAX, DataReply, DataRequest, data_socket_addr};
 use motorpool_messages::codec;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -69,31 +71,24 @@ pub struct DataServer {
 }
 
 impl DataServer {
-    /// Binds and starts accepting.
+    /// Binds and starts accepting: on TCP at `addr`, and at the abstract Unix socket address
+    /// [`data_socket_addr`] of the bound address, where gateways on the same host's network
+    /// connect without the TCP/IP stack in between (a best effort: without it, TCP serves all).
     pub fn start(addr: SocketAddr, store: Arc<Store>) -> io::Result<DataServer> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        std::thread::Builder::new()
-            .name("cas-data-accept".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if flag.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let store = store.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("cas-data-conn".into())
-                        .spawn(move || {
-                            let peer = conn.peer_addr().ok();
-                            if let Err(error) = serve_connection(conn, &store) {
-                                tracing::debug!(?peer, %error, "Data stream connection ended");
-                            }
-                        });
-                }
-            })?;
+        let local = match bind_local(addr) {
+            Ok(l) => Some(l),
+            Err(error) => {
+                tracing::info!(%addr, %error, "Data stream on TCP only");
+                None
+            }
+        };
+        accept_loop(move || listener.accept(), stop.clone(), store.clone())?;
+        if let Some(local) = local {
+            accept_loop(move || local.accept(), stop.clone(), store)?;
+        }
         Ok(DataServer { addr, stop })
     }
 
@@ -106,11 +101,75 @@ impl DataServer {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(self.addr);
+        let _ = connect_local(&self.addr.to_string());
     }
 }
 
-fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+fn bind_local(addr: SocketAddr) -> io::Result<UnixListener> {
+    UnixListener::bind_addr(&data_socket_addr(&addr.to_string())?)
+}
+
+/// Connects to the data stream a shard bound to `data_addr` serves at its abstract Unix socket
+/// address; fails when no such shard is on this network namespace.
+pub fn connect_local(data_addr: &str) -> io::Result<UnixStream> {
+    UnixStream::connect_addr(&data_socket_addr(data_addr)?)
+}
+
+/// A connection the data stream is served on.
+trait DataConnection: Read + Write + AsFd + Send + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Sets what the transport needs (TCP: replies are small and must not wait for more).
+    fn tune(&self) -> io::Result<()>;
+}
+
+impl DataConnection for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn tune(&self) -> io::Result<()> {
+        self.set_nodelay(true)
+    }
+}
+
+impl DataConnection for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn tune(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Accepts connections on a thread of its own, each served on a thread of its own.
+fn accept_loop<C: DataConnection, A>(
+    mut accept: impl FnMut() -> io::Result<(C, A)> + Send + 'static,
+    stop: Arc<AtomicBool>,
+    store: Arc<Store>,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("cas-data-accept".into())
+        .spawn(move || {
+            loop {
+                let conn = accept();
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok((conn, _)) = conn else { continue };
+                let store = store.clone();
+                let _ = std::thread::Builder::new()
+                    .name("cas-data-conn".into())
+                    .spawn(move || {
+                        if let Err(error) = serve_connection(conn, &store) {
+                            tracing::debug!(%error, "Data stream connection ended");
+                        }
+                    });
+            }
+        })?;
+    Ok(())
+}
+
+fn serve_connection<C: DataConnection>(stream: C, store: &Store) -> io::Result<()> {
+    stream.tune()?;
     // Small: a write's chunks (up to a megabyte each from gateways) are read past it straight
     // into their batch, and only what the buffer already holds is copied.
     let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
@@ -239,14 +298,14 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
 /// the socket without passing through this process. (`std::io::copy` of a `Take<File>` into a
 /// socket falls back to 8 KiB reads and writes.) Returns the bytes sent; fewer than `len` when
 /// the file ends early.
-fn send_file(sock: &TcpStream, mut file: &std::fs::File, len: u64) -> io::Result<u64> {
+fn send_file(sock: impl AsFd, mut file: &std::fs::File, len: u64) -> io::Result<u64> {
     use std::io::Seek;
     let start = file.stream_position()?;
     let mut offset = i64::try_from(start).map_err(io::Error::other)?;
     let mut sent = 0u64;
     while sent < len {
         let n = (len - sent).min(1 << 30) as usize;
-        match nix::sys::sendfile::sendfile64(sock, file, Some(&mut offset), n) {
+        match nix::sys::sendfile::sendfile64(&sock, file, Some(&mut offset), n) {
             Ok(0) => break,
             Ok(k) => sent += k as u64,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -345,7 +404,11 @@ mod tests {
     }
 
     /// Sends a put (frame and body together, as the client does) and reads the reply.
-    fn put(conn: &mut TcpStream, digest: BlobDigest, body: &[u8]) -> io::Result<Option<DataReply>> {
+    fn put(
+        conn: &mut (impl Read + Write),
+        digest: BlobDigest,
+        body: &[u8],
+    ) -> io::Result<Option<DataReply>> {
         let req = DataRequest::Put {
             instance: "main".into(),
             digest,
@@ -365,7 +428,12 @@ mod tests {
     }
 
     /// Streams one write as gateways do: chunks of `chunk` bytes, then the zero-length chunk.
-    fn write(conn: &mut TcpStream, digest: BlobDigest, body: &[u8], chunk: usize) -> DataReply {
+    fn write(
+        conn: &mut (impl Read + Write),
+        digest: BlobDigest,
+        body: &[u8],
+        chunk: usize,
+    ) -> DataReply {
         let req = DataRequest::Write {
             instance: "main".into(),
             digest,
@@ -383,6 +451,54 @@ mod tests {
         out.extend_from_slice(&0u32.to_le_bytes());
         conn.write_all(&out).unwrap();
         read_frame(conn).unwrap().expect("a reply")
+    }
+
+    #[test]
+    fn the_data_stream_is_served_at_its_abstract_unix_address_too() {
+        let (_dir, store, server) = server();
+        let ns = namespace("main");
+        let addr = server.local_addr().to_string();
+        let mut conn = connect_local(&addr).expect("a shard on this network namespace");
+        let body = b"over a unix socket".repeat(100);
+        let d = DigestFunction::Sha256.digest_of(&body);
+        assert_eq!(
+            put(&mut conn, d, &body).unwrap(),
+            Some(DataReply::Committed { size: d.size })
+        );
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let db = DigestFunction::Sha256.digest_of(&big);
+        assert_eq!(
+            write(&mut conn, db, &big, 1 << 20),
+            DataReply::Committed { size: db.size }
+        );
+        // A read comes back with sendfile over the same connection.
+        write_frame(
+            &mut conn,
+            &DataRequest::Read {
+                instance: "main".into(),
+                digest: db,
+                offset: 0,
+                limit: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            read_frame::<_, DataReply>(&mut conn).unwrap(),
+            Some(DataReply::ReadReady { len: db.size })
+        );
+        let mut back = vec![0u8; big.len()];
+        conn.read_exact(&mut back).unwrap();
+        assert_eq!(back, big);
+        assert_eq!(store.read(ns, &d, 0, 0).unwrap(), body);
+
+        // Another address has no shard behind it; a stopped shard gives its address up.
+        assert!(connect_local("127.0.0.1:1").is_err());
+        server.stop();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while connect_local(&addr).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "{addr} still served");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     #[test]

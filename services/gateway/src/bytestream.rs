@@ -12,14 +12,14 @@ use bazel_remote_apis::google::bytestream as bs;
 use bs::byte_stream_server::{ByteStream, ByteStreamServer};
 use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
+use http_body::Body as _;
 use motorpool_cas_client::ApiError;
 use motorpool_cas_client::WriteData;
 use motorpool_messages::cas::DATA_PUT_MAX;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::{BoxFuture, http};
-use tonic::server::{ClientStreamingService, Grpc};
+use tonic::codec::{DecodeBuf, Decoder};
+use tonic::codegen::http;
 use tonic::{Request, Response, Status, Streaming};
 
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
@@ -282,16 +282,211 @@ impl http_body::Body for ReadBody {
             None => Status::ok(""),
         };
         this.ended = true;
-        let mut trailers = http::HeaderMap::new();
-        if let Err(unsendable) = status.add_header(&mut trailers) {
-            trailers.clear();
-            let _ = unsendable.add_header(&mut trailers);
-        }
-        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(status_trailers(
+            status,
+        )))))
     }
 
     fn is_end_stream(&self) -> bool {
         self.ended && self.queued.is_none()
+    }
+}
+
+/// The trailers that carry a call's final status.
+fn status_trailers(status: Status) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    if let Err(unsendable) = status.add_header(&mut trailers) {
+        trailers.clear();
+        let _ = unsendable.add_header(&mut trailers);
+    }
+    trailers
+}
+
+/// The HTTP/2 answer to a call with one reply message: the message, then the OK trailers; or a
+/// trailers-only answer carrying the error.
+fn unary_answer<M: prost::Message>(
+    result: Result<Response<M>, Status>,
+) -> http::Response<tonic::body::Body> {
+    let message = match result {
+        Ok(r) => r.into_inner(),
+        Err(status) => return status.into_http(),
+    };
+    let len = message.encoded_len();
+    let mut data = Vec::with_capacity(5 + len);
+    data.push(0);
+    data.extend_from_slice(&(len as u32).to_be_bytes());
+    message.encode(&mut data).expect("a Vec grows");
+    let body = UnaryBody {
+        data: Some(data.into()),
+        trailers: Some(status_trailers(Status::ok(""))),
+    };
+    let mut response = http::Response::new(tonic::body::Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// One message, then the trailers.
+struct UnaryBody {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl http_body::Body for UnaryBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let frame = match self.data.take() {
+            Some(data) => Some(http_body::Frame::data(data)),
+            None => self.trailers.take().map(http_body::Frame::trailers),
+        };
+        Poll::Ready(frame.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+}
+
+/// The gRPC messages of a request body, each split off the HTTP/2 DATA frame it arrived in without
+/// a copy (h2 hands each frame over as a slice of its read buffer; tonic's decoder would copy
+/// every frame into a receive buffer of its own first). Only a message that spans frames is
+/// gathered into a buffer of its own. Compressed messages are refused: no `grpc-encoding` is
+/// accepted.
+struct GrpcMessages {
+    body: tonic::body::Body,
+    frames: std::collections::VecDeque<Bytes>,
+    /// Bytes held in `frames`.
+    buffered: usize,
+    max_message_bytes: usize,
+    ended: bool,
+}
+
+impl GrpcMessages {
+    fn new(body: tonic::body::Body, max_message_bytes: usize) -> GrpcMessages {
+        GrpcMessages {
+            body,
+            frames: Default::default(),
+            buffered: 0,
+            max_message_bytes,
+            ended: false,
+        }
+    }
+
+    /// The next whole message, if the frames so far hold one.
+    fn next_message(&mut self) -> Result<Option<Bytes>, Status> {
+        if self.buffered < 5 {
+            return Ok(None);
+        }
+        let mut head = [0u8; 5];
+        let mut at = 0;
+        for frame in &self.frames {
+            let n = (head.len() - at).min(frame.len());
+            head[at..at + n].copy_from_slice(&frame[..n]);
+            at += n;
+            if at == head.len() {
+                break;
+            }
+        }
+        match head[0] {
+            0 => {}
+            1 => {
+                return Err(Status::unimplemented(
+                    "compressed gRPC messages are not accepted (no grpc-encoding is)",
+                ));
+            }
+            flag => {
+                return Err(Status::invalid_argument(format!(
+                    "gRPC message flag {flag} is neither 0 nor 1"
+                )));
+            }
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > self.max_message_bytes {
+            return Err(Status::out_of_range(format!(
+                "a {len}-byte message exceeds the {} bytes accepted",
+                self.max_message_bytes
+            )));
+        }
+        if self.buffered < 5 + len {
+            return Ok(None);
+        }
+        self.take(5);
+        Ok(Some(self.take(len)))
+    }
+
+    /// Takes the next `len` buffered bytes: a slice of the first frame when it holds them all.
+    fn take(&mut self, len: usize) -> Bytes {
+        self.buffered -= len;
+        let Some(front) = self.frames.front_mut() else {
+            return Bytes::new();
+        };
+        if front.len() >= len {
+            let taken = front.split_to(len);
+            if front.is_empty() {
+                self.frames.pop_front();
+            }
+            return taken;
+        }
+        let mut gathered = bytes::BytesMut::with_capacity(len);
+        while gathered.len() < len {
+            let front = self.frames.front_mut().expect("len bytes are buffered");
+            let n = (len - gathered.len()).min(front.len());
+            gathered.extend_from_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                self.frames.pop_front();
+            }
+        }
+        gathered.freeze()
+    }
+
+    fn fail(&mut self, status: Status) -> Poll<Option<Result<Bytes, Status>>> {
+        self.ended = true;
+        self.frames.clear();
+        self.buffered = 0;
+        Poll::Ready(Some(Err(status)))
+    }
+}
+
+impl Stream for GrpcMessages {
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match this.next_message() {
+                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                Ok(None) => {}
+                Err(status) => return this.fail(status),
+            }
+            if this.ended {
+                if this.buffered > 0 {
+                    return this.fail(Status::invalid_argument(
+                        "the request ended inside a gRPC message",
+                    ));
+                }
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        this.buffered += data.len();
+                        this.frames.push_back(data);
+                    }
+                }
+                Some(Err(status)) => return this.fail(status),
+                None => this.ended = true,
+            }
+        }
     }
 }
 
@@ -368,9 +563,14 @@ pub fn byte_stream_service(
             }),
             (WRITE_PATH, |gateway, req, max| {
                 Box::pin(async move {
-                    let mut grpc =
-                        Grpc::new(WriteCodec).apply_max_message_size_config(Some(max), Some(max));
-                    Ok(grpc.client_streaming(WriteMethod(gateway), req).await)
+                    let messages = GrpcMessages::new(req.into_body(), max).map(|raw| {
+                        WriteMessage::parse(raw?).map_err(|e| {
+                            Status::invalid_argument(format!("malformed WriteRequest: {e}"))
+                        })
+                    });
+                    Ok(unary_answer(
+                        observe("Write", gateway.write(messages)).await,
+                    ))
                 })
             }),
         ],
@@ -423,66 +623,6 @@ impl From<bs::WriteRequest> for WriteMessage {
     }
 }
 
-/// The codec of the Write method: [`WriteMessage`]s in, a prost-encoded `WriteResponse` out.
-#[derive(Debug, Default, Clone, Copy)]
-struct WriteCodec;
-
-impl Codec for WriteCodec {
-    type Encode = bs::WriteResponse;
-    type Decode = WriteMessage;
-    type Encoder = WriteCodec;
-    type Decoder = WriteCodec;
-
-    fn encoder(&mut self) -> WriteCodec {
-        WriteCodec
-    }
-
-    fn decoder(&mut self) -> WriteCodec {
-        WriteCodec
-    }
-}
-
-impl Encoder for WriteCodec {
-    type Item = bs::WriteResponse;
-    type Error = Status;
-
-    fn encode(&mut self, item: bs::WriteResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        prost::Message::encode(&item, dst)
-            .map_err(|e| Status::internal(format!("encoding a WriteResponse: {e}")))
-    }
-}
-
-impl Decoder for WriteCodec {
-    type Item = WriteMessage;
-    type Error = Status;
-
-    /// Room for many 16 KiB messages at once: tonic's 8 KiB default made it grow (and copy) its
-    /// receive buffer for every message.
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(256 * 1024, 32 * 1024)
-    }
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<WriteMessage>, Status> {
-        // Splits the message off tonic's receive buffer without copying it.
-        let raw = src.copy_to_bytes(src.remaining());
-        WriteMessage::parse(raw)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed WriteRequest: {e}")))
-    }
-}
-
-struct WriteMethod(Gateway);
-
-impl ClientStreamingService<WriteMessage> for WriteMethod {
-    type Response = bs::WriteResponse;
-    type Future = BoxFuture<Response<bs::WriteResponse>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<WriteMessage>>) -> Self::Future {
-        let gateway = self.0.clone();
-        Box::pin(async move { observe("Write", gateway.write(request.into_inner())).await })
-    }
-}
-
 #[tonic::async_trait]
 impl ByteStream for Gateway {
     type ReadStream = ReadStream;
@@ -520,7 +660,6 @@ impl ByteStream for Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body::Body as _;
     use prost::Message;
 
     #[test]
@@ -664,5 +803,145 @@ mod tests {
             trailers["grpc-status"],
             (tonic::Code::Internal as i32).to_string()
         );
+    }
+
+    /// A request body that hands over the given DATA frames (or errors) one by one.
+    struct Frames(std::collections::VecDeque<Result<Bytes, Status>>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+            Poll::Ready(self.0.pop_front().map(|f| f.map(http_body::Frame::data)))
+        }
+    }
+
+    async fn messages_of(
+        frames: Vec<Result<Bytes, Status>>,
+        max: usize,
+    ) -> Vec<Result<Bytes, Status>> {
+        let body = tonic::body::Body::new(Frames(frames.into()));
+        GrpcMessages::new(body, max).collect().await
+    }
+
+    fn grpc_message(flag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![flag];
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[tokio::test]
+    async fn grpc_messages_are_split_off_their_frames_and_only_those_spanning_frames_are_copied() {
+        let payloads: Vec<Vec<u8>> = [0usize, 16 * 1024, 100, 3, 16 * 1024 + 17, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+            .collect();
+        let wire: Vec<u8> = payloads.iter().flat_map(|p| grpc_message(0, p)).collect();
+        // Cuts inside a message prefix, inside a message, and a frame holding several messages.
+        let cuts = [
+            2,
+            3,
+            16 * 1024 + 5,
+            16 * 1024 + 5 + 105 + 8 + 100,
+            wire.len(),
+        ];
+        let mut frames = Vec::new();
+        let mut start = 0;
+        for &end in &cuts {
+            frames.push(Bytes::copy_from_slice(&wire[start..end]));
+            start = end;
+        }
+        let got = messages_of(frames.iter().cloned().map(Ok).collect(), 1 << 20).await;
+        let got: Vec<Bytes> = got.into_iter().map(Result::unwrap).collect();
+        assert_eq!(got, payloads);
+        // The 100- and 3-byte messages lie within the fourth frame: slices of it, not copies.
+        let fourth = frames[3].as_ptr_range();
+        for m in &got[2..4] {
+            assert!(
+                fourth.contains(&m.as_ptr()),
+                "a message within one frame is a slice of it"
+            );
+        }
+
+        // Compressed (no grpc-encoding is accepted), an unknown flag, too large, cut short, and a
+        // body that failed: each an error that says so, and nothing after it.
+        let cases = [
+            (
+                vec![Ok(Bytes::from(grpc_message(1, b"x")))],
+                tonic::Code::Unimplemented,
+            ),
+            (
+                vec![Ok(Bytes::from(grpc_message(7, b"x")))],
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                vec![Ok(Bytes::from(grpc_message(0, &[0; 65])))],
+                tonic::Code::OutOfRange,
+            ),
+            (
+                vec![Ok(Bytes::from(grpc_message(0, b"cut")[..6].to_vec()))],
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                vec![Ok(Bytes::from_static(&[0, 0]))],
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                vec![
+                    Ok(Bytes::from(grpc_message(0, b"ok"))),
+                    Err(Status::cancelled("client went away")),
+                ],
+                tonic::Code::Cancelled,
+            ),
+        ];
+        for (frames, code) in cases {
+            let got = messages_of(frames, 64).await;
+            let last = got.last().expect("an error");
+            assert_eq!(last.as_ref().unwrap_err().code(), code, "{got:?}");
+            assert!(got[..got.len() - 1].iter().all(Result::is_ok));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_unary_answer_is_the_message_then_ok_trailers_or_the_error_alone() {
+        let mut body =
+            unary_answer(Ok(Response::new(bs::WriteResponse { committed_size: 42 }))).into_body();
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            match frame.unwrap().into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        assert_eq!(decode_all_writes(&data), vec![42]);
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+
+        let answer = unary_answer::<bs::WriteResponse>(Err(Status::invalid_argument("bad digest")));
+        assert_eq!(
+            answer.headers()["grpc-status"],
+            (tonic::Code::InvalidArgument as i32).to_string()
+        );
+    }
+
+    fn decode_all_writes(mut wire: &[u8]) -> Vec<i64> {
+        let mut out = Vec::new();
+        while !wire.is_empty() {
+            let len = u32::from_be_bytes(wire[1..5].try_into().unwrap()) as usize;
+            out.push(
+                bs::WriteResponse::decode(&wire[5..5 + len])
+                    .unwrap()
+                    .committed_size,
+            );
+            wire = &wire[5 + len..];
+        }
+        out
     }
 }

@@ -356,6 +356,19 @@ async fn interrupted_64mib_upload_resumes_at_the_committed_offset() {
         sha(&bs_read(&mut c, &read_name("", &bd), 0, 0).await.unwrap()),
         bd
     );
+
+    // On one host the gateway reaches the shard's data stream at its abstract Unix address,
+    // never through the TCP/IP stack.
+    let metrics = stack.http_get("/metrics");
+    let connections = |transport: &str| {
+        let key = format!("motorpool_cas_data_connections_total{{transport=\"{transport}\"}}");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map(|v| v.trim().to_string())
+    };
+    assert!(connections("unix").is_some_and(|n| n != "0"), "{metrics}");
+    assert_eq!(connections("tcp"), None, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

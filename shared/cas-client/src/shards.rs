@@ -16,10 +16,12 @@ use motorpool_messages::cas::*;
 use motorpool_messages::{BlobDigest, ErrorCode, WireError, codec};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
 
 pub use motorpool_config::BlobTransport;
 
@@ -28,7 +30,7 @@ struct Live {
     info: ShardInfo,
     seen: Instant,
     weight_key: u64,
-    pool: Arc<Mutex<Vec<TcpStream>>>,
+    pool: Arc<Mutex<Vec<DataStream>>>,
 }
 
 /// The live shards and the calls to them.
@@ -48,7 +50,7 @@ pub struct Shards {
 pub struct ShardRef {
     pub id: String,
     addr: String,
-    pool: Arc<Mutex<Vec<TcpStream>>>,
+    pool: Arc<Mutex<Vec<DataStream>>>,
 }
 
 /// A snapshot of the live shards with rendezvous placement over them.
@@ -597,15 +599,23 @@ impl Shards {
         Err(last)
     }
 
-    async fn connect(&self, shard: &ShardRef) -> Result<TcpStream, ApiError> {
+    async fn connect(&self, shard: &ShardRef) -> Result<DataStream, ApiError> {
         if let Some(c) = shard.pool.lock().pop() {
             return Ok(c);
         }
         self.dial(shard).await
     }
 
-    /// A new connection to the shard's data stream.
-    async fn dial(&self, shard: &ShardRef) -> Result<TcpStream, ApiError> {
+    /// A new connection to the shard's data stream: its abstract Unix socket when the shard is
+    /// on this host's network (no TCP/IP stack between them), TCP otherwise.
+    async fn dial(&self, shard: &ShardRef) -> Result<DataStream, ApiError> {
+        if let Some(local) = dial_local(&shard.addr) {
+            metrics::counter!("motorpool_cas_data_connections_total", "transport" => "unix")
+                .increment(1);
+            return Ok(DataStream::Unix(local));
+        }
+        metrics::counter!("motorpool_cas_data_connections_total", "transport" => "tcp")
+            .increment(1);
         let c = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&shard.addr))
             .await
             .map_err(|_| {
@@ -621,7 +631,7 @@ impl Shards {
                 ))
             })?;
         let _ = c.set_nodelay(true);
-        Ok(c)
+        Ok(DataStream::Tcp(c))
     }
 
     async fn open_read_direct(
@@ -1310,7 +1320,7 @@ fn wire_of(e: BusError) -> WireError {
     }
 }
 
-async fn exchange(conn: &mut TcpStream, req: &DataRequest) -> std::io::Result<DataReply> {
+async fn exchange(conn: &mut DataStream, req: &DataRequest) -> std::io::Result<DataReply> {
     let frame = codec::encode(req).map_err(std::io::Error::other)?;
     let mut out = Vec::with_capacity(frame.len() + 4);
     out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
@@ -1350,7 +1360,7 @@ fn data_frames(chunks: Vec<Bytes>, max: usize, finish: bool) -> Vec<Bytes> {
 }
 
 /// Writes `parts` in order, with as few `writev` calls as the socket allows.
-async fn write_gathered(conn: &mut TcpStream, parts: &[Bytes]) -> std::io::Result<()> {
+async fn write_gathered(conn: &mut DataStream, parts: &[Bytes]) -> std::io::Result<()> {
     let mut slices: Vec<std::io::IoSlice<'_>> = parts
         .iter()
         .filter(|p| !p.is_empty())
@@ -1367,7 +1377,7 @@ async fn write_gathered(conn: &mut TcpStream, parts: &[Bytes]) -> std::io::Resul
     Ok(())
 }
 
-async fn read_reply(conn: &mut TcpStream) -> std::io::Result<DataReply> {
+async fn read_reply(conn: &mut DataStream) -> std::io::Result<DataReply> {
     let len = conn.read_u32_le().await? as usize;
     if len > 64 * 1024 {
         return Err(std::io::Error::new(
@@ -1380,6 +1390,77 @@ async fn read_reply(conn: &mut TcpStream) -> std::io::Result<DataReply> {
     codec::decode(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// The shard with data stream `data_addr` at its abstract Unix socket address, if it is on this
+/// network namespace (connecting to a Unix socket does not block: it is there or refused).
+fn dial_local(data_addr: &str) -> Option<UnixStream> {
+    let c =
+        std::os::unix::net::UnixStream::connect_addr(&data_socket_addr(data_addr).ok()?).ok()?;
+    c.set_nonblocking(true).ok()?;
+    UnixStream::from_std(c).ok()
+}
+
+/// A connection to a shard's data stream.
+#[derive(Debug)]
+pub(crate) enum DataStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for DataStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            DataStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            DataStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for DataStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            DataStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            DataStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            DataStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            DataStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            DataStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            DataStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            DataStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            DataStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One chunk of a write stream.
 #[derive(Debug)]
 pub struct WriteData {
@@ -1390,8 +1471,8 @@ pub struct WriteData {
 
 enum Source {
     Direct {
-        conn: Option<TcpStream>,
-        pool: Arc<Mutex<Vec<TcpStream>>>,
+        conn: Option<DataStream>,
+        pool: Arc<Mutex<Vec<DataStream>>>,
     },
     Nats {
         bus: Bus,

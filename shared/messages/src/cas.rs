@@ -163,6 +163,16 @@ pub struct AcDelete {
 }
 message!(AcDelete, 115, 1, reply = AcEntry);
 
+/// The abstract Unix socket address (Linux) at which a shard whose data stream is bound to
+/// `data_addr` also serves it. Abstract names belong to a network namespace, as loopback
+/// addresses do: a client that can reach `data_addr` on this host's loopback finds the same
+/// shard at this address, and one in another namespace (another host, another container's
+/// network) finds nothing and uses TCP.
+pub fn data_socket_addr(data_addr: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(format!("motorpool-cas-data/{data_addr}"))
+}
+
 /// Opening frame on a shard's direct data stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataRequest {
