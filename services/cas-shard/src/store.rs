@@ -1271,7 +1271,10 @@ impl UploadHandle<'_> {
     {
         let size = self.digest.size;
         let u = &mut *self.guard;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(8);
+        // Two batches queued: enough to ride out either side's hiccups, few enough that the
+        // hashing left after the last byte arrives (the client waits for it) stays short.
+        // Eight cost about 3% of large-write throughput.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
         let mut hasher = std::mem::replace(&mut u.hasher, self.digest.function.hasher());
         let committed = &self.session.committed;
         let result = std::thread::scope(|scope| {
