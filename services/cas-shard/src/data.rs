@@ -321,8 +321,9 @@ fn send_file(sock: impl AsFd, mut file: &std::fs::File, len: u64) -> io::Result<
 struct BatchPool(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl BatchPool {
-    /// Enough for the batches a write has in flight (the hasher's queue and one each side).
-    const KEEP: usize = 12;
+    /// The batches a write has in flight: the hasher's queue of two, the one being hashed and
+    /// the one being read (more would sit idle, a megabyte each, for the connection's life).
+    const KEEP: usize = 4;
 
     fn take(&self) -> Vec<u8> {
         let buf = self.0.lock().expect("batch pool").pop();

@@ -547,9 +547,10 @@ impl Gateway {
 
 /// The ByteStream service: Read answered by [`ReadBody`] (each chunk's bytes go out as they came
 /// from the shard, where the generated server would copy every chunk into a protobuf encoding
-/// buffer first), Write read off the wire by [`WriteCodec`] (each chunk's `data` a slice of the
-/// buffer it arrived in, where prost would copy it into a new `Vec`), QueryWriteStatus by the
-/// generated server.
+/// buffer first), Write's messages split off their HTTP/2 frames by [`GrpcMessages`] and read
+/// in place by [`WriteMessage::parse`] (each chunk's `data` a slice of the frame it arrived in,
+/// where tonic would copy every frame into its buffer and prost every chunk into a new `Vec`),
+/// QueryWriteStatus by the generated server.
 pub fn byte_stream_service(
     gateway: Gateway,
     max_message_bytes: usize,
