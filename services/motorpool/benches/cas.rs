@@ -524,8 +524,15 @@ fn bazel_rows(rows: &mut Vec<Row>, stack: &Stack, reps: usize) {
         format!("--remote_cache=grpc://{}", stack.grpc),
     ];
     bazel.run("build", &flags);
-    let mut floor = Vec::new();
-    let mut hit = Vec::new();
+    // Bazel's own cache on local disk: the same all-hit rebuild with no server in between, which
+    // is what Bazel's execution phase costs by itself, whichever cache it reads from.
+    let disk = vec![
+        "//...".to_string(),
+        format!("--disk_cache={}", dir.path().join("disk-cache").display()),
+    ];
+    bazel.run("clean", &["--expunge".into()]);
+    bazel.run("build", &disk);
+    let (mut floor, mut hit, mut local) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
         bazel.run("clean", &["--expunge".into()]);
         floor.push(
@@ -534,19 +541,26 @@ fn bazel_rows(rows: &mut Vec<Row>, stack: &Stack, reps: usize) {
                 .elapsed
                 .as_secs_f64(),
         );
-        bazel.run("clean", &["--expunge".into()]);
-        let run = bazel.run("build", &flags);
-        let (total, hits, internal) = run.process_summary();
-        assert_eq!(hits, total - internal, "all hits");
-        hit.push(run.elapsed.as_secs_f64());
+        for (flags, times) in [(&flags, &mut hit), (&disk, &mut local)] {
+            bazel.run("clean", &["--expunge".into()]);
+            let run = bazel.run("build", flags);
+            let (total, hits, internal) = run.process_summary();
+            assert_eq!(hits, total - internal, "all hits");
+            times.push(run.elapsed.as_secs_f64());
+        }
     }
     bazel.run("clean", &["--expunge".into()]);
-    let (f, h) = (median(floor), median(hit));
+    let (f, h, l) = (median(floor), median(hit), median(local));
     rows.push(Row {
         name: "Bazel all-hit rebuild, 50 libs + 50 tests, after clean --expunge".into(),
         median: format!("{h:.2} s"),
-        limit: format!("floor (--nobuild) {f:.2} s"),
-        ratio: format!("+{:.2} s ({:.2}x)", h - f, h / f),
+        limit: format!("floor (--nobuild) {f:.2} s; from Bazel's own --disk_cache {l:.2} s"),
+        ratio: format!(
+            "+{:.2} s ({:.2}x); +{:.2} s over the disk cache",
+            h - f,
+            h / f,
+            h - l
+        ),
         goal: "as little above the floor as possible".into(),
     });
 }
