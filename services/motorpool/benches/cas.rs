@@ -608,8 +608,9 @@ fn client_protobuf_ms(digests: &[re::Digest]) -> f64 {
 struct Limits {
     /// SHA-256 on one core: the shard hashes each write on one.
     sha: f64,
-    /// New files into the page cache, on memory not used lately / just freed.
+    /// New files into the page cache, on memory the machine has not used lately.
     page_cache_fresh: f64,
+    /// The same, on memory a deleted file has just freed.
     page_cache_reused: f64,
 }
 
