@@ -7,12 +7,13 @@ RUN cargo build --release --locked -p motorpool && cp target/release/motorpool /
 
 FROM debian:bookworm-slim
 # The fleet services call these: git, the Docker CLI, tar and e2fsprogs (image builder);
-# dosfstools, mtools and GRUB's EFI modules (the drives' ESP).
+# dosfstools, mtools and GRUB's EFI modules (the drives' ESP); workers, bubblewrap (the action
+# sandbox).
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates git docker.io tar e2fsprogs \
-      dosfstools mtools grub-efi-amd64-bin && rm -rf /var/lib/apt/lists/*
+      dosfstools mtools grub-efi-amd64-bin bubblewrap && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --home /var/lib/motorpool motorpool && mkdir -p /var/lib/motorpool && chown motorpool /var/lib/motorpool
 COPY --from=build /motorpool /usr/local/bin/motorpool
-# The image builder needs the Docker socket and the burner the drives: run those two as root
-# (`user: root` in compose) where the host allows it.
+# The image builder needs the Docker socket, the burner the drives and workers their sandbox:
+# run those as root (`user: root` in compose) where the host allows it.
 USER motorpool
 ENTRYPOINT ["/usr/local/bin/motorpool"]

@@ -207,6 +207,19 @@ struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_addr: Option<SocketAddr>,
+    /// The action sandbox: `strict` (needs root and bubblewrap) or `off` (actions run as the
+    /// worker's user, with its rights: only for pools whose every action is trusted)
+    /// [default: strict].
+    #[arg(long, value_parser = ["strict", "off"])]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "as_sandbox_mode"
+    )]
+    sandbox: Option<String>,
+}
+
+fn as_sandbox_mode<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(v.iter().map(|m| ("mode", m)))
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {

@@ -49,6 +49,10 @@ pub struct UpArgs {
     /// How large blobs travel between gateway and shards: direct or nats.
     #[arg(long, default_value = "direct")]
     blob_transport: String,
+    /// Run actions unsandboxed, as this user (for a machine where the sandbox cannot run: not
+    /// root, or no bubblewrap). Actions then have every right this user has.
+    #[arg(long)]
+    no_sandbox: bool,
     /// Instance name to print in the suggested Bazel flags.
     #[arg(long, default_value = "")]
     instance_name: String,
@@ -92,6 +96,13 @@ impl Supervised {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let _telemetry = motorpool_telemetry::init("up", &Default::default())?;
     std::fs::create_dir_all(&args.data_dir)?;
+    anyhow::ensure!(
+        args.no_sandbox || args.workers == 0 || nix::unistd::geteuid().is_root(),
+        "workers run every action in a sandbox (its own user, namespaces and cgroup), which \
+         needs root: run `motorpool up` as root, or pass --no-sandbox to run actions as uid {} \
+         with all of its rights",
+        nix::unistd::geteuid()
+    );
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let nats = NatsServer::start_with(NatsServerOptions {
         port: args.nats_port,
@@ -157,6 +168,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ];
         if let Some(n) = args.worker_slots {
             a.extend(["--slots".to_string(), n.to_string()]);
+        }
+        if args.no_sandbox {
+            a.extend(["--sandbox".to_string(), "off".to_string()]);
         }
         if i >= args.workers.saturating_sub(args.gpu_workers) {
             a.extend(["--platform", "pool=gpu", "--platform", "gpu=1"].map(String::from));

@@ -23,7 +23,8 @@ const RELEASE: (&str, &str) = ("x-motorpool-lane", "release");
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
     let marks = tempfile::tempdir().unwrap();
-    // worker-0 serves the CPU pool, worker-1 the GPU pool.
+    // worker-0 serves the CPU pool, worker-1 the GPU pool. Unsandboxed: the actions count
+    // their runs in files outside their exec root, which the sandbox forbids.
     let stack = Stack::up_with_env(
         &[
             "--workers",
@@ -32,6 +33,7 @@ async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
             "2",
             "--gpu-workers",
             "1",
+            "--no-sandbox",
         ],
         &[
             ("MOTORPOOL_SCHEDULER_API_RATE_PER_S", "0.5"),
@@ -350,8 +352,11 @@ async fn release_overtakes_a_saturated_test_lane_and_lint_still_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_dying_are_retried_then_alerted_and_restarts_lose_nothing() {
     let marks = tempfile::tempdir().unwrap();
+    // Unsandboxed: these actions stand in for a crashing worker by killing it (their parent)
+    // and count their attempts in a file outside their exec root, both of which the sandbox
+    // forbids (tests/sandbox.rs in the worker shows that it does).
     let stack = Stack::up_with_env(
-        &["--workers", "2", "--worker-slots", "2"],
+        &["--workers", "2", "--worker-slots", "2", "--no-sandbox"],
         &[("MOTORPOOL_SCHEDULER_WORKER_TIMEOUT_MS", "1500")],
     );
     let bus = Bus::connect(&stack.nats_url(), "test", Duration::from_secs(5))
@@ -466,4 +471,37 @@ async fn workers_dying_are_retried_then_alerted_and_restarts_lose_nothing() {
         }
     };
     assert_eq!(finished.result().exit_code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn actions_on_the_stack_as_it_ships_run_sandboxed_and_an_oom_is_not_retried() {
+    let stack = Stack::up(&["--workers", "1", "--worker-slots", "2"]);
+    let mut c = ExecClient::connect(&stack, "").await;
+    let probe = Spec::sh(
+        "id -u; cat /etc/shadow >/dev/null 2>&1 || echo no-shadow; \
+         ls /proc | grep -c '^[0-9]' | awk '{ print ($1 < 10) ? \"own-pids\" : \"host-pids\" }'",
+    );
+    let r = c.run(&probe, &[]).await;
+    assert_eq!((r.code(), r.result().exit_code), (0, 0), "{:?}", r.response);
+    assert_eq!(
+        r.result().stdout_digest.as_ref().unwrap().hash,
+        support::sha(b"65534\nno-shadow\nown-pids\n").hex(),
+        "the action ran as the sandbox user, without the host's secrets or processes"
+    );
+
+    // Over its 64 MiB (asked with memory-mb): a failed run with a note (an infrastructure failure
+    // would be retried and end UNAVAILABLE), not an outage.
+    let mut hog = Spec::sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo ${#x}");
+    hog.platform = vec![("memory-mb".into(), "64".into())];
+    let r = c.run(&hog, &[]).await;
+    assert_eq!(r.code(), 0, "{:?}", r.response.status);
+    assert_ne!(r.result().exit_code, 0);
+    assert!(
+        r.response.message.contains("memory limit"),
+        "{:?}",
+        r.response.message
+    );
+    // The worker keeps serving.
+    let r = c.run(&probe, &[]).await;
+    assert_eq!(r.result().exit_code, 0);
 }

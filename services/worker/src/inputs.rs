@@ -140,11 +140,15 @@ pub struct DirStash {
     free: Mutex<Vec<PathBuf>>,
     seq: std::sync::atomic::AtomicU64,
     capacity: usize,
+    /// Who owns the directories it makes: the sandbox user, so that actions can write in their
+    /// exec roots (the files linked into them stay root's and read-only). `None`: the worker.
+    owner: Option<(u32, u32)>,
 }
 
 impl DirStash {
-    /// Opens (and empties) the stash under `dir`, keeping at most `capacity` directories.
-    pub fn open(dir: PathBuf, capacity: usize) -> io::Result<DirStash> {
+    /// Opens (and empties) the stash under `dir`, keeping at most `capacity` directories, each
+    /// made for `owner` (uid, gid).
+    pub fn open(dir: PathBuf, capacity: usize, owner: Option<(u32, u32)>) -> io::Result<DirStash> {
         if dir.exists() {
             make_writable_and_remove(&dir)?;
         }
@@ -154,18 +158,27 @@ impl DirStash {
             free: Mutex::default(),
             seq: Default::default(),
             capacity,
+            owner,
         })
     }
 
     /// Creates the directory `dst` (whose parent exists), from the stash when it has one.
-    fn make(&self, dst: &Path) -> io::Result<()> {
+    pub(crate) fn make(&self, dst: &Path) -> io::Result<()> {
         let spare = self.free.lock().pop();
         if let Some(spare) = spare
             && std::fs::rename(&spare, dst).is_ok()
         {
             return Ok(());
         }
-        std::fs::create_dir(dst)
+        std::fs::create_dir(dst)?;
+        if let Some((uid, gid)) = self.owner {
+            nix::unistd::chown(
+                dst,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )?;
+        }
+        Ok(())
     }
 
     /// Removes the directory `path` and everything in it; the directories go to the stash
@@ -344,7 +357,7 @@ pub async fn materialize(
             // Something the last action left cannot be reconciled (a directory it made
             // read-only, say): start from an empty root.
             make_writable_and_remove(&root_dir)?;
-            std::fs::create_dir(&root_dir)?;
+            stash.make(&root_dir)?;
             place(&root_dir, &want, &stash)
         });
         (want, placed)
@@ -545,7 +558,7 @@ mod tests {
         std::fs::create_dir(&cache).unwrap();
         let root = tmp.path().join("root");
         std::fs::create_dir(&root).unwrap();
-        let stash = DirStash::open(tmp.path().join("stash"), 100).unwrap();
+        let stash = DirStash::open(tmp.path().join("stash"), 100, None).unwrap();
         let p = PathBuf::from;
 
         // The first action: a package with a header and a source, a dependency's header, a

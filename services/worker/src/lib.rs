@@ -3,7 +3,8 @@
 //! Layout:
 //! - this file: start-up (the embedded CAS shard, the mailboxes, the heartbeat) and the pipeline.
 //! - [`inputs`]: input fetch (materialise the input tree through a hard-link cache).
-//! - [`run`]: execute (process group, timeout, cancellation).
+//! - [`run`]: execute (timeout, cancellation, stdout/stderr kept up to their limit).
+//! - [`sandbox`]: the action sandbox (bubblewrap namespaces, the sandbox user, a cgroup per action).
 //! - [`outputs`]: report (collect and check outputs, upload, ActionResult).
 //!
 //! **The pipeline.** An assignment passes four stages: *match* (the assign mailbox checks the
@@ -17,6 +18,7 @@
 pub mod inputs;
 pub mod outputs;
 pub mod run;
+pub mod sandbox;
 
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
@@ -74,6 +76,8 @@ pub struct Services {
     /// Empty directories for exec roots.
     stash: Arc<inputs::DirStash>,
     pub config: WorkerConfig,
+    /// `None` where the configuration turns the sandbox off.
+    pub sandbox: Option<Arc<sandbox::Sandbox>>,
     exec_dir: PathBuf,
     /// Exec dirs whose jobs ended, kept for the next jobs (their roots are reconciled with the
     /// next input tree instead of being built from nothing; see `inputs`).
@@ -81,6 +85,8 @@ pub struct Services {
     /// How many spare exec dirs are kept; the rest are removed.
     spare_cap: usize,
     next_dir: std::sync::atomic::AtomicU64,
+    /// Names the actions' cgroups.
+    next_cgroup: std::sync::atomic::AtomicU64,
 }
 
 impl Services {
@@ -126,11 +132,18 @@ impl Services {
         .map_err(|e| JobError::infra(format!("local read: {e}")))?;
         let mut small = Vec::new();
         let mut large = Vec::new();
+        let mut fetched = std::collections::HashSet::new();
         for (i, b) in local.into_iter().enumerate() {
             match b {
                 Some(b) => out[i] = Some(b),
-                None if digests[i].size <= self.shards.payload_budget() as u64 / 2 => small.push(i),
-                None => large.push(i),
+                None if digests[i].size <= self.shards.payload_budget() as u64 / 2 => {
+                    fetched.insert(digests[i]);
+                    small.push(i)
+                }
+                None => {
+                    fetched.insert(digests[i]);
+                    large.push(i)
+                }
             }
         }
         if !small.is_empty() {
@@ -152,10 +165,20 @@ impl Services {
                 .map_err(|e| missing_or_infra(&digests[i], WireError::from(e)))?;
             out[i] = Some(b);
         }
-        Ok(out
+        let out: Vec<Vec<u8>> = out
             .into_iter()
             .map(|b| b.expect("every blob read"))
-            .collect())
+            .collect();
+        // What came over the network is hashed before an action sees it (the local shard
+        // verified its own): a shard or a link that changed a byte is an infrastructure fault,
+        // retried elsewhere, never an input.
+        for (d, b) in digests.iter().zip(&out).filter(|(d, _)| fetched.contains(*d)) {
+            if let Err(e) = motorpool_cas_shard::store::verify(d, b) {
+                metrics::counter!("motorpool_worker_corrupt_inputs_total").increment(1);
+                return Err(JobError::infra(format!("input {d} arrived corrupt: {e}")));
+            }
+        }
+        Ok(out)
     }
 
     pub async fn read_one(&self, instance: &str, d: &BlobDigest) -> Result<Vec<u8>, JobError> {
@@ -280,13 +303,15 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     )
     .await?;
     let registry = bus.ensure_kv(subjects::exec::workers_config()).await?;
-    let exec_dir = config.data_dir.join("exec");
+    let scratch = scratch_dir(&config, &id)?;
+    let exec_dir = scratch.join("exec");
     if exec_dir.exists() {
         // Exec dirs of a previous run belong to jobs that are gone: they were retried elsewhere.
         let _ = make_writable_and_remove(&exec_dir);
     }
     std::fs::create_dir_all(&exec_dir)?;
-    let cache = inputs::InputCache::open(config.data_dir.join("cache"), config.input_cache_bytes)?;
+    let cache = inputs::InputCache::open(scratch.join("cache"), config.input_cache_bytes)?;
+    let sandbox = open_sandbox(&config, &id, &scratch).await?;
     let slots = config
         .slots
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
@@ -296,7 +321,30 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     platform.sort();
+    if let Some(sb) = &sandbox {
+        // What the sandbox lets an action ask for (numbers are maxima the scheduler matches).
+        let (max_memory_mb, allow_network) = (
+            config.sandbox.max_memory_bytes >> 20,
+            config.sandbox.allow_network,
+        );
+        let mut offer = |k: &str, v: String| {
+            if !platform.iter().any(|(pk, _)| pk == k) {
+                platform.push((k.to_string(), v));
+            }
+        };
+        offer("memory-mb", max_memory_mb.to_string());
+        if allow_network {
+            offer("network", "on".to_string());
+        }
+        platform.sort();
+        tracing::info!(
+            uid = config.sandbox.uid,
+            cgroup = sb.cgroup_version(),
+            "Actions run sandboxed"
+        );
+    }
     let pool = Pool::of(&platform);
+    let owner = sandbox.as_ref().map(|s| s.owner());
     let worker = Arc::new(Worker {
         svc: Services {
             worker_id: id.clone(),
@@ -304,12 +352,18 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             shards,
             store: shard.store.clone(),
             cache,
-            stash: Arc::new(inputs::DirStash::open(exec_dir.join("stash"), 20_000)?),
+            stash: Arc::new(inputs::DirStash::open(
+                exec_dir.join("stash"),
+                20_000,
+                owner,
+            )?),
             config: config.clone(),
+            sandbox,
             exec_dir,
             spare_dirs: Mutex::default(),
             spare_cap: (slots + config.fetch_concurrency.max(1)) as usize,
             next_dir: Default::default(),
+            next_cgroup: Default::default(),
         },
         held: Mutex::default(),
         running_actions: Mutex::default(),
@@ -414,6 +468,123 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         tasks,
         worker,
     })
+}
+
+/// Where exec roots and the input cache live (absolute: actions are handed paths inside it). In
+/// the data dir unless `scratch_dir` says otherwise, or the sandbox user could not reach the data
+/// dir (a parent without `o+x`, as a 0700 home directory is): then in
+/// `/var/tmp/motorpool/<worker id>`, which only root may write.
+fn scratch_dir(config: &WorkerConfig, id: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let absolute = |p: &std::path::Path| -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(p).with_context(|| format!("create {}", p.display()))?;
+        Ok(std::fs::canonicalize(p)?)
+    };
+    if let Some(dir) = &config.scratch_dir {
+        return absolute(dir);
+    }
+    let data = absolute(&config.data_dir)?;
+    if config.sandbox.mode == motorpool_config::SandboxMode::Off {
+        return Ok(data);
+    }
+    let uid = config.sandbox.uid;
+    let blocked = data
+        .ancestors()
+        .find(|a| std::fs::metadata(a).is_ok_and(|m| m.mode() & 0o001 == 0 && m.uid() != uid));
+    let Some(blocked) = blocked else {
+        return Ok(data);
+    };
+    let shared = std::path::Path::new("/var/tmp/motorpool");
+    for (dir, mode) in [(shared.to_path_buf(), 0o711), (shared.join(id), 0o711)] {
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
+        }
+        let m = std::fs::symlink_metadata(&dir)?;
+        anyhow::ensure!(
+            m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0,
+            "{} must be a directory that only root can write",
+            dir.display()
+        );
+    }
+    tracing::info!(
+        data_dir = %data.display(),
+        blocked = %blocked.display(),
+        scratch = %shared.join(id).display(),
+        "The sandbox user cannot reach the data dir: exec roots and the input cache go to the scratch dir"
+    );
+    Ok(shared.join(id))
+}
+
+/// Opens the action sandbox (unless the configuration turns it off) and proves it with a probe
+/// action, so that a host that cannot sandbox (no bwrap, no user namespaces, no cgroups, an exec
+/// dir the sandbox user cannot reach) fails at start with the reason, not job by job. Also
+/// closes the worker's own files (CAS, input cache) to every other user.
+async fn open_sandbox(
+    config: &WorkerConfig,
+    id: &str,
+    scratch: &std::path::Path,
+) -> anyhow::Result<Option<Arc<sandbox::Sandbox>>> {
+    let exec_dir = scratch.join("exec");
+    use std::os::unix::fs::PermissionsExt;
+    let Some(sb) = sandbox::Sandbox::open(&config.sandbox, id)? else {
+        tracing::warn!(
+            "The action sandbox is off (sandbox.mode = \"off\"): actions run as the worker's \
+             user, with its rights, files and network"
+        );
+        return Ok(None);
+    };
+    for (dir, mode) in [
+        (config.data_dir.join("cas"), 0o700),
+        (scratch.join("cache"), 0o700),
+        (exec_dir.clone(), 0o711),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("restrict {}", dir.display()))?;
+    }
+    let probe = exec_dir.join("probe");
+    std::fs::create_dir_all(probe.join("root"))?;
+    let (uid, gid) = sb.owner();
+    nix::unistd::chown(
+        &probe.join("root"),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )?;
+    let command = re::Command {
+        arguments: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "touch probe && test ! -r /etc/shadow".into(),
+        ],
+        ..Default::default()
+    };
+    let limits = sb.limits(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = run::RunSpec {
+        command: &command,
+        exec_root: &probe.join("root"),
+        stdout: &probe.join("stdout"),
+        stderr: &probe.join("stderr"),
+        timeout: Duration::from_secs(30),
+        nice: 0,
+        max_stream_bytes: 64 * 1024,
+        sandbox: Some((&sb, &limits, "probe")),
+        max_file_bytes: config.sandbox.max_output_bytes,
+    };
+    let outcome = run::run(&spec, &CancellationToken::new())
+        .await
+        .map_err(|e| anyhow::anyhow!("the action sandbox cannot start: {e}"))?;
+    let stderr = std::fs::read_to_string(probe.join("stderr")).unwrap_or_default();
+    if outcome.exit_code != 0 || !probe.join("root/probe").exists() {
+        anyhow::bail!(
+            "the action sandbox cannot start: a probe action in {} exited {}: {} (every parent \
+             of the exec dir must be searchable by uid {uid}; bwrap needs user namespaces)",
+            probe.display(),
+            outcome.exit_code,
+            stderr.trim()
+        );
+    }
+    let _ = make_writable_and_remove(&probe);
+    Ok(Some(Arc::new(sb)))
 }
 
 /// Runs a worker until `shutdown` fires (the `motorpool worker` command).
@@ -615,8 +786,15 @@ impl Worker {
                 dirs.push(parent.to_path_buf());
             }
         }
-        std::fs::create_dir_all(&job.exec_root)
-            .map_err(|e| JobError::infra(format!("create exec dir: {e}")))?;
+        if !job.exec_root.exists() {
+            let parent = job
+                .exec_root
+                .parent()
+                .expect("the root is inside its job dir");
+            std::fs::create_dir_all(parent)
+                .and_then(|()| self.svc.stash.make(&job.exec_root))
+                .map_err(|e| JobError::infra(format!("create exec dir: {e}")))?;
+        }
         inputs::materialize(&self.svc, &op.instance, f, root, &job.exec_root, &dirs).await
     }
 
@@ -639,17 +817,35 @@ impl Worker {
             0 => cfg.default_timeout_ms,
             t => t.min(cfg.max_timeout_ms),
         };
+        let sandbox = self.svc.sandbox.as_deref();
+        let limits = match sandbox.map(|s| s.limits(&job.op.platform)).transpose() {
+            Ok(l) => l,
+            Err(e) => {
+                self.finish(job, Err(e)).await;
+                return None;
+            }
+        };
+        let cgroup = format!(
+            "a{}",
+            self.svc
+                .next_cgroup
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         job.meta.execution_start_timestamp = timestamp(SystemTime::now());
-        let r = run::run(
-            &job.command,
-            cfg.action_nice,
-            &job.exec_root,
-            &job.stdout,
-            &job.stderr,
-            Duration::from_millis(timeout),
-            &job.cancel,
-        )
-        .await;
+        let spec = run::RunSpec {
+            command: &job.command,
+            exec_root: &job.exec_root,
+            stdout: &job.stdout,
+            stderr: &job.stderr,
+            timeout: Duration::from_millis(timeout),
+            nice: cfg.action_nice,
+            max_stream_bytes: cfg.sandbox.max_stream_bytes,
+            sandbox: sandbox
+                .zip(limits.as_ref())
+                .map(|(s, l)| (s, l, cgroup.as_str())),
+            max_file_bytes: cfg.sandbox.max_output_bytes,
+        };
+        let r = run::run(&spec, &job.cancel).await;
         job.meta.execution_completed_timestamp = timestamp(SystemTime::now());
         {
             let mut ra = self.running_actions.lock();
@@ -686,7 +882,15 @@ impl Worker {
         let mut uploads = outputs::Uploads::default();
         outputs::std_streams(f, &job.stdout, &job.stderr, &mut result, &mut uploads)?;
         if !run.timed_out && !run.cancelled {
-            outputs::collect(&job.command, &job.exec_root, f, &mut result, &mut uploads)?;
+            let max = self.svc.config.sandbox.max_output_bytes;
+            outputs::collect(
+                &job.command,
+                &job.exec_root,
+                f,
+                max,
+                &mut result,
+                &mut uploads,
+            )?;
         }
         outputs::upload(&self.svc, &job.op.instance, uploads).await?;
         job.meta.output_upload_completed_timestamp = timestamp(SystemTime::now());
@@ -708,6 +912,11 @@ impl Worker {
                     format!("the action exceeded its timeout after {:?}", run.elapsed),
                 )),
                 "timed out".to_string(),
+            )
+        } else if run.oom_killed {
+            (
+                None,
+                "killed for going over its memory limit (see its stderr)".to_string(),
             )
         } else {
             (None, String::new())

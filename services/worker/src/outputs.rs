@@ -4,6 +4,7 @@
 use crate::run::relative_path;
 use crate::{JobError, Services};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use motorpool_cas_client::WriteData;
 use motorpool_cas_client::proto::to_proto;
 use motorpool_messages::{BlobDigest, DigestFunction, ErrorCode};
 use prost::Message as _;
@@ -52,10 +53,29 @@ fn is_executable(meta: &std::fs::Metadata) -> bool {
     meta.permissions().mode() & 0o111 != 0
 }
 
-/// Resolves `p` (inside `root`) through symlinks and fails when it leaves `root`.
-fn contained(root: &Path, p: &Path, shown: &str) -> Result<PathBuf, JobError> {
-    let real = std::fs::canonicalize(p)
-        .map_err(|e| JobError::infra(format!("resolve output {shown}: {e}")))?;
+/// Resolves `p` (inside `root`) through symlinks and fails when it leaves `root`. `None`: `p` is
+/// a symlink whose target does not exist (which is an output like any other: REAPI reports it as
+/// a symlink), provided that its target, read as a path, stays inside `root`.
+fn contained(root: &Path, p: &Path, shown: &str) -> Result<Option<PathBuf>, JobError> {
+    let real = match std::fs::canonicalize(p) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let target = std::fs::read_link(p)
+                .map_err(|e| JobError::infra(format!("read link {shown}: {e}")))?;
+            let base = p.parent().unwrap_or(root);
+            return match lexically_inside(root, &base.join(&target)) {
+                true => Ok(None),
+                false => Err(JobError::action(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "output {shown} is a link to {}, outside the exec root",
+                        target.display()
+                    ),
+                )),
+            };
+        }
+        Err(e) => return Err(JobError::infra(format!("resolve output {shown}: {e}"))),
+    };
     if !real.starts_with(root) {
         return Err(JobError::action(
             ErrorCode::InvalidArgument,
@@ -65,7 +85,23 @@ fn contained(root: &Path, p: &Path, shown: &str) -> Result<PathBuf, JobError> {
             ),
         ));
     }
-    Ok(real)
+    Ok(Some(real))
+}
+
+/// Whether `p` (absolute, possibly with `..`, not resolved) names a place inside `root`.
+fn lexically_inside(root: &Path, p: &Path) -> bool {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out.starts_with(root)
 }
 
 /// Builds the Directory tree of `dir` bottom-up; returns the root and every child.
@@ -90,7 +126,7 @@ fn tree(
         let meta = std::fs::symlink_metadata(&path)
             .map_err(|e| JobError::infra(format!("stat output {shown}: {e}")))?;
         if meta.file_type().is_symlink() {
-            contained(root, &path, &shown)?;
+            contained(root, &path, &shown)?; // inside the root, or dangling: kept as a link
             let target = std::fs::read_link(&path)
                 .map_err(|e| JobError::infra(format!("read link {shown}: {e}")))?;
             out.symlinks.push(re::SymlinkNode {
@@ -128,6 +164,7 @@ pub fn collect(
     command: &re::Command,
     exec_root: &Path,
     function: DigestFunction,
+    max_bytes: u64,
     result: &mut re::ActionResult,
     uploads: &mut Uploads,
 ) -> Result<(), JobError> {
@@ -157,19 +194,29 @@ pub fn collect(
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue; // not produced: the client decides whether that is an error
         };
+        let is_link = meta.file_type().is_symlink();
         let real = contained(&root, &path, p)?;
+        let link = || {
+            std::fs::read_link(&path)
+                .map(|t| t.to_string_lossy().into_owned())
+                .map_err(|e| JobError::infra(format!("read link {p}: {e}")))
+        };
+        // A link the client asked for by path, or one pointing nowhere, is reported as a link.
+        let Some(real) = real.filter(|_| !(is_link && either)) else {
+            let s = re::OutputSymlink {
+                path: p.clone(),
+                target: link()?,
+                node_properties: None,
+            };
+            match (either, want_dir) {
+                (true, _) => result.output_symlinks.push(s),
+                (false, false) => result.output_file_symlinks.push(s),
+                (false, true) => result.output_directory_symlinks.push(s),
+            }
+            continue;
+        };
         let real_meta = std::fs::metadata(&real)
             .map_err(|e| JobError::infra(format!("stat output {p}: {e}")))?;
-        if meta.file_type().is_symlink() && either {
-            let target = std::fs::read_link(&path)
-                .map_err(|e| JobError::infra(format!("read link {p}: {e}")))?;
-            result.output_symlinks.push(re::OutputSymlink {
-                path: p.clone(),
-                target: target.to_string_lossy().into_owned(),
-                node_properties: None,
-            });
-            continue;
-        }
         if real_meta.is_dir() && (want_dir || either) {
             let mut children = Vec::new();
             let root_dir = tree(&root, function, &real, p, uploads, &mut children)?;
@@ -209,6 +256,15 @@ pub fn collect(
             ));
         }
     }
+    let total: u64 = uploads.blobs.keys().map(|d| d.size).sum();
+    if total > max_bytes {
+        return Err(JobError::action(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "the action's outputs total {total} bytes, more than this pool's limit of {max_bytes}"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -246,13 +302,18 @@ pub async fn upload(svc: &Services, instance: &str, uploads: Uploads) -> Result<
         if d.is_empty_blob() || present.contains(d) {
             continue;
         }
+        bytes += d.size;
+        count += 1;
         let data = match &uploads.blobs[d] {
+            Body::File(p) if d.size > small_limit => {
+                // Large files go in chunks, never whole in memory.
+                upload_file(svc, instance, d, p).await?;
+                continue;
+            }
             Body::Bytes(b) => b.clone(),
             Body::File(p) => std::fs::read(p)
                 .map_err(|e| JobError::infra(format!("read output {}: {e}", p.display())))?,
         };
-        bytes += data.len() as u64;
-        count += 1;
         if d.size <= small_limit {
             batch.push(motorpool_messages::cas::BlobPut { digest: *d, data });
         } else {
@@ -282,7 +343,45 @@ pub async fn upload(svc: &Services, instance: &str, uploads: Uploads) -> Result<
     Ok(())
 }
 
-/// Adds stdout and stderr (read from their files) to the result and the uploads.
+/// Streams one output file to the CAS in 1 MiB chunks.
+async fn upload_file(
+    svc: &Services,
+    instance: &str,
+    d: &BlobDigest,
+    path: &Path,
+) -> Result<(), JobError> {
+    use tokio::io::AsyncReadExt;
+    let failed =
+        |e: std::io::Error| JobError::infra(format!("read output {}: {e}", path.display()));
+    let file = tokio::fs::File::open(path).await.map_err(failed)?;
+    let size = d.size;
+    let chunks = futures::stream::unfold((file, 0u64), move |(mut f, sent)| async move {
+        if sent >= size {
+            return None;
+        }
+        let mut buf = vec![0u8; (size - sent).min(1 << 20) as usize];
+        let item = match f.read_exact(&mut buf).await {
+            Ok(_) => Ok(WriteData {
+                finish: sent + buf.len() as u64 == size,
+                data: buf.into(),
+            }),
+            Err(e) => Err(motorpool_cas_client::ApiError::Invalid(format!(
+                "read output {d}: {e}"
+            ))),
+        };
+        let next = sent + item.as_ref().map_or(size, |w| w.data.len() as u64);
+        Some((item, (f, next)))
+    });
+    let upload_id = format!("out-{}-{}", d.hex(), motorpool_messages::now_ms());
+    svc.shards
+        .write_stream(instance, d, &upload_id, 0, Box::pin(chunks))
+        .await
+        .map_err(|e| JobError::infra(format!("upload output {d}: {e}")))?;
+    Ok(())
+}
+
+/// Adds stdout and stderr (hashed from their files, which the upload reads again) to the result
+/// and the uploads.
 pub fn std_streams(
     function: DigestFunction,
     stdout: &Path,
@@ -290,13 +389,17 @@ pub fn std_streams(
     result: &mut re::ActionResult,
     uploads: &mut Uploads,
 ) -> Result<(), JobError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| JobError::infra(format!("read {}: {e}", p.display())))
-    };
-    let out = read(stdout)?;
-    let err = read(stderr)?;
-    result.stdout_digest = Some(to_proto(&uploads.add_bytes(function, out)));
-    result.stderr_digest = Some(to_proto(&uploads.add_bytes(function, err)));
+    for (path, slot) in [
+        (stdout, &mut result.stdout_digest),
+        (stderr, &mut result.stderr_digest),
+    ] {
+        let d = hash_file(function, path)?;
+        uploads
+            .blobs
+            .entry(d)
+            .or_insert(Body::File(path.to_path_buf()));
+        *slot = Some(to_proto(&d));
+    }
     Ok(())
 }
 
@@ -330,7 +433,7 @@ mod tests {
         let c = cmd(&["out/a.o", "out/never"], &["out/d"]);
         let mut r = re::ActionResult::default();
         let mut u = Uploads::default();
-        collect(&c, root, DigestFunction::Sha256, &mut r, &mut u).unwrap();
+        collect(&c, root, DigestFunction::Sha256, u64::MAX, &mut r, &mut u).unwrap();
         assert_eq!(r.output_files.len(), 1, "a missing output is skipped");
         assert_eq!(
             r.output_files[0].digest.as_ref().unwrap().hash,
@@ -373,6 +476,7 @@ mod tests {
                 &c,
                 root,
                 DigestFunction::Sha256,
+                u64::MAX,
                 &mut r,
                 &mut Uploads::default(),
             )
@@ -387,10 +491,93 @@ mod tests {
             &cmd(&[], &["tree"]),
             root,
             DigestFunction::Sha256,
+            u64::MAX,
             &mut re::ActionResult::default(),
             &mut Uploads::default(),
         )
         .unwrap_err();
         assert!(err.to_string().contains("outside the exec root"), "{err}");
+    }
+
+    #[test]
+    #[allow(deprecated)] // Bazel 4's output_file_symlinks
+    fn dangling_links_are_outputs_reported_as_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("out/d")).unwrap();
+        std::os::unix::fs::symlink("../missing.h", root.join("out/d/dangling")).unwrap();
+        std::os::unix::fs::symlink("nowhere", root.join("out/top")).unwrap();
+        let mut r = re::ActionResult::default();
+        let mut u = Uploads::default();
+        let c = cmd(&["out/top"], &["out/d"]);
+        collect(&c, root, DigestFunction::Sha256, u64::MAX, &mut r, &mut u).unwrap();
+        assert_eq!(r.output_file_symlinks.len(), 1, "{r:?}");
+        assert_eq!(r.output_file_symlinks[0].target, "nowhere");
+        let tree_d = r.output_directories[0].tree_digest.clone().unwrap();
+        let tree = u
+            .blobs
+            .iter()
+            .find_map(|(d, b)| match b {
+                Body::Bytes(b) if d.hex() == tree_d.hash => {
+                    Some(re::Tree::decode(b.as_slice()).unwrap())
+                }
+                _ => None,
+            })
+            .unwrap();
+        let links = &tree.root.unwrap().symlinks;
+        assert_eq!(
+            (links[0].name.as_str(), links[0].target.as_str()),
+            ("dangling", "../missing.h")
+        );
+        // REAPI 2.1 clients (output_paths) get every link as a link, dangling or not.
+        let c = re::Command {
+            arguments: vec!["true".into()],
+            output_paths: vec!["out/top".into()],
+            ..Default::default()
+        };
+        let mut r = re::ActionResult::default();
+        collect(
+            &c,
+            root,
+            DigestFunction::Sha256,
+            u64::MAX,
+            &mut r,
+            &mut Uploads::default(),
+        )
+        .unwrap();
+        assert_eq!(r.output_symlinks[0].target, "nowhere");
+        // A dangling link that would point out of the exec root is still refused.
+        std::os::unix::fs::symlink("/nonexistent/x", root.join("out/d/away")).unwrap();
+        let err = collect(
+            &cmd(&[], &["out/d"]),
+            root,
+            DigestFunction::Sha256,
+            u64::MAX,
+            &mut re::ActionResult::default(),
+            &mut Uploads::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, JobError::Action(_)), "{err}");
+        assert!(err.to_string().contains("outside the exec root"), "{err}");
+    }
+
+    #[test]
+    fn outputs_over_the_pools_limit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("big"), vec![7u8; 4096]).unwrap();
+        let err = collect(
+            &cmd(&["big"], &[]),
+            dir.path(),
+            DigestFunction::Sha256,
+            4095,
+            &mut re::ActionResult::default(),
+            &mut Uploads::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, JobError::Action(e) if e.code == ErrorCode::ResourceExhausted),
+            "{err}"
+        );
+        assert!(err.to_string().contains("4096 bytes"), "{err}");
     }
 }

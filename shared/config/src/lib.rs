@@ -307,6 +307,10 @@ pub struct WorkerConfig {
     /// Directory of the worker's CAS shard (`cas/`), input cache (`cache/`) and exec dirs
     /// (`exec/`). Default `./motorpool-data/worker-0`.
     pub data_dir: PathBuf,
+    /// Where exec roots (`exec/`) and the input cache (`cache/`) live; emptied at start. Default:
+    /// the data dir, unless the sandbox user cannot reach it (a parent directory without `o+x`,
+    /// as a 0700 home is): then `/var/tmp/motorpool/<worker id>`.
+    pub scratch_dir: Option<PathBuf>,
     /// Actions run at once. Default: the number of CPUs.
     pub slots: Option<u32>,
     /// Jobs whose inputs are fetched at once. Default 4.
@@ -337,8 +341,82 @@ pub struct WorkerConfig {
     pub heartbeat_ms: u64,
     /// Optional HTTP address for the worker's `/metrics` and `/healthz`. Default: none.
     pub http_addr: Option<SocketAddr>,
+    /// How actions are isolated from the worker and from each other.
+    pub sandbox: SandboxConfig,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
+}
+
+/// Whether actions run in the sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    /// Every action runs as `uid`/`gid` in new user, mount, pid, ipc, uts, cgroup and network
+    /// namespaces (bubblewrap), in a cgroup with the limits below. Needs root (to switch to the
+    /// sandbox user and to create cgroups) and `bwrap`; the worker refuses to start without them.
+    Strict,
+    /// Actions run as the worker's own user, in its namespaces, with no limits but the timeout:
+    /// only for pools whose every action is trusted. Logged as a warning at start.
+    Off,
+}
+
+/// The action sandbox. Platform properties an action may set, within these limits:
+/// `memory-mb` (its memory limit, at most `max_memory_bytes`), `cores` (a CPU quota in cores),
+/// `network = "on"` (keep the host network; only where `allow_network`, which makes the worker
+/// offer `network = "on"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// `strict` or `off`. Default `strict`.
+    pub mode: SandboxMode,
+    /// The unprivileged user actions run as: no file of the worker's (its CAS, its input cache,
+    /// its configuration and credentials) may belong to it. Default 65534 (`nobody`).
+    pub uid: u32,
+    /// The group actions run as (supplementary groups are dropped). Default 65534.
+    pub gid: u32,
+    /// Memory (RSS and page cache, no swap) an action's processes may use together before the
+    /// kernel kills them; the action then fails with a note saying so. Default 4 GiB.
+    pub memory_bytes: u64,
+    /// The most an action may ask for with `memory-mb`. Default 16 GiB.
+    pub max_memory_bytes: u64,
+    /// Processes and threads an action may have at once. Default 4096.
+    pub max_processes: u64,
+    /// CPU quota of an action, in cores, when it asks for none (`cores`). Default 0: no quota
+    /// (actions share the worker's CPUs under `action_nice`).
+    pub cpu_cores: f64,
+    /// Bytes of stdout, and of stderr, kept from an action; the rest is dropped (a note says
+    /// how much) without ever being held in memory. Default 16 MiB.
+    pub max_stream_bytes: u64,
+    /// Bytes an action's outputs may total, and the largest file it may write. Default 16 GiB.
+    pub max_output_bytes: u64,
+    /// Whether actions asking for `network = "on"` keep the host's network. Default false:
+    /// every action gets a network namespace with only its own loopback.
+    pub allow_network: bool,
+    /// Host paths shown read-only inside the sandbox, beside `/usr`, `/etc` and the
+    /// `/bin`, `/sbin`, `/lib*` links or directories (toolchains installed elsewhere, for
+    /// example `/opt/toolchains`). Default none.
+    pub read_only_paths: Vec<PathBuf>,
+    /// `bwrap` to run. Default: from `PATH`.
+    pub bwrap: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            mode: SandboxMode::Strict,
+            uid: 65534,
+            gid: 65534,
+            memory_bytes: 4 << 30,
+            max_memory_bytes: 16 << 30,
+            max_processes: 4096,
+            cpu_cores: 0.0,
+            max_stream_bytes: 16 << 20,
+            max_output_bytes: 16 << 30,
+            allow_network: false,
+            read_only_paths: Vec::new(),
+            bwrap: None,
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -347,6 +425,7 @@ impl Default for WorkerConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
             worker_id: None,
             data_dir: PathBuf::from("motorpool-data/worker-0"),
+            scratch_dir: None,
             slots: None,
             fetch_concurrency: 4,
             upload_concurrency: 4,
@@ -360,6 +439,7 @@ impl Default for WorkerConfig {
             advertise_addr: None,
             heartbeat_ms: 1000,
             http_addr: None,
+            sandbox: SandboxConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -558,6 +638,8 @@ mod tests {
         let worker: WorkerConfig = load(Some(&dir.join("worker.toml")), &Flags::default()).unwrap();
         assert_eq!(worker.platform.get("pool").map(String::as_str), Some("gpu"));
         assert_eq!(worker.slots, Some(16));
+        assert_eq!(worker.sandbox.mode, SandboxMode::Strict);
+        assert_eq!(worker.sandbox.memory_bytes, 8 << 30);
         let reindexer: ReindexerConfig =
             load(Some(&dir.join("reindexer.toml")), &Flags::default()).unwrap();
         assert_eq!(reindexer.replicas, 2);
