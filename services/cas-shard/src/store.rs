@@ -123,6 +123,10 @@ struct Entry {
     /// Pack id (0 = the blob has its own file) and offset in the pack.
     pack: u32,
     offset: u64,
+    /// The [`stamp`] of the blob's file (its own, or its pack) when its bytes last hashed to
+    /// its digest (0: not since this process opened the store). Reads re-hash the blob whenever
+    /// the file's stamp differs.
+    verified: u64,
 }
 
 /// A pack file known to the index.
@@ -204,6 +208,10 @@ pub struct Store {
     uploads: Mutex<HashMap<UploadKey, Arc<Session>>>,
     capacity: u64,
     fsync: bool,
+    /// Re-hash what reads serve (see [`Entry::verified`]). On unless a benchmark turns it off.
+    verify_reads: std::sync::atomic::AtomicBool,
+    /// Bytes the disk must keep free after a write.
+    min_free_bytes: u64,
     tick: AtomicU64,
     flushed_tick: AtomicU64,
     tmp_seq: AtomicU64,
@@ -257,6 +265,8 @@ impl Store {
                 let _ = fs::remove_file(e.path());
             }
         }
+        // Uploads nobody resumed within the idle time are abandoned; younger ones may still be.
+        remove_stale_uploads(&root.join("uploads"), UPLOAD_IDLE, &HashSet::new());
         let db = sled::Config::new()
             .path(root.join("meta"))
             .cache_capacity(64 * 1024 * 1024)
@@ -286,6 +296,8 @@ impl Store {
             uploads: Mutex::new(HashMap::new()),
             capacity,
             fsync,
+            verify_reads: std::sync::atomic::AtomicBool::new(true),
+            min_free_bytes: MIN_FREE_BYTES.min(capacity / 4),
             tick: AtomicU64::new(1),
             flushed_tick: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
@@ -427,11 +439,108 @@ impl Store {
         read.is_ok() && function.digest_of(&buf).hash == key.hash
     }
 
+    /// Checks, before a read serves it, that the pinned blob's bytes in `file` hash to its
+    /// digest, unless they did since the file (its own, or its pack) last changed: its
+    /// [`stamp`] then is still the one recorded. Blobs in the active pack, which every append
+    /// changes, are re-hashed on each read; those in sealed packs and in their own files once.
+    /// A blob that does not match is dropped from this shard and reported missing: readers then
+    /// take it from a replica, and the reindexer copies a good one back.
+    fn check_read(&self, pin: &Pin<'_>, d: &BlobDigest, file: &File) -> Result<(), StoreError> {
+        if !self.verify_reads.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let m = file.metadata().map_err(io_err(format!("stat {d}")))?;
+        let stamp = stamp(&m);
+        if self
+            .index
+            .lock()
+            .map
+            .get(&pin.key)
+            .is_some_and(|e| e.verified == stamp)
+        {
+            return Ok(());
+        }
+        let good = match hash_range(file, pin.offset, pin.size, d.function) {
+            Ok(h) => h == d.hash,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
+            Err(e) => return Err(io_err(format!("verify {d}"))(e)),
+        };
+        if !good {
+            self.drop_corrupt(&pin.key, d);
+            return Err(StoreError::NotFound(*d));
+        }
+        if let Some(e) = self.index.lock().map.get_mut(&pin.key) {
+            e.verified = stamp;
+        }
+        metrics::counter!("motorpool_cas_shard_verified_bytes_total").increment(pin.size);
+        Ok(())
+    }
+
+    /// Removes a blob whose bytes are not what its digest says.
+    fn drop_corrupt(&self, key: &Key, d: &BlobDigest) {
+        metrics::counter!("motorpool_cas_shard_corrupt_blobs_total").increment(1);
+        tracing::error!(blob = %d, "A stored blob does not hash to its digest: dropped from this shard");
+        let pack = {
+            let mut idx = self.index.lock();
+            let e = idx.map.remove(key);
+            if let Some(e) = &e {
+                idx.used -= e.size;
+            }
+            e.map(|e| e.pack)
+        };
+        let _ = self.blobs.remove(&key.bytes()[..]);
+        if pack == Some(0) {
+            let _ = fs::remove_file(self.blob_path(key));
+        }
+    }
+
+    /// Records that the blob's own file, just written from verified bytes, is what it should be.
+    fn mark_verified(&self, key: &Key) {
+        if let Ok(m) = fs::metadata(self.blob_path(key))
+            && let Some(e) = self.index.lock().map.get_mut(key)
+        {
+            e.verified = stamp(&m);
+        }
+    }
+
+    /// Forgets which blob files were verified, as a restart does: each one's next read re-hashes
+    /// it (after a disk scare, say).
+    pub fn forget_verified(&self) {
+        for e in self.index.lock().map.values_mut() {
+            e.verified = 0;
+        }
+    }
+
+    /// Turns read verification off (benchmarks compare it) or on.
+    pub fn set_verify_reads(&self, on: bool) {
+        self.verify_reads.store(on, Ordering::Relaxed);
+    }
+
+    /// Fails with `Full` when writing `size` more bytes would leave the disk under the shard
+    /// with less than its minimum free space, whatever the capacity says.
+    fn check_free(&self, size: u64) -> Result<(), StoreError> {
+        let st = nix::sys::statvfs::statvfs(&self.root)
+            .map_err(|e| io_err("statvfs")(io::Error::from(e)))?;
+        let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if avail < size.saturating_add(self.min_free_bytes) {
+            return Err(StoreError::Full(format!(
+                "the disk under {} has {avail} bytes free; {size} more would leave less than \
+                 the {} it must keep free",
+                self.root.display(),
+                self.min_free_bytes
+            )));
+        }
+        Ok(())
+    }
+
     fn new_pack(&self, id: u32) -> Result<ActivePack, StoreError> {
         let path = self.pack_path(id);
+        // Written at explicit offsets, never in append mode: a failed write must not move where
+        // the next one lands.
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .write(true)
             .open(&path)
             .map_err(io_err(format!("create {}", path.display())))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -439,8 +548,12 @@ impl Store {
         Ok(ActivePack { id, file, len })
     }
 
-    /// Appends blobs to the active pack in one write; returns each blob's `(pack, offset)`.
+    /// Appends blobs to the active pack in one write at the pack's recorded end; returns each
+    /// blob's `(pack, offset)`. A write that fails (a full disk, say) is cut back off, and the
+    /// recorded end does not move, so the next append lands where this one would have and no
+    /// offset ever points into a partial record.
     fn append_to_pack(&self, blobs: &[&[u8]]) -> Result<Vec<(u32, u64)>, StoreError> {
+        use std::os::unix::fs::FileExt;
         let mut active = self.active.lock();
         let mut buf = Vec::with_capacity(blobs.iter().map(|b| b.len()).sum());
         let mut locs = Vec::with_capacity(blobs.len());
@@ -448,12 +561,16 @@ impl Store {
             locs.push((active.id, active.len + buf.len() as u64));
             buf.extend_from_slice(b);
         }
-        active
-            .file
-            .write_all(&buf)
-            .map_err(io_err("append to pack"))?;
-        if self.fsync {
-            active.file.sync_data().map_err(io_err("fsync pack"))?;
+        let written = active.file.write_all_at(&buf, active.len).and_then(|()| {
+            if self.fsync {
+                active.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            let _ = active.file.set_len(active.len);
+            return Err(io_err("append to pack")(e));
         }
         active.len += buf.len() as u64;
         if active.len >= self.pack_size {
@@ -484,6 +601,7 @@ impl Store {
                     pins: 0,
                     pack,
                     offset,
+                    verified: 0,
                 };
                 (key, e)
             })
@@ -617,6 +735,7 @@ impl Store {
                 Err(e) => return Err(io_err(format!("open {d}"))(e)),
             }
         };
+        self.check_read(&pin, d, &file)?;
         let start = pin.offset + offset;
         if start > 0 {
             use std::io::Seek;
@@ -793,7 +912,13 @@ impl Store {
             self.write_file(&key, data).map(|()| (0, 0))
         };
         match stored {
-            Ok((pack, offset)) => self.commit_entries(&[(key, d.size, pack, offset)], d.size),
+            Ok((pack, offset)) => {
+                self.commit_entries(&[(key, d.size, pack, offset)], d.size)?;
+                if pack == 0 {
+                    self.mark_verified(&key);
+                }
+                Ok(())
+            }
             Err(e) => {
                 self.unreserve(d.size);
                 Err(e)
@@ -856,6 +981,7 @@ impl Store {
                 self.capacity
             )));
         }
+        self.check_free(size)?;
         self.index.lock().reserved += size;
         self.evict_if_needed();
         Ok(())
@@ -873,6 +999,13 @@ impl Store {
     /// forward into the active pack before the pack is deleted; pinned blobs and packs holding
     /// them are skipped.
     pub fn evict_if_needed(&self) {
+        // The common case, without waiting for an eviction pass that may be running.
+        {
+            let idx = self.index.lock();
+            if idx.used + idx.reserved <= self.capacity {
+                return;
+            }
+        }
         let _one_at_a_time = self.eviction.lock();
         let active = self.active_id.load(Ordering::Acquire);
         let (files, packs) = {
@@ -1098,9 +1231,18 @@ impl Store {
             match uploads.get(&key) {
                 Some(s) => s.clone(),
                 None => {
+                    if uploads.len() >= MAX_UPLOADS {
+                        return Err(StoreError::Busy(format!(
+                            "{MAX_UPLOADS} uploads are in flight on this shard; retry later"
+                        )));
+                    }
+                    // The declared size must fit; only what arrives is reserved.
+                    self.check_free(d.size.saturating_sub(offset))?;
                     let path = self.upload_path(ns, d, upload_id);
                     let upload =
                         open_upload(&path, d).map_err(io_err(format!("open upload of {d}")))?;
+                    // Bytes of an upload resumed after a restart count again.
+                    self.reserve(upload.committed)?;
                     let s = Arc::new(Session {
                         committed: AtomicU64::new(upload.committed),
                         state: Arc::new(Mutex::new(upload)),
@@ -1117,6 +1259,7 @@ impl Store {
         };
         if offset == 0 && guard.committed > 0 {
             guard.file.set_len(0).map_err(io_err("truncate upload"))?;
+            self.unreserve(guard.committed);
             use std::io::Seek;
             guard
                 .file
@@ -1142,16 +1285,26 @@ impl Store {
         }))
     }
 
-    /// Drops upload sessions idle for longer than `idle`, and their files.
+    /// Drops upload sessions idle for longer than `idle`, their files and what they reserved,
+    /// and upload files no session has (left by an earlier run) untouched that long.
     pub fn expire_uploads(&self, idle: Duration) {
+        let mut freed = 0;
         let mut uploads = self.uploads.lock();
         uploads.retain(|_, s| match s.state.try_lock() {
             Some(u) if u.touched.elapsed() > idle => {
                 let _ = fs::remove_file(&u.path);
+                freed += u.committed;
                 false
             }
             _ => true,
         });
+        let open: HashSet<PathBuf> = uploads
+            .values()
+            .filter_map(|s| s.state.try_lock().map(|u| u.path.clone()))
+            .collect();
+        drop(uploads);
+        self.unreserve(freed);
+        remove_stale_uploads(&self.root.join("uploads"), idle, &open);
     }
 
     // ---- action cache ----
@@ -1196,17 +1349,6 @@ fn open_upload(path: &Path, d: &BlobDigest) -> io::Result<Upload> {
         hasher.update(&buf[..n]);
         committed += n as u64;
     }
-    if committed < d.size && d.size >= 1 << 20 {
-        // Reserve the blob's blocks up front (the file's length still counts what is written):
-        // the page cache then takes each chunk without a delayed-allocation reservation per page.
-        // Best effort: a file system without fallocate just allocates as it goes.
-        let _ = nix::fcntl::fallocate(
-            &file,
-            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            committed as i64,
-            (d.size - committed) as i64,
-        );
-    }
     if committed > d.size {
         file.set_len(0)?;
         use std::io::Seek;
@@ -1249,7 +1391,11 @@ impl UploadHandle<'_> {
                 u.committed + data.len() as u64
             )));
         }
-        u.file.write_all(data).map_err(io_err("write upload"))?;
+        self.store.reserve(data.len() as u64)?;
+        if let Err(e) = u.file.write_all(data) {
+            self.store.unreserve(data.len() as u64);
+            return Err(io_err("write upload")(e));
+        }
         u.hasher.update(data);
         u.committed += data.len() as u64;
         self.session.committed.store(u.committed, Ordering::Release);
@@ -1277,6 +1423,7 @@ impl UploadHandle<'_> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
         let mut hasher = std::mem::replace(&mut u.hasher, self.digest.function.hasher());
         let committed = &self.session.committed;
+        let store = self.store;
         let result = std::thread::scope(|scope| {
             let hashing = scope.spawn(move || {
                 for chunk in rx {
@@ -1309,7 +1456,21 @@ impl UploadHandle<'_> {
                     ));
                     break;
                 }
+                // Only what arrives is reserved: against the capacity and the disk, and as blocks
+                // (one allocation per chunk rather than a delayed-allocation reservation per
+                // page; best effort where the file system lacks fallocate).
+                if let Err(e) = store.reserve(chunk.len() as u64) {
+                    result = Err((e, false));
+                    break;
+                }
+                let _ = nix::fcntl::fallocate(
+                    &u.file,
+                    nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    u.committed as i64,
+                    chunk.len() as i64,
+                );
                 if let Err(e) = u.file.write_all(&chunk) {
+                    store.unreserve(chunk.len() as u64);
                     result = Err((io_err("write upload")(e), true));
                     break;
                 }
@@ -1330,6 +1491,7 @@ impl UploadHandle<'_> {
             Err((e, restart)) => {
                 if restart {
                     let _ = u.file.set_len(0);
+                    store.unreserve(u.committed);
                     use std::io::Seek;
                     let _ = u.file.seek(io::SeekFrom::Start(0));
                     u.hasher = self.digest.function.hasher();
@@ -1365,12 +1527,16 @@ impl UploadHandle<'_> {
         };
         let path = u.path.clone();
         self.store.uploads.lock().remove(&self.key);
+        // What the upload reserved as it arrived becomes the blob's reservation below, or goes.
+        let reserved = u.committed;
         if let Err(e) = outcome {
             let _ = fs::remove_file(&path);
+            self.store.unreserve(reserved);
             return Err(e);
         }
         if self.store.contains(self.ns, &d) {
             let _ = fs::remove_file(&path);
+            self.store.unreserve(reserved);
             return Ok(());
         }
         let key = Key::new(self.ns, &d);
@@ -1385,18 +1551,19 @@ impl UploadHandle<'_> {
                 .read_to_end(&mut data)
                 .map_err(io_err("read upload"))?;
             let _ = fs::remove_file(&path);
+            self.store.unreserve(reserved);
             return self.store.put_verified(self.ns, &d, &data);
         }
-        if self.store.fsync {
-            u.file.sync_data().map_err(io_err("fsync upload"))?;
-        }
-        self.store.reserve(d.size)?;
-        let r = self
-            .store
-            .rename_into_place(&path, &key)
-            .and_then(|()| self.store.commit_entries(&[(key, d.size, 0, 0)], d.size));
-        if r.is_err() {
-            self.store.unreserve(d.size);
+        let r = (|| {
+            if self.store.fsync {
+                u.file.sync_data().map_err(io_err("fsync upload"))?;
+            }
+            self.store.rename_into_place(&path, &key)?;
+            self.store.commit_entries(&[(key, d.size, 0, 0)], d.size)
+        })();
+        match r {
+            Ok(()) => self.store.mark_verified(&key),
+            Err(_) => self.store.unreserve(reserved),
         }
         r
     }
@@ -1462,8 +1629,76 @@ fn decode_meta(v: &[u8]) -> Option<Entry> {
         pins: 0,
         pack: u32::from_le_bytes(v[16..20].try_into().ok()?),
         offset: u64::from_le_bytes(v[20..].try_into().ok()?),
+        verified: 0,
     })
 }
+
+/// A fingerprint of a file's identity and last change (device, inode, size, change and
+/// modification times): any write, truncation or replacement changes it. Never 0.
+fn stamp(m: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    // Not a defence against a forger (who could write the bytes and the times alike, but not a
+    // digest): a cheap way to see that something wrote.
+    [
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.ctime() as u64,
+        m.ctime_nsec() as u64,
+        m.mtime() as u64,
+        m.mtime_nsec() as u64,
+    ]
+    .into_iter()
+    .fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+        (h ^ v).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(23)
+    }) | 1
+}
+
+/// Hashes `len` bytes of `file` from `offset` (reads at explicit offsets: the file's position
+/// is the caller's). A file that ends early is `UnexpectedEof`.
+fn hash_range(
+    file: &File,
+    offset: u64,
+    len: u64,
+    function: DigestFunction,
+) -> io::Result<[u8; 32]> {
+    use std::os::unix::fs::FileExt;
+    let mut h = function.hasher();
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset + done)?;
+        h.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(h.finish().hash)
+}
+
+/// Removes upload files in `dir` untouched for longer than `idle`, except those in `keep`.
+fn remove_stale_uploads(dir: &Path, idle: Duration, keep: &HashSet<PathBuf>) -> u64 {
+    let mut removed = 0;
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > idle);
+        if stale && !keep.contains(&path) && fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// How long an upload may go untouched before it is abandoned (its session and file removed).
+pub const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
+/// Upload sessions a shard keeps at once; one more is refused until some finish or expire.
+pub const MAX_UPLOADS: usize = 1024;
+/// Free disk a shard keeps beside its capacity (a quarter of the capacity on smaller shards).
+const MIN_FREE_BYTES: u64 = 256 << 20;
 
 /// The clean-shutdown marker: present only between a clean stop and the next start.
 const CLEAN_MARKER: &str = "clean-shutdown";
@@ -1710,5 +1945,187 @@ mod tests {
         assert_eq!(s.ac_get(2, &a).unwrap(), None);
         s.ac_delete(1, &a).unwrap();
         assert_eq!(s.ac_get(1, &a).unwrap(), None);
+    }
+
+    /// A tmpfs of `size` bytes at a new directory (these tests run as root, as CI does): a disk
+    /// that fills up, and free space that does not depend on the machine's.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn new(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount a tmpfs (run the tests as root)");
+            Tmpfs(dir)
+        }
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    /// Overwrites `n` bytes at `offset` of `path` in place, as a failing disk or a stray
+    /// writer would.
+    fn corrupt(path: &Path, offset: u64) {
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(b"XXXX", offset).unwrap();
+    }
+
+    #[test]
+    fn corrupt_blobs_are_detected_on_read_and_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 30, false).unwrap();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let small = b"a small blob in a pack".repeat(10);
+        let (db, ds) = (sha(&big), sha(&small));
+        let other = sha(b"its neighbour in the pack");
+        s.put(7, &db, &big).unwrap();
+        s.put_batch(7, &[(ds, &small), (other, b"its neighbour in the pack")]);
+        // Reads before any damage are served (the big one from its stamp after writing).
+        assert_eq!(s.read(7, &db, 0, 0).unwrap(), big);
+        assert_eq!(s.read(7, &ds, 0, 0).unwrap(), small);
+
+        corrupt(&s.blob_path(&Key::new(7, &db)), 1_000_000);
+        let pack = s.index.lock().map[&Key::new(7, &ds)];
+        corrupt(&s.pack_path(pack.pack), pack.offset + 3);
+        for d in [db, ds] {
+            // A whole read, a ranged read and an open for the data stream all refuse it.
+            assert!(
+                matches!(s.read(7, &d, 0, 0), Err(StoreError::NotFound(_))),
+                "{d}"
+            );
+            assert!(
+                matches!(s.read(7, &d, 10, 5), Err(StoreError::NotFound(_))),
+                "{d}"
+            );
+            assert!(s.open_read(7, &d, 0, 0).is_err());
+            assert!(
+                !s.contains(7, &d),
+                "dropped from the index: a replica serves it"
+            );
+        }
+        assert!(
+            !s.blob_path(&Key::new(7, &db)).exists(),
+            "the bad file is gone"
+        );
+        assert_eq!(
+            s.read(7, &other, 0, 0).unwrap(),
+            b"its neighbour in the pack",
+            "the rest of the pack is still served"
+        );
+        // Stored again (a replica's copy, as the reindexer brings it), it is served again.
+        s.put(7, &db, &big).unwrap();
+        assert_eq!(s.read(7, &db, 0, 0).unwrap(), big);
+        assert_eq!(s.stats().used_bytes, big.len() as u64 + 25);
+
+        // After a restart nothing is trusted: the first read hashes the file again.
+        drop(s);
+        let s = Store::open(dir.path(), 1 << 30, false).unwrap();
+        corrupt(&s.blob_path(&Key::new(7, &db)), 2_999_000);
+        assert!(matches!(s.read(7, &db, 0, 0), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_full_disk_during_a_pack_append_leaves_every_other_blob_readable() {
+        let disk = Tmpfs::new("8m");
+        let s = Store::open(disk.path(), 4 << 20, false).unwrap();
+        let a = vec![1u8; 10_000];
+        s.put(0, &sha(&a), &a).unwrap();
+        // Something else fills the disk.
+        let filler = disk.path().join("filler");
+        let mut f = File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+        drop(f);
+        // The shard refuses to write rather than fill the disk.
+        let b = vec![2u8; 100_000];
+        assert!(matches!(s.put(0, &sha(&b), &b), Err(StoreError::Full(m)) if m.contains("free")));
+        // And when the disk fills between that check and the write, the partial record is cut
+        // back off: nothing points into it, and the next append lands where it would have.
+        assert!(s.append_to_pack(&[&b]).is_err());
+        fs::remove_file(&filler).unwrap();
+        let c = vec![3u8; 10_000];
+        s.put(0, &sha(&c), &c).unwrap();
+        assert_eq!(s.read(0, &sha(&a), 0, 0).unwrap(), a);
+        assert_eq!(s.read(0, &sha(&c), 0, 0).unwrap(), c);
+        drop(s);
+        let s = Store::open(disk.path(), 4 << 20, false).unwrap();
+        assert_eq!(s.read(0, &sha(&c), 0, 0).unwrap(), c, "and after a restart");
+    }
+
+    #[test]
+    fn uploads_reserve_only_what_arrived_and_abandoned_ones_are_cleaned() {
+        let disk = Tmpfs::new("4g");
+        let s = Store::open(disk.path(), 3 << 30, false).unwrap();
+        // Declares 3 GiB (less the capacity's slack), sends 1 KiB.
+        let d = BlobDigest {
+            function: DigestFunction::Sha256,
+            hash: [9; 32],
+            size: (3 << 30) - (1 << 20),
+        };
+        let mut up = s.begin_upload(0, &d, "big", 0).unwrap().unwrap();
+        up.append(&[5u8; 1024]).unwrap();
+        drop(up); // the client went away
+        assert_eq!(s.stats().reserved_bytes, 1024);
+        let path = s.upload_path(0, &d, "big");
+        let blocks = {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(&path).unwrap().blocks() * 512
+        };
+        assert!(
+            blocks <= 64 * 1024,
+            "{blocks} bytes allocated on disk for 1 KiB"
+        );
+        // A declared size that cannot fit is refused at the start.
+        let huge = BlobDigest { size: 5 << 30, ..d };
+        assert!(matches!(
+            s.begin_upload(0, &huge, "x", 0),
+            Err(StoreError::Full(_))
+        ));
+        // Expiry removes the session, its file and its reservation.
+        s.expire_uploads(Duration::ZERO);
+        assert!(!path.exists());
+        assert_eq!(s.stats().reserved_bytes, 0);
+
+        // One abandoned before a restart, untouched for longer than the idle time: gone at start.
+        let mut up = s.begin_upload(0, &d, "old", 0).unwrap().unwrap();
+        up.append(&[6u8; 2048]).unwrap();
+        drop(up);
+        let mut up = s.begin_upload(0, &d, "recent", 0).unwrap().unwrap();
+        up.append(&[7u8; 2048]).unwrap();
+        drop(up);
+        let old_path = s.upload_path(0, &d, "old");
+        drop(s);
+        let old = std::time::SystemTime::now() - UPLOAD_IDLE - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&old_path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let s = Store::open(disk.path(), 3 << 30, false).unwrap();
+        assert!(!s.upload_path(0, &d, "old").exists());
+        assert_eq!(
+            s.upload_status(0, &d, "recent"),
+            (2048, false),
+            "a recent one resumes"
+        );
+        // Resumed, it counts against the capacity again.
+        let up = s.begin_upload(0, &d, "recent", 2048).unwrap().unwrap();
+        assert_eq!(s.stats().reserved_bytes, 2048);
+        drop(up);
     }
 }

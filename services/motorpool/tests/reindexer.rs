@@ -1,12 +1,13 @@
 //! The reindexer against the real stack: a shard that dies for good is dropped from the registry,
-//! and the blobs it held are copied back to two live shards.
+//! and the blobs it held are copied back to two live shards; a blob corrupted on a shard's disk
+//! is never served, and comes back from its replica.
 
 mod support;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use motorpool_bus::{Bus, subjects};
 use motorpool_messages::BlobDigest;
-use motorpool_messages::cas::FindMissing;
+use motorpool_messages::cas::{BatchRead, FindMissing, ReadChunk};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
@@ -142,6 +143,131 @@ async fn dead_shards_are_dropped_and_lost_replicas_restored() {
         large
     );
     fresh.kill();
+}
+
+/// The files below `dir` whose name is `name`, or that contain `needle`.
+fn find_files(dir: &std::path::Path, name: &str, needle: &[u8], out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            find_files(&p, name, needle, out);
+        } else if e.file_name() == name
+            || (!needle.is_empty()
+                && std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)))
+        {
+            out.push(p);
+        }
+    }
+}
+
+fn overwrite(path: &std::path::Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_corrupted_on_a_shards_disk_are_never_served_and_come_back_from_a_replica() {
+    let stack = Stack::up_with_env(
+        &["--shards", "2", "--workers", "0"],
+        &[("MOTORPOOL_REINDEXER_PERIOD_MS", "300")],
+    );
+    let bus = Bus::connect(&stack.nats_url(), "test", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut c = stack.clients().await;
+    let large = bytes(7, 5 << 20);
+    let large_d = sha(&large);
+    bs_write(&mut c, "ci", &large_d, &large).await.unwrap();
+    let small = bytes(8, 3000);
+    let small_d = sha(&small);
+    c.cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            instance_name: "ci".into(),
+            requests: vec![re::batch_update_blobs_request::Request {
+                digest: Some(proto(&small_d)),
+                data: small.clone(),
+                compressor: 0,
+            }],
+            digest_function: 0,
+        })
+        .await
+        .unwrap();
+    for shard in ["cas-0", "cas-1"] {
+        assert_eq!(
+            missing_on(&bus, shard, &[large_d, small_d]).await,
+            0,
+            "on {shard}"
+        );
+    }
+
+    // cas-0's disk goes bad under both: its own file for the large one, its pack for the small.
+    let cas0 = stack.dir.path().join("data/cas-0");
+    let mut files = Vec::new();
+    find_files(&cas0.join("blobs"), &large_d.hex(), b"", &mut files);
+    find_files(&cas0.join("packs"), "", &small[..64], &mut files);
+    assert_eq!(files.len(), 2, "{files:?}");
+    overwrite(&files[0], 4 << 20, b"rot");
+    let pack = std::fs::read(&files[1]).unwrap();
+    let at = pack.windows(64).position(|w| w == &small[..64]).unwrap();
+    overwrite(&files[1], at as u64 + 100, b"rot");
+
+    // cas-0 itself refuses to serve either: its reads re-hash what they would send.
+    let req = ReadChunk {
+        instance: "ci".into(),
+        digest: large_d,
+        offset: 0,
+        limit: 1000,
+    };
+    let e = bus
+        .request(&subjects::cas::read_chunk("cas-0"), &req)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+    let req = BatchRead {
+        instance: "ci".into(),
+        digests: vec![small_d],
+    };
+    let r = bus
+        .request(&subjects::cas::batch_read("cas-0"), &req)
+        .await
+        .unwrap();
+    assert!(r.blobs[0].is_err(), "the corrupt small blob was served");
+    // Every read through the gateway returns the right bytes, however often, whichever shard it
+    // asks first.
+    for _ in 0..5 {
+        assert!(
+            bs_read(&mut c, &read_name("ci", &large_d), 0, 0)
+                .await
+                .unwrap()
+                == large
+        );
+        let got = c
+            .cas
+            .batch_read_blobs(re::BatchReadBlobsRequest {
+                instance_name: "ci".into(),
+                digests: vec![proto(&small_d)],
+                acceptable_compressors: vec![],
+                digest_function: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.responses[0].data, small);
+    }
+    // The reindexer copies cas-1's good copies back to cas-0.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while missing_on(&bus, "cas-0", &[large_d, small_d]).await > 0 {
+        assert!(Instant::now() < deadline, "cas-0 was not repaired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut files = Vec::new();
+    find_files(&cas0.join("blobs"), &large_d.hex(), b"", &mut files);
+    assert_eq!(
+        std::fs::read(&files[0]).unwrap(),
+        large,
+        "cas-0's copy is good again"
+    );
 }
 
 async fn registry_has(bus: &Bus, id: &str) -> bool {

@@ -172,7 +172,11 @@ impl Services {
         // What came over the network is hashed before an action sees it (the local shard
         // verified its own): a shard or a link that changed a byte is an infrastructure fault,
         // retried elsewhere, never an input.
-        for (d, b) in digests.iter().zip(&out).filter(|(d, _)| fetched.contains(*d)) {
+        for (d, b) in digests
+            .iter()
+            .zip(&out)
+            .filter(|(d, _)| fetched.contains(*d))
+        {
             if let Err(e) = motorpool_cas_shard::store::verify(d, b) {
                 metrics::counter!("motorpool_worker_corrupt_inputs_total").increment(1);
                 return Err(JobError::infra(format!("input {d} arrived corrupt: {e}")));

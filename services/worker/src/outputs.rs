@@ -13,11 +13,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Blobs to upload: digest -> where the bytes are.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Uploads {
     pub blobs: HashMap<BlobDigest, Body>,
 }
 
+#[derive(Debug)]
 pub enum Body {
     File(PathBuf),
     Bytes(Vec<u8>),
@@ -407,6 +408,17 @@ pub fn std_streams(
 mod tests {
     use super::*;
 
+    /// Collects `c`'s outputs in `root`: the result and the uploads, or the error.
+    fn collected(
+        c: &re::Command,
+        root: &Path,
+        max_bytes: u64,
+    ) -> Result<(re::ActionResult, Uploads), JobError> {
+        let mut r = re::ActionResult::default();
+        let mut u = Uploads::default();
+        collect(c, root, DigestFunction::Sha256, max_bytes, &mut r, &mut u).map(|()| (r, u))
+    }
+
     #[allow(deprecated)]
     fn cmd(files: &[&str], dirs: &[&str]) -> re::Command {
         re::Command {
@@ -431,9 +443,7 @@ mod tests {
         )
         .unwrap();
         let c = cmd(&["out/a.o", "out/never"], &["out/d"]);
-        let mut r = re::ActionResult::default();
-        let mut u = Uploads::default();
-        collect(&c, root, DigestFunction::Sha256, u64::MAX, &mut r, &mut u).unwrap();
+        let (r, u) = collected(&c, root, u64::MAX).unwrap();
         assert_eq!(r.output_files.len(), 1, "a missing output is skipped");
         assert_eq!(
             r.output_files[0].digest.as_ref().unwrap().hash,
@@ -471,31 +481,14 @@ mod tests {
             (cmd(&["../x"], &[]), "'..'"),
             (cmd(&["/etc/passwd"], &[]), "absolute"),
         ] {
-            let mut r = re::ActionResult::default();
-            let err = collect(
-                &c,
-                root,
-                DigestFunction::Sha256,
-                u64::MAX,
-                &mut r,
-                &mut Uploads::default(),
-            )
-            .unwrap_err();
+            let err = collected(&c, root, u64::MAX).unwrap_err();
             assert!(matches!(err, JobError::Action(_)), "{err}");
             assert!(err.to_string().contains(needle), "{err}");
         }
         // A link out of the root inside an output directory is rejected too.
         std::fs::create_dir_all(root.join("tree")).unwrap();
         std::os::unix::fs::symlink(outside.path(), root.join("tree/escape")).unwrap();
-        let err = collect(
-            &cmd(&[], &["tree"]),
-            root,
-            DigestFunction::Sha256,
-            u64::MAX,
-            &mut re::ActionResult::default(),
-            &mut Uploads::default(),
-        )
-        .unwrap_err();
+        let err = collected(&cmd(&[], &["tree"]), root, u64::MAX).unwrap_err();
         assert!(err.to_string().contains("outside the exec root"), "{err}");
     }
 
@@ -507,10 +500,7 @@ mod tests {
         std::fs::create_dir_all(root.join("out/d")).unwrap();
         std::os::unix::fs::symlink("../missing.h", root.join("out/d/dangling")).unwrap();
         std::os::unix::fs::symlink("nowhere", root.join("out/top")).unwrap();
-        let mut r = re::ActionResult::default();
-        let mut u = Uploads::default();
-        let c = cmd(&["out/top"], &["out/d"]);
-        collect(&c, root, DigestFunction::Sha256, u64::MAX, &mut r, &mut u).unwrap();
+        let (r, u) = collected(&cmd(&["out/top"], &["out/d"]), root, u64::MAX).unwrap();
         assert_eq!(r.output_file_symlinks.len(), 1, "{r:?}");
         assert_eq!(r.output_file_symlinks[0].target, "nowhere");
         let tree_d = r.output_directories[0].tree_digest.clone().unwrap();
@@ -535,28 +525,11 @@ mod tests {
             output_paths: vec!["out/top".into()],
             ..Default::default()
         };
-        let mut r = re::ActionResult::default();
-        collect(
-            &c,
-            root,
-            DigestFunction::Sha256,
-            u64::MAX,
-            &mut r,
-            &mut Uploads::default(),
-        )
-        .unwrap();
+        let (r, _) = collected(&c, root, u64::MAX).unwrap();
         assert_eq!(r.output_symlinks[0].target, "nowhere");
         // A dangling link that would point out of the exec root is still refused.
         std::os::unix::fs::symlink("/nonexistent/x", root.join("out/d/away")).unwrap();
-        let err = collect(
-            &cmd(&[], &["out/d"]),
-            root,
-            DigestFunction::Sha256,
-            u64::MAX,
-            &mut re::ActionResult::default(),
-            &mut Uploads::default(),
-        )
-        .unwrap_err();
+        let err = collected(&cmd(&[], &["out/d"]), root, u64::MAX).unwrap_err();
         assert!(matches!(err, JobError::Action(_)), "{err}");
         assert!(err.to_string().contains("outside the exec root"), "{err}");
     }
@@ -565,15 +538,7 @@ mod tests {
     fn outputs_over_the_pools_limit_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("big"), vec![7u8; 4096]).unwrap();
-        let err = collect(
-            &cmd(&["big"], &[]),
-            dir.path(),
-            DigestFunction::Sha256,
-            4095,
-            &mut re::ActionResult::default(),
-            &mut Uploads::default(),
-        )
-        .unwrap_err();
+        let err = collected(&cmd(&["big"], &[]), dir.path(), 4095).unwrap_err();
         assert!(
             matches!(&err, JobError::Action(e) if e.code == ErrorCode::ResourceExhausted),
             "{err}"

@@ -763,5 +763,7 @@ mod tests {
         assert_eq!(made.dirs, vec![base.join("a1")]);
         std::fs::write(base.join("a1/memory.events"), "low 0\noom 1\noom_kill 1\n").unwrap();
         assert!(made.oom_killed());
+        // cgroupfs removes a cgroup's files with it; a plain directory must be emptied first.
+        std::fs::remove_dir_all(base.join("a1")).unwrap();
     }
 }
