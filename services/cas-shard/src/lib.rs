@@ -246,7 +246,7 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
                     _ = housekeeping.tick() => {
                         let s = store.clone();
                         let _ = tokio::task::spawn_blocking(move || {
-                            s.expire_uploads(Duration::from_secs(3600));
+                            s.expire_uploads(crate::store::UPLOAD_IDLE);
                             if let Err(error) = s.flush_access_times() {
                                 tracing::warn!(%error, "Cannot persist access times");
                             }

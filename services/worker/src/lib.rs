@@ -477,7 +477,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
 /// Where exec roots and the input cache live (absolute: actions are handed paths inside it). In
 /// the data dir unless `scratch_dir` says otherwise, or the sandbox user could not reach the data
 /// dir (a parent without `o+x`, as a 0700 home directory is): then in
-/// `/var/tmp/motorpool/<worker id>`, which only root may write.
+/// `/var/tmp/motorpool/<worker id>-<hash of the data dir>`, which only root may write.
 fn scratch_dir(config: &WorkerConfig, id: &str) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let absolute = |p: &std::path::Path| -> anyhow::Result<PathBuf> {
@@ -499,7 +499,12 @@ fn scratch_dir(config: &WorkerConfig, id: &str) -> anyhow::Result<PathBuf> {
         return Ok(data);
     };
     let shared = std::path::Path::new("/var/tmp/motorpool");
-    for (dir, mode) in [(shared.to_path_buf(), 0o711), (shared.join(id), 0o711)] {
+    // Named after the worker and its data dir: two stacks on one host may both have a worker-0.
+    let own = shared.join(format!(
+        "{id}-{:016x}",
+        namespace(&data.display().to_string())
+    ));
+    for (dir, mode) in [(shared.to_path_buf(), 0o711), (own.clone(), 0o711)] {
         if !dir.exists() {
             std::fs::create_dir_all(&dir)?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
@@ -514,10 +519,10 @@ fn scratch_dir(config: &WorkerConfig, id: &str) -> anyhow::Result<PathBuf> {
     tracing::info!(
         data_dir = %data.display(),
         blocked = %blocked.display(),
-        scratch = %shared.join(id).display(),
+        scratch = %own.display(),
         "The sandbox user cannot reach the data dir: exec roots and the input cache go to the scratch dir"
     );
-    Ok(shared.join(id))
+    Ok(own)
 }
 
 /// Opens the action sandbox (unless the configuration turns it off) and proves it with a probe

@@ -309,7 +309,7 @@ pub struct WorkerConfig {
     pub data_dir: PathBuf,
     /// Where exec roots (`exec/`) and the input cache (`cache/`) live; emptied at start. Default:
     /// the data dir, unless the sandbox user cannot reach it (a parent directory without `o+x`,
-    /// as a 0700 home is): then `/var/tmp/motorpool/<worker id>`.
+    /// as a 0700 home is): then `/var/tmp/motorpool/<worker id>-<data dir hash>`.
     pub scratch_dir: Option<PathBuf>,
     /// Actions run at once. Default: the number of CPUs.
     pub slots: Option<u32>,
