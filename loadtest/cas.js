@@ -1,8 +1,8 @@
 // k6 load test of the CAS as Bazel uses it: FindMissingBlobs for a batch of digests, upload the
 // missing ones with BatchUpdateBlobs, read them back with BatchReadBlobs and compare.
 //
-//   k6 run -e TARGET=127.0.0.1:8980 loadtest/cas.js
-//   k6 run -e TARGET=127.0.0.1:8980 -e VUS=8 -e DURATION=60s -e BLOBS=200 -e BLOB_BYTES=4096 loadtest/cas.js
+//   k6 run -e TARGET=127.0.0.1:8980 -e KEY=<API key> loadtest/cas.js
+//   k6 run -e TARGET=127.0.0.1:8980 -e KEY=<API key> -e VUS=8 -e DURATION=60s -e BLOBS=200 -e BLOB_BYTES=4096 loadtest/cas.js
 //
 // Thresholds make k6 exit non-zero when the service errs or is slow; see the summary it prints.
 import grpc from 'k6/net/grpc';
@@ -15,6 +15,8 @@ const TARGET = __ENV.TARGET || '127.0.0.1:8980';
 const BLOBS = parseInt(__ENV.BLOBS || '100');
 const BLOB_BYTES = parseInt(__ENV.BLOB_BYTES || '2048');
 const INSTANCE = __ENV.INSTANCE || 'loadtest';
+// An API key with the read and write-cas roles (`motorpool up` prints its developer key).
+const PARAMS = __ENV.KEY ? { metadata: { authorization: `Bearer ${__ENV.KEY}` } } : {};
 
 export const options = {
   vus: parseInt(__ENV.VUS || '4'),
@@ -52,7 +54,7 @@ export default function () {
   const missing = client.invoke('build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs', {
     instance_name: INSTANCE,
     blob_digests: digests,
-  });
+  }, PARAMS);
   check(missing, { 'FindMissingBlobs OK': (r) => r && r.status === grpc.StatusOK });
   const missingSet = new Set(((missing.message || {}).missingBlobDigests || []).map((d) => d.hash));
   check(missingSet, { 'new blobs are reported missing': (s) => s.size === BLOBS });
@@ -62,7 +64,7 @@ export default function () {
     requests: blobs
       .filter((b) => missingSet.has(b.digest.hash))
       .map((b) => ({ digest: b.digest, data: encoding.b64encode(b.data) })),
-  });
+  }, PARAMS);
   check(update, {
     'BatchUpdateBlobs OK': (r) => r && r.status === grpc.StatusOK,
     'every blob stored': (r) => r && r.message.responses.every((x) => !x.status || !x.status.code),
@@ -72,7 +74,7 @@ export default function () {
   const read = client.invoke('build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs', {
     instance_name: INSTANCE,
     digests,
-  });
+  }, PARAMS);
   check(read, {
     'BatchReadBlobs OK': (r) => r && r.status === grpc.StatusOK,
     'read back what was written': (r) =>

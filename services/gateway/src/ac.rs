@@ -180,8 +180,10 @@ impl ActionCache for Gateway {
         &self,
         request: Request<re::GetActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
+        let who = crate::auth::caller(&request);
         let req = request.into_inner();
         observe("GetActionResult", async move {
+            who?.check_instance(&req.instance_name)?;
             let instance = req.instance_name.clone();
             let action = digest_function(req.digest_function)
                 .and_then(|f| digest(f, req.action_digest.as_ref()));
@@ -199,10 +201,12 @@ impl ActionCache for Gateway {
         &self,
         request: Request<re::UpdateActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
-        observe(
-            "UpdateActionResult",
-            self.update_action_result(request.into_inner()),
-        )
+        let who = crate::auth::caller(&request);
+        let req = request.into_inner();
+        observe("UpdateActionResult", async move {
+            who?.check_instance(&req.instance_name)?;
+            self.update_action_result(req).await
+        })
         .await
     }
 }

@@ -5,6 +5,7 @@
 //! from the client's to the shard's without prost copying each into a new `Vec`; either would
 //! copy every byte once more on the gateway's busiest paths.
 
+use crate::auth::Identity;
 use crate::resource::{parse_read, parse_write};
 use crate::wire::{Fields, Malformed, Value, put_varint};
 use crate::{Gateway, RawMethods, observe};
@@ -17,6 +18,7 @@ use motorpool_cas_client::ApiError;
 use motorpool_cas_client::WriteData;
 use motorpool_messages::cas::DATA_PUT_MAX;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tonic::codec::{DecodeBuf, Decoder};
 use tonic::codegen::http;
@@ -28,7 +30,11 @@ const WRITE_PATH: &str = "/google.bytestream.ByteStream/Write";
 type ReadStream = Pin<Box<dyn futures::Stream<Item = Result<bs::ReadResponse, Status>> + Send>>;
 
 impl Gateway {
-    async fn write<S>(&self, mut stream: S) -> Result<bs::WriteResponse, ApiError>
+    async fn write<S>(
+        &self,
+        who: Result<Arc<Identity>, ApiError>,
+        mut stream: S,
+    ) -> Result<bs::WriteResponse, ApiError>
     where
         S: Stream<Item = Result<WriteMessage, Status>> + Send + Unpin + 'static,
     {
@@ -44,6 +50,7 @@ impl Gateway {
             })?
             .ok_or_else(|| ApiError::Invalid("empty write stream".into()))?;
         let res = parse_write(&first.resource_name, &self.config.instance_names)?;
+        who?.check_instance(&res.instance)?;
         let upload_id = res
             .upload_id
             .clone()
@@ -123,9 +130,11 @@ impl Gateway {
 
     async fn query_write(
         &self,
+        who: Result<Arc<Identity>, ApiError>,
         req: bs::QueryWriteStatusRequest,
     ) -> Result<bs::QueryWriteStatusResponse, ApiError> {
         let res = parse_write(&req.resource_name, &self.config.instance_names)?;
+        who?.check_instance(&res.instance)?;
         let (committed, complete) = self
             .shards
             .query_write(
@@ -141,8 +150,13 @@ impl Gateway {
     }
 
     /// Opens a read and starts fetching its chunks ahead of the client.
-    async fn open_read(&self, req: bs::ReadRequest) -> Result<ReadAhead, ApiError> {
+    async fn open_read(
+        &self,
+        who: Result<Arc<Identity>, ApiError>,
+        req: bs::ReadRequest,
+    ) -> Result<ReadAhead, ApiError> {
         let res = parse_read(&req.resource_name, &self.config.instance_names)?;
+        who?.check_instance(&res.instance)?;
         if req.read_offset < 0 || req.read_limit < 0 {
             return Err(ApiError::Invalid(
                 "read offset and limit must not be negative".into(),
@@ -511,6 +525,7 @@ impl Gateway {
         req: http::Request<tonic::body::Body>,
         max_message_bytes: usize,
     ) -> http::Response<tonic::body::Body> {
+        let who = crate::auth::identity(req.extensions());
         let opened = observe("Read", async {
             let mut messages = Streaming::new_request(
                 ReadRequestDecoder,
@@ -523,7 +538,7 @@ impl Gateway {
                 .await
                 .map_err(|s| ApiError::Invalid(s.message().to_string()))?
                 .ok_or_else(|| ApiError::Invalid("Read call without a ReadRequest".into()))?;
-            self.open_read(request).await
+            self.open_read(who, request).await
         })
         .await;
         match opened {
@@ -564,13 +579,14 @@ pub fn byte_stream_service(
             }),
             (WRITE_PATH, |gateway, req, max| {
                 Box::pin(async move {
+                    let who = crate::auth::identity(req.extensions());
                     let messages = GrpcMessages::new(req.into_body(), max).map(|raw| {
                         WriteMessage::parse(raw?).map_err(|e| {
                             Status::invalid_argument(format!("malformed WriteRequest: {e}"))
                         })
                     });
                     Ok(unary_answer(
-                        observe("Write", gateway.write(messages)).await,
+                        observe("Write", gateway.write(who, messages)).await,
                     ))
                 })
             }),
@@ -634,7 +650,8 @@ impl ByteStream for Gateway {
     ) -> Result<Response<Self::ReadStream>, Status> {
         // Calls arrive through [`byte_stream_service`], which serves Read itself; this is the
         // generated server's path, kept equivalent.
-        let chunks = observe("Read", self.open_read(request.into_inner())).await?;
+        let who = crate::auth::caller(&request);
+        let chunks = observe("Read", self.open_read(who, request.into_inner())).await?;
         Ok(chunks.map(|ahead| -> Self::ReadStream {
             Box::pin(ahead.map(|r| r.map(|data| bs::ReadResponse { data })))
         }))
@@ -646,15 +663,21 @@ impl ByteStream for Gateway {
     ) -> Result<Response<bs::WriteResponse>, Status> {
         // Calls arrive through [`byte_stream_service`], which reads Write off the wire itself;
         // this is the generated server's path, kept equivalent.
+        let who = crate::auth::caller(&request);
         let messages = request.into_inner().map(|m| m.map(WriteMessage::from));
-        observe("Write", self.write(messages)).await
+        observe("Write", self.write(who, messages)).await
     }
 
     async fn query_write_status(
         &self,
         request: Request<bs::QueryWriteStatusRequest>,
     ) -> Result<Response<bs::QueryWriteStatusResponse>, Status> {
-        observe("QueryWriteStatus", self.query_write(request.into_inner())).await
+        let who = crate::auth::caller(&request);
+        observe(
+            "QueryWriteStatus",
+            self.query_write(who, request.into_inner()),
+        )
+        .await
     }
 }
 

@@ -203,9 +203,14 @@ impl ContentAddressableStorage for Gateway {
         &self,
         request: Request<re::FindMissingBlobsRequest>,
     ) -> Result<Response<re::FindMissingBlobsResponse>, Status> {
+        let who = crate::auth::caller(&request);
         let raw = bytes::Bytes::from(request.into_inner().encode_to_vec());
         let req = WireRequest::parse(raw).map_err(|e| Status::internal(e.to_string()))?;
-        let resp = observe("FindMissingBlobs", self.find_missing_wire(req)).await?;
+        let resp = observe("FindMissingBlobs", async move {
+            who?.check_instance(&req.instance_name)?;
+            self.find_missing_wire(req).await
+        })
+        .await?;
         re::FindMissingBlobsResponse::decode(resp.get_ref().as_bytes())
             .map(Response::new)
             .map_err(|e| Status::internal(e.to_string()))
@@ -215,14 +220,26 @@ impl ContentAddressableStorage for Gateway {
         &self,
         request: Request<re::BatchUpdateBlobsRequest>,
     ) -> Result<Response<re::BatchUpdateBlobsResponse>, Status> {
-        observe("BatchUpdateBlobs", self.batch_update(request.into_inner())).await
+        let who = crate::auth::caller(&request);
+        let req = request.into_inner();
+        observe("BatchUpdateBlobs", async move {
+            who?.check_instance(&req.instance_name)?;
+            self.batch_update(req).await
+        })
+        .await
     }
 
     async fn batch_read_blobs(
         &self,
         request: Request<re::BatchReadBlobsRequest>,
     ) -> Result<Response<re::BatchReadBlobsResponse>, Status> {
-        observe("BatchReadBlobs", self.batch_read(request.into_inner())).await
+        let who = crate::auth::caller(&request);
+        let req = request.into_inner();
+        observe("BatchReadBlobs", async move {
+            who?.check_instance(&req.instance_name)?;
+            self.batch_read(req).await
+        })
+        .await
     }
 
     type GetTreeStream = TreeStream;
@@ -231,9 +248,11 @@ impl ContentAddressableStorage for Gateway {
         &self,
         request: Request<re::GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
+        let who = crate::auth::caller(&request);
         let req = request.into_inner();
         let gw = self.clone();
         let page = async move {
+            who?.check_instance(&req.instance_name)?;
             check_instance(&req.instance_name, &gw.config.instance_names)?;
             let f = digest_function(req.digest_function)?;
             let root = digest(f, req.root_digest.as_ref())?;

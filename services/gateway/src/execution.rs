@@ -15,6 +15,7 @@
 //! the `x-motorpool-client` header (else the tool invocation id). The scheduler rate-limits such
 //! clients; over the limit a request waits in its lane or gets RESOURCE_EXHAUSTED.
 
+use crate::auth::{self, Identity};
 use crate::resource::{check_instance, digest, digest_function, to_proto};
 use crate::{Gateway, observe};
 use async_nats::jetstream::kv;
@@ -298,6 +299,10 @@ pub fn lane_for(header: Option<Lane>, priority: i32, mnemonic: &str) -> Lane {
     }
 }
 
+fn not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!("no operation {name}"))
+}
+
 fn new_operation_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -311,10 +316,13 @@ impl Gateway {
 
     async fn execute_inner(
         &self,
+        who: Result<Arc<Identity>, ApiError>,
         meta: &tonic::metadata::MetadataMap,
         req: re::ExecuteRequest,
     ) -> Result<OpStream, ApiError> {
         let ops = self.operations()?;
+        let who = who?;
+        who.check_instance(&req.instance_name)?;
         check_instance(&req.instance_name, &self.config.instance_names)?;
         let f = digest_function(req.digest_function)?;
         let action_digest = digest(f, req.action_digest.as_ref())?;
@@ -342,7 +350,8 @@ impl Gateway {
             .collect();
         platform.sort();
         let priority = req.execution_policy.as_ref().map_or(0, |p| p.priority);
-        let lane = lane_for(steer.lane_header, priority, &steer.mnemonic);
+        // A header or a priority may lower the lane; the caller's key caps how high it goes.
+        let lane = who.cap_lane(lane_for(steer.lane_header, priority, &steer.mnemonic));
         let timeout_ms = action.timeout.as_ref().map_or(0, |t| {
             (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000
         });
@@ -358,8 +367,9 @@ impl Gateway {
             platform,
             do_not_cache: action.do_not_cache,
             timeout_ms,
-            client: steer.client,
-            api: steer.api,
+            client: who.client_id(&steer.client),
+            // A key may be API-triggered by itself; any caller may also submit to the limit.
+            api: who.api || steer.api,
             created_ms: now,
             not_before_ms: 0,
             attempts: 0,
@@ -448,9 +458,26 @@ impl Gateway {
         })
     }
 
-    async fn wait_inner(&self, name: &str) -> Result<OpStream, ApiError> {
+    async fn wait_inner(
+        &self,
+        who: Result<Arc<Identity>, ApiError>,
+        name: &str,
+    ) -> Result<OpStream, ApiError> {
+        let who = who?;
         let (rx, op) = self.operations()?.follow(name).await?;
+        if !who.owns(&op.client) {
+            return Err(not_found(name));
+        }
         Ok(stream_from(op, rx))
+    }
+
+    /// The operation `name`, if the caller may see it (others' are reported missing, as if they
+    /// did not exist).
+    async fn visible(&self, who: &Identity, name: &str) -> Result<Operation, ApiError> {
+        match self.operations()?.get(name).await? {
+            Some(op) if who.owns(&op.client) => Ok(op),
+            _ => Err(not_found(name)),
+        }
     }
 }
 
@@ -464,16 +491,18 @@ impl re::execution_server::Execution for Gateway {
         request: Request<re::ExecuteRequest>,
     ) -> Result<Response<OpStream>, Status> {
         let meta = request.metadata().clone();
+        let who = auth::caller(&request);
         let req = request.into_inner();
-        observe("Execute", self.execute_inner(&meta, req)).await
+        observe("Execute", self.execute_inner(who, &meta, req)).await
     }
 
     async fn wait_execution(
         &self,
         request: Request<re::WaitExecutionRequest>,
     ) -> Result<Response<OpStream>, Status> {
+        let who = auth::caller(&request);
         let name = request.into_inner().name;
-        observe("WaitExecution", self.wait_inner(&name)).await
+        observe("WaitExecution", self.wait_inner(who, &name)).await
     }
 }
 
@@ -483,8 +512,10 @@ impl lr::operations_server::Operations for Gateway {
         &self,
         request: Request<lr::ListOperationsRequest>,
     ) -> Result<Response<lr::ListOperationsResponse>, Status> {
+        let who = auth::caller(&request);
         let req = request.into_inner();
         observe("ListOperations", async move {
+            let who = who?;
             let ops = self.operations()?;
             let only_done = match req.filter.trim() {
                 "" => None,
@@ -523,6 +554,7 @@ impl lr::operations_server::Operations for Gateway {
                     break;
                 }
                 if let Some(op) = ops.get(&k).await?
+                    && who.owns(&op.client)
                     && only_done.is_none_or(|d| d == op.is_done())
                 {
                     out.push(to_longrunning(&op));
@@ -541,11 +573,10 @@ impl lr::operations_server::Operations for Gateway {
         &self,
         request: Request<lr::GetOperationRequest>,
     ) -> Result<Response<lr::Operation>, Status> {
+        let who = auth::caller(&request);
         let name = request.into_inner().name;
         observe("GetOperation", async move {
-            let op = self.operations()?.get(&name).await?;
-            op.map(|o| to_longrunning(&o))
-                .ok_or_else(|| ApiError::NotFound(format!("no operation {name}")))
+            Ok(to_longrunning(&self.visible(&*who?, &name).await?))
         })
         .await
     }
@@ -554,15 +585,15 @@ impl lr::operations_server::Operations for Gateway {
         &self,
         request: Request<lr::DeleteOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
+        let who = auth::caller(&request);
         let name = request.into_inner().name;
         observe("DeleteOperation", async move {
             let ops = self.operations()?;
-            match ops.get(&name).await? {
-                None => Err(ApiError::NotFound(format!("no operation {name}"))),
-                Some(op) if !op.is_done() => Err(ApiError::FailedPrecondition(format!(
+            match self.visible(&*who?, &name).await? {
+                op if !op.is_done() => Err(ApiError::FailedPrecondition(format!(
                     "operation {name} is not done; cancel it first"
                 ))),
-                Some(_) => {
+                _ => {
                     ops.kv
                         .delete(&name)
                         .await
@@ -578,6 +609,7 @@ impl lr::operations_server::Operations for Gateway {
         &self,
         request: Request<lr::CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
+        let who = auth::caller(&request);
         let name = request.into_inner().name;
         observe("CancelOperation", async move {
             let ops = self.operations()?;
@@ -586,6 +618,7 @@ impl lr::operations_server::Operations for Gateway {
                     "{name:?} is not an operation name"
                 )));
             }
+            self.visible(&*who?, &name).await?;
             ops.bus
                 .request(
                     &subjects::exec::cancel(),
@@ -604,13 +637,18 @@ impl lr::operations_server::Operations for Gateway {
         &self,
         request: Request<lr::WaitOperationRequest>,
     ) -> Result<Response<lr::Operation>, Status> {
+        let who = auth::caller(&request);
         let req = request.into_inner();
         observe("WaitOperation", async move {
+            let who = who?;
             let timeout = req.timeout.map_or(Duration::from_secs(60), |t| {
                 Duration::from_secs(t.seconds.max(0) as u64)
                     + Duration::from_nanos(t.nanos.max(0) as u64)
             });
             let (mut rx, mut op) = self.operations()?.follow(&req.name).await?;
+            if !who.owns(&op.client) {
+                return Err(not_found(&req.name));
+            }
             let deadline = tokio::time::Instant::now() + timeout;
             while !op.is_done() {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {

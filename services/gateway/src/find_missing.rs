@@ -202,11 +202,13 @@ impl UnaryService<WireRequest> for FindMissingMethod {
 
     fn call(&mut self, request: Request<WireRequest>) -> Self::Future {
         let gateway = self.0.clone();
+        let who = crate::auth::caller(&request);
         Box::pin(async move {
-            crate::observe(
-                "FindMissingBlobs",
-                gateway.find_missing_wire(request.into_inner()),
-            )
+            let req = request.into_inner();
+            crate::observe("FindMissingBlobs", async move {
+                who?.check_instance(&req.instance_name)?;
+                gateway.find_missing_wire(req).await
+            })
             .await
         })
     }

@@ -20,6 +20,7 @@
 //! holds are copies, never the only one), so gateways can be added or restarted freely.
 
 pub mod ac;
+pub mod auth;
 pub mod bytestream;
 pub mod cas;
 pub mod execution;
@@ -143,8 +144,10 @@ impl Capabilities for Gateway {
         &self,
         request: Request<re::GetCapabilitiesRequest>,
     ) -> Result<Response<re::ServerCapabilities>, Status> {
+        let who = auth::caller(&request);
         let req = request.into_inner();
         observe("GetCapabilities", async move {
+            who?.check_instance(&req.instance_name)?;
             resource::check_instance(&req.instance_name, &self.config.instance_names)?;
             Ok(self.capabilities())
         })
@@ -244,6 +247,18 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         operations,
         recent: Arc::default(),
     };
+    let auth = auth::Auth::open(&config.auth)?;
+    let reload = auth.clone();
+    let stop_reload = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => reload.reload_if_changed(),
+                _ = stop_reload.cancelled() => break,
+            }
+        }
+    });
     let max = config.max_grpc_message_bytes;
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
@@ -256,6 +271,7 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .max_frame_size(Some(1024 * 1024))
+        .layer(auth::AuthLayer(auth))
         .add_service(CapabilitiesServer::new(gateway.clone()).max_decoding_message_size(max))
         .add_service(find_missing::cas_service(gateway.clone(), max))
         .add_service(bytestream::byte_stream_service(gateway.clone(), max))

@@ -22,9 +22,9 @@ use bytes::{Buf, Bytes};
 use futures::StreamExt;
 use motorpool_messages::{BlobDigest, DigestFunction};
 use std::time::{Duration, Instant};
+use support::AuthChannel as Channel;
 use support::*;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::Channel;
 
 /// The services' allocator: the client's megabyte buffers should not be faulted in afresh for
 /// every chunk either.
@@ -150,13 +150,15 @@ impl Buf for Parts {
 struct LeanWriter {
     send: h2::client::SendRequest<Parts>,
     uri: String,
+    /// `authorization: Bearer <key>`.
+    auth: String,
 }
 
 impl LeanWriter {
     /// Messages per DATA frame: 16 x 16 KiB stays within `h2`'s default send buffer (400 KiB).
     const PACK: usize = 16;
 
-    async fn connect(addr: std::net::SocketAddr) -> LeanWriter {
+    async fn connect(addr: std::net::SocketAddr, key: &str) -> LeanWriter {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
         let (send, conn) = h2::client::Builder::new()
@@ -169,6 +171,7 @@ impl LeanWriter {
         LeanWriter {
             send,
             uri: format!("http://{addr}/google.bytestream.ByteStream/Write"),
+            auth: format!("Bearer {key}"),
         }
     }
 
@@ -193,6 +196,7 @@ impl LeanWriter {
         let req = http::Request::post(&self.uri)
             .header("content-type", "application/grpc")
             .header("te", "trailers")
+            .header("authorization", &self.auth)
             .body(())
             .unwrap();
         let mut send = self.send.clone().ready().await.unwrap();
@@ -379,7 +383,7 @@ async fn bytestream_rows(
         stack.child_pid(&["cas-shard"]),
     ];
     let pids: Option<Vec<u32>> = pids.into_iter().collect();
-    let mut lean = LeanWriter::connect(stack.grpc).await;
+    let mut lean = LeanWriter::connect(stack.grpc, &stack.keys.admin).await;
     for &(size, reps) in sizes {
         let base = bytes(size, size as usize);
         let (mut w, mut w_bazel) = (Vec::new(), Vec::new());
@@ -522,6 +526,7 @@ fn bazel_rows(rows: &mut Vec<Row>, stack: &Stack, reps: usize) {
     let flags = vec![
         "//...".to_string(),
         format!("--remote_cache=grpc://{}", stack.grpc),
+        stack.bazel_auth(&stack.keys.ci),
     ];
     bazel.run("build", &flags);
     // Bazel's own cache on local disk: the same all-hit rebuild with no server in between, which

@@ -256,6 +256,7 @@ fn bazel_rows(stack: &Stack, b: &Bazel, reps: usize, extra_flags: &[String]) -> 
         [
             "//...".to_string(),
             format!("--remote_executor=grpc://{}", stack.grpc),
+            stack.bazel_auth(&stack.keys.ci),
             // A fresh instance each time: a cold cache, every action executed.
             format!("--remote_instance_name={instance}"),
             "--spawn_strategy=remote".to_string(),

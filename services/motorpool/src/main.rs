@@ -14,6 +14,7 @@
 
 mod drives;
 mod image;
+mod keys;
 mod label;
 mod up;
 
@@ -78,6 +79,9 @@ enum Command {
     /// Boot drives: list them, their images and menus; burn images onto them.
     #[command(subcommand)]
     Drives(drives::DrivesCommand),
+    /// The gateway's API keys: add (prints the key once), list, remove.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 #[derive(Args, Serialize)]
@@ -263,6 +267,28 @@ struct GatewayArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     blob_transport: Option<String>,
+    #[command(flatten)]
+    #[serde(skip_serializing_if = "AuthFlags::is_empty")]
+    auth: AuthFlags,
+}
+
+/// The gateway's `auth` settings as flags.
+#[derive(Args, Serialize)]
+struct AuthFlags {
+    /// API keys file (`motorpool keys add` writes it) [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keys_file: Option<PathBuf>,
+    /// What a caller without a key may do: none, read or all [default: none].
+    #[arg(long, value_parser = ["none", "read", "all"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    anonymous: Option<String>,
+}
+
+impl AuthFlags {
+    fn is_empty(&self) -> bool {
+        self.keys_file.is_none() && self.anonymous.is_none()
+    }
 }
 
 #[derive(Args, Serialize)]
@@ -403,6 +429,7 @@ async fn main() -> anyhow::Result<()> {
             motorpool_disk_burner::actor::run(config, shutdown_on_signals()).await
         }
         Command::Drives(cmd) => tokio::task::spawn_blocking(move || drives::main(cmd)).await?,
+        Command::Keys(cmd) => keys::main(cmd),
         Command::Image(cmd) => tokio::task::spawn_blocking(move || image::main(cmd)).await?,
         Command::Worker(args) => {
             let config: WorkerConfig = load(&args.common, &args)?;

@@ -53,6 +53,9 @@ pub struct UpArgs {
     /// root, or no bubblewrap). Actions then have every right this user has.
     #[arg(long)]
     no_sandbox: bool,
+    /// Let callers without a key read the cache (CAS and action-cache reads only).
+    #[arg(long)]
+    anonymous_read: bool,
     /// Instance name to print in the suggested Bazel flags.
     #[arg(long, default_value = "")]
     instance_name: String,
@@ -104,6 +107,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         nix::unistd::geteuid()
     );
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let (keys_file, keys) = crate::keys::stack_keys(&data_dir)?;
     let nats = NatsServer::start_with(NatsServerOptions {
         port: args.nats_port,
         store_dir: Some(data_dir.join("nats")),
@@ -189,6 +193,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             args.http_addr.to_string(),
             "--blob-transport".into(),
             args.blob_transport.clone(),
+            "--keys-file".into(),
+            keys_file.display().to_string(),
+            "--anonymous".into(),
+            if args.anonymous_read { "read" } else { "none" }.into(),
         ],
     ));
     for c in &mut children {
@@ -210,8 +218,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     } else {
         format!(" --remote_instance_name={}", args.instance_name)
     };
+    let instance = format!(
+        "{instance} \\\n      --remote_header=authorization=Bearer {}",
+        keys.developer
+    );
     println!(
-        "\nMotorpool is up.\n  NATS     {nats_url}\n  gRPC     grpc://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nBuild with the remote cache:\n  bazel build //... --remote_cache=grpc://{grpc}{instance}\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url}\n\nPress Ctrl-C to stop.\n",
+        "\nMotorpool is up.\n  NATS     {nats_url}\n  gRPC     grpc://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, root only; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache=grpc://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url}\n\nPress Ctrl-C to stop.\n",
         workers = args.workers,
         exec = if args.workers > 0 {
             format!(
@@ -224,6 +236,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         grpc = args.grpc_addr,
         http = args.http_addr,
         dir = data_dir.display(),
+        keys = keys_file.display(),
+        dev = keys.developer,
+        ci = keys.ci,
+        admin = keys.admin,
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -20,6 +20,7 @@ fn bazel_rebuild_after_clean_is_all_remote_cache_hits_and_byte_identical() {
         "//...".to_string(),
         format!("--remote_cache=grpc://{}", stack.grpc),
         "--remote_instance_name=ci".to_string(),
+        stack.bazel_auth(&stack.keys.ci),
     ];
     let cold = remote.run("build", &flags);
     let (total, hits, internal) = cold.process_summary();

@@ -23,6 +23,7 @@ fn bazel_remote_execution_matches_local_and_rebuilds_from_cache() {
         "--remote_instance_name=ci".to_string(),
         "--spawn_strategy=remote".to_string(),
         "--jobs=8".to_string(),
+        stack.bazel_auth(&stack.keys.ci),
     ];
     let cold = remote.run("test", &flags);
     let (total, hits, internal) = cold.process_summary();

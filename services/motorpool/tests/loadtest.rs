@@ -18,6 +18,7 @@ fn k6_load_test_runs_against_the_stack() {
         .current_dir(&dir)
         .args(["run", "--quiet", "--no-color"])
         .args(["-e", &format!("TARGET={}", stack.grpc)])
+        .args(["-e", &format!("KEY={}", stack.keys.developer)])
         .args(["-e", "VUS=2", "-e", "DURATION=5s", "-e", "BLOBS=50"])
         .arg("cas.js")
         .output()

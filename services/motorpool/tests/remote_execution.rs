@@ -457,6 +457,10 @@ async fn workers_dying_are_retried_then_alerted_and_restarts_lose_nothing() {
         else {
             continue;
         };
+        let ch = tonic::service::interceptor::InterceptedService::new(
+            ch,
+            support::Bearer::new(&stack.keys.admin),
+        );
         let mut exec =
             bazel_remote_apis::build::bazel::remote::execution::v2::execution_client::ExecutionClient::new(ch);
         let req = bazel_remote_apis::build::bazel::remote::execution::v2::WaitExecutionRequest {

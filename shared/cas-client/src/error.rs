@@ -27,6 +27,12 @@ pub enum ApiError {
     Cancelled(String),
     #[error("{0}")]
     Aborted(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The caller did not say who it is, or said it wrongly.
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 impl From<WireError> for ApiError {
@@ -73,6 +79,8 @@ impl From<ApiError> for Status {
             ApiError::Internal(_) => Code::Internal,
             ApiError::Cancelled(_) => Code::Cancelled,
             ApiError::Aborted(_) => Code::Aborted,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
         };
         Status::new(code, e.to_string())
     }
@@ -91,6 +99,10 @@ impl From<ApiError> for WireError {
             ApiError::Internal(_) => ErrorCode::Internal,
             ApiError::Cancelled(_) => ErrorCode::Cancelled,
             ApiError::Aborted(_) => ErrorCode::Aborted,
+            // The bus has no identities yet: these never cross it from a gateway.
+            ApiError::PermissionDenied(_) | ApiError::Unauthenticated(_) => {
+                ErrorCode::FailedPrecondition
+            }
         };
         WireError::new(code, e.to_string())
     }

@@ -110,8 +110,48 @@ pub struct GatewayConfig {
     /// Shards each written blob is stored on: the owner and `replicas - 1` more in placement
     /// order, so losing one shard (a worker) loses no blob. Default 2.
     pub replicas: usize,
+    /// Who may call the gateway, and for what.
+    pub auth: AuthConfig,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
+}
+
+/// What a caller that presents no API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Anonymous {
+    /// Nothing: every call needs a key.
+    None,
+    /// Read the CAS and the action cache (FindMissing, reads, GetActionResult, GetTree).
+    Read,
+    /// Everything, as before keys existed: only where every client on the network is trusted.
+    All,
+}
+
+/// API keys and anonymous access. A caller presents its key as `authorization: Bearer <key>`
+/// (Bazel: `--remote_header=authorization=Bearer <key>`) or `x-api-key: <key>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// TOML file of API keys, re-read when it changes (keys rotate without a restart): a
+    /// `[[keys]]` table each with `id`, `sha256` (of the key, hex), `roles` (any of `read`,
+    /// `write-cas`, `write-ac`, `execute`, `admin`), `instances` (instance names the key may use;
+    /// empty: all), `max_lane` (the highest lane its executions may ride; default `release`) and
+    /// `api` (its executions are API-triggered, rate-limited under its id). `motorpool keys add`
+    /// writes it. Default: none.
+    pub keys_file: Option<PathBuf>,
+    /// What a caller without a key may do: `none`, `read` or `all`. Default `none`; a gateway
+    /// with neither keys nor anonymous access refuses to start.
+    pub anonymous: Anonymous,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            keys_file: None,
+            anonymous: Anonymous::None,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -129,6 +169,7 @@ impl Default for GatewayConfig {
             instance_names: Vec::new(),
             execution: true,
             replicas: 2,
+            auth: AuthConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -629,6 +670,7 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/config");
         let gw: GatewayConfig = load(Some(&dir.join("gateway.toml")), &Flags::default()).unwrap();
         assert_eq!(gw.grpc_addr.port(), 8980);
+        assert_eq!(gw.auth.anonymous, Anonymous::Read);
         let shard: ShardConfig =
             load(Some(&dir.join("cas-shard.toml")), &Flags::default()).unwrap();
         assert!(shard.capacity_bytes > 0);

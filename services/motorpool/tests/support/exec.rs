@@ -1,12 +1,12 @@
 //! A small REAPI execution client for tests: upload an action, Execute it, follow the stream.
 
+use super::AuthChannel as Channel;
 use super::{Stack, proto, sha};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::longrunning as lr;
 use futures::StreamExt;
 use motorpool_messages::BlobDigest;
 use prost::Message as _;
-use tonic::transport::Channel;
 
 pub struct ExecClient {
     pub cas: re::content_addressable_storage_client::ContentAddressableStorageClient<Channel>,
@@ -60,7 +60,12 @@ impl Finished {
 
 impl ExecClient {
     pub async fn connect(stack: &Stack, instance: &str) -> ExecClient {
-        let ch = stack.channel().await;
+        Self::connect_as(stack, instance, &stack.keys.admin).await
+    }
+
+    /// A client whose calls carry `key`.
+    pub async fn connect_as(stack: &Stack, instance: &str, key: &str) -> ExecClient {
+        let ch = stack.channel_as(key).await;
         ExecClient {
             cas: re::content_addressable_storage_client::ContentAddressableStorageClient::new(
                 ch.clone(),

@@ -13,6 +13,36 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+/// A channel whose calls carry an API key, as Bazel's `--remote_header` sends it.
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <key>` to every call (nothing for an empty key).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(key: &str) -> Bearer {
+        Bearer((!key.is_empty()).then(|| format!("Bearer {key}").parse().unwrap()))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The API keys `motorpool up` made (its `credentials.toml`).
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Keys {
+    pub developer: String,
+    pub ci: String,
+    pub admin: String,
+}
+
 pub const MAX_MSG: usize = 256 * 1024 * 1024;
 
 /// A free loopback address.
@@ -29,6 +59,8 @@ pub struct Stack {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The stack's keys; [`Stack::channel`]'s calls carry `admin`.
+    pub keys: Keys,
 }
 
 impl Stack {
@@ -76,9 +108,18 @@ impl Stack {
                 grpc,
                 http,
                 dir,
+                keys: Keys {
+                    developer: String::new(),
+                    ci: String::new(),
+                    admin: String::new(),
+                },
             };
             match stack.wait_ready() {
-                Ok(()) => return stack,
+                Ok(()) => {
+                    let creds = stack.dir.path().join("data/credentials.toml");
+                    stack.keys = toml::from_str(&std::fs::read_to_string(creds).unwrap()).unwrap();
+                    return stack;
+                }
                 Err(log) => {
                     failures.push_str(&log);
                     stack.stop();
@@ -110,13 +151,31 @@ impl Stack {
         format!("http://{}", self.grpc)
     }
 
-    pub async fn channel(&self) -> Channel {
-        self.channel_with_frames(16 * 1024).await
+    /// A channel whose calls carry the admin key.
+    pub async fn channel(&self) -> AuthChannel {
+        self.channel_as(&self.keys.admin).await
+    }
+
+    /// A channel whose calls carry `key` (empty: none).
+    pub async fn channel_as(&self, key: &str) -> AuthChannel {
+        let ch = self.plain_channel(16 * 1024).await;
+        tonic::service::interceptor::InterceptedService::new(ch, Bearer::new(key))
+    }
+
+    /// `--remote_header` for Bazel, with `key`.
+    pub fn bazel_auth(&self, key: &str) -> String {
+        format!("--remote_header=authorization=Bearer {key}")
     }
 
     /// A channel that accepts HTTP/2 frames of up to `max_frame` bytes (16 KiB, the protocol's
     /// default and what Bazel's netty accepts, in [`Stack::channel`]).
-    pub async fn channel_with_frames(&self, max_frame: u32) -> Channel {
+    pub async fn channel_with_frames(&self, max_frame: u32) -> AuthChannel {
+        let ch = self.plain_channel(max_frame).await;
+        tonic::service::interceptor::InterceptedService::new(ch, Bearer::new(&self.keys.admin))
+    }
+
+    /// A channel without a key.
+    pub async fn plain_channel(&self, max_frame: u32) -> Channel {
         Channel::from_shared(self.endpoint())
             .unwrap()
             .initial_stream_window_size(Some(8 * 1024 * 1024))
@@ -244,10 +303,10 @@ impl Drop for Stack {
 }
 
 pub struct Clients {
-    pub cas: re::content_addressable_storage_client::ContentAddressableStorageClient<Channel>,
-    pub bs: bs::byte_stream_client::ByteStreamClient<Channel>,
-    pub ac: re::action_cache_client::ActionCacheClient<Channel>,
-    pub caps: re::capabilities_client::CapabilitiesClient<Channel>,
+    pub cas: re::content_addressable_storage_client::ContentAddressableStorageClient<AuthChannel>,
+    pub bs: bs::byte_stream_client::ByteStreamClient<AuthChannel>,
+    pub ac: re::action_cache_client::ActionCacheClient<AuthChannel>,
+    pub caps: re::capabilities_client::CapabilitiesClient<AuthChannel>,
 }
 
 pub fn sha(data: &[u8]) -> BlobDigest {

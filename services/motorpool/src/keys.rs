@@ -1,0 +1,214 @@
+//! `motorpool keys`: the gateway's API keys. A key is printed once, when it is made; the keys
+//! file keeps only its SHA-256, and the gateway re-reads the file when it changes, so keys are
+//! added, rotated (add the new one, move clients, remove the old) and revoked without a restart.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use motorpool_gateway::auth::{KeyEntry, KeysFile, Role, hash_key, new_key};
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Make a key, add its hash to the keys file and print the key (once).
+    Add(AddArgs),
+    /// List the keys (ids, roles, instances, lanes; never the keys).
+    List(FileArg),
+    /// Remove a key: its holder is refused from the gateway's next reload (within a second).
+    Remove(RemoveArgs),
+}
+
+#[derive(Args)]
+pub struct FileArg {
+    /// The keys file (the gateway's `auth.keys_file`).
+    #[arg(long)]
+    keys_file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    file: FileArg,
+    /// Who holds it (a team, a CI system): names its operations.
+    #[arg(long)]
+    id: String,
+    /// Roles, comma-separated: read, write-cas, write-ac, execute, admin.
+    #[arg(long, value_delimiter = ',', required = true)]
+    roles: Vec<String>,
+    /// Instance names it may use, comma-separated [default: all].
+    #[arg(long, value_delimiter = ',')]
+    instances: Vec<String>,
+    /// The highest lane its executions may ride.
+    #[arg(long, default_value = "release")]
+    max_lane: String,
+    /// Its executions are API-triggered: rate-limited under its id.
+    #[arg(long)]
+    api: bool,
+}
+
+#[derive(Args)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    file: FileArg,
+    /// The key's id.
+    #[arg(long)]
+    id: String,
+}
+
+fn read_or_empty(path: &Path) -> anyhow::Result<KeysFile> {
+    if path.exists() {
+        KeysFile::read(path)
+    } else {
+        Ok(KeysFile::default())
+    }
+}
+
+fn role(name: &str) -> anyhow::Result<Role> {
+    toml::Value::String(name.trim().to_string())
+        .try_into()
+        .with_context(|| {
+            format!("{name:?} is not a role: use read, write-cas, write-ac, execute or admin")
+        })
+}
+
+/// Adds a new key `id` with `roles` to the keys file and returns the key.
+pub fn add(path: &Path, entry_of: impl FnOnce(String) -> KeyEntry) -> anyhow::Result<String> {
+    let mut file = read_or_empty(path)?;
+    let key = new_key();
+    let entry = entry_of(hex::encode(hash_key(&key)));
+    anyhow::ensure!(
+        !file.keys.iter().any(|k| k.id == entry.id),
+        "the keys file has a key {:?} already; remove it first to rotate",
+        entry.id
+    );
+    file.keys.push(entry);
+    file.write(path)?;
+    Ok(key)
+}
+
+pub fn main(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Add(a) => {
+            let roles = a
+                .roles
+                .iter()
+                .map(|r| role(r))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            anyhow::ensure!(
+                motorpool_messages::exec::Lane::from_name(&a.max_lane).is_some(),
+                "--max-lane {:?} is not release, build, test or lint",
+                a.max_lane
+            );
+            let key = add(&a.file.keys_file, |sha256| KeyEntry {
+                id: a.id.clone(),
+                sha256,
+                roles,
+                instances: a.instances.clone(),
+                max_lane: a.max_lane.clone(),
+                api: a.api,
+            })?;
+            eprintln!(
+                "Added key {:?} to {}. It is shown only now:",
+                a.id,
+                a.file.keys_file.display()
+            );
+            println!("{key}");
+            eprintln!("Bazel: --remote_header=authorization=Bearer {key}");
+        }
+        KeysCommand::List(f) => {
+            for k in read_or_empty(&f.keys_file)?.keys {
+                let instances = if k.instances.is_empty() {
+                    "all instances".to_string()
+                } else {
+                    k.instances.join(",")
+                };
+                let roles: Vec<String> = k.roles.iter().map(|r| format!("{r:?}")).collect();
+                println!(
+                    "{}\troles {}\t{instances}\tlanes up to {}{}",
+                    k.id,
+                    roles.join(","),
+                    k.max_lane,
+                    if k.api { "\tAPI-triggered" } else { "" }
+                );
+            }
+        }
+        KeysCommand::Remove(r) => {
+            let mut file = read_or_empty(&r.file.keys_file)?;
+            let before = file.keys.len();
+            file.keys.retain(|k| k.id != r.id);
+            anyhow::ensure!(
+                file.keys.len() < before,
+                "no key {:?} in {}",
+                r.id,
+                r.file.keys_file.display()
+            );
+            file.write(&r.file.keys_file)?;
+            eprintln!("Removed key {:?}.", r.id);
+        }
+    }
+    Ok(())
+}
+
+/// The keys `motorpool up` makes at its first start, kept (readable by root only) in
+/// `<data dir>/credentials.toml` beside the gateway's `keys.toml`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StackKeys {
+    /// Read, write the CAS, execute up to the build lane: a developer's builds.
+    pub developer: String,
+    /// Also write the action cache, any lane: CI.
+    pub ci: String,
+    /// Everything, and every caller's operations.
+    pub admin: String,
+}
+
+/// The stack's keys: those made before, or new ones (replacing entries of the same ids whose
+/// plaintext was lost; keys an operator added stay).
+pub fn stack_keys(data_dir: &Path) -> anyhow::Result<(PathBuf, StackKeys)> {
+    use std::os::unix::fs::PermissionsExt;
+    let keys_file = data_dir.join("keys.toml");
+    let creds = data_dir.join("credentials.toml");
+    if keys_file.exists()
+        && let Ok(text) = std::fs::read_to_string(&creds)
+    {
+        return Ok((
+            keys_file,
+            toml::from_str(&text).context("read credentials.toml")?,
+        ));
+    }
+    let mut file = read_or_empty(&keys_file)?;
+    file.keys
+        .retain(|k| !["developer", "ci", "admin"].contains(&k.id.as_str()));
+    file.write(&keys_file)?;
+    let entry = |id: &str, roles: Vec<Role>, lane: &str| {
+        let (id, lane) = (id.to_string(), lane.to_string());
+        move |sha256| KeyEntry {
+            id,
+            sha256,
+            roles,
+            instances: Vec::new(),
+            max_lane: lane,
+            api: false,
+        }
+    };
+    let keys = StackKeys {
+        developer: add(
+            &keys_file,
+            entry(
+                "developer",
+                vec![Role::Read, Role::WriteCas, Role::Execute],
+                "build",
+            ),
+        )?,
+        ci: add(
+            &keys_file,
+            entry(
+                "ci",
+                vec![Role::Read, Role::WriteCas, Role::WriteAc, Role::Execute],
+                "release",
+            ),
+        )?,
+        admin: add(&keys_file, entry("admin", vec![Role::Admin], "release"))?,
+    };
+    std::fs::write(&creds, toml::to_string(&keys)?)?;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600))?;
+    Ok((keys_file, keys))
+}
