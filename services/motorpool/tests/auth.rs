@@ -152,6 +152,24 @@ async fn operations_belong_to_their_caller_and_a_header_cannot_raise_the_lane() 
     while let Some(Ok(_)) = s.next().await {}
 }
 
+/// Waits (10 s at most) until a GetActionResult with `key` fails with `code`.
+async fn until(
+    stack: &Stack,
+    key: &str,
+    action: &motorpool_messages::BlobDigest,
+    code: Code,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ac(stack, key).await.get_action_result(get(action)).await {
+            Err(e) if e.code() == code => return,
+            other => assert!(Instant::now() < deadline, "{what}: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_added_scoped_and_revoked_without_a_restart() {
     let stack = Stack::up(&["--workers", "0"]);
@@ -187,18 +205,14 @@ async fn keys_are_added_scoped_and_revoked_without_a_restart() {
     );
     let action = sha(b"nothing here");
     // Within a second or two the gateway knows the new key, for its instance only.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = ac(&stack, &key).await.get_action_result(get(&action)).await;
-        match r {
-            Err(e) if e.code() == Code::NotFound => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "the new key never worked: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until(
+        &stack,
+        &key,
+        &action,
+        Code::NotFound,
+        "the new key never worked",
+    )
+    .await;
     let mut other = get(&action);
     other.instance_name = "test".into();
     let e = ac(&stack, &key)
@@ -210,16 +224,12 @@ async fn keys_are_added_scoped_and_revoked_without_a_restart() {
     assert!(motorpool(&["list"]).contains("team-a"));
     // Revoked: refused from the next reload on.
     motorpool(&["remove", "--id", "team-a"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = ac(&stack, &key).await.get_action_result(get(&action)).await;
-        match r {
-            Err(e) if e.code() == Code::Unauthenticated => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "the removed key still works: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until(
+        &stack,
+        &key,
+        &action,
+        Code::Unauthenticated,
+        "the removed key still works",
+    )
+    .await;
 }
