@@ -2045,6 +2045,7 @@ mod tests {
         let s = Store::open(disk.path(), 4 << 20, false).unwrap();
         let a = vec![1u8; 10_000];
         s.put(0, &sha(&a), &a).unwrap();
+        s.flush().unwrap(); // stored a while ago: its metadata is on disk
         // Something else fills the disk.
         let filler = disk.path().join("filler");
         let mut f = File::create(&filler).unwrap();
@@ -2055,15 +2056,33 @@ mod tests {
         assert!(matches!(s.put(0, &sha(&b), &b), Err(StoreError::Full(m)) if m.contains("free")));
         // And when the disk fills between that check and the write, the partial record is cut
         // back off: nothing points into it, and the next append lands where it would have.
+        let end = s.active.lock().len;
         assert!(s.append_to_pack(&[&b]).is_err());
+        assert_eq!(s.active.lock().len, end);
+        let pack = s.pack_path(s.active.lock().id);
+        assert_eq!(
+            fs::metadata(&pack).unwrap().len(),
+            end,
+            "the partial record is gone"
+        );
+        // What was stored before still reads back, while the disk is full.
+        assert_eq!(s.read(0, &sha(&a), 0, 0).unwrap(), a);
+        // Once there is room again (sled, whose background flush may have met the full disk and
+        // then refuses writes until it is reopened, after a restart), writes land right.
         fs::remove_file(&filler).unwrap();
+        drop(s);
+        let s = Store::open(disk.path(), 4 << 20, false).unwrap();
         let c = vec![3u8; 10_000];
         s.put(0, &sha(&c), &c).unwrap();
         assert_eq!(s.read(0, &sha(&a), 0, 0).unwrap(), a);
         assert_eq!(s.read(0, &sha(&c), 0, 0).unwrap(), c);
         drop(s);
         let s = Store::open(disk.path(), 4 << 20, false).unwrap();
-        assert_eq!(s.read(0, &sha(&c), 0, 0).unwrap(), c, "and after a restart");
+        assert_eq!(
+            s.read(0, &sha(&c), 0, 0).unwrap(),
+            c,
+            "and after another restart"
+        );
     }
 
     #[test]
