@@ -227,6 +227,19 @@ pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunOu
     };
     // Whatever the action left running in the background goes too.
     kill_all();
+    // The cgroup goes now, before anything below can fail: what it said about memory is read
+    // first, and whether it could be removed is reported last.
+    let (oom, removed) = match cgroup {
+        Some(cg) => {
+            let oom = cg.oom_killed().then(|| cg.memory_bytes());
+            let removed = tokio::task::spawn_blocking(move || cg.remove())
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            (oom, removed)
+        }
+        None => (None, Ok(())),
+    };
     let status = status.map_err(|e| JobError::infra(format!("wait for the action: {e}")))?;
     let mut exit_code = status.code().unwrap_or_else(|| {
         use std::os::unix::process::ExitStatusExt;
@@ -256,31 +269,24 @@ pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunOu
             );
         }
     }
-    let mut oom_killed = false;
-    if let Some(cg) = cgroup {
-        oom_killed = cg.oom_killed();
-        if oom_killed {
-            if exit_code == 0 {
-                exit_code = 137;
-            }
-            append_note(
-                spec.stderr,
-                &format!(
-                    "\nmotorpool: the action was killed for using more than its memory limit of {} MiB (ask for more with the platform property memory-mb)\n",
-                    cg.memory_bytes() >> 20
-                ),
-            );
+    if let Some(limit) = oom {
+        if exit_code == 0 {
+            exit_code = 137;
         }
-        tokio::task::spawn_blocking(move || cg.remove())
-            .await
-            .map_err(|e| JobError::infra(format!("remove the action's cgroup: {e}")))?
-            .map_err(|e| JobError::infra(format!("remove the action's cgroup: {e}")))?;
+        append_note(
+            spec.stderr,
+            &format!(
+                "\nmotorpool: the action was killed for using more than its memory limit of {} MiB (ask for more with the platform property memory-mb)\n",
+                limit >> 20
+            ),
+        );
     }
+    removed.map_err(|e| JobError::infra(format!("remove the action's cgroup: {e}")))?;
     Ok(RunOutcome {
         exit_code,
         timed_out,
         cancelled,
-        oom_killed,
+        oom_killed: oom.is_some(),
         elapsed: start.elapsed(),
     })
 }
