@@ -171,12 +171,8 @@ impl DirStash {
             return Ok(());
         }
         std::fs::create_dir(dst)?;
-        if let Some((uid, gid)) = self.owner {
-            nix::unistd::chown(
-                dst,
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-            )?;
+        if let Some(owner) = self.owner {
+            crate::sandbox::give(dst, owner)?;
         }
         Ok(())
     }

@@ -553,12 +553,8 @@ async fn open_sandbox(
     }
     let probe = exec_dir.join("probe");
     std::fs::create_dir_all(probe.join("root"))?;
-    let (uid, gid) = sb.owner();
-    nix::unistd::chown(
-        &probe.join("root"),
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-    )?;
+    let uid = sb.owner().0;
+    sandbox::give(&probe.join("root"), sb.owner())?;
     let command = re::Command {
         arguments: vec![
             "/bin/sh".into(),

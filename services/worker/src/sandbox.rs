@@ -640,6 +640,16 @@ impl Prepared {
     }
 }
 
+/// Gives `path` to `owner` (uid, gid): how exec-root directories become the sandbox user's.
+pub fn give(path: &Path, (uid, gid): (u32, u32)) -> io::Result<()> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )?;
+    Ok(())
+}
+
 /// Appends `note` to the file at `path` (a stream the worker kept for the action).
 pub fn append_note(path: &Path, note: &str) {
     if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
