@@ -12,7 +12,11 @@
 //!   answered `Committed` or `Error` — one round trip for the small blobs builds upload most.
 //!
 //! One thread per connection: gateways pool their connections, so there are few, and blocking
-//! I/O lets reads use `sendfile` and writes hash on a second core while the first writes.
+//! I/O lets reads use `sendfile` and writes hash on a second core while the first writes. The
+//! threads are bounded: at most [`MAX_CONNECTIONS`] connections are served, a connection past
+//! that is answered with a RESOURCE_EXHAUSTED error and closed, and a peer that sends or takes
+//! nothing for [`IO_TIMEOUT`] (a stalled write, an idle pooled connection) loses its connection
+//! and frees its thread. Clients drop pooled connections idle for less than that.
 
 use crate::store::{Store, StoreError, namespace};
 use motorpool_messages::WireError;
@@ -29,6 +33,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const MAX_CONTROL_FRAME: u32 = 64 * 1024;
 /// Largest data chunk accepted in a write.
 pub const MAX_CHUNK: u32 = 16 * 1024 * 1024;
+/// Connections served at once (one thread each).
+pub const MAX_CONNECTIONS: usize = 512;
+/// A connection whose peer sends (or takes) nothing for this long is closed.
+pub const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Data is handed to the file and the hasher in batches of about this size.
 const BATCH: usize = 1 << 20;
 
@@ -74,7 +82,14 @@ impl DataServer {
     /// Binds and starts accepting: on TCP at `addr`, and at the abstract Unix socket address
     /// [`data_socket_addr`] of the bound address, where gateways on the same host's network
     /// connect without the TCP/IP stack in between (a best effort: without it, TCP serves all).
-    pub fn start(addr: SocketAddr, store: Arc<Store>) -> io::Result<DataServer> {
+    ///
+    /// With a `key`, a peer is served only after it proves it holds the key (a keyed hash of a
+    /// fresh nonce, so a proof seen on the wire is worth nothing on another connection).
+    pub fn start(
+        addr: SocketAddr,
+        store: Arc<Store>,
+        key: Option<[u8; 32]>,
+    ) -> io::Result<DataServer> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -85,9 +100,9 @@ impl DataServer {
                 None
             }
         };
-        accept_loop(move || listener.accept(), stop.clone(), store.clone())?;
+        accept_loop(move || listener.accept(), stop.clone(), store.clone(), key)?;
         if let Some(local) = local {
-            accept_loop(move || local.accept(), stop.clone(), store)?;
+            accept_loop(move || local.accept(), stop.clone(), store, key)?;
         }
         Ok(DataServer { addr, stop })
     }
@@ -118,7 +133,8 @@ pub fn connect_local(data_addr: &str) -> io::Result<UnixStream> {
 /// A connection the data stream is served on.
 trait DataConnection: Read + Write + AsFd + Send + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
-    /// Sets what the transport needs (TCP: replies are small and must not wait for more).
+    /// Sets what the transport needs (TCP: replies are small and must not wait for more) and
+    /// the I/O timeouts.
     fn tune(&self) -> io::Result<()>;
 }
 
@@ -127,7 +143,9 @@ impl DataConnection for TcpStream {
         TcpStream::try_clone(self)
     }
     fn tune(&self) -> io::Result<()> {
-        self.set_nodelay(true)
+        self.set_nodelay(true)?;
+        self.set_read_timeout(Some(IO_TIMEOUT))?;
+        self.set_write_timeout(Some(IO_TIMEOUT))
     }
 }
 
@@ -136,7 +154,33 @@ impl DataConnection for UnixStream {
         UnixStream::try_clone(self)
     }
     fn tune(&self) -> io::Result<()> {
-        Ok(())
+        self.set_read_timeout(Some(IO_TIMEOUT))?;
+        self.set_write_timeout(Some(IO_TIMEOUT))
+    }
+}
+
+/// Connections being served, across both listeners.
+static OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Holds a place among [`MAX_CONNECTIONS`] until dropped.
+struct Place;
+
+impl Place {
+    fn take() -> Option<Place> {
+        let n = OPEN.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > MAX_CONNECTIONS {
+            OPEN.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        metrics::gauge!("motorpool_cas_data_open_connections").set(n as f64);
+        Some(Place)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let n = OPEN.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!("motorpool_cas_data_open_connections").set(n as f64);
     }
 }
 
@@ -145,6 +189,7 @@ fn accept_loop<C: DataConnection, A>(
     mut accept: impl FnMut() -> io::Result<(C, A)> + Send + 'static,
     stop: Arc<AtomicBool>,
     store: Arc<Store>,
+    key: Option<[u8; 32]>,
 ) -> io::Result<()> {
     std::thread::Builder::new()
         .name("cas-data-accept".into())
@@ -154,12 +199,23 @@ fn accept_loop<C: DataConnection, A>(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let Ok((conn, _)) = conn else { continue };
+                let Ok((mut conn, _)) = conn else { continue };
+                let Some(place) = Place::take() else {
+                    metrics::counter!("motorpool_cas_data_refused_connections_total").increment(1);
+                    let _ = conn.tune();
+                    let busy = WireError::new(
+                        motorpool_messages::ErrorCode::ResourceExhausted,
+                        format!("the shard serves at most {MAX_CONNECTIONS} data connections"),
+                    );
+                    let _ = write_frame(&mut conn, &DataReply::Error(busy));
+                    continue;
+                };
                 let store = store.clone();
                 let _ = std::thread::Builder::new()
                     .name("cas-data-conn".into())
                     .spawn(move || {
-                        if let Err(error) = serve_connection(conn, &store) {
+                        let _place = place;
+                        if let Err(error) = serve_connection(conn, &store, key.as_ref()) {
                             tracing::debug!(%error, "Data stream connection ended");
                         }
                     });
@@ -168,12 +224,38 @@ fn accept_loop<C: DataConnection, A>(
     Ok(())
 }
 
-fn serve_connection<C: DataConnection>(stream: C, store: &Store) -> io::Result<()> {
+fn serve_connection<C: DataConnection>(
+    stream: C,
+    store: &Store,
+    key: Option<&[u8; 32]>,
+) -> io::Result<()> {
     stream.tune()?;
     // Small: a write's chunks (up to a megabyte each from gateways) are read past it straight
     // into their batch, and only what the buffer already holds is copied.
     let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
     let mut writer = stream;
+    // Who is there: every connection starts with the challenge and its answer.
+    let nonce: [u8; 32] = rand::random();
+    write_frame(&mut writer, &DataReply::Challenge { nonce })?;
+    let proven = match read_frame::<_, DataRequest>(&mut reader)? {
+        Some(DataRequest::Hello { proof }) => {
+            // Constant-time: `blake3::Hash` compares that way.
+            key.is_none()
+                || blake3::Hash::from(proof)
+                    == blake3::Hash::from(motorpool_messages::cas::data_proof(key, &nonce))
+        }
+        Some(_) => false,
+        None => return Ok(()),
+    };
+    if !proven {
+        metrics::counter!("motorpool_cas_data_unauthenticated_total").increment(1);
+        let e = WireError::new(
+            motorpool_messages::ErrorCode::PermissionDenied,
+            "the data stream serves only peers that hold the deployment's data key",
+        );
+        write_frame(&mut writer, &DataReply::Error(e))?;
+        return Ok(());
+    }
     let batches = BatchPool::default();
     loop {
         let Some(req) = read_frame::<_, DataRequest>(&mut reader)? else {
@@ -234,6 +316,11 @@ fn serve_connection<C: DataConnection>(stream: C, store: &Store) -> io::Result<(
                     Err(e) => DataReply::Error(e.into()),
                 };
                 write_frame(&mut writer, &reply)?;
+            }
+            DataRequest::Hello { .. } => {
+                let e = WireError::invalid("a connection says hello once, first");
+                write_frame(&mut writer, &DataReply::Error(e))?;
+                return Ok(());
             }
             DataRequest::Write {
                 instance,
@@ -400,8 +487,57 @@ mod tests {
     fn server() -> (tempfile::TempDir, Arc<Store>, DataServer) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 64 << 20, false).unwrap());
-        let server = DataServer::start("127.0.0.1:0".parse().unwrap(), store.clone()).unwrap();
+        let server =
+            DataServer::start("127.0.0.1:0".parse().unwrap(), store.clone(), None).unwrap();
         (dir, store, server)
+    }
+
+    /// Answers the shard's challenge, as a client holding `key` does.
+    fn hello<C: Read + Write>(mut conn: C, key: Option<&[u8; 32]>) -> C {
+        let Some(DataReply::Challenge { nonce }) = read_frame(&mut conn).unwrap() else {
+            panic!("a connection starts with the challenge");
+        };
+        let proof = motorpool_messages::cas::data_proof(key, &nonce);
+        write_frame(&mut conn, &DataRequest::Hello { proof }).unwrap();
+        conn
+    }
+
+    fn open(server: &DataServer) -> TcpStream {
+        hello(TcpStream::connect(server.local_addr()).unwrap(), None)
+    }
+
+    #[test]
+    fn a_shard_with_a_key_serves_only_peers_that_prove_they_hold_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 64 << 20, false).unwrap());
+        let key = [7u8; 32];
+        let server =
+            DataServer::start("127.0.0.1:0".parse().unwrap(), store.clone(), Some(key)).unwrap();
+        let body = b"keyed".to_vec();
+        let d = DigestFunction::Sha256.digest_of(&body);
+        for wrong in [None, Some(&[8u8; 32])] {
+            let mut conn = hello(TcpStream::connect(server.local_addr()).unwrap(), wrong);
+            match put(&mut conn, d, &body) {
+                Ok(Some(DataReply::Error(e))) => {
+                    assert_eq!(e.code, ErrorCode::PermissionDenied, "{e:?}")
+                }
+                other => panic!("an unproven peer got {other:?}"),
+            }
+        }
+        // Skipping the hello is no way in either.
+        let mut conn = open(&server);
+        let _: Option<DataReply> = read_frame(&mut conn).unwrap();
+        assert!(!matches!(
+            put(&mut conn, d, &body),
+            Ok(Some(DataReply::Committed { .. }))
+        ));
+        assert!(!store.contains(namespace("main"), &d));
+        // A proof from one connection is worth nothing on the next: nonces differ.
+        let mut conn = hello(TcpStream::connect(server.local_addr()).unwrap(), Some(&key));
+        assert!(matches!(
+            put(&mut conn, d, &body),
+            Ok(Some(DataReply::Committed { .. }))
+        ));
     }
 
     /// Sends a put (frame and body together, as the client does) and reads the reply.
@@ -459,7 +595,10 @@ mod tests {
         let (_dir, store, server) = server();
         let ns = namespace("main");
         let addr = server.local_addr().to_string();
-        let mut conn = connect_local(&addr).expect("a shard on this network namespace");
+        let mut conn = hello(
+            connect_local(&addr).expect("a shard on this network namespace"),
+            None,
+        );
         let body = b"over a unix socket".repeat(100);
         let d = DigestFunction::Sha256.digest_of(&body);
         assert_eq!(
@@ -506,7 +645,7 @@ mod tests {
     fn writes_on_one_connection_reuse_batches_without_mixing_their_bytes() {
         let (_dir, store, server) = server();
         let ns = namespace("main");
-        let mut conn = TcpStream::connect(server.local_addr()).unwrap();
+        let mut conn = open(&server);
         // Each blob is shorter than the one before, in differently sized chunks, so a batch
         // buffer handed back by the hasher still holds the previous write's bytes past the end
         // of the new ones.
@@ -533,7 +672,7 @@ mod tests {
     fn puts_store_whole_blobs_in_one_round_trip_and_refuse_bad_ones() {
         let (_dir, store, server) = server();
         let ns = namespace("main");
-        let mut conn = TcpStream::connect(server.local_addr()).unwrap();
+        let mut conn = open(&server);
 
         let body = b"#include <vector>\n".repeat(40);
         let d = DigestFunction::Sha256.digest_of(&body);
@@ -566,7 +705,7 @@ mod tests {
         // (whose framing those bytes would break) is closed.
         let mut big = DigestFunction::Sha256.digest_of(b"big");
         big.size = DATA_PUT_MAX + 1;
-        let mut conn2 = TcpStream::connect(server.local_addr()).unwrap();
+        let mut conn2 = open(&server);
         assert_eq!(
             error_code(put(&mut conn2, big, b"").unwrap()),
             ErrorCode::InvalidArgument
@@ -576,7 +715,7 @@ mod tests {
         // Cut inside the body: nothing is stored, and the shard keeps serving.
         let cut = b"truncated upload body".repeat(10);
         let dc = DigestFunction::Sha256.digest_of(&cut);
-        let mut conn3 = TcpStream::connect(server.local_addr()).unwrap();
+        let mut conn3 = open(&server);
         let mut out = Vec::new();
         write_frame(
             &mut out,

@@ -92,12 +92,16 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
         Store::open(&config.data_dir, config.capacity_bytes, config.fsync)
             .with_context(|| format!("open the blob store in {}", config.data_dir.display()))?,
     );
-    let data_server = data::DataServer::start(config.data_addr, store.clone())
+    let key = motorpool_messages::cas::load_data_key(config.data_key_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let data_server = data::DataServer::start(config.data_addr, store.clone(), key)
         .with_context(|| format!("bind the data stream on {}", config.data_addr))?;
     let data_addr = data_server.local_addr();
-    let bus = Bus::connect(
+    let bus = Bus::connect_service(
         &config.nats_url,
         &format!("cas-shard-{id}"),
+        config.nats_nkey_file.as_deref(),
+        config.nats_tls_ca_file.as_deref(),
         Duration::from_secs(10),
     )
     .await?;

@@ -341,9 +341,11 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Re
     if config.drive_source == DriveSource::Bays {
         std::fs::create_dir_all(&config.bays_dir)?;
     }
-    let bus = Bus::connect(
+    let bus = Bus::connect_service(
         &config.nats_url,
         "motorpool-disk-burner",
+        config.nats_nkey_file.as_deref(),
+        config.nats_tls_ca_file.as_deref(),
         Duration::from_secs(10),
     )
     .await?;

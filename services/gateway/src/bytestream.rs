@@ -42,12 +42,7 @@ impl Gateway {
             .next()
             .await
             .transpose()
-            .map_err(|s| {
-                ApiError::Invalid(format!(
-                    "write stream failed before its first message: {}",
-                    s.message()
-                ))
-            })?
+            .map_err(|s| stream_error("write stream failed before its first message", &s))?
             .ok_or_else(|| ApiError::Invalid("empty write stream".into()))?;
         let res = parse_write(&first.resource_name, &self.config.instance_names)?;
         who?.check_instance(&res.instance)?;
@@ -92,8 +87,7 @@ impl Gateway {
             finish: first.finish_write,
         });
         let rest = stream.map(move |m| {
-            let m =
-                m.map_err(|s| ApiError::Invalid(format!("write stream broke: {}", s.message())))?;
+            let m = m.map_err(|s| stream_error("write stream broke", &s))?;
             if !m.resource_name.is_empty() && m.resource_name != name {
                 return Err(ApiError::Invalid(
                     "resource name changed within one write".into(),
@@ -678,6 +672,17 @@ impl ByteStream for Gateway {
             self.query_write(who, request.into_inner()),
         )
         .await
+    }
+}
+
+/// A client's write stream that failed: a stall the gateway cut off is DEADLINE_EXCEEDED (its
+/// idle bound), anything else (a message too large, a broken frame) the client's bad input.
+fn stream_error(what: &str, s: &tonic::Status) -> ApiError {
+    let m = format!("{what}: {}", s.message());
+    if s.code() == tonic::Code::DeadlineExceeded {
+        ApiError::DeadlineExceeded(m)
+    } else {
+        ApiError::Invalid(m)
     }
 }
 

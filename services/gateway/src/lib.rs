@@ -21,6 +21,7 @@
 
 pub mod ac;
 pub mod auth;
+pub mod bounds;
 pub mod bytestream;
 pub mod cas;
 pub mod execution;
@@ -33,6 +34,7 @@ use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::build::bazel::semver::SemVer;
 use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
+use futures::StreamExt;
 use motorpool_bus::Bus;
 pub use motorpool_cas_client::ApiError;
 use motorpool_cas_client::Shards;
@@ -222,9 +224,11 @@ impl Started {
 
 /// Binds the gRPC and HTTP listeners and serves until `shutdown` fires.
 pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
-    let bus = Bus::connect(
+    let bus = Bus::connect_service(
         &config.nats_url,
         "gateway",
+        config.nats_nkey_file.as_deref(),
+        config.nats_tls_ca_file.as_deref(),
         Duration::from_millis(config.bus_timeout_ms),
     )
     .await?;
@@ -235,6 +239,10 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         config.blob_transport,
     )
     .await?
+    .with_data_key(
+        motorpool_messages::cas::load_data_key(config.data_key_file.as_deref())
+            .map_err(anyhow::Error::msg)?,
+    )
     .with_replicas(config.replicas);
     let operations = if config.execution {
         Some(execution::Operations::open(bus.clone()).await?)
@@ -265,12 +273,30 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         .with_context(|| format!("bind gRPC on {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     // Small replies must not wait for Nagle's algorithm (40 ms stalls against delayed ACKs).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let router = tonic::transport::Server::builder()
+    let b = &config.bounds;
+    let connections = bounds::Connections::new(b.max_connections);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+        .filter_map(move |accepted| {
+            let admitted = accepted.map(|s| connections.admit(s)).transpose();
+            std::future::ready(admitted)
+        });
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config.tls)? {
+        server = server.tls_config(tls).context("gateway TLS")?;
+    }
+    let router = server
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .max_frame_size(Some(1024 * 1024))
+        .max_concurrent_streams(Some(b.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_millis(b.keepalive_interval_ms.max(1))))
+        .http2_keepalive_timeout(Some(Duration::from_millis(b.keepalive_timeout_ms.max(1))))
+        .layer(bounds::BoundsLayer {
+            idle: Duration::from_millis(b.idle_timeout_ms.max(1)),
+        })
         .layer(auth::AuthLayer(auth))
         .add_service(CapabilitiesServer::new(gateway.clone()).max_decoding_message_size(max))
         .add_service(find_missing::cas_service(gateway.clone(), max))
@@ -295,6 +321,33 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         grpc,
         http,
     })
+}
+
+/// The gRPC port's TLS settings, from the files the configuration names (none: plain gRPC).
+fn tls_config(
+    tls: &motorpool_config::TlsConfig,
+) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("read TLS file {}", p.display()))
+    };
+    let (cert, key) = match (&tls.cert_file, &tls.key_file) {
+        (None, None) => {
+            anyhow::ensure!(
+                tls.client_ca_file.is_none(),
+                "tls.client_ca_file needs tls.cert_file and tls.key_file: client certificates \
+                 are checked only on a TLS port"
+            );
+            return Ok(None);
+        }
+        (Some(c), Some(k)) => (read(c)?, read(k)?),
+        _ => anyhow::bail!("TLS needs both tls.cert_file and tls.key_file"),
+    };
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(config))
 }
 
 fn http_server(

@@ -129,9 +129,11 @@ async fn handle(
 /// `motorpool image-builder`: connects and serves until `shutdown`.
 pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.store_dir)?;
-    let bus = Bus::connect(
+    let bus = Bus::connect_service(
         &config.nats_url,
         "motorpool-image-builder",
+        config.nats_nkey_file.as_deref(),
+        config.nats_tls_ca_file.as_deref(),
         Duration::from_secs(10),
     )
     .await?;

@@ -58,6 +58,12 @@ pub struct WatchArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    /// The nkey seed to connect with, where the bus needs one.
+    #[arg(long, env = "MOTORPOOL_NATS_NKEY_FILE")]
+    nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of that NATS, where it speaks TLS.
+    #[arg(long, env = "MOTORPOOL_NATS_TLS_CA_FILE")]
+    nats_tls_ca_file: Option<PathBuf>,
     /// Only this burner's drives.
     #[arg(long)]
     burner: Option<String>,
@@ -255,9 +261,11 @@ fn describe_status(s: &DriveStatus) -> String {
 async fn watch(a: WatchArgs) -> anyhow::Result<()> {
     use futures::{StreamExt, TryStreamExt};
     use motorpool_bus::{Bus, subjects::fleet};
-    let bus = Bus::connect(
+    let bus = Bus::connect_service(
         &a.nats_url,
         "motorpool-drives-watch",
+        a.nats_nkey_file.as_deref(),
+        a.nats_tls_ca_file.as_deref(),
         Duration::from_secs(5),
     )
     .await?;

@@ -1,9 +1,15 @@
 //! `motorpool keys`: the gateway's API keys. A key is printed once, when it is made; the keys
 //! file keeps only its SHA-256, and the gateway re-reads the file when it changes, so keys are
 //! added, rotated (add the new one, move clients, remove the old) and revoked without a restart.
+//!
+//! `motorpool keys bus`: the services' NATS users. Each service connects with its own nkey seed
+//! (a `.nk` file only it can read); the realm file lists every user's name, role and public key,
+//! and `motorpool keys bus config` renders it as nats-server's `authorization` block, with each
+//! role's subject permissions. nats-server re-reads it on `nats-server --signal reload`.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use motorpool_bus::{Credentials, Realm, Role as BusRole};
 use motorpool_gateway::auth::{KeyEntry, KeysFile, Role, hash_key, new_key};
 use std::path::{Path, PathBuf};
 
@@ -15,6 +21,54 @@ pub enum KeysCommand {
     List(FileArg),
     /// Remove a key: its holder is refused from the gateway's next reload (within a second).
     Remove(RemoveArgs),
+    /// The services' NATS users: add (or rotate), list, remove, render the server's config.
+    #[command(subcommand)]
+    Bus(BusCommand),
+}
+
+#[derive(Subcommand)]
+pub enum BusCommand {
+    /// Make an nkey for a service, write its seed (mode 0600) and add it to the realm; a user of
+    /// the same name is replaced (a rotation).
+    Add(BusAddArgs),
+    /// List the realm's users (names, roles, public keys).
+    List(RealmArg),
+    /// Remove a user: the server refuses it after its next reload.
+    Remove(BusRemoveArgs),
+    /// Print nats-server's `authorization` block for the realm (include it in the server's
+    /// configuration, then `nats-server --signal reload`).
+    Config(RealmArg),
+}
+
+#[derive(Args)]
+pub struct RealmArg {
+    /// The realm file (TOML; made if missing).
+    #[arg(long)]
+    realm: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BusAddArgs {
+    #[command(flatten)]
+    realm: RealmArg,
+    /// The user's name [default: from the role: its id, or the role].
+    #[arg(long)]
+    name: Option<String>,
+    /// gateway, scheduler, reindexer, worker:<id>, shard:<id>, stage:<mapping|prelabel|annotate>,
+    /// image-builder, burner:<id>, operator or admin.
+    #[arg(long)]
+    role: String,
+    /// Where to write the seed; give it to the service as `--nats-nkey-file`.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BusRemoveArgs {
+    #[command(flatten)]
+    realm: RealmArg,
+    #[arg(long)]
+    name: String,
 }
 
 #[derive(Args)]
@@ -85,8 +139,52 @@ pub fn add(path: &Path, entry_of: impl FnOnce(String) -> KeyEntry) -> anyhow::Re
     Ok(key)
 }
 
+fn bus_main(cmd: BusCommand) -> anyhow::Result<()> {
+    match cmd {
+        BusCommand::Add(a) => {
+            let role: BusRole = a.role.parse()?;
+            let name = a.name.unwrap_or_else(|| role.default_name());
+            let mut realm = Realm::load(&a.realm.realm)?;
+            let rotated = realm.users.iter().any(|u| u.name == name);
+            let creds = Credentials::generate();
+            creds
+                .save(&a.out)
+                .with_context(|| format!("write {}", a.out.display()))?;
+            realm.upsert(&name, role.clone(), creds.public_key());
+            realm.save(&a.realm.realm)?;
+            eprintln!(
+                "{} bus user {name:?} ({role}) in {}; its seed is in {}.\nRender the server's \
+                 configuration with `motorpool keys bus config --realm {}` and reload it \
+                 (`nats-server --signal reload`).",
+                if rotated { "Rotated" } else { "Added" },
+                a.realm.realm.display(),
+                a.out.display(),
+                a.realm.realm.display(),
+            );
+            println!("{}", creds.public_key());
+        }
+        BusCommand::List(r) => {
+            for u in Realm::load(&r.realm)?.users {
+                println!("{}\t{}\t{}", u.name, u.role, u.nkey);
+            }
+        }
+        BusCommand::Remove(r) => {
+            let mut realm = Realm::load(&r.realm.realm)?;
+            realm.remove(&r.name)?;
+            realm.save(&r.realm.realm)?;
+            eprintln!(
+                "Removed bus user {:?}; reload the server to refuse it.",
+                r.name
+            );
+        }
+        BusCommand::Config(r) => print!("{}", Realm::load(&r.realm)?.server_config()),
+    }
+    Ok(())
+}
+
 pub fn main(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
+        KeysCommand::Bus(b) => return bus_main(b),
         KeysCommand::Add(a) => {
             let roles = a
                 .roles
@@ -211,4 +309,53 @@ pub fn stack_keys(data_dir: &Path) -> anyhow::Result<(PathBuf, StackKeys)> {
     std::fs::write(&creds, toml::to_string(&keys)?)?;
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600))?;
     Ok((keys_file, keys))
+}
+
+/// The stack's bus users: one per service `motorpool up` runs (`services`: name and role), and
+/// `operator` and `admin` for people, with seeds in `<data dir>/bus/<name>.nk`. Users made
+/// before are kept; missing or unreadable seeds are made anew. Returns the realm (for the
+/// server) and the seed file of each name.
+pub fn stack_bus(
+    data_dir: &Path,
+    services: &[(String, BusRole)],
+) -> anyhow::Result<(Realm, std::collections::HashMap<String, PathBuf>)> {
+    let dir = data_dir.join("bus");
+    std::fs::create_dir_all(&dir)?;
+    let realm_file = dir.join("realm.toml");
+    let mut realm = Realm::load(&realm_file)?;
+    let mut seeds = std::collections::HashMap::new();
+    let people = [
+        ("operator".to_string(), BusRole::Operator),
+        ("admin".to_string(), BusRole::Admin),
+    ];
+    for (name, role) in services.iter().chain(people.iter()) {
+        let path = dir.join(format!("{name}.nk"));
+        let known = Credentials::load(&path).ok().filter(|c| {
+            realm
+                .users
+                .iter()
+                .any(|u| &u.name == name && &u.role == role && u.nkey == c.public_key())
+        });
+        if known.is_none() {
+            let c = Credentials::generate();
+            c.save(&path)
+                .with_context(|| format!("write {}", path.display()))?;
+            realm.upsert(name, role.clone(), c.public_key());
+        }
+        seeds.insert(name.clone(), path);
+    }
+    realm.save(&realm_file)?;
+    Ok((realm, seeds))
+}
+
+/// The stack's data key (`<data dir>/bus/data.key`, 64 hex digits, mode 0600): made at the
+/// first start, kept after.
+pub fn stack_data_key(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("bus/data.key");
+    if motorpool_messages::cas::read_data_key(&path).is_err() {
+        let key: [u8; 32] = rand::random();
+        motorpool_bus::access::write_private(&path, format!("{}\n", hex::encode(key)).as_bytes())
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(path)
 }

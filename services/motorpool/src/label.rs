@@ -61,6 +61,13 @@ pub struct RunArgs {
     /// A running stack's NATS; without it the pipeline runs in this process.
     #[arg(long, env = "MOTORPOOL_NATS_URL")]
     nats_url: Option<String>,
+    /// The nkey seed to connect to that NATS with (`motorpool up` makes
+    /// `<data dir>/bus/operator.nk`).
+    #[arg(long, env = "MOTORPOOL_NATS_NKEY_FILE")]
+    nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of that NATS, where it speaks TLS.
+    #[arg(long, env = "MOTORPOOL_NATS_TLS_CA_FILE")]
+    nats_tls_ca_file: Option<PathBuf>,
     /// Priority lane.
     #[arg(long, value_enum, default_value = "build")]
     lane: LaneArg,
@@ -148,8 +155,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     // Check the clip before anything starts: a malformed clip is reported at once.
     Clip::open(&a.clip)?;
-    let (_server, url, local) = match &a.nats_url {
-        Some(url) => (None, url.clone(), None),
+    let (_server, url, nkey, local) = match &a.nats_url {
+        Some(url) => (None, url.clone(), a.nats_nkey_file.clone(), None),
         None => {
             let server = NatsServer::start()?;
             let url = server.url();
@@ -184,10 +191,17 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     stop.clone(),
                 )),
             ];
-            (Some(server), url, Some((stop, tasks)))
+            (Some(server), url, None, Some((stop, tasks)))
         }
     };
-    let bus = Bus::connect(&url, "motorpool-label-client", Duration::from_secs(10)).await?;
+    let bus = Bus::connect_service(
+        &url,
+        "motorpool-label-client",
+        nkey.as_deref(),
+        a.nats_tls_ca_file.as_deref().filter(|_| local.is_none()),
+        Duration::from_secs(10),
+    )
+    .await?;
     let job = submit(&bus, &a.clip, a.lane.into(), params).await?;
     println!(
         "Queued clip {} as job {} in the {} lane",

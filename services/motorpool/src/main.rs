@@ -16,6 +16,7 @@ mod drives;
 mod image;
 mod keys;
 mod label;
+mod tls;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -153,6 +154,11 @@ struct ReindexerArgs {
     #[command(flatten)]
     #[serde(flatten)]
     common: Common,
+    /// The deployment's data key file (shards serve their data stream only to its holders)
+    /// [default: none, an open data stream].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_key_file: Option<PathBuf>,
     /// Milliseconds between passes [default: 10000].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -187,6 +193,11 @@ struct WorkerArgs {
     #[command(flatten)]
     #[serde(flatten)]
     common: Common,
+    /// The deployment's data key file (shards serve their data stream only to its holders)
+    /// [default: none, an open data stream].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_key_file: Option<PathBuf>,
     /// Worker id (also its CAS shard id) [default: stored in the data dir].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -248,6 +259,15 @@ struct Common {
     #[arg(long, env = "MOTORPOOL_NATS_URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     nats_url: Option<String>,
+    /// The nkey seed file to connect to NATS with (`motorpool keys bus add`) [default: none,
+    /// for a bus that lets anyone in].
+    #[arg(long, env = "MOTORPOOL_NATS_NKEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS [default: plain].
+    #[arg(long, env = "MOTORPOOL_NATS_TLS_CA_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Args, Serialize)]
@@ -255,6 +275,11 @@ struct GatewayArgs {
     #[command(flatten)]
     #[serde(flatten)]
     common: Common,
+    /// The deployment's data key file (shards serve their data stream only to its holders)
+    /// [default: none, an open data stream].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_key_file: Option<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:8980].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -270,6 +295,9 @@ struct GatewayArgs {
     #[command(flatten)]
     #[serde(skip_serializing_if = "AuthFlags::is_empty")]
     auth: AuthFlags,
+    #[command(flatten)]
+    #[serde(skip_serializing_if = "TlsFlags::is_empty")]
+    tls: TlsFlags,
 }
 
 /// The gateway's `auth` settings as flags.
@@ -285,6 +313,30 @@ struct AuthFlags {
     anonymous: Option<String>,
 }
 
+#[derive(Args, Serialize)]
+struct TlsFlags {
+    /// PEM certificate chain: the gRPC port speaks TLS only (`grpcs://`) [default: plain].
+    #[arg(long = "tls-cert-file")]
+    #[serde(rename = "cert_file", skip_serializing_if = "Option::is_none")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long = "tls-key-file")]
+    #[serde(rename = "key_file", skip_serializing_if = "Option::is_none")]
+    tls_key_file: Option<PathBuf>,
+    /// PEM CA: only clients with a certificate it signed get in (mutual TLS).
+    #[arg(long = "tls-client-ca-file")]
+    #[serde(rename = "client_ca_file", skip_serializing_if = "Option::is_none")]
+    tls_client_ca_file: Option<PathBuf>,
+}
+
+impl TlsFlags {
+    fn is_empty(&self) -> bool {
+        self.tls_cert_file.is_none()
+            && self.tls_key_file.is_none()
+            && self.tls_client_ca_file.is_none()
+    }
+}
+
 impl AuthFlags {
     fn is_empty(&self) -> bool {
         self.keys_file.is_none() && self.anonymous.is_none()
@@ -296,6 +348,11 @@ struct ShardArgs {
     #[command(flatten)]
     #[serde(flatten)]
     common: Common,
+    /// The deployment's data key file (shards serve their data stream only to its holders)
+    /// [default: none, an open data stream].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_key_file: Option<PathBuf>,
     /// Shard id [default: stored in the data dir].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -7,11 +7,14 @@
 //! scheduler, shards), then NATS, each with SIGTERM and a grace period.
 
 use clap::Args;
-use motorpool_bus::{NatsServer, NatsServerOptions};
+use motorpool_bus::{NatsServer, NatsServerOptions, Role};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The labeling stages, in pipeline order.
+const STAGES: [&str; 3] = ["mapping", "prelabel", "annotate"];
 
 /// Set on every child: the supervisor's pid, so a child stops when the supervisor is gone.
 pub const SUPERVISOR_ENV: &str = "MOTORPOOL_SUPERVISOR_PID";
@@ -56,6 +59,10 @@ pub struct UpArgs {
     /// Let callers without a key read the cache (CAS and action-cache reads only).
     #[arg(long)]
     anonymous_read: bool,
+    /// Serve gRPC over TLS with a certificate from a private CA made at the first start
+    /// (`<data dir>/tls/ca.pem`; Bazel: `grpcs://` and `--tls_certificate`).
+    #[arg(long)]
+    tls: bool,
     /// Instance name to print in the suggested Bazel flags.
     #[arg(long, default_value = "")]
     instance_name: String,
@@ -108,68 +115,114 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let (keys_file, keys) = crate::keys::stack_keys(&data_dir)?;
-    let nats = NatsServer::start_with(NatsServerOptions {
-        port: args.nats_port,
-        store_dir: Some(data_dir.join("nats")),
-        log_file: Some(data_dir.join("nats.log")),
-        ..Default::default()
-    })?;
-    let nats_url = nats.url();
     anyhow::ensure!(
         args.shards + args.workers > 0,
         "the stack needs a CAS: ask for at least one shard or worker"
     );
+    // Every service is its own bus user, allowed only its own subjects.
+    let mut users: Vec<(String, Role)> = (0..args.shards)
+        .map(|i| format!("cas-{i}"))
+        .map(|id| (id.clone(), Role::Shard(id)))
+        .collect();
+    users.extend((0..args.workers).map(|i| {
+        let id = format!("worker-{i}");
+        (id.clone(), Role::Worker(id))
+    }));
+    users.extend(
+        [Role::Gateway, Role::Scheduler, Role::Reindexer]
+            .into_iter()
+            .chain(STAGES.map(|s| Role::Stage(s.into())))
+            .map(|r| (r.default_name(), r)),
+    );
+    let (realm, seeds) = crate::keys::stack_bus(&data_dir, &users)?;
+    let tls = if args.tls {
+        Some(crate::tls::stack_tls(&data_dir, &[args.grpc_addr.ip()])?)
+    } else {
+        None
+    };
+
+    let mut nats = NatsServer::start_with(NatsServerOptions {
+        port: args.nats_port,
+        store_dir: Some(data_dir.join("nats")),
+        log_file: Some(data_dir.join("nats.log")),
+        realm: Some(realm),
+        tls: tls
+            .as_ref()
+            .map(|t| (t.nats_cert.clone(), t.nats_key.clone())),
+        ..Default::default()
+    })?;
+    let nats_url = nats.url();
+    let data_key = crate::keys::stack_data_key(&data_dir)?;
+    let bus_args = |name: &str| -> Vec<String> {
+        let mut a = vec![
+            "--nats-url".into(),
+            nats_url.clone(),
+            "--nats-nkey-file".into(),
+            seeds[name].display().to_string(),
+        ];
+        if let Some(t) = &tls {
+            a.extend(["--nats-tls-ca-file".into(), t.ca.display().to_string()]);
+        }
+        // Everyone on the shards' data streams proves the data key.
+        if name.starts_with("cas-")
+            || name.starts_with("worker-")
+            || ["gateway", "reindexer"].contains(&name)
+        {
+            a.extend(["--data-key-file".into(), data_key.display().to_string()]);
+        }
+        a
+    };
     let mut children = Vec::new();
     for i in 0..args.shards {
         children.push(Supervised::new(
             &format!("cas-{i}"),
-            vec![
-                "cas-shard".into(),
-                "--nats-url".into(),
-                nats_url.clone(),
-                "--shard-id".into(),
-                format!("cas-{i}"),
-                "--data-dir".into(),
-                data_dir.join(format!("cas-{i}")).display().to_string(),
-                "--capacity-bytes".into(),
-                args.shard_capacity_bytes.to_string(),
-            ],
+            [
+                vec!["cas-shard".into()],
+                bus_args(&format!("cas-{i}")),
+                vec![
+                    "--shard-id".into(),
+                    format!("cas-{i}"),
+                    "--data-dir".into(),
+                    data_dir.join(format!("cas-{i}")).display().to_string(),
+                    "--capacity-bytes".into(),
+                    args.shard_capacity_bytes.to_string(),
+                ],
+            ]
+            .concat(),
         ));
     }
-    children.push(Supervised::new(
-        "scheduler",
-        vec!["scheduler".into(), "--nats-url".into(), nats_url.clone()],
-    ));
-    children.push(Supervised::new(
-        "reindexer",
-        vec!["reindexer".into(), "--nats-url".into(), nats_url.clone()],
-    ));
-    for stage in ["mapping", "prelabel", "annotate"] {
+    for service in ["scheduler", "reindexer"] {
+        children.push(Supervised::new(
+            service,
+            [vec![service.to_string()], bus_args(service)].concat(),
+        ));
+    }
+    for stage in STAGES {
         children.push(Supervised::new(
             stage,
-            vec![
-                stage.into(),
-                "--nats-url".into(),
-                nats_url.clone(),
-                "--data-dir".into(),
-                data_dir.join("labels").display().to_string(),
-                "--worker-id".into(),
-                format!("{stage}-0"),
-            ],
+            [
+                vec![stage.to_string()],
+                bus_args(stage),
+                vec![
+                    "--data-dir".into(),
+                    data_dir.join("labels").display().to_string(),
+                    "--worker-id".into(),
+                    format!("{stage}-0"),
+                ],
+            ]
+            .concat(),
         ));
     }
     for i in 0..args.workers {
-        let mut a = vec![
-            "worker".to_string(),
-            "--nats-url".into(),
-            nats_url.clone(),
+        let mut a = [vec!["worker".to_string()], bus_args(&format!("worker-{i}"))].concat();
+        a.extend([
             "--worker-id".into(),
             format!("worker-{i}"),
             "--data-dir".into(),
             data_dir.join(format!("worker-{i}")).display().to_string(),
             "--cas-capacity-bytes".into(),
             args.shard_capacity_bytes.to_string(),
-        ];
+        ]);
         if let Some(n) = args.worker_slots {
             a.extend(["--slots".to_string(), n.to_string()]);
         }
@@ -183,21 +236,33 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     children.push(Supervised::new(
         "gateway",
-        vec![
-            "gateway".into(),
-            "--nats-url".into(),
-            nats_url.clone(),
-            "--grpc-addr".into(),
-            args.grpc_addr.to_string(),
-            "--http-addr".into(),
-            args.http_addr.to_string(),
-            "--blob-transport".into(),
-            args.blob_transport.clone(),
-            "--keys-file".into(),
-            keys_file.display().to_string(),
-            "--anonymous".into(),
-            if args.anonymous_read { "read" } else { "none" }.into(),
-        ],
+        [
+            vec!["gateway".to_string()],
+            bus_args("gateway"),
+            vec![
+                "--grpc-addr".into(),
+                args.grpc_addr.to_string(),
+                "--http-addr".into(),
+                args.http_addr.to_string(),
+                "--blob-transport".into(),
+                args.blob_transport.clone(),
+                "--keys-file".into(),
+                keys_file.display().to_string(),
+                "--anonymous".into(),
+                if args.anonymous_read { "read" } else { "none" }.into(),
+            ],
+            tls.as_ref()
+                .map(|t| {
+                    vec![
+                        "--tls-cert-file".into(),
+                        t.cert.display().to_string(),
+                        "--tls-key-file".into(),
+                        t.key.display().to_string(),
+                    ]
+                })
+                .unwrap_or_default(),
+        ]
+        .concat(),
     ));
     for c in &mut children {
         c.spawn()?;
@@ -222,12 +287,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "{instance} \\\n      --remote_header=authorization=Bearer {}",
         keys.developer
     );
+    let (scheme, instance) = match &tls {
+        Some(t) => (
+            "grpcs",
+            format!("{instance} \\\n      --tls_certificate={}", t.ca.display()),
+        ),
+        None => ("grpc", instance),
+    };
     println!(
-        "\nMotorpool is up.\n  NATS     {nats_url}\n  gRPC     grpc://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache=grpc://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url}\n\nPress Ctrl-C to stop.\n",
+        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
         workers = args.workers,
+        label_tls = tls
+            .as_ref()
+            .map(|t| format!(" --nats-tls-ca-file {}", t.ca.display()))
+            .unwrap_or_default(),
         exec = if args.workers > 0 {
             format!(
-                "Build and test with remote execution:\n  bazel test //... --remote_executor=grpc://{grpc}{instance}\n",
+                "Build and test with remote execution:\n  bazel test //... --remote_executor={scheme}://{grpc}{instance}\n",
                 grpc = args.grpc_addr
             )
         } else {
@@ -244,11 +320,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut realm = RealmWatch::new(data_dir.join("bus/realm.toml"));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = tick.tick() => supervise(&mut children),
+            _ = tick.tick() => {
+                supervise(&mut children);
+                realm.reload_if_changed(&mut nats);
+            }
         }
     }
     println!("Stopping Motorpool...");
@@ -256,6 +336,42 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     drop(nats);
     println!("Stopped.");
     Ok(())
+}
+
+/// The realm file as last loaded: `motorpool keys bus add|remove` change it, and the stack's
+/// NATS re-reads it within a tick (users added, rotated or removed without a restart).
+struct RealmWatch {
+    path: PathBuf,
+    seen: Option<std::time::SystemTime>,
+}
+
+impl RealmWatch {
+    fn new(path: PathBuf) -> RealmWatch {
+        let seen = Self::mtime(&path);
+        RealmWatch { path, seen }
+    }
+
+    fn mtime(path: &std::path::Path) -> Option<std::time::SystemTime> {
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
+    fn reload_if_changed(&mut self, nats: &mut NatsServer) {
+        let now = Self::mtime(&self.path);
+        if now == self.seen {
+            return;
+        }
+        self.seen = now;
+        match motorpool_bus::Realm::load(&self.path) {
+            Ok(realm) => match nats.reload(realm) {
+                Ok(()) => tracing::info!(realm = %self.path.display(), "Reloaded the bus's users"),
+                Err(error) => tracing::error!(%error, "Cannot reload NATS"),
+            },
+            // A realm that does not parse keeps the one in force.
+            Err(error) => {
+                tracing::error!(%error, "Kept the bus's users: the realm file is invalid")
+            }
+        }
+    }
 }
 
 /// Stops the children in reverse start order: gateway, workers, reindexer, scheduler, shards.

@@ -250,7 +250,11 @@ async fn capabilities_batches_streams_trees_and_isolation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_64mib_upload_resumes_at_the_committed_offset() {
-    let stack = Stack::up(&[]);
+    // Messages up to 32 MiB, above the 16 MiB default (tests/bounds.rs shows that one bites).
+    let stack = Stack::up_with_env(
+        &[],
+        &[("MOTORPOOL_GATEWAY_MAX_GRPC_MESSAGE_BYTES", "33554432")],
+    );
     let mut c = stack.clients().await;
     let data = bytes(64, 64 * 1024 * 1024);
     let d = sha(&data);
@@ -343,7 +347,8 @@ async fn interrupted_64mib_upload_resumes_at_the_committed_offset() {
         d
     );
 
-    // A client that sends large messages: a 40 MiB blob in a 24 MiB message and a 16 MiB one.
+    // A client that sends large messages (where the operator allows them): a 40 MiB blob in a
+    // 24 MiB message and a 16 MiB one.
     // The first is larger than the frames the shard's data stream takes (16 MiB at most); the
     // gateway cuts it into frames rather than passing the shard's refusal on.
     let big = bytes(65, 40 * 1024 * 1024);

@@ -3,7 +3,9 @@
 //! default), a foreign drive is refused and untouched, and every state is on the bus.
 
 use futures::StreamExt;
-use motorpool_bus::{Bus, NatsServer, subjects::fleet};
+use motorpool_bus::{
+    Bus, Credentials, NatsServer, NatsServerOptions, Realm, Role, subjects::fleet,
+};
 use motorpool_config::FleetConfig;
 use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::layout::slots;
@@ -57,10 +59,38 @@ async fn builds_and_burns_ride_the_bus() {
     let dir = tempfile::tempdir().unwrap();
     base_image(dir.path());
     let repo = sample_repo(dir.path());
-    let server = NatsServer::start().unwrap();
-    let bus = Bus::connect(&server.url(), "test", Duration::from_secs(5))
-        .await
-        .unwrap();
+    // A bus with users, as a deployment runs it: the builder, the burner and a person's command
+    // line each as itself, allowed only their roles' subjects.
+    let users = [
+        ("image-builder", Role::ImageBuilder),
+        ("flexo-1", Role::Burner("flexo-1".into())),
+        ("operator", Role::Operator),
+    ];
+    let creds: Vec<Credentials> = users.iter().map(|_| Credentials::generate()).collect();
+    let mut realm = Realm::default();
+    for ((name, role), c) in users.iter().zip(&creds) {
+        realm.upsert(name, role.clone(), c.public_key());
+    }
+    let log = dir.path().join("nats.log");
+    let server = NatsServer::start_with(NatsServerOptions {
+        realm: Some(realm),
+        log_file: Some(log.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut buses = Vec::new();
+    for ((name, _), c) in users.iter().zip(&creds) {
+        buses.push(
+            Bus::connect_with(&server.url(), name, Some(c), None, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        );
+    }
+    let (bus, burner_bus, builder_bus) = (
+        buses.pop().unwrap(),
+        buses.pop().unwrap(),
+        buses.pop().unwrap(),
+    );
     let config = FleetConfig {
         nats_url: server.url(),
         store_dir: dir.path().join("images"),
@@ -73,7 +103,7 @@ async fn builds_and_burns_ride_the_bus() {
     std::fs::create_dir_all(&config.bays_dir).unwrap();
     let stop = CancellationToken::new();
     let builder = tokio::spawn(motorpool_image_builder::actor::serve(
-        bus.clone(),
+        builder_bus,
         config.clone(),
         stop.clone(),
     ));
@@ -109,7 +139,7 @@ async fn builds_and_burns_ride_the_bus() {
         .await
         .unwrap();
     let burner = tokio::spawn(motorpool_disk_burner::actor::serve(
-        bus.clone(),
+        burner_bus,
         config.clone(),
         stop.clone(),
     ));
@@ -177,7 +207,9 @@ async fn builds_and_burns_ride_the_bus() {
         (DriveKind::Ready, second.as_str())
     );
 
-    // The operator's view of the same states.
+    // The operator's view of the same states, with the operator's seed file.
+    let operator_nk = dir.path().join("operator.nk");
+    creds[2].save(&operator_nk).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_motorpool"))
         .args([
             "drives",
@@ -188,6 +220,8 @@ async fn builds_and_burns_ride_the_bus() {
             "--nats-url",
         ])
         .arg(server.url())
+        .arg("--nats-nkey-file")
+        .arg(&operator_nk)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -219,4 +253,16 @@ async fn builds_and_burns_ride_the_bus() {
     stop.cancel();
     let _ = builder.await;
     let _ = burner.await;
+    // Every actor did its work within its role's subjects.
+    let denied: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "refused on the bus:\n{}",
+        denied.join("\n")
+    );
 }

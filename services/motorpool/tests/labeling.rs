@@ -22,11 +22,14 @@ fn synth_clip(dir: &Path, seed: u64, frames: u32) -> PathBuf {
     path
 }
 
-fn label_run(nats: &str, clip: &Path, extra: &[&str]) -> Output {
+/// `motorpool label run` against the stack's NATS, as its operator user.
+fn label_run(stack: &Stack, clip: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_motorpool"))
         .args(["label", "run"])
         .arg(clip)
-        .args(["--nats-url", nats])
+        .args(["--nats-url", &stack.nats_url()])
+        .arg("--nats-nkey-file")
+        .arg(stack.nkey("operator"))
         .args(extra)
         .output()
         .expect("run motorpool label run")
@@ -60,11 +63,10 @@ fn annotate_dir(out: &str) -> PathBuf {
 #[test]
 fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
     let stack = Stack::up(&["--workers", "0"]);
-    let nats = stack.nats_url();
     let clips = tempfile::tempdir().unwrap();
     let clip = synth_clip(clips.path(), 7, 120);
 
-    let first = label_run(&nats, &clip, &["--lane", "release"]);
+    let first = label_run(&stack, &clip, &["--lane", "release"]);
     let out = text(&first);
     assert!(first.status.success(), "{out}\n{}", stack.log());
     assert!(out.contains("in the release lane"), "{out}");
@@ -152,7 +154,7 @@ fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
     );
 
     // The same clip again: every stage reuses its output.
-    let again = label_run(&nats, &clip, &[]);
+    let again = label_run(&stack, &clip, &[]);
     let out2 = text(&again);
     assert!(again.status.success(), "{out2}");
     assert_eq!(out2.matches("(cached").count(), 3, "{out2}");
@@ -160,7 +162,7 @@ fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
 
     // Other annotate parameters: mapping and prelabel are reused, annotate writes a new version
     // beside the old one.
-    let narrow = label_run(&nats, &clip, &["--visible-m", "7"]);
+    let narrow = label_run(&stack, &clip, &["--visible-m", "7"]);
     let out3 = text(&narrow);
     assert!(narrow.status.success(), "{out3}");
     assert_eq!(out3.matches("(cached").count(), 2, "{out3}");
@@ -176,7 +178,7 @@ fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
     let mut v = json(&path);
     v["frames"][5]["index"] = 77.into();
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
-    let failed = label_run(&nats, &bad, &[]);
+    let failed = label_run(&stack, &bad, &[]);
     let out4 = text(&failed);
     assert!(!failed.status.success(), "{out4}");
     assert!(
@@ -184,7 +186,7 @@ fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
         "{out4}"
     );
     // The stack goes on serving.
-    let fine = label_run(&nats, &synth_clip(clips.path(), 9, 40), &[]);
+    let fine = label_run(&stack, &synth_clip(clips.path(), 9, 40), &[]);
     assert!(fine.status.success(), "{}", text(&fine));
 }
 

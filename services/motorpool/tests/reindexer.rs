@@ -16,9 +16,11 @@ use support::*;
 struct OwnShard(Child);
 
 impl OwnShard {
-    fn start(nats: &str, id: &str, dir: &std::path::Path) -> OwnShard {
+    fn start(nats: &str, nkey: &std::path::Path, id: &str, dir: &std::path::Path) -> OwnShard {
         let child = Command::new(env!("CARGO_BIN_EXE_motorpool"))
             .args(["cas-shard", "--nats-url", nats, "--shard-id", id])
+            .arg("--nats-nkey-file")
+            .arg(nkey)
             .arg("--data-dir")
             .arg(dir.join(id))
             .env("RUST_LOG", "warn")
@@ -63,10 +65,10 @@ async fn dead_shards_are_dropped_and_lost_replicas_restored() {
     );
     let nats = stack.nats_url();
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::connect(&nats, "test", Duration::from_secs(5))
-        .await
-        .unwrap();
-    let mut extra = OwnShard::start(&nats, "extra", dir.path());
+    let bus = stack.bus_as("admin").await;
+    // A shard started by hand, with a bus user an operator adds to the running stack.
+    let nkey = stack.add_bus_user("shard:extra").await;
+    let mut extra = OwnShard::start(&nats, &nkey, "extra", dir.path());
     let deadline = Instant::now() + Duration::from_secs(20);
     while !stack.http_get("/api/v1/shards").contains("\"extra\"") {
         assert!(
@@ -108,7 +110,8 @@ async fn dead_shards_are_dropped_and_lost_replicas_restored() {
 
     // The extra shard dies for good; a fresh one joins.
     extra.kill();
-    let mut fresh = OwnShard::start(&nats, "fresh", dir.path());
+    let fresh_key = stack.add_bus_user("shard:fresh").await;
+    let mut fresh = OwnShard::start(&nats, &fresh_key, "fresh", dir.path());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let shards = stack.http_get("/api/v1/shards");
@@ -172,9 +175,7 @@ async fn blobs_corrupted_on_a_shards_disk_are_never_served_and_come_back_from_a_
         &["--shards", "2", "--workers", "0"],
         &[("MOTORPOOL_REINDEXER_PERIOD_MS", "300")],
     );
-    let bus = Bus::connect(&stack.nats_url(), "test", Duration::from_secs(5))
-        .await
-        .unwrap();
+    let bus = stack.bus_as("admin").await;
     let mut c = stack.clients().await;
     let large = bytes(7, 5 << 20);
     let large_d = sha(&large);

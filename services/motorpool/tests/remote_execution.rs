@@ -6,7 +6,7 @@ mod support;
 
 use bazel_remote_apis::google::longrunning as lr;
 use futures::StreamExt;
-use motorpool_bus::{Bus, subjects};
+use motorpool_bus::subjects;
 use motorpool_messages::exec::Alert;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -359,9 +359,7 @@ async fn workers_dying_are_retried_then_alerted_and_restarts_lose_nothing() {
         &["--workers", "2", "--worker-slots", "2", "--no-sandbox"],
         &[("MOTORPOOL_SCHEDULER_WORKER_TIMEOUT_MS", "1500")],
     );
-    let bus = Bus::connect(&stack.nats_url(), "test", Duration::from_secs(5))
-        .await
-        .unwrap();
+    let bus = stack.bus_as("admin").await;
     let mut alerts = bus
         .subscribe::<Alert>(&subjects::ops::all_alerts())
         .await

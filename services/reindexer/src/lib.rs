@@ -43,7 +43,14 @@ pub struct Reindexer {
 
 impl Reindexer {
     pub async fn connect(config: ReindexerConfig) -> anyhow::Result<Reindexer> {
-        let bus = Bus::connect(&config.nats_url, "reindexer", Duration::from_secs(30)).await?;
+        let bus = Bus::connect_service(
+            &config.nats_url,
+            "reindexer",
+            config.nats_nkey_file.as_deref(),
+            config.nats_tls_ca_file.as_deref(),
+            Duration::from_secs(30),
+        )
+        .await?;
         let shard_registry = bus.ensure_kv(subjects::cas::registry_config()).await?;
         let worker_registry = bus.ensure_kv(subjects::exec::workers_config()).await?;
         let shards = Shards::watch(
@@ -54,6 +61,10 @@ impl Reindexer {
         )
         .await
         .context("watch the shard registry")?
+        .with_data_key(
+            motorpool_messages::cas::load_data_key(config.data_key_file.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        )
         .with_replicas(config.replicas);
         Ok(Reindexer {
             config,

@@ -25,7 +25,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
 use limits::TokenBuckets;
-use motorpool_bus::{Bus, MailboxOptions, serve, subjects};
+use motorpool_bus::{Bus, MailboxOptions, serve_from, subjects};
 use motorpool_config::SchedulerConfig;
 use motorpool_messages::exec::*;
 use motorpool_messages::{BlobDigest, ErrorCode, WireError, codec, now_ms};
@@ -46,7 +46,12 @@ enum Event {
         revision: u64,
     },
     Heartbeat(WorkerInfo),
-    Done(JobDone, Reply<Ack>),
+    /// A job report, with the worker id of the subject it came on.
+    Done {
+        sender: String,
+        done: JobDone,
+        reply: Reply<Ack>,
+    },
     Cancel(String, Reply<Ack>),
     Admit(String, Reply<Admission>),
     Stats(Reply<QueueStats>),
@@ -109,7 +114,14 @@ pub async fn start(
     config: SchedulerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Started> {
-    let bus = Bus::connect(&config.nats_url, "scheduler", Duration::from_secs(10)).await?;
+    let bus = Bus::connect_service(
+        &config.nats_url,
+        "scheduler",
+        config.nats_nkey_file.as_deref(),
+        config.nats_tls_ca_file.as_deref(),
+        Duration::from_secs(10),
+    )
+    .await?;
     let kv = bus
         .ensure_kv(subjects::exec::operations_config())
         .await
@@ -128,17 +140,17 @@ pub async fn start(
         ($subject:expr, $req:ty, $make:expr) => {{
             let tx = tx.clone();
             mailboxes.push(
-                serve(
+                serve_from(
                     &bus,
                     $subject,
                     group(),
                     shutdown.clone(),
-                    move |req: $req| {
+                    move |sender: String, req: $req| {
                         let tx = tx.clone();
                         async move {
                             let (reply, rx) = oneshot::channel();
                             #[allow(clippy::redundant_closure_call)]
-                            let event = ($make)(req, reply);
+                            let event = ($make)(sender, req, reply);
                             tx.send(event).await.map_err(|_| {
                                 WireError::new(ErrorCode::Unavailable, "scheduler is stopping")
                             })?;
@@ -152,16 +164,27 @@ pub async fn start(
             );
         }};
     }
-    mailbox!(subjects::exec::job_done(), JobDone, Event::Done);
-    mailbox!(subjects::exec::cancel(), Cancel, |r: Cancel, reply| {
+    // A worker reports on its own subject (the bus lets no one else publish there).
+    mailbox!(
+        subjects::exec::job_done("*"),
+        JobDone,
+        |sender, done, reply| Event::Done {
+            sender,
+            done,
+            reply
+        }
+    );
+    mailbox!(subjects::exec::cancel(), Cancel, |_, r: Cancel, reply| {
         Event::Cancel(r.operation_id, reply)
     });
-    mailbox!(subjects::exec::admit(), Admit, |r: Admit, reply| {
+    mailbox!(subjects::exec::admit(), Admit, |_, r: Admit, reply| {
         Event::Admit(r.client, reply)
     });
-    mailbox!(subjects::exec::queue_stats(), GetQueueStats, |_, reply| {
-        Event::Stats(reply)
-    });
+    mailbox!(
+        subjects::exec::queue_stats(),
+        GetQueueStats,
+        |_, _, reply| { Event::Stats(reply) }
+    );
 
     // Heartbeats.
     let mut beats = bus
@@ -173,8 +196,12 @@ pub async fn start(
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                b = beats.next() => match b {
-                    Some(info) => { if btx.send(Event::Heartbeat(info)).await.is_err() { break } }
+                b = beats.next_from() => match b {
+                    // A worker beats on its own subject only; a beat naming another is forged.
+                    Some((sender, info)) if sender != info.worker_id => {
+                        tracing::warn!(%sender, claimed = %info.worker_id, "Ignored a heartbeat sent in another worker's name");
+                    }
+                    Some((_, info)) => { if btx.send(Event::Heartbeat(info)).await.is_err() { break } }
                     None => break,
                 }
             }
@@ -282,8 +309,24 @@ impl Actor {
         match ev {
             Event::Op { op, revision } => self.on_op(op, revision).await,
             Event::Heartbeat(info) => self.on_heartbeat(info).await,
-            Event::Done(done, reply) => {
-                let r = self.on_done(done).await;
+            Event::Done {
+                sender,
+                done,
+                reply,
+            } => {
+                let r = if sender == done.worker {
+                    self.on_done(done).await
+                } else {
+                    tracing::warn!(op = %done.operation_id, %sender, claimed = %done.worker, "Refused a job report sent in another worker's name");
+                    metrics::counter!("motorpool_scheduler_forged_reports_total").increment(1);
+                    Err(WireError::new(
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "{sender} reported a job as {}: workers report only their own jobs",
+                            done.worker
+                        ),
+                    ))
+                };
                 let _ = reply.send(r);
             }
             Event::Cancel(id, reply) => {

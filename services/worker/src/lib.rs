@@ -23,7 +23,7 @@ pub mod sandbox;
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use futures::future::BoxFuture;
-use motorpool_bus::{Bus, MailboxOptions, serve, subjects};
+use motorpool_bus::{Bus, BusError, MailboxOptions, serve, subjects};
 use motorpool_cas_client::{Shards, proto};
 use motorpool_cas_shard::store::{Store, namespace};
 use motorpool_config::{ShardConfig, WorkerConfig};
@@ -273,6 +273,9 @@ impl Started {
 pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
     let shard_config = ShardConfig {
         nats_url: config.nats_url.clone(),
+        nats_nkey_file: config.nats_nkey_file.clone(),
+        nats_tls_ca_file: config.nats_tls_ca_file.clone(),
+        data_key_file: config.data_key_file.clone(),
         shard_id: config.worker_id.clone(),
         data_dir: config.data_dir.join("cas"),
         capacity_bytes: config.cas_capacity_bytes,
@@ -293,9 +296,11 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     // The shard stops on its own token, after the pipeline has drained.
     let shard_shutdown = CancellationToken::new();
     let shard = motorpool_cas_shard::start(&shard_config, shard_shutdown.clone()).await?;
-    let bus = Bus::connect(
+    let bus = Bus::connect_service(
         &config.nats_url,
         &format!("worker-{id}"),
+        config.nats_nkey_file.as_deref(),
+        config.nats_tls_ca_file.as_deref(),
         Duration::from_secs(30),
     )
     .await?;
@@ -305,7 +310,11 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         Duration::from_millis(config.heartbeat_ms * 5),
         motorpool_config::BlobTransport::Direct,
     )
-    .await?;
+    .await?
+    .with_data_key(
+        motorpool_messages::cas::load_data_key(config.data_key_file.as_deref())
+            .map_err(anyhow::Error::msg)?,
+    );
     let registry = bus.ensure_kv(subjects::exec::workers_config()).await?;
     let scratch = scratch_dir(&config, &id)?;
     let exec_dir = scratch.join("exec");
@@ -979,10 +988,19 @@ impl Worker {
             match self
                 .svc
                 .bus
-                .request_with_timeout(&subjects::exec::job_done(), &done, Duration::from_secs(5))
+                .request_with_timeout(
+                    &subjects::exec::job_done(&done.worker),
+                    &done,
+                    Duration::from_secs(5),
+                )
                 .await
             {
                 Ok(Ack) => break,
+                Err(BusError::Remote(error)) => {
+                    // The scheduler answered and refused: asking again changes nothing.
+                    tracing::error!(op = %done.operation_id, %error, "The scheduler refused a job report");
+                    break;
+                }
                 Err(error) => {
                     if tokio::time::Instant::now() > give_up {
                         tracing::error!(op = %done.operation_id, %error, "Gave up reporting a job");

@@ -1,6 +1,7 @@
 //! The connected bus: typed publish, request/reply with timeouts, subscriptions, JetStream set-up.
 
 use crate::Subject;
+use crate::access::{self, Credentials};
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -33,6 +34,17 @@ pub enum BusError {
     Remote(WireError),
     #[error("JetStream: {0}")]
     JetStream(String),
+    #[error("bus credentials: {0}")]
+    Credentials(String),
+    #[error(
+        "NATS at {url} refused {name}: {source} (no credentials, or an nkey the server's realm does not hold)"
+    )]
+    Refused {
+        url: String,
+        name: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
 }
 
 impl BusError {
@@ -62,18 +74,104 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// Connects as `name` (shown in the server's connection list). Reconnects forever in the
-    /// background after the first success.
+    /// Connects as `name` (shown in the server's connection list), without credentials (a bus
+    /// that lets anyone in: tests' own servers, a deployment that has not turned access on).
+    /// Reconnects forever in the background after the first success.
     pub async fn connect(
         url: &str,
         name: &str,
         request_timeout: Duration,
     ) -> Result<Bus, BusError> {
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
-            .request_timeout(Some(request_timeout))
+        Self::connect_with(url, name, None, None, request_timeout).await
+    }
+
+    /// [`Bus::connect`] as the nkey user whose seed is in `nkey_file`, if given: the server then
+    /// lets this connection do only what that user's role allows, and its replies come to the
+    /// user's own inbox.
+    pub async fn connect_as(
+        url: &str,
+        name: &str,
+        nkey_file: Option<&std::path::Path>,
+        request_timeout: Duration,
+    ) -> Result<Bus, BusError> {
+        Self::connect_service(url, name, nkey_file, None, request_timeout).await
+    }
+
+    /// [`Bus::connect_as`], over TLS when `tls_ca_file` is given: the server's certificate must
+    /// chain to that CA (PEM), and a server that does not speak TLS is refused. What a
+    /// service's `nats_nkey_file` and `nats_tls_ca_file` configure.
+    pub async fn connect_service(
+        url: &str,
+        name: &str,
+        nkey_file: Option<&std::path::Path>,
+        tls_ca_file: Option<&std::path::Path>,
+        request_timeout: Duration,
+    ) -> Result<Bus, BusError> {
+        let creds = match nkey_file {
+            Some(path) => {
+                Some(Credentials::load(path).map_err(|e| BusError::Credentials(e.to_string()))?)
+            }
+            None => None,
+        };
+        Self::connect_with(url, name, creds.as_ref(), tls_ca_file, request_timeout).await
+    }
+
+    /// [`Bus::connect`] with these credentials and this TLS CA, if any.
+    pub async fn connect_with(
+        url: &str,
+        name: &str,
+        creds: Option<&Credentials>,
+        tls_ca_file: Option<&std::path::Path>,
+        request_timeout: Duration,
+    ) -> Result<Bus, BusError> {
+        let options = || {
+            let mut o = async_nats::ConnectOptions::new();
+            if let Some(c) = creds {
+                o = o
+                    .nkey(c.seed().to_string())
+                    .custom_inbox_prefix(access::inbox_prefix(c.public_key()));
+            }
+            if let Some(ca) = tls_ca_file {
+                o = o.add_root_certificates(ca.to_path_buf()).require_tls(true);
+            }
+            o.name(name)
+                .request_timeout(Some(request_timeout))
+                .connection_timeout(Duration::from_secs(5))
+        };
+        // One try first: a server that refuses these credentials is an answer, not a reason to
+        // keep trying; a server not up yet is tried again below.
+        let client = match options().connect(url).await {
+            Ok(client) => client,
+            Err(source)
+                if matches!(
+                    source.kind(),
+                    async_nats::ConnectErrorKind::AuthorizationViolation
+                        | async_nats::ConnectErrorKind::Authentication
+                ) =>
+            {
+                return Err(BusError::Refused {
+                    url: url.to_string(),
+                    name: name.to_string(),
+                    source,
+                });
+            }
+            Err(_) => Self::connect_retrying(url, options()).await?,
+        };
+        let jetstream = jetstream::new(client.clone());
+        Ok(Bus {
+            client,
+            jetstream,
+            request_timeout,
+        })
+    }
+
+    /// Connects, trying again in the background until the server answers (bounded: 10 s).
+    async fn connect_retrying(
+        url: &str,
+        options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::Client, BusError> {
+        let client = options
             .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
             .connect(url)
             .await
             .map_err(|source| BusError::Connect {
@@ -92,12 +190,7 @@ impl Bus {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let jetstream = jetstream::new(client.clone());
-        Ok(Bus {
-            client,
-            jetstream,
-            request_timeout,
-        })
+        Ok(client)
     }
 
     /// The raw client, for the rare caller that needs it.
@@ -290,10 +383,16 @@ pub struct TypedSubscriber<M> {
 impl<M: Message> TypedSubscriber<M> {
     /// The next well-formed message, or `None` when the subscription ends.
     pub async fn next(&mut self) -> Option<M> {
+        self.next_from().await.map(|(_, m)| m)
+    }
+
+    /// [`TypedSubscriber::next`] with the last token of its subject: the id of the service that
+    /// sent it, where the bus lets only that service publish there.
+    pub async fn next_from(&mut self) -> Option<(String, M)> {
         loop {
             let msg = self.inner.next().await?;
             match codec::decode::<M>(&msg.payload) {
-                Ok(m) => return Some(m),
+                Ok(m) => return Some((last_token(&msg.subject).to_string(), m)),
                 Err(error) => {
                     metrics::counter!("motorpool_bus_malformed_total", "message" => M::NAME)
                         .increment(1);
@@ -302,4 +401,9 @@ impl<M: Message> TypedSubscriber<M> {
             }
         }
     }
+}
+
+/// The last `.`-separated token of a subject.
+pub(crate) fn last_token(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
 }

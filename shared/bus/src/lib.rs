@@ -9,17 +9,21 @@
 //!   bounded concurrency, malformed frames answered with a clear error.
 //! - [`lanes`]: lane work queues on JetStream (one durable consumer per priority lane, a picker
 //!   with bounded aging) for jobs that are not REAPI actions.
+//! - [`access`]: who may say what: per-service nkey users, their subject permissions, and the
+//!   realm file rendered into nats-server's `authorization` block.
 //! - [`server`]: starts a real `nats-server` (JetStream on) on a free port with a temp store dir;
 //!   used by `motorpool up` and by every integration test.
 
+pub mod access;
 mod bus;
 pub mod lanes;
 mod mailbox;
 pub mod server;
 pub mod subjects;
 
+pub use access::{Credentials, Realm, Role};
 pub use bus::{Bus, BusError, TypedSubscriber};
 pub use lanes::{Delivery, LaneQueue, LaneQueueOptions};
-pub use mailbox::{MailboxOptions, serve};
+pub use mailbox::{MailboxOptions, serve, serve_from};
 pub use server::{NatsServer, NatsServerOptions};
 pub use subjects::Subject;

@@ -43,6 +43,24 @@ where
     F: Fn(R) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<R::Reply, WireError>> + Send + 'static,
 {
+    serve_from(bus, subject, options, shutdown, move |_, req| handler(req)).await
+}
+
+/// [`serve`] for a wildcard subject whose last token names the sender (`job.done.<worker>`):
+/// the handler gets that token with each request. Where the bus's permissions let only that
+/// sender publish there, the token is who sent it, whatever the message claims.
+pub async fn serve_from<R, F, Fut>(
+    bus: &Bus,
+    subject: Subject,
+    options: MailboxOptions,
+    shutdown: CancellationToken,
+    handler: F,
+) -> Result<JoinHandle<()>, BusError>
+where
+    R: Request,
+    F: Fn(String, R) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R::Reply, WireError>> + Send + 'static,
+{
     let mut sub = bus
         .raw_subscribe(&subject, options.queue_group.as_deref())
         .await?;
@@ -68,7 +86,10 @@ where
             tokio::spawn(async move {
                 let _permit = permit;
                 let answer: Result<R::Reply, WireError> = match codec::decode::<R>(&msg.payload) {
-                    Ok(req) => handler(req).await,
+                    Ok(req) => {
+                        let sender = crate::bus::last_token(&msg.subject).to_string();
+                        handler(sender, req).await
+                    }
                     Err(e) => {
                         metrics::counter!("motorpool_bus_malformed_total", "message" => R::NAME)
                             .increment(1);

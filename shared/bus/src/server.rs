@@ -22,6 +22,11 @@ pub struct NatsServerOptions {
     pub max_payload: usize,
     /// Where the server's own log goes; `None` = discarded.
     pub log_file: Option<PathBuf>,
+    /// Who may connect and what each may do; `None` = anyone, anything (tests' private
+    /// servers). With a realm, a connection without one of its keys is refused.
+    pub realm: Option<crate::Realm>,
+    /// PEM certificate and key: clients must speak TLS (`tls://` URLs).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for NatsServerOptions {
@@ -31,6 +36,8 @@ impl Default for NatsServerOptions {
             store_dir: None,
             max_payload: 8 * 1024 * 1024,
             log_file: None,
+            realm: None,
+            tls: None,
         }
     }
 }
@@ -124,6 +131,38 @@ impl NatsServer {
             "jetstream {{ store_dir: {:?} }}",
             self.store_dir.display().to_string()
         )?;
+        if let Some((cert, key)) = &self.options.tls {
+            writeln!(
+                f,
+                "tls {{ cert_file: {:?}, key_file: {:?} }}",
+                cert.display().to_string(),
+                key.display().to_string()
+            )?;
+        }
+        if let Some(realm) = &self.options.realm {
+            f.write_all(realm.server_config().as_bytes())?;
+        }
+        f.sync_all()?;
+        Ok(())
+    }
+
+    /// Replaces the realm and has the running server re-read it (SIGHUP, as
+    /// `nats-server --signal reload` does): added keys work, removed ones are disconnected.
+    pub fn reload(&mut self, realm: crate::Realm) -> Result<(), ServerError> {
+        self.options.realm = Some(realm);
+        self.write_config()?;
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg("-HUP")
+                .arg(child.id().to_string())
+                .status()?;
+            if !status.success() {
+                return Err(ServerError::Io(std::io::Error::other(format!(
+                    "kill -HUP {}: {status}",
+                    child.id()
+                ))));
+            }
+        }
         Ok(())
     }
 
@@ -180,9 +219,14 @@ impl NatsServer {
         }
     }
 
-    /// `nats://127.0.0.1:<port>`.
+    /// `nats://127.0.0.1:<port>`, or `tls://` where the server requires TLS.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.options.tls.is_some() {
+            "tls"
+        } else {
+            "nats"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The client port.

@@ -135,9 +135,11 @@ pub mod exec {
     pub fn stop(worker: &str) -> Subject {
         Subject::build(DOMAIN, "job", "stop", Some(worker))
     }
-    /// `JobDone` from workers to the scheduler (queue group [`SCHEDULER_GROUP`]).
-    pub fn job_done() -> Subject {
-        Subject::build(DOMAIN, "job", "done", None)
+    /// `JobDone` from `worker` to the scheduler (queue group [`SCHEDULER_GROUP`]; the scheduler
+    /// subscribes to `job_done("*")`). Only that worker may publish here, so the subject's id
+    /// says who reports.
+    pub fn job_done(worker: &str) -> Subject {
+        Subject::build(DOMAIN, "job", "done", Some(worker))
     }
     /// `Cancel` of an operation, to the scheduler.
     pub fn cancel() -> Subject {

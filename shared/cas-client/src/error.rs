@@ -51,6 +51,7 @@ impl From<WireError> for ApiError {
             ErrorCode::Internal => ApiError::Internal(m),
             ErrorCode::Cancelled => ApiError::Cancelled(m),
             ErrorCode::Aborted => ApiError::Aborted(m),
+            ErrorCode::PermissionDenied => ApiError::PermissionDenied(m),
         }
     }
 }

@@ -30,7 +30,7 @@ struct Live {
     info: ShardInfo,
     seen: Instant,
     weight_key: u64,
-    pool: Arc<Mutex<Vec<DataStream>>>,
+    pool: Arc<Pool>,
 }
 
 /// The live shards and the calls to them.
@@ -43,6 +43,8 @@ pub struct Shards {
     transport: BlobTransport,
     /// Shards every written blob goes to (the owner and the next ones in placement order).
     replicas: usize,
+    /// The deployment's data key, proven to a shard on every new data-stream connection.
+    data_key: Option<[u8; 32]>,
 }
 
 /// One shard picked for a call.
@@ -50,7 +52,7 @@ pub struct Shards {
 pub struct ShardRef {
     pub id: String,
     addr: String,
-    pool: Arc<Mutex<Vec<DataStream>>>,
+    pool: Arc<Pool>,
 }
 
 /// A snapshot of the live shards with rendezvous placement over them.
@@ -142,6 +144,7 @@ impl Shards {
             liveness,
             transport,
             replicas: 2,
+            data_key: None,
         };
         let live = shards.live.clone();
         tokio::spawn(async move {
@@ -165,6 +168,12 @@ impl Shards {
 
     /// Sets how many shards each written blob goes to (default 2: the owner and one replica, so
     /// losing one shard loses no blob). Fewer live shards than that means fewer copies.
+    /// Proves `key` to shards on their data stream (shards with a data key serve no one else).
+    pub fn with_data_key(mut self, key: Option<[u8; 32]>) -> Shards {
+        self.data_key = key;
+        self
+    }
+
     pub fn with_replicas(mut self, replicas: usize) -> Shards {
         self.replicas = replicas.max(1);
         self
@@ -600,7 +609,7 @@ impl Shards {
     }
 
     async fn connect(&self, shard: &ShardRef) -> Result<DataStream, ApiError> {
-        if let Some(c) = shard.pool.lock().pop() {
+        if let Some(c) = shard.pool.pop() {
             return Ok(c);
         }
         self.dial(shard).await
@@ -609,6 +618,36 @@ impl Shards {
     /// A new connection to the shard's data stream: its abstract Unix socket when the shard is
     /// on this host's network (no TCP/IP stack between them), TCP otherwise.
     async fn dial(&self, shard: &ShardRef) -> Result<DataStream, ApiError> {
+        let mut conn = self.dial_raw(shard).await?;
+        // The shard's challenge, and the proof that this side holds the data key.
+        let hello = async {
+            let DataReply::Challenge { nonce } = read_reply(&mut conn).await? else {
+                return Err(std::io::Error::other(
+                    "the shard did not start with a challenge",
+                ));
+            };
+            let proof = motorpool_messages::cas::data_proof(self.data_key.as_ref(), &nonce);
+            let frame =
+                codec::encode(&DataRequest::Hello { proof }).map_err(std::io::Error::other)?;
+            let mut out = Vec::with_capacity(frame.len() + 4);
+            out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+            out.extend_from_slice(&frame);
+            conn.write_all(&out).await
+        };
+        tokio::time::timeout(Duration::from_secs(5), hello)
+            .await
+            .map_err(|_| std::io::Error::other("timed out"))
+            .and_then(|r| r)
+            .map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "shard {} data stream at {}: hello: {e}",
+                    shard.id, shard.addr
+                ))
+            })?;
+        Ok(conn)
+    }
+
+    async fn dial_raw(&self, shard: &ShardRef) -> Result<DataStream, ApiError> {
         if let Some(local) = dial_local(&shard.addr) {
             metrics::counter!("motorpool_cas_data_connections_total", "transport" => "unix")
                 .increment(1);
@@ -662,7 +701,7 @@ impl Shards {
                 len,
             }),
             DataReply::Error(e) => {
-                shard.pool.lock().push(conn);
+                shard.pool.push(conn);
                 Err(e.into())
             }
             other => Err(ApiError::Internal(format!(
@@ -837,11 +876,11 @@ impl Shards {
         };
         match reply {
             DataReply::Committed { size } => {
-                shard.pool.lock().push(conn);
+                shard.pool.push(conn);
                 Ok(size)
             }
             DataReply::Error(e) => {
-                shard.pool.lock().push(conn);
+                shard.pool.push(conn);
                 Err(e.into())
             }
             other => Err(ApiError::Internal(format!(
@@ -936,12 +975,12 @@ impl Shards {
         };
         match exchange(&mut conn, &req).await.map_err(unavailable)? {
             DataReply::Committed { size } => {
-                shard.pool.lock().push(conn);
+                shard.pool.push(conn);
                 return Ok(size);
             }
             DataReply::WriteReady { .. } => {}
             DataReply::Error(e) => {
-                shard.pool.lock().push(conn);
+                shard.pool.push(conn);
                 return Err(e.into());
             }
             other => {
@@ -1008,7 +1047,7 @@ impl Shards {
         }
         match read_reply(&mut conn).await.map_err(unavailable)? {
             DataReply::Committed { size } => {
-                shard.pool.lock().push(conn);
+                shard.pool.push(conn);
                 Ok(size)
             }
             DataReply::Error(e) => Err(e.into()),
@@ -1217,6 +1256,11 @@ fn apply_registry_entry(
     use async_nats::jetstream::kv::Operation;
     match entry.operation {
         Operation::Put => match codec::decode::<ShardInfo>(&entry.value) {
+            // The bus lets a shard write only its own key; an entry naming another shard under
+            // it is not that shard's.
+            Ok(info) if info.shard_id != entry.key => {
+                tracing::warn!(key = %entry.key, claimed = %info.shard_id, "Ignored a shard registration under another shard's key")
+            }
             Ok(info) => {
                 let mut live = live.write();
                 let key = info.shard_id.clone();
@@ -1399,6 +1443,28 @@ fn dial_local(data_addr: &str) -> Option<UnixStream> {
     UnixStream::from_std(c).ok()
 }
 
+/// A shard's idle data-stream connections, newest last. One idle longer than [`POOL_IDLE`] is
+/// not used again: the shard closes connections silent for two minutes, and a connection it
+/// closed would fail the next call.
+#[derive(Debug, Default)]
+pub(crate) struct Pool(Mutex<Vec<(Instant, DataStream)>>);
+
+/// How long a pooled connection may sit idle before it is dropped instead of reused.
+pub(crate) const POOL_IDLE: Duration = Duration::from_secs(30);
+
+impl Pool {
+    pub(crate) fn push(&self, c: DataStream) {
+        self.0.lock().push((Instant::now(), c));
+    }
+
+    pub(crate) fn pop(&self) -> Option<DataStream> {
+        let mut pool = self.0.lock();
+        // The oldest are at the front: drop those idle too long, take the newest.
+        pool.retain(|(at, _)| at.elapsed() < POOL_IDLE);
+        pool.pop().map(|(_, c)| c)
+    }
+}
+
 /// A connection to a shard's data stream.
 #[derive(Debug)]
 pub(crate) enum DataStream {
@@ -1472,7 +1538,7 @@ pub struct WriteData {
 enum Source {
     Direct {
         conn: Option<DataStream>,
-        pool: Arc<Mutex<Vec<DataStream>>>,
+        pool: Arc<Pool>,
     },
     Nats {
         bus: Bus,
@@ -1509,7 +1575,7 @@ impl BlobReader {
             if let Source::Direct { conn, pool } = &mut self.source
                 && let Some(c) = conn.take()
             {
-                pool.lock().push(c);
+                pool.push(c);
             }
             return None;
         }

@@ -80,6 +80,15 @@ pub enum LogFormat {
 pub struct GatewayConfig {
     /// NATS server URL. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add`);
+    /// none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS: the connection is encrypted and the server's
+    /// certificate must chain to it. None: plain, unless the URL is `tls://` (system roots).
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// The deployment's data key (64 hex digits; `motorpool up` makes `bus/data.key`): shards
+    /// serve their direct data stream only to peers that prove they hold it. None: open.
+    pub data_key_file: Option<PathBuf>,
     /// gRPC listen address (REAPI, ByteStream). Default `127.0.0.1:8980`.
     pub grpc_addr: SocketAddr,
     /// HTTP listen address: `/healthz`, `/readyz`, `/metrics`. Default `127.0.0.1:8080`.
@@ -87,8 +96,9 @@ pub struct GatewayConfig {
     /// Largest total of blob bytes in one BatchUpdateBlobs/BatchReadBlobs request, as reported in
     /// Capabilities. Clients send bigger blobs through ByteStream. Default 4 MiB.
     pub max_batch_total_bytes: u64,
-    /// Largest gRPC message the gateway decodes (FindMissingBlobs of 100k digests is ~7 MB).
-    /// Default 64 MiB.
+    /// Largest gRPC message the gateway decodes (FindMissingBlobs of 100k digests is ~7 MB);
+    /// a bigger one gets RESOURCE_EXHAUSTED, and blobs bigger than a batch go through
+    /// ByteStream in chunks anyway. Default 16 MiB.
     pub max_grpc_message_bytes: usize,
     /// Size of each ByteStream ReadResponse chunk. Default 1 MiB.
     pub read_chunk_bytes: usize,
@@ -112,8 +122,58 @@ pub struct GatewayConfig {
     pub replicas: usize,
     /// Who may call the gateway, and for what.
     pub auth: AuthConfig,
+    /// What one client may hold of the gateway: connections, streams, silence.
+    pub bounds: BoundsConfig,
+    /// TLS on the gRPC port (and, with a client CA, mutual TLS).
+    pub tls: TlsConfig,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
+}
+
+/// The gateway's resource bounds. Each answers with a clear status when it bites.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BoundsConfig {
+    /// Connections served at once; up to 64 more are accepted only to get RESOURCE_EXHAUSTED on
+    /// every call, and beyond those new connections are closed. Default 4096.
+    pub max_connections: usize,
+    /// Concurrent calls (HTTP/2 streams) per connection; Bazel opens up to
+    /// `--remote_max_connections` connections and multiplexes on each. Default 1024.
+    pub max_concurrent_streams: u32,
+    /// A call whose client sends nothing of its request for this long fails with
+    /// DEADLINE_EXCEEDED (a stalled upload frees its memory). Milliseconds; default 60000.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 PING interval on idle connections, to find dead peers. Milliseconds; default 30000.
+    pub keepalive_interval_ms: u64,
+    /// A PING unanswered this long closes the connection. Milliseconds; default 20000.
+    pub keepalive_timeout_ms: u64,
+}
+
+impl Default for BoundsConfig {
+    fn default() -> Self {
+        BoundsConfig {
+            max_connections: 4096,
+            max_concurrent_streams: 1024,
+            idle_timeout_ms: 60_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 20_000,
+        }
+    }
+}
+
+/// TLS for the gateway's gRPC port. With `cert_file` and `key_file` the port speaks only TLS
+/// (`grpcs://` for Bazel, with `--tls_certificate=<CA>` when the CA is not a system one); with
+/// `client_ca_file` too, only clients with a certificate that CA signed get in (mutual TLS;
+/// Bazel: `--tls_client_certificate`, `--tls_client_key`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the gateway. Default: none (plain gRPC).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA whose client certificates are required. Default: none (no client certificates).
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// What a caller that presents no API key may do.
@@ -158,10 +218,13 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
+            data_key_file: None,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 8980)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_batch_total_bytes: 4 * 1024 * 1024,
-            max_grpc_message_bytes: 64 * 1024 * 1024,
+            max_grpc_message_bytes: 16 * 1024 * 1024,
             read_chunk_bytes: 1024 * 1024,
             bus_timeout_ms: 30_000,
             shard_timeout_ms: 5_000,
@@ -169,6 +232,8 @@ impl Default for GatewayConfig {
             instance_names: Vec::new(),
             execution: true,
             replicas: 2,
+            bounds: BoundsConfig::default(),
+            tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
@@ -193,6 +258,15 @@ pub enum BlobTransport {
 pub struct ShardConfig {
     /// NATS server URL. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add`);
+    /// none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS: the connection is encrypted and the server's
+    /// certificate must chain to it. None: plain, unless the URL is `tls://` (system roots).
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// The deployment's data key (64 hex digits; `motorpool up` makes `bus/data.key`): shards
+    /// serve their direct data stream only to peers that prove they hold it. None: open.
+    pub data_key_file: Option<PathBuf>,
     /// Shard id: a subject token (letters, digits, `-`, `_`). Default: the id stored in
     /// `data_dir/shard-id`, created at first start from the host name and a random suffix, so a
     /// restarted shard keeps its identity and its blobs.
@@ -222,6 +296,9 @@ impl Default for ShardConfig {
     fn default() -> Self {
         ShardConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
+            data_key_file: None,
             shard_id: None,
             data_dir: PathBuf::from("motorpool-data/cas-0"),
             capacity_bytes: 10 * 1024 * 1024 * 1024,
@@ -245,6 +322,12 @@ impl ServiceConfig for ShardConfig {
 pub struct SchedulerConfig {
     /// NATS server URL. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add`);
+    /// none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS: the connection is encrypted and the server's
+    /// certificate must chain to it. None: plain, unless the URL is `tls://` (system roots).
+    pub nats_tls_ca_file: Option<PathBuf>,
     /// A worker whose heartbeat is older than this (milliseconds) is lost: its jobs are retried
     /// elsewhere. Default 5000.
     pub worker_timeout_ms: u64,
@@ -275,6 +358,8 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
             worker_timeout_ms: 5000,
             max_attempts: 3,
             aging_step_ms: 10_000,
@@ -298,6 +383,15 @@ impl ServiceConfig for SchedulerConfig {
 pub struct ReindexerConfig {
     /// NATS server URL. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add`);
+    /// none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS: the connection is encrypted and the server's
+    /// certificate must chain to it. None: plain, unless the URL is `tls://` (system roots).
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// The deployment's data key (64 hex digits; `motorpool up` makes `bus/data.key`): shards
+    /// serve their direct data stream only to peers that prove they hold it. None: open.
+    pub data_key_file: Option<PathBuf>,
     /// Time (milliseconds) between passes over the registries. Default 10000.
     pub period_ms: u64,
     /// A shard or worker whose last heartbeat is older than this (milliseconds) is dead: its
@@ -321,6 +415,9 @@ impl Default for ReindexerConfig {
     fn default() -> Self {
         ReindexerConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
+            data_key_file: None,
             period_ms: 10_000,
             dead_after_ms: 60_000,
             shard_timeout_ms: 5_000,
@@ -342,6 +439,15 @@ impl ServiceConfig for ReindexerConfig {
 pub struct WorkerConfig {
     /// NATS server URL. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add`);
+    /// none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS: the connection is encrypted and the server's
+    /// certificate must chain to it. None: plain, unless the URL is `tls://` (system roots).
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// The deployment's data key (64 hex digits; `motorpool up` makes `bus/data.key`): shards
+    /// serve their direct data stream only to peers that prove they hold it. None: open.
+    pub data_key_file: Option<PathBuf>,
     /// Worker id (also its CAS shard's id). Default: stored in `data_dir/shard-id`, created at
     /// first start from the host name and a random suffix.
     pub worker_id: Option<String>,
@@ -464,6 +570,9 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
+            data_key_file: None,
             worker_id: None,
             data_dir: PathBuf::from("motorpool-data/worker-0"),
             scratch_dir: None,
@@ -497,6 +606,12 @@ impl ServiceConfig for WorkerConfig {
 pub struct LabelConfig {
     /// NATS server URL. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add`);
+    /// none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS: the connection is encrypted and the server's
+    /// certificate must chain to it. None: plain, unless the URL is `tls://` (system roots).
+    pub nats_tls_ca_file: Option<PathBuf>,
     /// Root of the label store: every stage writes its versioned outputs under
     /// `<data_dir>/<clip id>/<stage>/v<version>-<input hash>/`. Stages on different hosts need
     /// it on shared storage. Clips are read where their job says. Default
@@ -521,6 +636,8 @@ impl Default for LabelConfig {
     fn default() -> Self {
         LabelConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
             data_dir: PathBuf::from("motorpool-data/labels"),
             worker_id: None,
             concurrency: 1,
@@ -551,6 +668,12 @@ pub enum DriveSource {
 pub struct FleetConfig {
     /// NATS server URL. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add`);
+    /// none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS: the connection is encrypted and the server's
+    /// certificate must chain to it. None: plain, unless the URL is `tls://` (system roots).
+    pub nats_tls_ca_file: Option<PathBuf>,
     /// The image store: `<store_dir>/<channel>/<image id>/{image.ext4,manifest.json}`. The
     /// builder writes it, the burner reads it. Default `./motorpool-data/images`.
     pub store_dir: PathBuf,
@@ -592,6 +715,8 @@ impl Default for FleetConfig {
     fn default() -> Self {
         FleetConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
             store_dir: PathBuf::from("motorpool-data/images"),
             keep: 5,
             concurrency: 1,

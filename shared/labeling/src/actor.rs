@@ -399,9 +399,11 @@ pub async fn run_service<W: StageWork>(
     });
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| LabelError::io(format!("label store {}", config.data_dir.display()), e))?;
-    let bus = Bus::connect(
+    let bus = Bus::connect_service(
         &config.nats_url,
         &format!("motorpool-{stage}"),
+        config.nats_nkey_file.as_deref(),
+        config.nats_tls_ca_file.as_deref(),
         Duration::from_secs(10),
     )
     .await

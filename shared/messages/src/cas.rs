@@ -202,8 +202,12 @@ pub enum DataRequest {
         instance: String,
         digest: BlobDigest,
     },
+    /// The first frame of every connection, answering the shard's [`DataReply::Challenge`]:
+    /// `proof` = BLAKE3 keyed with the deployment's data key, of the challenge's nonce. A
+    /// shard with a data key serves nothing else before a right proof.
+    Hello { proof: [u8; 32] },
 }
-message!(DataRequest, 120, 2);
+message!(DataRequest, 120, 3);
 
 /// Largest blob a [`DataRequest::Put`] carries; larger blobs are streamed with `Write`.
 pub const DATA_PUT_MAX: u64 = 1 << 20;
@@ -224,8 +228,42 @@ pub enum DataReply {
         len: u64,
     },
     Error(WireError),
+    /// The shard's first frame on every connection: prove you hold the data key.
+    Challenge {
+        nonce: [u8; 32],
+    },
 }
-message!(DataReply, 121, 1);
+message!(DataReply, 121, 2);
+
+/// The proof a data-stream client sends for `nonce` (no key: the all-zero key, which only a
+/// shard without a key accepts).
+pub fn data_proof(key: Option<&[u8; 32]>, nonce: &[u8; 32]) -> [u8; 32] {
+    *blake3::keyed_hash(key.unwrap_or(&[0; 32]), nonce).as_bytes()
+}
+
+/// Reads a data key file: 64 hex digits (`motorpool up` writes `<data dir>/bus/data.key`).
+pub fn read_data_key(path: &std::path::Path) -> Result<[u8; 32], String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = hex_decode(text.trim())
+        .filter(|b| b.len() == 32)
+        .ok_or_else(|| format!("{}: not 64 hex digits", path.display()))?;
+    Ok(bytes.try_into().expect("32 bytes"))
+}
+
+/// [`read_data_key`] of a configured file, if any.
+pub fn load_data_key(path: Option<&std::path::Path>) -> Result<Option<[u8; 32]>, String> {
+    path.map(read_data_key).transpose()
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
 
 /// A page of the blobs a shard holds (for the reindexer).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

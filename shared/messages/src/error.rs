@@ -18,6 +18,9 @@ pub enum ErrorCode {
     Unimplemented,
     Cancelled,
     Aborted,
+    /// The sender may not ask this (the bus's subject says who it is, and that is not who the
+    /// message claims to be).
+    PermissionDenied,
 }
 
 /// An error carried in a reply.

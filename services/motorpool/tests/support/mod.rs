@@ -174,6 +174,25 @@ impl Stack {
         tonic::service::interceptor::InterceptedService::new(ch, Bearer::new(&self.keys.admin))
     }
 
+    /// A channel to a stack started with `--tls`, trusting the CA it made, whose calls carry
+    /// `key`.
+    pub async fn tls_channel_as(&self, key: &str) -> AuthChannel {
+        let ca = std::fs::read(self.dir.path().join("data/tls/ca.pem")).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("localhost");
+        let ch = Channel::from_shared(format!("https://{}", self.grpc))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .initial_stream_window_size(Some(8 * 1024 * 1024))
+            .initial_connection_window_size(Some(16 * 1024 * 1024))
+            .connect()
+            .await
+            .unwrap();
+        tonic::service::interceptor::InterceptedService::new(ch, Bearer::new(key))
+    }
+
     /// A channel without a key.
     pub async fn plain_channel(&self, max_frame: u32) -> Channel {
         Channel::from_shared(self.endpoint())
@@ -220,8 +239,83 @@ impl Stack {
     pub fn nats_url(&self) -> String {
         self.log()
             .lines()
-            .find_map(|l| l.trim().strip_prefix("NATS").map(|u| u.trim().to_string()))
+            .find_map(|l| l.trim().strip_prefix("NATS "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
             .expect("motorpool up prints the NATS URL")
+    }
+
+    /// The seed file of the stack's bus user `name` (`gateway`, `worker-0`, `operator`,
+    /// `admin`, ...).
+    pub fn nkey(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("data/bus/{name}.nk"))
+    }
+
+    /// A bus connection as the stack's user `name` (over TLS on a `--tls` stack).
+    pub async fn bus_as(&self, name: &str) -> motorpool_bus::Bus {
+        motorpool_bus::Bus::connect_service(
+            &self.nats_url(),
+            &format!("test-as-{name}"),
+            Some(&self.nkey(name)),
+            self.tls_ca().as_deref(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The CA a `--tls` stack made.
+    pub fn tls_ca(&self) -> Option<std::path::PathBuf> {
+        Some(self.dir.path().join("data/tls/ca.pem")).filter(|p| p.exists())
+    }
+
+    /// Adds a bus user with `role` through `motorpool keys bus add`, as an operator would, and
+    /// returns its seed file once the stack's NATS accepts it (`motorpool up` reloads the realm
+    /// when it changes).
+    pub async fn add_bus_user(&self, role: &str) -> std::path::PathBuf {
+        let name = role.rsplit(':').next().unwrap();
+        let out = self.dir.path().join(format!("{name}.nk"));
+        let status = Command::new(env!("CARGO_BIN_EXE_motorpool"))
+            .args(["keys", "bus", "add", "--role", role, "--realm"])
+            .arg(self.dir.path().join("data/bus/realm.toml"))
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "motorpool keys bus add --role {role}");
+        // `motorpool up` reloads NATS within a second of the realm's change.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match motorpool_bus::Bus::connect_as(
+                &self.nats_url(),
+                &format!("test-as-{name}"),
+                Some(&out),
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(_) => return out,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("NATS never accepted the new user {role}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Bus permission violations the stack's own services met (nats-server logs each): a
+    /// service that needs a subject its role does not allow. Connections the tests make on
+    /// purpose (`test-...`, `intruder...`) are not counted.
+    pub fn bus_violations(&self) -> Vec<String> {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("data/nats.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("Violation"))
+            .filter(|l| !l.contains(":rust:test") && !l.contains(":rust:intruder"))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Pid of the `motorpool up` process.
@@ -299,6 +393,14 @@ fn terminate_child(c: &mut Child) {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.stop();
+        // Every stack test also checks that the services' bus permissions fit what they do.
+        let denied = self.bus_violations();
+        if !denied.is_empty() && !std::thread::panicking() {
+            panic!(
+                "the stack's services were refused on the bus:\n{}",
+                denied.join("\n")
+            );
+        }
     }
 }
 
