@@ -24,6 +24,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 struct Figures {
     write_mbps: f64,
     read_mbps: f64,
+    /// The gateway's CPU seconds per GB read.
+    read_cpu_s_per_gb: f64,
+    /// This client's CPU seconds per GB read.
+    client_cpu_s_per_gb: f64,
     batch_read_ms: f64,
     find_missing_ms: f64,
 }
@@ -34,9 +38,11 @@ async fn measure(stack: &Stack, ch: AuthChannel, rounds: usize) -> Figures {
         .max_encoding_message_size(MAX_MSG);
     let mut cas = re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch)
         .max_decoding_message_size(MAX_MSG);
-    let _ = stack;
+    let gateway = stack.child_pid(&["gateway"]).unwrap();
     let size = 64 << 20;
     let (mut writes, mut reads) = (Vec::new(), Vec::new());
+    let (mut read_cpu, mut client_cpu) = (0.0, 0.0);
+    let me = std::process::id();
     for r in 0..rounds {
         let data = bytes(1000 + r as u64, size);
         let d = sha(&data);
@@ -44,6 +50,8 @@ async fn measure(stack: &Stack, ch: AuthChannel, rounds: usize) -> Figures {
         let t = Instant::now();
         bsc.write(futures::stream::iter(reqs)).await.unwrap();
         writes.push(t.elapsed());
+        let (g0, _) = cpu_of(gateway);
+        let (c0, _) = cpu_of(me);
         let t = Instant::now();
         let mut s = bsc
             .read(bs::ReadRequest {
@@ -59,6 +67,8 @@ async fn measure(stack: &Stack, ch: AuthChannel, rounds: usize) -> Figures {
             n += m.unwrap().data.len();
         }
         reads.push(t.elapsed());
+        read_cpu += cpu_of(gateway).0 - g0;
+        client_cpu += cpu_of(me).0 - c0;
         assert_eq!(n, size);
     }
     // 200 blobs of 4 KiB: uploaded once, read back in one batch, asked for with FindMissing.
@@ -100,6 +110,8 @@ async fn measure(stack: &Stack, ch: AuthChannel, rounds: usize) -> Figures {
     Figures {
         write_mbps: mbps(median(writes)),
         read_mbps: mbps(median(reads)),
+        read_cpu_s_per_gb: read_cpu / (rounds * size) as f64 * 1e9,
+        client_cpu_s_per_gb: client_cpu / (rounds * size) as f64 * 1e9,
         batch_read_ms: median(batch).as_secs_f64() * 1e3,
         find_missing_ms: median(find).as_secs_f64() * 1e3,
     }
@@ -143,6 +155,18 @@ fn main() {
         plain.read_mbps,
         tls.read_mbps,
         "MB/s",
+    );
+    row(
+        "gateway CPU per GB read",
+        plain.read_cpu_s_per_gb,
+        tls.read_cpu_s_per_gb,
+        "s",
+    );
+    row(
+        "client CPU per GB read",
+        plain.client_cpu_s_per_gb,
+        tls.client_cpu_s_per_gb,
+        "s",
     );
     row(
         "BatchReadBlobs, 200 x 4 KiB",

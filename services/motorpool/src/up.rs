@@ -140,7 +140,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-
     let mut nats = NatsServer::start_with(NatsServerOptions {
         port: args.nats_port,
         store_dir: Some(data_dir.join("nats")),
@@ -163,14 +162,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if let Some(t) = &tls {
             a.extend(["--nats-tls-ca-file".into(), t.ca.display().to_string()]);
         }
-        // Everyone on the shards' data streams proves the data key.
-        if name.starts_with("cas-")
-            || name.starts_with("worker-")
-            || ["gateway", "reindexer"].contains(&name)
-        {
-            a.extend(["--data-key-file".into(), data_key.display().to_string()]);
-        }
         a
+    };
+    // Everyone on the shards' data streams (shards, workers, the gateway, the reindexer)
+    // proves the data key.
+    let data_args = || {
+        vec![
+            "--data-key-file".to_string(),
+            data_key.display().to_string(),
+        ]
     };
     let mut children = Vec::new();
     for i in 0..args.shards {
@@ -179,6 +179,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             [
                 vec!["cas-shard".into()],
                 bus_args(&format!("cas-{i}")),
+                data_args(),
                 vec![
                     "--shard-id".into(),
                     format!("cas-{i}"),
@@ -191,12 +192,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .concat(),
         ));
     }
-    for service in ["scheduler", "reindexer"] {
-        children.push(Supervised::new(
-            service,
-            [vec![service.to_string()], bus_args(service)].concat(),
-        ));
-    }
+    children.push(Supervised::new(
+        "scheduler",
+        [vec!["scheduler".to_string()], bus_args("scheduler")].concat(),
+    ));
+    children.push(Supervised::new(
+        "reindexer",
+        [
+            vec!["reindexer".to_string()],
+            bus_args("reindexer"),
+            data_args(),
+        ]
+        .concat(),
+    ));
     for stage in STAGES {
         children.push(Supervised::new(
             stage,
@@ -214,7 +222,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ));
     }
     for i in 0..args.workers {
-        let mut a = [vec!["worker".to_string()], bus_args(&format!("worker-{i}"))].concat();
+        let mut a = [
+            vec!["worker".to_string()],
+            bus_args(&format!("worker-{i}")),
+            data_args(),
+        ]
+        .concat();
         a.extend([
             "--worker-id".into(),
             format!("worker-{i}"),
@@ -239,6 +252,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         [
             vec!["gateway".to_string()],
             bus_args("gateway"),
+            data_args(),
             vec![
                 "--grpc-addr".into(),
                 args.grpc_addr.to_string(),

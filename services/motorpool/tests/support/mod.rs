@@ -175,7 +175,7 @@ impl Stack {
     }
 
     /// A channel to a stack started with `--tls`, trusting the CA it made, whose calls carry
-    /// `key`.
+    /// `key`; it accepts HTTP/2 frames of 1 MiB, as [`Stack::channel_with_frames`] can.
     pub async fn tls_channel_as(&self, key: &str) -> AuthChannel {
         let ca = std::fs::read(self.dir.path().join("data/tls/ca.pem")).unwrap();
         let tls = tonic::transport::ClientTlsConfig::new()
@@ -185,6 +185,7 @@ impl Stack {
             .unwrap()
             .tls_config(tls)
             .unwrap()
+            .max_frame_size(Some(1 << 20))
             .initial_stream_window_size(Some(8 * 1024 * 1024))
             .initial_connection_window_size(Some(16 * 1024 * 1024))
             .connect()
