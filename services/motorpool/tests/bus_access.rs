@@ -34,6 +34,16 @@ async fn registry_entry(bus: &Bus, key: &str) -> Option<ShardInfo> {
         .map(|v| codec::decode(&v).unwrap())
 }
 
+/// How many alerts the alerts stream holds.
+async fn stored_alerts(bus: &Bus) -> u64 {
+    let mut stream = bus
+        .jetstream()
+        .get_stream(subjects::ops::ALERTS_STREAM)
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
 /// `id`'s registration, once it is there (the stack is up when any shard is; others may follow).
 async fn registered(bus: &Bus, id: &str) -> ShardInfo {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -116,17 +126,13 @@ async fn the_bus_refuses_strangers_and_forgeries_from_every_role() {
         Err(BusError::Remote(e)) => assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}"),
         other => panic!("a report in another worker's name: {other:?}"),
     }
-    // Assign jobs, raise alerts: not a worker's to do.
-    let alerts = admin
-        .jetstream()
-        .get_stream(subjects::ops::ALERTS_STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    // Assign jobs, raise alerts: not a worker's to do. (Were the assignment delivered, the
+    // worker subscribed there would answer, if only to say the frame is not an assignment.)
+    let r = worker
+        .request_with_timeout(&subjects::exec::assign("worker-0"), &done, SHORT)
+        .await;
+    assert!(matches!(r, Err(BusError::Timeout { .. })), "{r:?}");
+    let alerts = stored_alerts(&admin).await;
     let alert = Alert {
         kind: "retries_exhausted".into(),
         source: "scheduler".into(),
@@ -217,16 +223,7 @@ async fn the_bus_refuses_strangers_and_forgeries_from_every_role() {
     let now = registry_entry(&admin, "cas-0").await.unwrap();
     assert_eq!(now.data_addr, real.data_addr);
     assert!(registry_entry(&admin, "evil").await.is_none());
-    let after = admin
-        .jetstream()
-        .get_stream(subjects::ops::ALERTS_STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let after = stored_alerts(&admin).await;
     assert_eq!(after, alerts, "a forged alert was stored");
     let ac =
         c.ac.get_action_result(re::GetActionResultRequest {
