@@ -212,3 +212,78 @@ async fn a_tls_stack_serves_grpcs_with_keys_and_refuses_plaintext() {
         );
     }
 }
+
+/// A client CA and a client certificate it signed, as PEM: (CA, certificate, key).
+fn client_ca_and_cert() -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let mut leaf = CertificateParams::new(vec!["ci-runner".to_string()]).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &Issuer::new(ca, &ca_key)).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (client_ca, cert, key) = client_ca_and_cert();
+    let ca_file = certs.path().join("clients-ca.pem");
+    std::fs::write(&ca_file, &client_ca).unwrap();
+    let stack = Stack::up_with_env(
+        &["--workers", "0", "--tls"],
+        &[(
+            "MOTORPOOL_GATEWAY_TLS__CLIENT_CA_FILE",
+            ca_file.to_str().unwrap(),
+        )],
+    );
+    let server_ca = std::fs::read(stack.tls_ca().unwrap()).unwrap();
+    let call = |identity: Option<tonic::transport::Identity>| {
+        let server_ca = server_ca.clone();
+        let endpoint = format!("https://{}", stack.grpc);
+        let key = stack.keys.ci.clone();
+        async move {
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(server_ca))
+                .domain_name("localhost");
+            if let Some(id) = identity {
+                tls = tls.identity(id);
+            }
+            let ch = tonic::transport::Channel::from_shared(endpoint)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let ch = tonic::service::interceptor::InterceptedService::new(ch, Bearer::new(&key));
+            re::capabilities_client::CapabilitiesClient::new(ch)
+                .get_capabilities(re::GetCapabilitiesRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    call(Some(tonic::transport::Identity::from_pem(&cert, &key)))
+        .await
+        .expect("a client with a certificate from the client CA");
+    assert!(call(None).await.is_err(), "a client without a certificate");
+    // A certificate from another CA is no better.
+    let (_, other_cert, other_key) = client_ca_and_cert();
+    assert!(
+        call(Some(tonic::transport::Identity::from_pem(
+            &other_cert,
+            &other_key
+        )))
+        .await
+        .is_err(),
+        "a client with a certificate from another CA"
+    );
+}
