@@ -100,9 +100,16 @@ impl DataServer {
                 None
             }
         };
-        accept_loop(move || listener.accept(), stop.clone(), store.clone(), key)?;
+        let open = Open::default();
+        accept_loop(
+            move || listener.accept(),
+            stop.clone(),
+            store.clone(),
+            key,
+            open.clone(),
+        )?;
         if let Some(local) = local {
-            accept_loop(move || local.accept(), stop.clone(), store, key)?;
+            accept_loop(move || local.accept(), stop.clone(), store, key, open)?;
         }
         Ok(DataServer { addr, stop })
     }
@@ -159,27 +166,27 @@ impl DataConnection for UnixStream {
     }
 }
 
-/// Connections being served, across both listeners.
-static OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Connections a data server is serving, across both its listeners.
+type Open = Arc<std::sync::atomic::AtomicUsize>;
 
 /// Holds a place among [`MAX_CONNECTIONS`] until dropped.
-struct Place;
+struct Place(Open);
 
 impl Place {
-    fn take() -> Option<Place> {
-        let n = OPEN.fetch_add(1, Ordering::AcqRel) + 1;
+    fn take(open: &Open) -> Option<Place> {
+        let n = open.fetch_add(1, Ordering::AcqRel) + 1;
         if n > MAX_CONNECTIONS {
-            OPEN.fetch_sub(1, Ordering::AcqRel);
+            open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         metrics::gauge!("motorpool_cas_data_open_connections").set(n as f64);
-        Some(Place)
+        Some(Place(open.clone()))
     }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let n = OPEN.fetch_sub(1, Ordering::AcqRel) - 1;
+        let n = self.0.fetch_sub(1, Ordering::AcqRel) - 1;
         metrics::gauge!("motorpool_cas_data_open_connections").set(n as f64);
     }
 }
@@ -190,6 +197,7 @@ fn accept_loop<C: DataConnection, A>(
     stop: Arc<AtomicBool>,
     store: Arc<Store>,
     key: Option<[u8; 32]>,
+    open: Open,
 ) -> io::Result<()> {
     std::thread::Builder::new()
         .name("cas-data-accept".into())
@@ -200,7 +208,7 @@ fn accept_loop<C: DataConnection, A>(
                     break;
                 }
                 let Ok((mut conn, _)) = conn else { continue };
-                let Some(place) = Place::take() else {
+                let Some(place) = Place::take(&open) else {
                     metrics::counter!("motorpool_cas_data_refused_connections_total").increment(1);
                     let _ = conn.tune();
                     let busy = WireError::new(
@@ -525,7 +533,7 @@ mod tests {
             }
         }
         // Skipping the hello is no way in either.
-        let mut conn = open(&server);
+        let mut conn = TcpStream::connect(server.local_addr()).unwrap();
         let _: Option<DataReply> = read_frame(&mut conn).unwrap();
         assert!(!matches!(
             put(&mut conn, d, &body),

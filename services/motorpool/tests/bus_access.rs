@@ -16,7 +16,7 @@ use support::*;
 const SHORT: Duration = Duration::from_secs(2);
 
 async fn connect_as(stack: &Stack, name: &str, nkey: Option<&std::path::Path>) -> Bus {
-    Bus::connect_as(&stack.nats_url(), name, nkey, SHORT)
+    Bus::connect_service(&stack.nats_url(), name, nkey, None, SHORT)
         .await
         .unwrap()
 }
@@ -91,7 +91,7 @@ async fn the_bus_refuses_strangers_and_forgeries_from_every_role() {
         .save(&unknown)
         .unwrap();
     assert!(
-        Bus::connect_as(&stack.nats_url(), "intruder", Some(&unknown), SHORT)
+        Bus::connect_service(&stack.nats_url(), "intruder", Some(&unknown), None, SHORT)
             .await
             .is_err()
     );
@@ -347,7 +347,8 @@ async fn bus_users_are_added_and_removed_on_a_running_stack() {
     assert!(status.success());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let again = Bus::connect_as(&stack.nats_url(), "test-spare", Some(&nkey), SHORT).await;
+        let again =
+            Bus::connect_service(&stack.nats_url(), "test-spare", Some(&nkey), None, SHORT).await;
         if again.is_err() {
             break;
         }

@@ -85,21 +85,11 @@ impl Bus {
         Self::connect_with(url, name, None, None, request_timeout).await
     }
 
-    /// [`Bus::connect`] as the nkey user whose seed is in `nkey_file`, if given: the server then
+    /// [`Bus::connect`] as the nkey user whose seed is in `nkey_file`, if given (the server then
     /// lets this connection do only what that user's role allows, and its replies come to the
-    /// user's own inbox.
-    pub async fn connect_as(
-        url: &str,
-        name: &str,
-        nkey_file: Option<&std::path::Path>,
-        request_timeout: Duration,
-    ) -> Result<Bus, BusError> {
-        Self::connect_service(url, name, nkey_file, None, request_timeout).await
-    }
-
-    /// [`Bus::connect_as`], over TLS when `tls_ca_file` is given: the server's certificate must
-    /// chain to that CA (PEM), and a server that does not speak TLS is refused. What a
-    /// service's `nats_nkey_file` and `nats_tls_ca_file` configure.
+    /// user's own inbox), over TLS when `tls_ca_file` is given (the server's certificate must
+    /// chain to that CA, PEM; a server that does not speak TLS is refused). What a service's
+    /// `nats_nkey_file` and `nats_tls_ca_file` configure.
     pub async fn connect_service(
         url: &str,
         name: &str,

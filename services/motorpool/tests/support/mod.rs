@@ -289,10 +289,11 @@ impl Stack {
         // `motorpool up` reloads NATS within a second of the realm's change.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match motorpool_bus::Bus::connect_as(
+            match motorpool_bus::Bus::connect_service(
                 &self.nats_url(),
                 &format!("test-as-{name}"),
                 Some(&out),
+                self.tls_ca().as_deref(),
                 Duration::from_secs(5),
             )
             .await
