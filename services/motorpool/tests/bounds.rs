@@ -41,16 +41,7 @@ async fn each_bound_answers_with_a_clear_status_and_stalled_calls_hold_nothing()
     let e = c.bs.write(futures::stream::iter(reqs)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("exceeds the 16777216 bytes"), "{e:?}");
-    let missing = c
-        .cas
-        .find_missing_blobs(re::FindMissingBlobsRequest {
-            blob_digests: vec![proto(&d)],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(missing.missing_blob_digests.len(), 1);
+    assert_eq!(c.missing(&[d]).await, 1);
 
     // 200 uploads that send a first chunk and then nothing, on one connection.
     let gateway = stack.child_pid(&["gateway"]).unwrap();
@@ -174,28 +165,14 @@ async fn a_tls_stack_serves_grpcs_with_keys_and_refuses_plaintext() {
     assert!(refused.is_err(), "a plaintext NATS client got in");
     let admin = stack.bus_as("admin").await;
     assert!(admin.max_payload() > 0);
-    let ch = stack.tls_channel_as(&stack.keys.ci).await;
-    let mut bs =
-        bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient::new(ch)
-            .max_decoding_message_size(MAX_MSG);
+    let mut c = Clients::over(stack.tls_channel_as(&stack.keys.ci).await);
     let data = bytes(3, 3 << 20);
     let d = sha(&data);
-    let reqs = write_requests(&write_name("", &d, "tls"), &data, 0, 1 << 20);
-    bs.write(futures::stream::iter(reqs)).await.unwrap();
-    let mut s = bs
-        .read(bazel_remote_apis::google::bytestream::ReadRequest {
-            resource_name: read_name("", &d),
-            read_offset: 0,
-            read_limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut back = Vec::new();
-    while let Some(m) = s.next().await {
-        back.extend_from_slice(&m.unwrap().data);
-    }
-    assert_eq!(back, data);
+    bs_write(&mut c, "", &d, &data).await.unwrap();
+    assert_eq!(
+        bs_read(&mut c, &read_name("", &d), 0, 0).await.unwrap(),
+        data
+    );
     // A plaintext client gets no answer from the TLS port.
     let plain = tonic::transport::Channel::from_shared(stack.endpoint())
         .unwrap()

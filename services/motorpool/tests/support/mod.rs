@@ -207,19 +207,7 @@ impl Stack {
     }
 
     pub async fn clients(&self) -> Clients {
-        let ch = self.channel().await;
-        Clients {
-            cas: re::content_addressable_storage_client::ContentAddressableStorageClient::new(
-                ch.clone(),
-            )
-            .max_decoding_message_size(MAX_MSG)
-            .max_encoding_message_size(MAX_MSG),
-            bs: bs::byte_stream_client::ByteStreamClient::new(ch.clone())
-                .max_decoding_message_size(MAX_MSG)
-                .max_encoding_message_size(MAX_MSG),
-            ac: re::action_cache_client::ActionCacheClient::new(ch.clone()),
-            caps: re::capabilities_client::CapabilitiesClient::new(ch),
-        }
+        Clients::over(self.channel().await)
     }
 
     /// The text of `GET path` on the HTTP port.
@@ -411,6 +399,38 @@ pub struct Clients {
     pub bs: bs::byte_stream_client::ByteStreamClient<AuthChannel>,
     pub ac: re::action_cache_client::ActionCacheClient<AuthChannel>,
     pub caps: re::capabilities_client::CapabilitiesClient<AuthChannel>,
+}
+
+impl Clients {
+    /// The REAPI clients over `ch` (messages up to [`MAX_MSG`]).
+    pub fn over(ch: AuthChannel) -> Clients {
+        Clients {
+            cas: re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+                ch.clone(),
+            )
+            .max_decoding_message_size(MAX_MSG)
+            .max_encoding_message_size(MAX_MSG),
+            bs: bs::byte_stream_client::ByteStreamClient::new(ch.clone())
+                .max_decoding_message_size(MAX_MSG)
+                .max_encoding_message_size(MAX_MSG),
+            ac: re::action_cache_client::ActionCacheClient::new(ch.clone()),
+            caps: re::capabilities_client::CapabilitiesClient::new(ch),
+        }
+    }
+
+    /// How many of `digests` the CAS says are missing.
+    pub async fn missing(&mut self, digests: &[BlobDigest]) -> usize {
+        self.cas
+            .find_missing_blobs(re::FindMissingBlobsRequest {
+                blob_digests: digests.iter().map(proto).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing_blob_digests
+            .len()
+    }
 }
 
 pub fn sha(data: &[u8]) -> BlobDigest {
