@@ -28,6 +28,7 @@ pub mod execution;
 pub mod find_missing;
 pub mod recent;
 pub mod resource;
+pub mod tls;
 mod wire;
 
 use anyhow::Context;
@@ -283,7 +284,7 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
             std::future::ready(admitted)
         });
     let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls_config(&config.tls)? {
+    if let Some(tls) = tls::grpc(&config.tls)? {
         server = server.tls_config(tls).context("gateway TLS")?;
     }
     let router = server
@@ -313,7 +314,8 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
             tracing::error!(%error, "gRPC server failed");
         }
     });
-    let (http, http_addr) = http_server(config.http_addr, shards, bus)?;
+    let http_tls = tls::http(&config.tls)?;
+    let (http, http_addr) = http_server(config.http_addr, http_tls, shards, bus)?;
     tracing::info!(%grpc_addr, %http_addr, "Gateway is serving");
     Ok(Started {
         grpc_addr,
@@ -323,35 +325,9 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
     })
 }
 
-/// The gRPC port's TLS settings, from the files the configuration names (none: plain gRPC).
-fn tls_config(
-    tls: &motorpool_config::TlsConfig,
-) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).with_context(|| format!("read TLS file {}", p.display()))
-    };
-    let (cert, key) = match (&tls.cert_file, &tls.key_file) {
-        (None, None) => {
-            anyhow::ensure!(
-                tls.client_ca_file.is_none(),
-                "tls.client_ca_file needs tls.cert_file and tls.key_file: client certificates \
-                 are checked only on a TLS port"
-            );
-            return Ok(None);
-        }
-        (Some(c), Some(k)) => (read(c)?, read(k)?),
-        _ => anyhow::bail!("TLS needs both tls.cert_file and tls.key_file"),
-    };
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = &tls.client_ca_file {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(config))
-}
-
 fn http_server(
     addr: SocketAddr,
+    tls: Option<rustls::ServerConfig>,
     shards: Shards,
     bus: Bus,
 ) -> anyhow::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
@@ -372,8 +348,11 @@ fn http_server(
             .route("/api/v1/shards", web::get().to(shard_list))
     })
     .workers(1)
-    .disable_signals()
-    .bind(addr)
+    .disable_signals();
+    let server = match tls {
+        Some(tls) => server.bind_rustls_0_23(addr, tls),
+        None => server.bind(addr),
+    }
     .with_context(|| format!("bind HTTP on {addr}"))?;
     let bound = server.addrs()[0];
     let server = server.run();

@@ -59,9 +59,15 @@ pub fn stack_tls(data_dir: &Path, ips: &[std::net::IpAddr]) -> anyhow::Result<St
     {
         names.push(host.trim().to_string());
     }
-    names.extend(ips.iter().map(|ip| ip.to_string()));
-    names.push("127.0.0.1".into());
-    names.dedup();
+    for name in ips
+        .iter()
+        .map(|ip| ip.to_string())
+        .chain(["127.0.0.1".into()])
+    {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
     let issuer = Issuer::new(ca, &ca_key);
     let leaf = |names: Vec<String>, cn: &str, cert: &Path, key_path: &Path| -> anyhow::Result<()> {
         let mut params = CertificateParams::new(names)?;
@@ -86,4 +92,26 @@ pub fn stack_tls(data_dir: &Path, ips: &[std::net::IpAddr]) -> anyhow::Result<St
         .context("write ca.key")?;
     std::fs::write(&files.ca, ca_cert.pem())?;
     Ok(files)
+}
+
+/// A TLS client that trusts only the CA in `ca` (PEM): how `up` reaches its own gateway's HTTPS
+/// port.
+pub fn connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("read {}", ca.display()))?
+    {
+        roots.add(cert.with_context(|| format!("parse {}", ca.display()))?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
 }

@@ -136,10 +136,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     let (realm, seeds) = crate::keys::stack_bus(&data_dir, &users)?;
     let tls = if args.tls {
-        Some(crate::tls::stack_tls(&data_dir, &[args.grpc_addr.ip()])?)
+        Some(crate::tls::stack_tls(
+            &data_dir,
+            &[args.grpc_addr.ip(), args.http_addr.ip()],
+        )?)
     } else {
         None
     };
+    let https = tls
+        .as_ref()
+        .map(|t| crate::tls::connector(&t.ca))
+        .transpose()?;
     let mut nats = NatsServer::start_with(NatsServerOptions {
         port: args.nats_port,
         store_dir: Some(data_dir.join("nats")),
@@ -283,6 +290,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     if let Err(e) = wait_ready(
         args.http_addr,
+        https.as_ref(),
         args.workers,
         &mut children,
         Duration::from_secs(60),
@@ -309,7 +317,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         None => ("grpc", instance),
     };
     println!(
-        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     http://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
+        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     {http_scheme}://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
         workers = args.workers,
         label_tls = tls
             .as_ref()
@@ -325,6 +333,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         },
         grpc = args.grpc_addr,
         http = args.http_addr,
+        http_scheme = if https.is_some() { "https" } else { "http" },
         dir = data_dir.display(),
         keys = keys_file.display(),
         dev = keys.developer,
@@ -432,6 +441,7 @@ fn supervise(children: &mut [Supervised]) {
 /// restarted forever.
 async fn wait_ready(
     http: SocketAddr,
+    https: Option<&tokio_rustls::TlsConnector>,
     workers: usize,
     children: &mut [Supervised],
     limit: Duration,
@@ -449,14 +459,14 @@ async fn wait_ready(
                 );
             }
         }
-        if let Some(ready) = http_get(http, "/readyz").await
+        if let Some(ready) = http_get(http, https, "/readyz").await
             && ready.starts_with("HTTP/1.1 200")
         {
             if workers == 0 {
                 return Ok(());
             }
             // Every worker is known to the scheduler.
-            if let Some(q) = http_get(http, "/api/v1/queues").await
+            if let Some(q) = http_get(http, https, "/api/v1/queues").await
                 && let Some(body) = q.split("\r\n\r\n").nth(1)
                 && let Ok(v) = serde_json::from_str::<serde_json::Value>(body)
                 && v["workers"].as_u64() >= Some(workers as u64)
@@ -472,13 +482,30 @@ async fn wait_ready(
     }
 }
 
-/// A plain HTTP/1.1 GET on loopback: the whole response, or `None`.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+/// An HTTP/1.1 GET on the stack's own HTTP port, over TLS where the port speaks it (trusting
+/// only the stack's CA, for the name `localhost` its certificate carries): the whole response,
+/// or `None`.
+async fn http_get(
+    addr: SocketAddr,
+    https: Option<&tokio_rustls::TlsConnector>,
+    path: &str,
+) -> Option<String> {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn exchange(mut s: impl AsyncRead + AsyncWrite + Unpin, req: String) -> Option<Vec<u8>> {
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        // A TLS peer may close without a close_notify once it has answered: keep what came.
+        let _ = s.read_to_end(&mut buf).await;
+        Some(buf).filter(|b| !b.is_empty())
+    }
+    let s = tokio::net::TcpStream::connect(addr).await.ok()?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
+    let buf = match https {
+        None => exchange(s, req).await?,
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+            exchange(tls.connect(name, s).await.ok()?, req).await?
+        }
+    };
     String::from_utf8(buf).ok()
 }

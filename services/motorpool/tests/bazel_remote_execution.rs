@@ -1,4 +1,5 @@
-//! The real Bazel 4.2.3 builds and tests through `motorpool up --workers 2` as its remote executor.
+//! The real Bazel 4.2.3 builds and tests through `motorpool up --workers 2 --tls` as its remote
+//! executor, over TLS (`grpcs://`, `--tls_certificate`) with an API key.
 
 mod support;
 
@@ -15,12 +16,14 @@ fn bazel_remote_execution_matches_local_and_rebuilds_from_cache() {
     let reference = local_reference(&ws, &dir.path().join("root-local"));
 
     // No dedicated shard: the workers hold the whole CAS.
-    let stack = Stack::up(&["--workers", "2", "--shards", "0"]);
-    let remote = Bazel::new(&ws, &dir.path().join("root-remote"));
+    let stack = Stack::up(&["--workers", "2", "--shards", "0", "--tls"]);
+    let bazel = || Bazel::new(&ws, &dir.path().join("root-remote")).with_openssl();
+    let remote = bazel();
     let flags = vec![
         "//...".to_string(),
-        format!("--remote_executor=grpc://{}", stack.grpc),
+        format!("--remote_executor=grpcs://{}", stack.grpc),
         "--remote_instance_name=ci".to_string(),
+        format!("--tls_certificate={}", stack.tls_ca().unwrap().display()),
         "--spawn_strategy=remote".to_string(),
         "--jobs=8".to_string(),
         stack.bazel_auth(&stack.keys.ci),
@@ -68,7 +71,7 @@ fn bazel_remote_execution_matches_local_and_rebuilds_from_cache() {
     let mut fault = flags.clone();
     fault[2] = "--remote_instance_name=fault".into();
     let build = std::thread::spawn({
-        let remote = Bazel::new(&ws, &dir.path().join("root-remote"));
+        let remote = bazel();
         move || remote.run("test", &fault)
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

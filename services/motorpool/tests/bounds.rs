@@ -149,7 +149,33 @@ async fn a_tls_stack_serves_grpcs_with_keys_and_refuses_plaintext() {
     let stack = Stack::up(&["--workers", "0", "--tls"]);
     let log = stack.log();
     assert!(log.contains(&format!("grpcs://{}", stack.grpc)), "{log}");
+    assert!(log.contains(&format!("https://{}", stack.http)), "{log}");
     assert!(log.contains("--tls_certificate="), "{log}");
+    // The HTTP port speaks TLS with the same certificate: a client trusting the stack's CA is
+    // answered, a plaintext request is not, and a client trusting another CA fails the handshake.
+    let ca = stack.tls_ca().unwrap();
+    let ready = stack.https_get(&ca, "/readyz").unwrap();
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(
+        stack
+            .https_get(&ca, "/metrics")
+            .unwrap()
+            .contains("motorpool_"),
+        "metrics over HTTPS"
+    );
+    let plain = stack.plain_http_get("/readyz");
+    assert!(
+        !plain.contains("200 OK"),
+        "plaintext HTTP got an answer: {plain}"
+    );
+    let (other_ca, _, _) = client_ca_and_cert();
+    let other = stack.dir.path().join("other-ca.pem");
+    std::fs::write(&other, other_ca).unwrap();
+    let e = stack.https_get(&other, "/readyz").unwrap_err();
+    assert!(
+        e.contains("certificate") || e.contains("UnknownIssuer"),
+        "{e}"
+    );
     // Its NATS speaks only TLS, and its services reach it so (the stack is up).
     let url = stack.nats_url();
     assert!(url.starts_with("tls://"), "{url}");

@@ -161,19 +161,36 @@ impl Default for BoundsConfig {
     }
 }
 
-/// TLS for the gateway's gRPC port. With `cert_file` and `key_file` the port speaks only TLS
-/// (`grpcs://` for Bazel, with `--tls_certificate=<CA>` when the CA is not a system one); with
-/// `client_ca_file` too, only clients with a certificate that CA signed get in (mutual TLS;
-/// Bazel: `--tls_client_certificate`, `--tls_client_key`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// TLS for the gateway's ports. With `cert_file` and `key_file` the gRPC port speaks only TLS
+/// (`grpcs://` for Bazel, with `--tls_certificate=<CA>` when the CA is not a system one), and so
+/// does the HTTP port (`https://`) unless `http = false`; with `client_ca_file` too, only gRPC
+/// clients with a certificate that CA signed get in (mutual TLS; Bazel:
+/// `--tls_client_certificate`, `--tls_client_key`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
-    /// PEM certificate chain of the gateway. Default: none (plain gRPC).
+    /// PEM certificate chain of the gateway. Default: none (plain gRPC and HTTP).
     pub cert_file: Option<PathBuf>,
     /// PEM private key of that certificate.
     pub key_file: Option<PathBuf>,
-    /// PEM CA whose client certificates are required. Default: none (no client certificates).
+    /// PEM CA whose client certificates the gRPC port requires. Default: none (no client
+    /// certificates). The HTTP port never asks for one: health probes and Prometheus need only
+    /// the CA that signed the gateway's certificate.
     pub client_ca_file: Option<PathBuf>,
+    /// Serve the HTTP port over TLS too, with the same certificate. Default: true; false keeps
+    /// it plain (for example behind a proxy that terminates TLS on a private interface).
+    pub http: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            http: true,
+        }
+    }
 }
 
 /// What a caller that presents no API key may do.

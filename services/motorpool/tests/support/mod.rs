@@ -210,18 +210,67 @@ impl Stack {
         Clients::over(self.channel().await)
     }
 
-    /// The text of `GET path` on the HTTP port.
+    /// The text of `GET path` on the HTTP port: over TLS, trusting the stack's CA, on a stack
+    /// started with `--tls`.
     pub fn http_get(&self, path: &str) -> String {
+        match self.tls_ca() {
+            Some(ca) => self.https_get(&ca, path).expect("an HTTPS answer"),
+            None => self.plain_http_get(path),
+        }
+    }
+
+    /// The text of a plaintext `GET path` on the HTTP port (whatever the port speaks).
+    pub fn plain_http_get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,
             "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The text of `GET path` over TLS to the HTTP port, trusting only the CA in `ca`, or the
+    /// handshake's error.
+    pub fn https_get(&self, ca: &Path, path: &str) -> Result<String, String> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        use std::io::{Read, Write};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(config),
+            "localhost".try_into().unwrap(),
+        )
+        .unwrap();
+        let tcp = std::net::TcpStream::connect(self.http).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        // The answer counts even when the server closes without a close_notify.
+        if let Err(e) = s.read_to_end(&mut out)
+            && out.is_empty()
+        {
+            return Err(e.to_string());
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// The NATS URL `motorpool up` printed.

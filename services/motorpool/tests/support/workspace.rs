@@ -134,7 +134,14 @@ pub struct Bazel {
     repos: PathBuf,
     /// `--batch` (a fresh JVM for every command) rather than a long-running Bazel server.
     batch: bool,
+    /// Startup options before the command (`--host_jvm_args=...`).
+    startup: Vec<String>,
 }
+
+/// Bazel's install base on Debian (`/etc/bazel/bazelrc`): its server's `java.library.path`.
+const INSTALL_BASE: &str = "/usr/share/bazel";
+/// Debian's netty-tcnative JNI library (`libnetty-tcnative-jni`).
+const TCNATIVE: &str = "/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so";
 
 /// A finished Bazel command.
 pub struct Run {
@@ -178,7 +185,28 @@ impl Bazel {
             output_user_root: output_user_root.to_path_buf(),
             repos: ws.repos.clone(),
             batch: true,
+            startup: Vec::new(),
         }
+    }
+
+    /// This Bazel speaking TLS (`grpcs://`). Debian's Bazel 4.2.3 has no TLS engine that can
+    /// negotiate HTTP/2 by itself: its netty's JDK provider lacks ALPN ("JDK provider does not
+    /// support ALPN protocol"). Upstream Bazel bundles netty-tcnative (OpenSSL); here Debian's
+    /// `libnetty-tcnative-jni` is loaded instead, under the file name netty looks for, from a
+    /// folder beside the output root added to the server's library path.
+    pub fn with_openssl(mut self) -> Bazel {
+        let jni = self.output_user_root.with_extension("jni");
+        std::fs::create_dir_all(&jni).unwrap();
+        let lib = jni.join("libnetty_tcnative.so");
+        if !lib.exists() {
+            std::fs::copy(TCNATIVE, lib)
+                .expect("Debian's libnetty-tcnative-jni (scripts/setup --test installs it)");
+        }
+        self.startup.push(format!(
+            "--host_jvm_args=-Djava.library.path={INSTALL_BASE}:{}",
+            jni.display()
+        ));
+        self
     }
 
     /// Like [`Bazel::new`], but commands go to a Bazel server that stays up between them, as
@@ -204,6 +232,7 @@ impl Bazel {
                 self.output_user_root.display()
             ))
             .args(self.batch.then_some("--batch"))
+            .args(&self.startup)
             .arg(command);
         if !["clean", "shutdown", "info"].contains(&command) {
             for repo in ["rules_cc", "rules_java", "remote_coverage_tools"] {
