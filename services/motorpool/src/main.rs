@@ -8,6 +8,7 @@
 //!   them separately.
 //! - `motorpool mapping|prelabel|annotate ...` run one stage of the BevSlots labeling pipeline;
 //!   `motorpool label run|synth|bench` label a clip, write a synthetic one, measure.
+//! - `motorpool webhook ...` runs the CI front door (forge events in, CI jobs out).
 //! - `motorpool image-builder ...`, `motorpool disk-burner ...` run the fleet actors;
 //!   `motorpool image build|list` build fleet images from git + Dockerfile;
 //!   `motorpool drives list|images|menu|burn` look at boot drives and burn images onto them.
@@ -22,7 +23,7 @@ mod up;
 use clap::{Args, Parser, Subcommand};
 use motorpool_config::{
     FleetConfig, GatewayConfig, LabelConfig, ReindexerConfig, SchedulerConfig, ServiceConfig,
-    ShardConfig, TelemetryConfig, WorkerConfig,
+    ShardConfig, TelemetryConfig, WebhookConfig, WorkerConfig,
 };
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -80,6 +81,8 @@ enum Command {
     /// Boot drives: list them, their images and menus; burn images onto them.
     #[command(subcommand)]
     Drives(drives::DrivesCommand),
+    /// Run the webhook service (GitLab and GitHub events become CI jobs on the lane queues).
+    Webhook(WebhookArgs),
     /// The gateway's API keys: add (prints the key once), list, remove.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -167,6 +170,26 @@ struct ReindexerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_after_ms: Option<u64>,
+}
+
+#[derive(Args, Serialize)]
+struct WebhookArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// HTTP listen address; forges post to `/hooks/<project>` [default: 127.0.0.1:8090].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<SocketAddr>,
+    /// The projects file: each project's forge, secret, jobs and lane rules (re-read when it
+    /// changes) [default: none, every event gets 404].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    projects_file: Option<PathBuf>,
+    /// Largest event body accepted, in bytes [default: 4194304].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_body_bytes: Option<usize>,
 }
 
 #[derive(Args, Serialize)]
@@ -484,6 +507,11 @@ async fn main() -> anyhow::Result<()> {
             let config: FleetConfig = load(&args.common, &args)?;
             let _telemetry = telemetry("disk-burner", &config.telemetry)?;
             motorpool_disk_burner::actor::run(config, shutdown_on_signals()).await
+        }
+        Command::Webhook(args) => {
+            let config: WebhookConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("webhook", &config.telemetry)?;
+            motorpool_webhook::run(config, shutdown_on_signals()).await
         }
         Command::Drives(cmd) => tokio::task::spawn_blocking(move || drives::main(cmd)).await?,
         Command::Keys(cmd) => keys::main(cmd),

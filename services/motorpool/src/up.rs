@@ -2,7 +2,7 @@
 //!
 //! Children: one `nats-server` (JetStream, store under the data dir), N CAS shards, the scheduler,
 //! the reindexer, the three labeling stages (mapping, prelabel, annotate), M workers (each also a
-//! CAS shard), one gateway. A child that exits unexpectedly is restarted
+//! CAS shard), one gateway, the webhook service. A child that exits unexpectedly is restarted
 //! after a short back-off. Ctrl-C (or SIGTERM) stops them in reverse order (gateway, workers,
 //! scheduler, shards), then NATS, each with SIGTERM and a grace period.
 
@@ -63,6 +63,10 @@ pub struct UpArgs {
     /// (`<data dir>/tls/ca.pem`; Bazel: `grpcs://` and `--tls_certificate`).
     #[arg(long)]
     tls: bool,
+    /// Webhook address: forges post merge-request, push and tag events to
+    /// `/hooks/<project>` (projects in `<data dir>/webhook/projects.toml`).
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    webhook_addr: SocketAddr,
     /// Instance name to print in the suggested Bazel flags.
     #[arg(long, default_value = "")]
     instance_name: String,
@@ -129,10 +133,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         (id.clone(), Role::Worker(id))
     }));
     users.extend(
-        [Role::Gateway, Role::Scheduler, Role::Reindexer]
-            .into_iter()
-            .chain(STAGES.map(|s| Role::Stage(s.into())))
-            .map(|r| (r.default_name(), r)),
+        [
+            Role::Gateway,
+            Role::Scheduler,
+            Role::Reindexer,
+            Role::Webhook,
+        ]
+        .into_iter()
+        .chain(STAGES.map(|s| Role::Stage(s.into())))
+        .map(|r| (r.default_name(), r)),
     );
     let (realm, seeds) = crate::keys::stack_bus(&data_dir, &users)?;
     let tls = if args.tls {
@@ -285,12 +294,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ]
         .concat(),
     ));
+    let projects = webhook_projects(&data_dir)?;
+    children.push(Supervised::new(
+        "webhook",
+        [
+            vec!["webhook".to_string()],
+            bus_args("webhook"),
+            vec![
+                "--http-addr".into(),
+                args.webhook_addr.to_string(),
+                "--projects-file".into(),
+                projects.display().to_string(),
+            ],
+        ]
+        .concat(),
+    ));
     for c in &mut children {
         c.spawn()?;
     }
     if let Err(e) = wait_ready(
         args.http_addr,
         https.as_ref(),
+        args.webhook_addr,
         args.workers,
         &mut children,
         Duration::from_secs(60),
@@ -317,7 +342,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         None => ("grpc", instance),
     };
     println!(
-        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     {http_scheme}://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
+        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     {http_scheme}://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  Webhooks http://{webhook}/hooks/<project>  (projects: {dir}/webhook/projects.toml)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
         workers = args.workers,
         label_tls = tls
             .as_ref()
@@ -334,6 +359,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         grpc = args.grpc_addr,
         http = args.http_addr,
         http_scheme = if https.is_some() { "https" } else { "http" },
+        webhook = args.webhook_addr,
         dir = data_dir.display(),
         keys = keys_file.display(),
         dev = keys.developer,
@@ -436,12 +462,38 @@ fn supervise(children: &mut [Supervised]) {
     }
 }
 
+/// The webhook service's projects file under the data dir, written with a commented example at
+/// the first start (no project: every event gets 404 until one is added; the service re-reads
+/// the file when it changes).
+fn webhook_projects(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = data_dir.join("webhook");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("projects.toml");
+    if !file.exists() {
+        std::fs::write(&file, PROJECTS_EXAMPLE)?;
+    }
+    Ok(file)
+}
+
+const PROJECTS_EXAMPLE: &str = r#"# Projects whose merge requests, pushes and tags start CI jobs (docs/config/projects.toml
+# describes every key). The webhook service re-reads this file when it changes. A forge posts
+# to http://<webhook address>/hooks/<name> with the project's secret token (GitLab) or secret
+# (GitHub), kept in `secret_file` (mode 0600, at least 16 characters).
+#
+# [[project]]
+# name = "av/monorepo"
+# forge = "gitlab"
+# secret_file = "monorepo.secret"
+# labels = { "priority::release" = "release", "priority::low" = "lint" }
+"#;
+
 /// Waits until the gateway reports a live shard. A service that exits during start-up (an
 /// address in use, a bad data dir) fails the whole start with its name, instead of being
 /// restarted forever.
 async fn wait_ready(
     http: SocketAddr,
     https: Option<&tokio_rustls::TlsConnector>,
+    webhook: SocketAddr,
     workers: usize,
     children: &mut [Supervised],
     limit: Duration,
@@ -459,8 +511,12 @@ async fn wait_ready(
                 );
             }
         }
+        let webhook_up = http_get(webhook, None, "/healthz")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"));
         if let Some(ready) = http_get(http, https, "/readyz").await
             && ready.starts_with("HTTP/1.1 200")
+            && webhook_up
         {
             if workers == 0 {
                 return Ok(());

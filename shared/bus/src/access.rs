@@ -41,6 +41,8 @@ pub enum Role {
     ImageBuilder,
     /// A disk burner with this id.
     Burner(String),
+    /// The webhook service: turns forge events into CI jobs.
+    Webhook,
     /// A person's command line: submits label and image jobs, reads statuses and alerts.
     Operator,
     /// Everything (debugging, tests, migrations).
@@ -51,7 +53,7 @@ pub enum Role {
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     #[error(
-        "unknown bus role {0:?}: gateway, scheduler, reindexer, worker:<id>, shard:<id>, stage:<mapping|prelabel|annotate>, image-builder, burner:<id>, operator or admin"
+        "unknown bus role {0:?}: gateway, scheduler, reindexer, worker:<id>, shard:<id>, stage:<mapping|prelabel|annotate>, image-builder, burner:<id>, webhook, operator or admin"
     )]
     UnknownRole(String),
     #[error("bus role {role}: {id:?} is not an id (letters, digits, - and _; at most 64)")]
@@ -94,6 +96,7 @@ impl FromStr for Role {
             "scheduler" => Role::Scheduler,
             "reindexer" => Role::Reindexer,
             "image-builder" => Role::ImageBuilder,
+            "webhook" => Role::Webhook,
             "operator" => Role::Operator,
             "admin" => Role::Admin,
             "worker" => Role::Worker(id_of(kind)?),
@@ -119,6 +122,7 @@ impl fmt::Display for Role {
             Role::Scheduler => f.write_str("scheduler"),
             Role::Reindexer => f.write_str("reindexer"),
             Role::ImageBuilder => f.write_str("image-builder"),
+            Role::Webhook => f.write_str("webhook"),
             Role::Operator => f.write_str("operator"),
             Role::Admin => f.write_str("admin"),
             Role::Worker(id) => write!(f, "worker:{id}"),
@@ -200,7 +204,7 @@ impl Role {
     /// What this role may publish and subscribe to. Everyone may also answer requests it
     /// received (`allow_responses`) and subscribe to its own inbox; see [`Realm::server_config`].
     pub fn permissions(&self) -> Permissions {
-        use subjects::{cas, exec, fleet, label, ops};
+        use subjects::{cas, ci, exec, fleet, label, ops};
         let mut p = Permissions::default();
         // Account information (limits, usage): what a JetStream client asks first.
         p.publish(["$JS.API.INFO"]);
@@ -268,6 +272,13 @@ impl Role {
             Role::ImageBuilder => {
                 p.use_stream(fleet::BUILDS_STREAM);
                 p.write_kv(fleet::BUILDS_BUCKET, "*");
+            }
+            Role::Webhook => {
+                p.use_stream(ci::JOBS_STREAM);
+                p.publish(["mp.v1.ci.job.run.*"]);
+                p.write_kv(ci::JOBS_BUCKET, "*");
+                p.write_kv(ci::DELIVERIES_BUCKET, "*");
+                p.write_kv(ci::MERGE_REQUESTS_BUCKET, ">");
             }
             Role::Burner(id) => {
                 p.write_kv(fleet::DRIVES_BUCKET, &format!("{id}.*"));
@@ -539,6 +550,7 @@ mod tests {
             "shard:cas-0",
             "stage:prelabel",
             "burner:rack_2",
+            "webhook",
             "admin",
         ] {
             assert_eq!(r.parse::<Role>().unwrap().to_string(), r);
@@ -579,6 +591,19 @@ mod tests {
         // A dedicated shard reaches no other shard.
         let s = Role::Shard("cas-0".into()).permissions();
         assert!(!s.publish.iter().any(|x| x.starts_with("mp.v1.cas.blob")));
+    }
+
+    #[test]
+    fn the_webhook_queues_ci_jobs_and_nothing_of_the_build_platform() {
+        let p = Role::Webhook.permissions();
+        assert!(p.publish.contains(&"mp.v1.ci.job.run.*".to_string()));
+        assert!(p.publish.contains(&"$KV.mp_v1_ci_jobs.*".to_string()));
+        assert!(p.publish.contains(&"$KV.mp_v1_ci_deliveries.*".to_string()));
+        assert!(!p.publish.iter().any(|s| s.starts_with("mp.v1.cas")
+            || s.starts_with("mp.v1.exec")
+            || s.contains("ops.alert")
+            || s.contains("mp_v1_exec_operations")));
+        assert!(p.subscribe.is_empty());
     }
 
     #[test]

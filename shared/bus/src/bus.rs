@@ -244,6 +244,33 @@ impl Bus {
         })
     }
 
+    /// [`Bus::enqueue`] under a message id: JetStream stores a message whose id it has seen
+    /// within the stream's duplicate window only once, so publishing the same work again (a
+    /// retry after a crash, a redelivered event) queues it once.
+    pub async fn enqueue_once<M: Message>(
+        &self,
+        subject: &Subject,
+        msg: &M,
+        id: &str,
+    ) -> Result<(), BusError> {
+        let payload = Bytes::from(codec::encode(msg)?);
+        let subject_name = subject.as_str().to_string();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let ack = self
+            .jetstream
+            .publish_with_headers(subject_name.clone(), headers, payload)
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject_name.clone(),
+                message: e.to_string(),
+            })?;
+        ack.await.map(|_| ()).map_err(|e| BusError::Publish {
+            subject: subject_name,
+            message: e.to_string(),
+        })
+    }
+
     /// Sends a request and waits (default timeout) for its typed reply. A remote error comes
     /// back as [`BusError::Remote`].
     pub async fn request<R: Request>(

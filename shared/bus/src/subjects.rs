@@ -302,6 +302,74 @@ pub mod fleet {
     }
 }
 
+/// CI: jobs from forge events and API calls, their statuses, deliveries seen.
+pub mod ci {
+    use super::Subject;
+    use motorpool_messages::exec::Lane;
+    use std::time::Duration;
+
+    const DOMAIN: &str = "ci";
+
+    /// `CiJob`s queued in `lane` (stream [`JOBS_STREAM`]).
+    pub fn run(lane: Lane) -> Subject {
+        Subject::build(DOMAIN, "job", "run", Some(lane.name()))
+    }
+    fn run_all() -> Subject {
+        Subject::build(DOMAIN, "job", "run", Some("*"))
+    }
+    pub const JOBS_STREAM: &str = "MP_V1_CI_JOBS";
+
+    /// Jobs wait here until a runner has done them (a work queue: each is taken once). A job
+    /// published twice with the same id within [`DUPLICATE_WINDOW`] is stored once.
+    pub fn jobs_stream_config() -> async_nats::jetstream::stream::Config {
+        async_nats::jetstream::stream::Config {
+            name: JOBS_STREAM.to_string(),
+            subjects: vec![run_all().as_str().to_string()],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        }
+    }
+    /// How long JetStream remembers a job id it stored.
+    pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
+    /// Durable consumer of the runners for `lane`.
+    pub fn run_consumer(lane: Lane) -> String {
+        format!("ci-run-{}", lane.name())
+    }
+    /// Job statuses: KV bucket, key = job id.
+    pub const JOBS_BUCKET: &str = "mp_v1_ci_jobs";
+    pub fn jobs_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: JOBS_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+    /// Deliveries seen: KV bucket, key = a hash of forge and delivery id. Forges redeliver for
+    /// days at most (GitHub keeps deliveries three days), so a week covers every retry.
+    pub const DELIVERIES_BUCKET: &str = "mp_v1_ci_deliveries";
+    pub fn deliveries_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: DELIVERIES_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+    /// A merge request's newest jobs: KV bucket, key = `<project hash>.<number>`.
+    pub const MERGE_REQUESTS_BUCKET: &str = "mp_v1_ci_merge_requests";
+    pub fn merge_requests_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: MERGE_REQUESTS_BUCKET.to_string(),
+            history: 1,
+            max_age: Duration::from_secs(90 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+}
+
 /// Operations: alerts for people.
 pub mod ops {
     use super::Subject;

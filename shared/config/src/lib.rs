@@ -757,6 +757,51 @@ impl ServiceConfig for FleetConfig {
     const ENV_PREFIX: &'static str = "MOTORPOOL_FLEET_";
 }
 
+/// `motorpool webhook`: forge events (GitLab, GitHub) in, CI jobs out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add`);
+    /// none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS: the connection is encrypted and the server's
+    /// certificate must chain to it. None: plain, unless the URL is `tls://` (system roots).
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Timeout (milliseconds) of one bus operation. Default 5000.
+    pub bus_timeout_ms: u64,
+    /// HTTP listen address: forges post to `/hooks/<project>`. Default `127.0.0.1:8090`.
+    pub http_addr: SocketAddr,
+    /// The projects file (TOML: each project's forge, secret, jobs and lane rules; see
+    /// `docs/config/projects.toml`), re-read when it changes. Default: none, no project (every
+    /// event gets 404).
+    pub projects_file: Option<PathBuf>,
+    /// Largest event body accepted (bytes); a larger one gets 413. Default 4 MiB.
+    pub max_body_bytes: usize,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
+            bus_timeout_ms: 5_000,
+            http_addr: "127.0.0.1:8090".parse().unwrap(),
+            projects_file: None,
+            max_body_bytes: 4 << 20,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for WebhookConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_WEBHOOK_";
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
 mod tests {
@@ -833,5 +878,9 @@ mod tests {
         assert_eq!(fleet.images_per_drive, 3);
         assert_eq!(fleet.drive_source, DriveSource::Udev);
         assert_eq!(fleet.udev_match, ["sd*", "nvme*"]);
+        let webhook: WebhookConfig =
+            load(Some(&dir.join("webhook.toml")), &Flags::default()).unwrap();
+        assert_eq!(webhook.http_addr.port(), 8090);
+        assert!(webhook.projects_file.is_some());
     }
 }

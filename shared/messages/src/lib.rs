@@ -8,6 +8,7 @@
 //!   action-cache entries, and the framing of the direct shard data stream.
 //! - [`exec`]: remote execution: the operation record, lanes and pools, worker registration,
 //!   the scheduler ⇄ worker conversation, alerts.
+//! - [`ci`]: CI jobs made from forge events and API calls, and their statuses.
 //! - [`fleet`]: fleet images: build jobs and their status, drive states.
 //! - [`label`]: the BevSlots auto-labeling pipeline: the job that travels mapping -> prelabel ->
 //!   annotate, and each stage's status.
@@ -19,6 +20,7 @@
 
 pub mod bytes;
 pub mod cas;
+pub mod ci;
 pub mod codec;
 pub mod digest;
 pub mod error;
@@ -41,7 +43,7 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use crate::Message;
-    use crate::{cas::*, exec::*, fleet::*, label::*};
+    use crate::{cas::*, ci::*, exec::*, fleet::*, label::*};
 
     #[test]
     fn kinds_are_unique_across_the_workspace() {
@@ -83,6 +85,11 @@ mod tests {
             ImageBuildJob::KIND,
             BuildStatus::KIND,
             DriveStatus::KIND,
+            CiJob::KIND,
+            JobStatus::KIND,
+            DeliveryRecord::KIND,
+            MergeRequestJobs::KIND,
+            Workspace::KIND,
         ];
         let mut sorted = kinds.to_vec();
         sorted.sort();

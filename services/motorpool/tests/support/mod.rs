@@ -58,6 +58,8 @@ pub struct Stack {
     child: Option<Child>,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The webhook service: forges post to `/hooks/<project>`.
+    pub webhook: SocketAddr,
     pub dir: tempfile::TempDir,
     /// The stack's keys; [`Stack::channel`]'s calls carry `admin`.
     pub keys: Keys,
@@ -84,6 +86,7 @@ impl Stack {
         for _ in 0..3 {
             let grpc = free_addr();
             let http = free_addr();
+            let webhook = free_addr();
             let log_path = dir.path().join("up.log");
             let log = std::fs::File::create(&log_path).unwrap();
             let child = Command::new(env!("CARGO_BIN_EXE_motorpool"))
@@ -95,6 +98,8 @@ impl Stack {
                 .arg(grpc.to_string())
                 .arg("--http-addr")
                 .arg(http.to_string())
+                .arg("--webhook-addr")
+                .arg(webhook.to_string())
                 .args(extra)
                 .env("RUST_LOG", "warn")
                 .envs(env.iter().copied())
@@ -107,6 +112,7 @@ impl Stack {
                 child: Some(child),
                 grpc,
                 http,
+                webhook,
                 dir,
                 keys: Keys {
                     developer: String::new(),

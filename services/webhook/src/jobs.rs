@@ -1,0 +1,410 @@
+//! From an event to queued jobs: which jobs a project's rules make ([`plan`]), and queueing
+//! them exactly once per delivery ([`Queue::submit`]).
+//!
+//! Exactly once, across restarts and several webhook replicas:
+//! 1. The delivery is claimed in the KV bucket `mp_v1_ci_deliveries` with a create, which only
+//!    one writer wins. A redelivery finds the claim and makes nothing.
+//! 2. Each job gets its status (`Queued`) and is published under its id, which is derived from
+//!    the delivery: JetStream stores a job id once within its duplicate window.
+//! 3. The claim is marked queued. A claim left unmarked (the service died between 1 and 3) is
+//!    finished by the next delivery of the same event, with the same job ids.
+
+use crate::events::Event;
+use crate::projects::{On, Project};
+use motorpool_bus::{Bus, BusError, subjects::ci};
+use motorpool_messages::ci::{
+    CiJob, DeliveryRecord, JobKind, JobState, JobStatus, MergeRequestJobs, Trigger,
+};
+use motorpool_messages::{codec, now_ms};
+use sha2::{Digest, Sha256};
+
+/// The jobs `event` makes for `project`, with ids derived from `delivery_key`.
+pub fn plan(project: &Project, event: &Event, delivery_key: &str, delivery: &str) -> Vec<CiJob> {
+    let (on, trusted, release_too, label_lane) = match &event.trigger {
+        Trigger::MergeRequest { labels, .. } => {
+            let release = labels.iter().any(|l| project.release_labels.contains(l));
+            let lane = labels
+                .iter()
+                .filter_map(|l| project.labels.get(l))
+                .max_by_key(|lane| lane.rank())
+                .copied();
+            (On::MergeRequest, false, release, lane)
+        }
+        Trigger::Push { branch } => {
+            if !project.trusts(branch) {
+                return Vec::new();
+            }
+            (On::Push, true, false, None)
+        }
+        Trigger::Tag { .. } => (
+            On::Tag,
+            true,
+            false,
+            Some(motorpool_messages::exec::Lane::Release),
+        ),
+        Trigger::Api { .. } => (On::Push, false, false, None),
+    };
+    project
+        .jobs
+        .iter()
+        .filter(|t| t.answers(on) || (release_too && t.kind == JobKind::Release))
+        .enumerate()
+        .map(|(i, t)| CiJob {
+            job_id: job_id(delivery_key, i),
+            project: project.name.clone(),
+            forge: project.forge,
+            clone_url: project
+                .clone_url
+                .clone()
+                .unwrap_or_else(|| event.clone_url.clone()),
+            commit: event.commit.clone(),
+            git_ref: event.git_ref.clone(),
+            kind: t.kind,
+            lane: label_lane.unwrap_or(t.kind.lane()),
+            command: t.command().to_string(),
+            targets: t.targets.clone(),
+            flags: t.flags.clone(),
+            trigger: event.trigger.clone(),
+            requested_by: event.user.clone(),
+            trusted,
+            delivery: delivery.to_string(),
+            queued_ms: now_ms(),
+        })
+        .collect()
+}
+
+/// The KV key of a delivery: a hash, so any id a forge sends makes a valid key.
+pub fn delivery_key(project: &Project, delivery: &str) -> String {
+    let h = Sha256::digest(format!("{}\n{}\n{delivery}", project.forge, project.name));
+    hex::encode(&h[..16])
+}
+
+fn job_id(delivery_key: &str, index: usize) -> String {
+    let h = Sha256::digest(format!("{delivery_key}/{index}"));
+    hex::encode(&h[..16])
+}
+
+fn merge_request_key(project: &str, number: u64) -> String {
+    let h = Sha256::digest(project.as_bytes());
+    format!("{}.{number}", hex::encode(&h[..8]))
+}
+
+/// What a submission did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Queued(Vec<CiJob>),
+    /// This delivery was seen before: its jobs, queued then.
+    Duplicate(Vec<String>),
+}
+
+/// The CI queues and their KV buckets.
+#[derive(Clone)]
+pub struct Queue {
+    bus: Bus,
+    jobs: async_nats::jetstream::kv::Store,
+    deliveries: async_nats::jetstream::kv::Store,
+    merge_requests: async_nats::jetstream::kv::Store,
+}
+
+impl Queue {
+    pub async fn open(bus: Bus) -> Result<Queue, BusError> {
+        bus.ensure_stream(ci::jobs_stream_config()).await?;
+        Ok(Queue {
+            jobs: bus.ensure_kv(ci::jobs_config()).await?,
+            deliveries: bus.ensure_kv(ci::deliveries_config()).await?,
+            merge_requests: bus.ensure_kv(ci::merge_requests_config()).await?,
+            bus,
+        })
+    }
+
+    /// A job's status.
+    pub async fn status(&self, job_id: &str) -> Result<Option<JobStatus>, BusError> {
+        let Some(bytes) = self
+            .jobs
+            .get(job_id)
+            .await
+            .map_err(|e| BusError::JetStream(format!("get job {job_id}: {e}")))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(codec::decode(&bytes)?))
+    }
+
+    /// Records a job as queued, unless it has a status already (a half-queued delivery finished
+    /// again must not undo what a runner wrote).
+    async fn record_queued(&self, job: &CiJob) -> Result<(), BusError> {
+        use async_nats::jetstream::kv::CreateErrorKind;
+        let status = JobStatus::queued(job.clone(), now_ms());
+        match self
+            .jobs
+            .create(&job.job_id, codec::encode(&status)?.into())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(BusError::JetStream(format!("put job {}: {e}", job.job_id))),
+        }
+    }
+
+    /// Queues `jobs` for the delivery `key` unless it was queued before; supersedes the older
+    /// queued jobs of the same merge request when `supersede` is set.
+    pub async fn submit(
+        &self,
+        key: &str,
+        jobs: Vec<CiJob>,
+        supersede: bool,
+    ) -> Result<Outcome, BusError> {
+        use async_nats::jetstream::kv::CreateErrorKind;
+        let record = |queued| DeliveryRecord {
+            job_ids: jobs.iter().map(|j| j.job_id.clone()).collect(),
+            queued,
+            received_ms: now_ms(),
+        };
+        match self
+            .deliveries
+            .create(key, codec::encode(&record(false))?.into())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                let seen: Option<DeliveryRecord> = match self.deliveries.get(key).await {
+                    Ok(Some(b)) => Some(codec::decode(&b)?),
+                    Ok(None) => None,
+                    Err(e) => return Err(BusError::JetStream(format!("get delivery: {e}"))),
+                };
+                match seen {
+                    Some(r) if r.queued => return Ok(Outcome::Duplicate(r.job_ids)),
+                    // Claimed but never finished: finish it now, with the same ids.
+                    _ => tracing::warn!(delivery = %key, "Finishing a delivery left half-queued"),
+                }
+            }
+            Err(e) => return Err(BusError::JetStream(format!("claim delivery: {e}"))),
+        }
+        for job in &jobs {
+            self.record_queued(job).await?;
+            self.bus
+                .enqueue_once(&ci::run(job.lane), job, &job.job_id)
+                .await?;
+            metrics::counter!("motorpool_ci_jobs_queued_total", "lane" => job.lane.name(), "kind" => job.kind.name())
+                .increment(1);
+        }
+        self.deliveries
+            .put(key, codec::encode(&record(true))?.into())
+            .await
+            .map_err(|e| BusError::JetStream(format!("mark delivery queued: {e}")))?;
+        if let Some(first) = jobs.first()
+            && let Trigger::MergeRequest { number, .. } = first.trigger
+        {
+            self.supersede(&first.project, number, &first.commit, &jobs, supersede)
+                .await?;
+        }
+        Ok(Outcome::Queued(jobs))
+    }
+
+    /// Records `jobs` as the merge request's newest, and marks the older commit's jobs that are
+    /// still queued as superseded (runners skip them).
+    async fn supersede(
+        &self,
+        project: &str,
+        number: u64,
+        commit: &str,
+        jobs: &[CiJob],
+        cancel_older: bool,
+    ) -> Result<(), BusError> {
+        let key = merge_request_key(project, number);
+        let before: Option<MergeRequestJobs> = match self.merge_requests.get(&key).await {
+            Ok(Some(b)) => codec::decode(&b).ok(),
+            Ok(None) => None,
+            Err(e) => return Err(BusError::JetStream(format!("get merge request: {e}"))),
+        };
+        let mut ids: Vec<String> = jobs.iter().map(|j| j.job_id.clone()).collect();
+        if let Some(before) = before {
+            if before.commit == commit {
+                // Another event for the same commit (a reopen, a second hook): keep both.
+                for id in before.job_ids {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            } else if cancel_older {
+                for id in &before.job_ids {
+                    // Only a job still queued, and only if no runner took it in between: the
+                    // write names the revision it read.
+                    let Ok(Some(entry)) = self.jobs.entry(id).await else {
+                        continue;
+                    };
+                    let Ok(mut s) = codec::decode::<JobStatus>(&entry.value) else {
+                        continue;
+                    };
+                    if s.state != JobState::Queued {
+                        continue;
+                    }
+                    s.state = JobState::Superseded {
+                        by_commit: commit.to_string(),
+                    };
+                    s.updated_ms = now_ms();
+                    if self
+                        .jobs
+                        .update(id, codec::encode(&s)?.into(), entry.revision)
+                        .await
+                        .is_ok()
+                    {
+                        metrics::counter!("motorpool_ci_jobs_superseded_total").increment(1);
+                    }
+                }
+            }
+        }
+        let newest = MergeRequestJobs {
+            commit: commit.to_string(),
+            job_ids: ids,
+        };
+        self.merge_requests
+            .put(&key, codec::encode(&newest)?.into())
+            .await
+            .map_err(|e| BusError::JetStream(format!("put merge request: {e}")))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projects::JobTemplate;
+    use motorpool_messages::ci::Forge;
+    use motorpool_messages::exec::Lane;
+
+    fn project() -> Project {
+        let t = |kind, on: Option<Vec<On>>| JobTemplate {
+            kind,
+            command: None,
+            targets: vec!["//...".into()],
+            flags: vec![],
+            on,
+        };
+        Project {
+            name: "av/monorepo".into(),
+            forge: Forge::Gitlab,
+            secret: b"x".to_vec(),
+            clone_url: Some("file:///srv/git/monorepo.git".into()),
+            trusted_branches: vec!["main".into()],
+            release_labels: vec!["release".into()],
+            labels: [
+                ("priority::low".to_string(), Lane::Lint),
+                ("priority::high".to_string(), Lane::Build),
+            ]
+            .into(),
+            cancel_superseded: true,
+            jobs: vec![
+                t(JobKind::Build, None),
+                t(JobKind::Test, None),
+                t(JobKind::Lint, Some(vec![On::MergeRequest])),
+                t(JobKind::Release, None),
+            ],
+        }
+    }
+
+    fn event(trigger: Trigger) -> Event {
+        Event {
+            project: "av/monorepo".into(),
+            clone_url: "https://forge/av/monorepo.git".into(),
+            commit: "a".repeat(40),
+            git_ref: "refs/x".into(),
+            trigger,
+            user: "dev".into(),
+        }
+    }
+
+    fn mr(labels: &[&str]) -> Trigger {
+        Trigger::MergeRequest {
+            number: 3,
+            source_branch: "feat".into(),
+            target_branch: "main".into(),
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn kinds_and_lanes(jobs: &[CiJob]) -> Vec<(JobKind, Lane)> {
+        jobs.iter().map(|j| (j.kind, j.lane)).collect()
+    }
+
+    #[test]
+    fn each_trigger_earns_its_jobs_lanes_and_trust() {
+        let p = project();
+        let jobs = plan(&p, &event(mr(&[])), "k", "d");
+        assert_eq!(
+            kinds_and_lanes(&jobs),
+            [
+                (JobKind::Build, Lane::Build),
+                (JobKind::Test, Lane::Test),
+                (JobKind::Lint, Lane::Lint)
+            ]
+        );
+        assert!(
+            jobs.iter().all(|j| !j.trusted),
+            "a merge request's code is not trusted"
+        );
+        assert_eq!(
+            jobs[0].clone_url, "file:///srv/git/monorepo.git",
+            "the configured URL wins"
+        );
+        assert_eq!(jobs[1].command, "test");
+
+        // A release label adds the release job; priority labels move every job, the highest wins.
+        let jobs = plan(
+            &p,
+            &event(mr(&["release", "priority::low", "priority::high"])),
+            "k",
+            "d",
+        );
+        assert_eq!(jobs.len(), 4);
+        assert!(
+            jobs.iter().all(|j| j.lane == Lane::Build),
+            "{:?}",
+            kinds_and_lanes(&jobs)
+        );
+        let low = plan(&p, &event(mr(&["priority::low"])), "k", "d");
+        assert!(low.iter().all(|j| j.lane == Lane::Lint));
+
+        let tag = plan(&p, &event(Trigger::Tag { tag: "v1".into() }), "k", "d");
+        assert_eq!(kinds_and_lanes(&tag), [(JobKind::Release, Lane::Release)]);
+        assert!(tag[0].trusted);
+
+        let main = plan(
+            &p,
+            &event(Trigger::Push {
+                branch: "main".into(),
+            }),
+            "k",
+            "d",
+        );
+        assert_eq!(
+            kinds_and_lanes(&main),
+            [(JobKind::Build, Lane::Build), (JobKind::Test, Lane::Test)]
+        );
+        assert!(main.iter().all(|j| j.trusted));
+        assert!(
+            plan(
+                &p,
+                &event(Trigger::Push {
+                    branch: "feat".into()
+                }),
+                "k",
+                "d"
+            )
+            .is_empty()
+        );
+
+        // Ids follow the delivery: the same delivery makes the same ids, another makes others.
+        let again = plan(&p, &event(mr(&[])), "k", "d");
+        assert_eq!(
+            again[0].job_id,
+            plan(&p, &event(mr(&[])), "k", "d")[0].job_id
+        );
+        assert_ne!(
+            again[0].job_id,
+            plan(&p, &event(mr(&[])), "k2", "d")[0].job_id
+        );
+        assert_ne!(again[0].job_id, again[1].job_id);
+        assert_eq!(again[0].job_id.len(), 32);
+    }
+}

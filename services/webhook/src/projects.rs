@@ -1,0 +1,369 @@
+//! The projects file: which repositories may start CI jobs, with which secret, and which jobs
+//! each event makes in which lane. It belongs to the platform's operators, not to the
+//! repositories: a merge request cannot raise its own lane or make its results trusted by
+//! editing a file in its branch (ADR 0011).
+//!
+//! ```toml
+//! [[project]]
+//! name = "av/monorepo"                 # GitLab path_with_namespace / GitHub full_name
+//! forge = "gitlab"
+//! secret_file = "monorepo.secret"      # relative to this file; mode 0600
+//! trusted_branches = ["main", "release/*"]
+//! release_labels = ["release"]
+//! labels = { "priority::release" = "release", "priority::low" = "lint" }
+//!
+//! [[project.job]]
+//! kind = "build"
+//! targets = ["//..."]
+//! ```
+
+use motorpool_messages::ci::{Forge, JobKind};
+use motorpool_messages::exec::Lane;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What kind of event a job template answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum On {
+    MergeRequest,
+    Push,
+    Tag,
+}
+
+/// A job an event makes.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobTemplate {
+    pub kind: JobKind,
+    /// The Bazel command. Default: `test` for test jobs, `build` for the others.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Default `//...`.
+    #[serde(default = "all_targets")]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub flags: Vec<String>,
+    /// Events that make this job. Default: tags for release jobs, merge requests and pushes to
+    /// trusted branches for the others.
+    #[serde(default)]
+    pub on: Option<Vec<On>>,
+}
+
+fn all_targets() -> Vec<String> {
+    vec!["//...".into()]
+}
+
+impl JobTemplate {
+    pub fn command(&self) -> &str {
+        self.command.as_deref().unwrap_or(match self.kind {
+            JobKind::Test => "test",
+            _ => "build",
+        })
+    }
+
+    pub fn answers(&self, on: On) -> bool {
+        match &self.on {
+            Some(list) => list.contains(&on),
+            None if self.kind == JobKind::Release => on == On::Tag,
+            None => on != On::Tag,
+        }
+    }
+}
+
+/// One project as written in the file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectEntry {
+    name: String,
+    forge: Forge,
+    secret_file: PathBuf,
+    /// Clone from here rather than from the URL the event names.
+    #[serde(default)]
+    clone_url: Option<String>,
+    #[serde(default = "default_trusted")]
+    trusted_branches: Vec<String>,
+    #[serde(default = "default_release_labels")]
+    release_labels: Vec<String>,
+    /// Lane names (`release`, `build`, `test`, `lint`).
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default = "yes")]
+    cancel_superseded: bool,
+    #[serde(default, rename = "job")]
+    jobs: Vec<JobTemplate>,
+}
+
+fn default_trusted() -> Vec<String> {
+    vec!["main".into(), "master".into()]
+}
+fn default_release_labels() -> Vec<String> {
+    vec!["release".into()]
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default, rename = "project")]
+    projects: Vec<ProjectEntry>,
+}
+
+/// A project, its secret read.
+#[derive(Clone)]
+pub struct Project {
+    pub name: String,
+    pub forge: Forge,
+    pub secret: Vec<u8>,
+    pub clone_url: Option<String>,
+    /// Branches whose pushes build, trusted to write the action cache: exact names, or a
+    /// prefix ending in `*`.
+    pub trusted_branches: Vec<String>,
+    /// Merge requests with one of these labels also get the release jobs.
+    pub release_labels: Vec<String>,
+    /// Merge-request label -> the lane all of that MR's jobs ride (the highest when several
+    /// match).
+    pub labels: BTreeMap<String, Lane>,
+    /// A newer push to a merge request supersedes its jobs still queued.
+    pub cancel_superseded: bool,
+    pub jobs: Vec<JobTemplate>,
+}
+
+impl std::fmt::Debug for Project {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Project")
+            .field("name", &self.name)
+            .field("forge", &self.forge)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Project {
+    pub fn trusts(&self, branch: &str) -> bool {
+        self.trusted_branches
+            .iter()
+            .any(|p| match p.strip_suffix('*') {
+                Some(prefix) => branch.starts_with(prefix),
+                None => branch == p,
+            })
+    }
+}
+
+/// Why the projects file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("projects file {path}: {message}")]
+pub struct ProjectsError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Reads the projects file and every secret it names. Secrets must not be readable by others.
+pub fn load(path: &Path) -> Result<Vec<Project>, ProjectsError> {
+    let err = |message: String| ProjectsError {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let file: File = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut out: Vec<Project> = Vec::new();
+    for p in file.projects {
+        if out.iter().any(|o| o.name == p.name) {
+            return Err(err(format!("project {:?} appears twice", p.name)));
+        }
+        if p.name.is_empty() || p.name.starts_with('/') || p.name.contains("..") {
+            return Err(err(format!("{:?} is not a project path", p.name)));
+        }
+        let secret_path = base.join(&p.secret_file);
+        let secret =
+            read_secret(&secret_path).map_err(|m| err(format!("project {:?}: {m}", p.name)))?;
+        let jobs = if p.jobs.is_empty() {
+            vec![
+                JobTemplate {
+                    kind: JobKind::Build,
+                    command: None,
+                    targets: all_targets(),
+                    flags: Vec::new(),
+                    on: None,
+                },
+                JobTemplate {
+                    kind: JobKind::Test,
+                    command: None,
+                    targets: all_targets(),
+                    flags: Vec::new(),
+                    on: None,
+                },
+            ]
+        } else {
+            p.jobs
+        };
+        let mut labels = BTreeMap::new();
+        for (label, lane) in p.labels {
+            let lane = Lane::from_name(&lane).ok_or_else(|| {
+                err(format!(
+                    "project {:?}: label {label:?} names lane {lane:?}, not release, build, test or lint",
+                    p.name
+                ))
+            })?;
+            labels.insert(label, lane);
+        }
+        for j in &jobs {
+            if j.targets.is_empty() || j.command().is_empty() {
+                return Err(err(format!(
+                    "project {:?}: a {} job needs a command and targets",
+                    p.name, j.kind
+                )));
+            }
+        }
+        out.push(Project {
+            name: p.name,
+            forge: p.forge,
+            secret,
+            clone_url: p.clone_url,
+            trusted_branches: p.trusted_branches,
+            release_labels: p.release_labels,
+            labels,
+            cancel_superseded: p.cancel_superseded,
+            jobs,
+        });
+    }
+    Ok(out)
+}
+
+fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("secret {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "secret {} is readable by others (chmod 600 it)",
+            path.display()
+        ));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("secret {}: {e}", path.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.len() < 16 {
+        return Err(format!(
+            "secret {} is shorter than 16 characters",
+            path.display()
+        ));
+    }
+    Ok(secret.as_bytes().to_vec())
+}
+
+/// What identifies a file's contents for reloading: length, modification time and inode.
+pub type Stamp = Option<(u64, std::time::SystemTime, u64)>;
+
+pub fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.len(), m.modified().ok()?, m.ino())))
+}
+
+/// The stamps of the projects file and of every secret file it names (a rotated secret reloads
+/// too).
+pub fn stamps(path: &Path) -> Vec<Stamp> {
+    let mut out = vec![stamp(path)];
+    if let Ok(text) = std::fs::read_to_string(path)
+        && let Ok(file) = toml::from_str::<File>(&text)
+    {
+        let base = path.parent().unwrap_or(Path::new("."));
+        out.extend(
+            file.projects
+                .iter()
+                .map(|p| stamp(&base.join(&p.secret_file))),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write_secret(dir: &Path, name: &str, mode: u32) {
+        let p = dir.join(name);
+        std::fs::write(&p, "a-long-enough-secret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn projects_load_with_defaults_and_bad_files_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        write_secret(dir.path(), "s", 0o600);
+        let file = dir.path().join("projects.toml");
+        std::fs::write(
+            &file,
+            r#"
+[[project]]
+name = "av/monorepo"
+forge = "gitlab"
+secret_file = "s"
+labels = { "priority::release" = "release" }
+
+[[project]]
+name = "av/tools"
+forge = "github"
+secret_file = "s"
+trusted_branches = ["main", "release/*"]
+[[project.job]]
+kind = "lint"
+command = "build"
+flags = ["--config=lint"]
+[[project.job]]
+kind = "release"
+targets = ["//release/..."]
+"#,
+        )
+        .unwrap();
+        let p = load(&file).unwrap();
+        assert_eq!(p[0].secret, b"a-long-enough-secret");
+        assert_eq!(p[0].jobs.len(), 2, "build and test by default");
+        assert_eq!(p[0].jobs[1].command(), "test");
+        assert_eq!(p[0].labels["priority::release"], Lane::Release);
+        assert!(p[0].trusts("main") && !p[0].trusts("feature"));
+        assert!(p[1].trusts("release/2.1") && !p[1].trusts("releases"));
+        assert!(p[1].jobs[0].answers(On::MergeRequest) && !p[1].jobs[0].answers(On::Tag));
+        assert!(p[1].jobs[1].answers(On::Tag) && !p[1].jobs[1].answers(On::Push));
+
+        for (text, says) in [
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitea\"\nsecret_file = \"s\"\n",
+                "gitea",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"missing\"\n",
+                "missing",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\nlabels = { x = \"urgent\" }\n",
+                "urgent",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n",
+                "twice",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\nbranches = []\n",
+                "branches",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let e = load(&file).unwrap_err().to_string();
+            assert!(e.contains(says), "{says}: {e}");
+        }
+        write_secret(dir.path(), "open", 0o644);
+        std::fs::write(
+            &file,
+            "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"open\"\n",
+        )
+        .unwrap();
+        let e = load(&file).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+    }
+}
