@@ -311,6 +311,45 @@ pub fn stack_keys(data_dir: &Path) -> anyhow::Result<(PathBuf, StackKeys)> {
     Ok((keys_file, keys))
 }
 
+/// The API keys of the stack's CI runner, in `<data dir>/runner/{trusted,untrusted}.key` (mode
+/// 0600), made at the first start: `runner-trusted` may write the action cache (pushes to
+/// protected branches, tags), `runner-mr` may not (merge requests, whose code nobody has
+/// reviewed). Both may execute on any lane: the lane comes from the job.
+pub fn stack_runner_keys(data_dir: &Path, keys_file: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = data_dir.join("runner");
+    let (trusted, untrusted) = (dir.join("trusted.key"), dir.join("untrusted.key"));
+    if trusted.exists() && untrusted.exists() {
+        return Ok((trusted, untrusted));
+    }
+    let mut file = read_or_empty(keys_file)?;
+    file.keys
+        .retain(|k| !["runner-trusted", "runner-mr"].contains(&k.id.as_str()));
+    file.write(keys_file)?;
+    for (id, roles, path) in [
+        (
+            "runner-trusted",
+            vec![Role::Read, Role::WriteCas, Role::WriteAc, Role::Execute],
+            &trusted,
+        ),
+        (
+            "runner-mr",
+            vec![Role::Read, Role::WriteCas, Role::Execute],
+            &untrusted,
+        ),
+    ] {
+        let key = add(keys_file, |sha256| KeyEntry {
+            id: id.into(),
+            sha256,
+            roles,
+            instances: Vec::new(),
+            max_lane: "release".into(),
+            api: false,
+        })?;
+        motorpool_bus::access::write_private(path, key.as_bytes())?;
+    }
+    Ok((trusted, untrusted))
+}
+
 /// The stack's bus users: one per service `motorpool up` runs (`services`: name and role), and
 /// `operator` and `admin` for people, with seeds in `<data dir>/bus/<name>.nk`. Users made
 /// before are kept; missing or unreadable seeds are made anew. Returns the realm (for the

@@ -8,7 +8,8 @@
 //!   them separately.
 //! - `motorpool mapping|prelabel|annotate ...` run one stage of the BevSlots labeling pipeline;
 //!   `motorpool label run|synth|bench` label a clip, write a synthetic one, measure.
-//! - `motorpool webhook ...` runs the CI front door (forge events in, CI jobs out).
+//! - `motorpool webhook ...` runs the CI front door (forge events in, CI jobs out);
+//!   `motorpool runner ...` runs CI jobs in warm workspaces.
 //! - `motorpool image-builder ...`, `motorpool disk-burner ...` run the fleet actors;
 //!   `motorpool image build|list` build fleet images from git + Dockerfile;
 //!   `motorpool drives list|images|menu|burn` look at boot drives and burn images onto them.
@@ -22,8 +23,8 @@ mod up;
 
 use clap::{Args, Parser, Subcommand};
 use motorpool_config::{
-    FleetConfig, GatewayConfig, LabelConfig, ReindexerConfig, SchedulerConfig, ServiceConfig,
-    ShardConfig, TelemetryConfig, WebhookConfig, WorkerConfig,
+    FleetConfig, GatewayConfig, LabelConfig, ReindexerConfig, RunnerConfig, SchedulerConfig,
+    ServiceConfig, ShardConfig, TelemetryConfig, WebhookConfig, WorkerConfig,
 };
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -83,6 +84,8 @@ enum Command {
     Drives(drives::DrivesCommand),
     /// Run the webhook service (GitLab and GitHub events become CI jobs on the lane queues).
     Webhook(WebhookArgs),
+    /// Run a CI runner (CI jobs in lane order, in warm workspaces, built on the platform).
+    Runner(RunnerArgs),
     /// The gateway's API keys: add (prints the key once), list, remove.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -190,6 +193,46 @@ struct WebhookArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_body_bytes: Option<usize>,
+}
+
+#[derive(Args, Serialize)]
+struct RunnerArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// This runner's id [default: the host name].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runner_id: Option<String>,
+    /// The workspace pool's directory [default: motorpool-data/runner/workspaces].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workspaces_dir: Option<PathBuf>,
+    /// Workspaces in the pool at most [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool_size: Option<usize>,
+    /// The platform's gRPC endpoint for Bazel's `--remote_executor` [default:
+    /// grpc://127.0.0.1:8980].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_executor: Option<String>,
+    /// CA for a `grpcs://` endpoint (Bazel's `--tls_certificate`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_certificate: Option<PathBuf>,
+    /// API key file for trusted jobs (may write the action cache).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trusted_key_file: Option<PathBuf>,
+    /// API key file for merge-request jobs (must not write the action cache).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    untrusted_key_file: Option<PathBuf>,
+    /// HTTP address: /api/v1/workspaces, job logs, /metrics [default: 127.0.0.1:8091].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<SocketAddr>,
 }
 
 #[derive(Args, Serialize)]
@@ -512,6 +555,11 @@ async fn main() -> anyhow::Result<()> {
             let config: WebhookConfig = load(&args.common, &args)?;
             let _telemetry = telemetry("webhook", &config.telemetry)?;
             motorpool_webhook::run(config, shutdown_on_signals()).await
+        }
+        Command::Runner(args) => {
+            let config: RunnerConfig = load(&args.common, &args)?;
+            let _telemetry = telemetry("runner", &config.telemetry)?;
+            motorpool_runner::run(config, shutdown_on_signals()).await
         }
         Command::Drives(cmd) => tokio::task::spawn_blocking(move || drives::main(cmd)).await?,
         Command::Keys(cmd) => keys::main(cmd),

@@ -2,7 +2,7 @@
 //!
 //! Children: one `nats-server` (JetStream, store under the data dir), N CAS shards, the scheduler,
 //! the reindexer, the three labeling stages (mapping, prelabel, annotate), M workers (each also a
-//! CAS shard), one gateway, the webhook service. A child that exits unexpectedly is restarted
+//! CAS shard), one gateway, the webhook service and the CI runners. A child that exits unexpectedly is restarted
 //! after a short back-off. Ctrl-C (or SIGTERM) stops them in reverse order (gateway, workers,
 //! scheduler, shards), then NATS, each with SIGTERM and a grace period.
 
@@ -67,6 +67,17 @@ pub struct UpArgs {
     /// `/hooks/<project>` (projects in `<data dir>/webhook/projects.toml`).
     #[arg(long, default_value = "127.0.0.1:8090")]
     webhook_addr: SocketAddr,
+    /// The CI runners' first HTTP address (`/api/v1/workspaces`, job logs); runner N listens
+    /// N ports above it.
+    #[arg(long, default_value = "127.0.0.1:8091")]
+    runner_addr: SocketAddr,
+    /// CI runners (each takes CI jobs and keeps warm workspaces under `<data dir>/runner`).
+    #[arg(long, default_value_t = 1)]
+    runners: usize,
+    /// A Bazel startup option for the runners' Bazel (repeat; for example
+    /// `--host_jvm_args=...`).
+    #[arg(long = "runner-bazel-startup-flag", allow_hyphen_values = true)]
+    runner_bazel_startup_flags: Vec<String>,
     /// Instance name to print in the suggested Bazel flags.
     #[arg(long, default_value = "")]
     instance_name: String,
@@ -75,6 +86,8 @@ pub struct UpArgs {
 struct Supervised {
     name: String,
     args: Vec<String>,
+    /// Environment variables of its own.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     restarts: u32,
     next_start: Instant,
@@ -86,6 +99,7 @@ impl Supervised {
         Supervised {
             name: name.to_string(),
             args,
+            env: Vec::new(),
             child: None,
             restarts: 0,
             next_start: Instant::now(),
@@ -97,6 +111,7 @@ impl Supervised {
         let exe = std::env::current_exe()?;
         let child = Command::new(exe)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(SUPERVISOR_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .spawn()?;
@@ -141,6 +156,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ]
         .into_iter()
         .chain(STAGES.map(|s| Role::Stage(s.into())))
+        .chain((0..args.runners).map(|i| Role::Runner(format!("runner-{i}"))))
         .map(|r| (r.default_name(), r)),
     );
     let (realm, seeds) = crate::keys::stack_bus(&data_dir, &users)?;
@@ -309,6 +325,46 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ]
         .concat(),
     ));
+    let (trusted_key, untrusted_key) = crate::keys::stack_runner_keys(&data_dir, &keys_file)?;
+    for i in 0..args.runners {
+        let name = format!("runner-{i}");
+        let mut a = [
+            vec!["runner".to_string()],
+            bus_args(&name),
+            vec![
+                "--runner-id".into(),
+                name.clone(),
+                "--workspaces-dir".into(),
+                data_dir.join("runner/workspaces").display().to_string(),
+                "--remote-executor".into(),
+                format!(
+                    "{}://{}",
+                    if tls.is_some() { "grpcs" } else { "grpc" },
+                    args.grpc_addr
+                ),
+                "--trusted-key-file".into(),
+                trusted_key.display().to_string(),
+                "--untrusted-key-file".into(),
+                untrusted_key.display().to_string(),
+                "--http-addr".into(),
+                SocketAddr::new(args.runner_addr.ip(), args.runner_addr.port() + i as u16)
+                    .to_string(),
+            ],
+        ]
+        .concat();
+        if let Some(t) = &tls {
+            a.extend(["--tls-certificate".into(), t.ca.display().to_string()]);
+        }
+        let mut runner = Supervised::new(&name, a);
+        if !args.runner_bazel_startup_flags.is_empty() {
+            // A list: the configuration's environment layer reads it as TOML.
+            runner.env.push((
+                "MOTORPOOL_RUNNER_BAZEL_STARTUP_FLAGS".into(),
+                toml::Value::from(args.runner_bazel_startup_flags.clone()).to_string(),
+            ));
+        }
+        children.push(runner);
+    }
     for c in &mut children {
         c.spawn()?;
     }
@@ -342,7 +398,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         None => ("grpc", instance),
     };
     println!(
-        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     {http_scheme}://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  Webhooks http://{webhook}/hooks/<project>  (projects: {dir}/webhook/projects.toml)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
+        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     {http_scheme}://{http}  (/readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  Webhooks http://{webhook}/hooks/<project>  (projects: {dir}/webhook/projects.toml)\n  Runners  {runners}  (workspaces: http://{runner_addr}/api/v1/workspaces)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
         workers = args.workers,
         label_tls = tls
             .as_ref()
@@ -360,6 +416,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         http = args.http_addr,
         http_scheme = if https.is_some() { "https" } else { "http" },
         webhook = args.webhook_addr,
+        runners = args.runners,
+        runner_addr = args.runner_addr,
         dir = data_dir.display(),
         keys = keys_file.display(),
         dev = keys.developer,

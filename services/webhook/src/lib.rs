@@ -301,7 +301,9 @@ pub fn status_json(s: &JobStatus) -> serde_json::Value {
         "commit": j.commit, "ref": j.git_ref, "command": j.command, "targets": j.targets,
         "flags": j.flags, "trigger": j.trigger.name(), "merge_request": merge_request,
         "requested_by": j.requested_by, "trusted": j.trusted, "queued_ms": j.queued_ms,
-        "updated_ms": s.updated_ms,
+        "updated_ms": s.updated_ms, "runner": s.runner, "workspace": s.workspace, "warm": s.warm,
+        "attempt": s.attempt,
+        "steps": s.steps.iter().map(|t| json!({"name": t.name, "ms": t.ms})).collect::<Vec<_>>(),
     })
 }
 

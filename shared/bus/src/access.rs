@@ -43,6 +43,8 @@ pub enum Role {
     Burner(String),
     /// The webhook service: turns forge events into CI jobs.
     Webhook,
+    /// A CI runner with this id: takes CI jobs, holds workspaces of its pool.
+    Runner(String),
     /// A person's command line: submits label and image jobs, reads statuses and alerts.
     Operator,
     /// Everything (debugging, tests, migrations).
@@ -53,7 +55,7 @@ pub enum Role {
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     #[error(
-        "unknown bus role {0:?}: gateway, scheduler, reindexer, worker:<id>, shard:<id>, stage:<mapping|prelabel|annotate>, image-builder, burner:<id>, webhook, operator or admin"
+        "unknown bus role {0:?}: gateway, scheduler, reindexer, worker:<id>, shard:<id>, stage:<mapping|prelabel|annotate>, image-builder, burner:<id>, webhook, runner:<id>, operator or admin"
     )]
     UnknownRole(String),
     #[error("bus role {role}: {id:?} is not an id (letters, digits, - and _; at most 64)")]
@@ -87,7 +89,7 @@ impl FromStr for Role {
                 })
             }
         };
-        let with_id = matches!(kind, "worker" | "shard" | "burner" | "stage");
+        let with_id = matches!(kind, "worker" | "shard" | "burner" | "stage" | "runner");
         if id.is_some() != with_id {
             return Err(AccessError::UnknownRole(s.into()));
         }
@@ -102,6 +104,7 @@ impl FromStr for Role {
             "worker" => Role::Worker(id_of(kind)?),
             "shard" => Role::Shard(id_of(kind)?),
             "burner" => Role::Burner(id_of(kind)?),
+            "runner" => Role::Runner(id_of(kind)?),
             "stage" => {
                 let stage = id.unwrap_or_default();
                 if !STAGES.contains(&stage) {
@@ -129,6 +132,7 @@ impl fmt::Display for Role {
             Role::Shard(id) => write!(f, "shard:{id}"),
             Role::Stage(s) => write!(f, "stage:{s}"),
             Role::Burner(id) => write!(f, "burner:{id}"),
+            Role::Runner(id) => write!(f, "runner:{id}"),
         }
     }
 }
@@ -195,7 +199,7 @@ impl Role {
     /// The user name this role gets in a realm made by `motorpool up`.
     pub fn default_name(&self) -> String {
         match self {
-            Role::Worker(id) | Role::Shard(id) | Role::Burner(id) => id.clone(),
+            Role::Worker(id) | Role::Shard(id) | Role::Burner(id) | Role::Runner(id) => id.clone(),
             Role::Stage(s) => s.clone(),
             other => other.to_string(),
         }
@@ -279,6 +283,12 @@ impl Role {
                 p.write_kv(ci::JOBS_BUCKET, "*");
                 p.write_kv(ci::DELIVERIES_BUCKET, "*");
                 p.write_kv(ci::MERGE_REQUESTS_BUCKET, ">");
+            }
+            Role::Runner(_) => {
+                p.use_stream(ci::JOBS_STREAM);
+                p.write_kv(ci::JOBS_BUCKET, "*");
+                p.write_kv(ci::WORKSPACES_BUCKET, ">");
+                p.publish([ops::alert("ci_retries_exhausted").to_string()]);
             }
             Role::Burner(id) => {
                 p.write_kv(fleet::DRIVES_BUCKET, &format!("{id}.*"));
@@ -551,6 +561,7 @@ mod tests {
             "stage:prelabel",
             "burner:rack_2",
             "webhook",
+            "runner:ci-1",
             "admin",
         ] {
             assert_eq!(r.parse::<Role>().unwrap().to_string(), r);

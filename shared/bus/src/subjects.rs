@@ -358,6 +358,15 @@ pub mod ci {
             ..Default::default()
         }
     }
+    /// Workspace pools: KV bucket, key = `<pool>.<workspace>`. Entries hold the leases.
+    pub const WORKSPACES_BUCKET: &str = "mp_v1_ci_workspaces";
+    pub fn workspaces_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: WORKSPACES_BUCKET.to_string(),
+            history: 1,
+            ..Default::default()
+        }
+    }
     /// A merge request's newest jobs: KV bucket, key = `<project hash>.<number>`.
     pub const MERGE_REQUESTS_BUCKET: &str = "mp_v1_ci_merge_requests";
     pub fn merge_requests_config() -> async_nats::jetstream::kv::Config {

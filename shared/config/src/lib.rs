@@ -802,6 +802,151 @@ impl ServiceConfig for WebhookConfig {
     const ENV_PREFIX: &'static str = "MOTORPOOL_WEBHOOK_";
 }
 
+/// `motorpool runner`: takes CI jobs in lane order and runs them with Bazel in warm workspaces.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add --role
+    /// runner:<id>`); none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS. None: plain, unless the URL is `tls://`.
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Timeout (milliseconds) of one bus operation. Default 5000.
+    pub bus_timeout_ms: u64,
+    /// This runner's id (letters, digits, `-`, `_`). Default: the host name.
+    pub runner_id: String,
+    /// Where the workspace pool lives: one directory per workspace (a checkout, its LFS
+    /// objects, a Bazel output base). Runners sharing it share the pool. Default
+    /// `motorpool-data/runner/workspaces`.
+    pub workspaces_dir: PathBuf,
+    /// The pool's name in the workspace registry; runners with the same name share its
+    /// workspaces (they must see the same `workspaces_dir`). Default `default`.
+    pub pool: String,
+    /// Workspaces in the pool at most. Default 4.
+    pub pool_size: usize,
+    /// Jobs this runner runs at once. Default 1.
+    pub concurrency: usize,
+    /// A workspace larger than this (bytes) is cleaned before reuse: `bazel clean`, then
+    /// `git gc` and `git lfs prune`, then removed if still too big. Default 50 GiB.
+    pub max_workspace_bytes: u64,
+    /// A workspace's Bazel server stays alive this long (seconds) after a job, so the next job
+    /// there finds its build graph in memory (`--max_idle_secs`). 0: no server kept
+    /// (`--batch`). Default 10800.
+    pub warm_server_idle_secs: u64,
+    /// A workspace lease not renewed for this long (milliseconds) has lost its runner: the
+    /// workspace is reset before reuse, and the job runs again elsewhere. Default 30000.
+    pub lease_ms: u64,
+    /// Runs of one job before its infrastructure failures (checkout, a lost runner, Bazel's
+    /// own crashes) raise an alert and fail it. A failing build or test is a result, not
+    /// retried. Default 3.
+    pub max_attempts: u32,
+    /// The Bazel binary. Default `bazel`.
+    pub bazel: PathBuf,
+    /// Bazel startup options before every command (for example
+    /// `--host_jvm_args=-Djava.library.path=...` for Debian's Bazel over TLS).
+    pub bazel_startup_flags: Vec<String>,
+    /// Flags added to every job's command, after the job's own.
+    pub bazel_flags: Vec<String>,
+    /// The platform's gRPC endpoint, given to Bazel as `--remote_executor`
+    /// (`grpc://` or `grpcs://`). Default `grpc://127.0.0.1:8980`.
+    pub remote_executor: String,
+    /// `--remote_instance_name`. Default: none.
+    pub remote_instance_name: String,
+    /// CA for a `grpcs://` endpoint (`--tls_certificate`).
+    pub tls_certificate: Option<PathBuf>,
+    /// API key file for trusted jobs (pushes to protected branches, tags): its key may write
+    /// the action cache.
+    pub trusted_key_file: Option<PathBuf>,
+    /// API key file for merge-request jobs, whose code nobody has reviewed yet: its key must
+    /// not have `write-ac`.
+    pub untrusted_key_file: Option<PathBuf>,
+    /// Where each project's commit statuses go.
+    pub forges: ForgesConfig,
+    /// HTTP address for `/api/v1/workspaces`, job logs, `/metrics` and `/healthz`. Default
+    /// `127.0.0.1:8091`.
+    pub http_addr: SocketAddr,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
+            bus_timeout_ms: 5_000,
+            runner_id: hostname(),
+            workspaces_dir: PathBuf::from("motorpool-data/runner/workspaces"),
+            pool: "default".into(),
+            pool_size: 4,
+            concurrency: 1,
+            max_workspace_bytes: 50 << 30,
+            warm_server_idle_secs: 10_800,
+            lease_ms: 30_000,
+            max_attempts: 3,
+            bazel: PathBuf::from("bazel"),
+            bazel_startup_flags: Vec::new(),
+            bazel_flags: Vec::new(),
+            remote_executor: "grpc://127.0.0.1:8980".into(),
+            remote_instance_name: String::new(),
+            tls_certificate: None,
+            trusted_key_file: None,
+            untrusted_key_file: None,
+            forges: ForgesConfig::default(),
+            http_addr: "127.0.0.1:8091".parse().unwrap(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for RunnerConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_RUNNER_";
+}
+
+/// The forges a runner reports commit statuses to. A forge left unset gets no statuses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForgesConfig {
+    pub gitlab: Option<ForgeConfig>,
+    pub github: Option<ForgeConfig>,
+}
+
+/// One forge's API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgeConfig {
+    /// API base URL: `https://gitlab.example.com/api/v4`, `https://api.github.com`.
+    pub api_url: String,
+    /// File holding the token (GitLab: `PRIVATE-TOKEN`; GitHub: a bearer token) with the right
+    /// to set commit statuses.
+    pub token_file: PathBuf,
+    /// Link shown beside each status (the job's page); `{job}` is replaced by the job id.
+    #[serde(default)]
+    pub target_url: Option<String>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "runner".into())
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
 mod tests {

@@ -60,6 +60,8 @@ pub struct Stack {
     pub http: SocketAddr,
     /// The webhook service: forges post to `/hooks/<project>`.
     pub webhook: SocketAddr,
+    /// The first CI runner's HTTP port (`/api/v1/workspaces`, job logs).
+    pub runner: SocketAddr,
     pub dir: tempfile::TempDir,
     /// The stack's keys; [`Stack::channel`]'s calls carry `admin`.
     pub keys: Keys,
@@ -87,6 +89,7 @@ impl Stack {
             let grpc = free_addr();
             let http = free_addr();
             let webhook = free_addr();
+            let runner = free_addr();
             let log_path = dir.path().join("up.log");
             let log = std::fs::File::create(&log_path).unwrap();
             let child = Command::new(env!("CARGO_BIN_EXE_motorpool"))
@@ -100,6 +103,8 @@ impl Stack {
                 .arg(http.to_string())
                 .arg("--webhook-addr")
                 .arg(webhook.to_string())
+                .arg("--runner-addr")
+                .arg(runner.to_string())
                 .args(extra)
                 .env("RUST_LOG", "warn")
                 .envs(env.iter().copied())
@@ -113,6 +118,7 @@ impl Stack {
                 grpc,
                 http,
                 webhook,
+                runner,
                 dir,
                 keys: Keys {
                     developer: String::new(),

@@ -1,0 +1,645 @@
+//! The CI path end to end on `motorpool up` as it ships: a local bare git repository holding a
+//! generated C++ Bazel workspace and a Git LFS file; signed GitLab merge-request and GitHub
+//! pull-request events -> jobs on the lane queues -> the stack's runner checks them out (LFS
+//! objects included) into its warm workspace pool and builds them with the real Bazel on the
+//! platform's remote execution -> a recording forge (standing in for GitLab's and GitHub's
+//! status APIs, which cannot exist here) receives pending, running and success.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::Stack;
+use support::workspace::Workspace;
+
+const TOKEN: &str = "ci-gitlab-token-0123456789";
+const GH_SECRET: &str = "ci-github-secret-0123456789";
+
+/// One status a forge received: (path, token header, JSON body).
+type Received = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+/// A forge's status API that records what it is told and answers 201.
+fn recording_forge() -> (std::net::SocketAddr, Received) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got: Received = Arc::default();
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            let (mut len, mut token) = (0usize, String::new());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let (k, v) = line.split_once(':').unwrap_or((&line, ""));
+                match k.to_ascii_lowercase().as_str() {
+                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                    "private-token" | "authorization" => token = v.trim().to_string(),
+                    _ => {}
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = reader.read_exact(&mut body);
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            seen.lock().unwrap().push((
+                path,
+                token,
+                serde_json::from_slice(&body).unwrap_or(Value::Null),
+            ));
+            let mut conn = conn;
+            let _ = conn.write_all(
+                b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            );
+        }
+    });
+    (addr, got)
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(["-c", "user.email=ci@test", "-c", "user.name=ci"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn head(dir: &Path) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+/// Waits for a job to reach a final state; its status JSON.
+fn wait_job(stack: &Stack, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, body) = http(
+            stack.webhook,
+            "GET",
+            &format!("/api/v1/jobs/{id}"),
+            &[],
+            b"",
+        );
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if matches!(v["state"].as_str(), Some("succeeded" | "failed")) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} did not finish: {v}\n{}",
+            stack.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// "N remote" from the last process summary in a job's log.
+fn remote_processes(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" processes:") || l.contains(" process:"))
+        .unwrap_or("");
+    line.split([':', ',', '.'])
+        .map(str::trim)
+        .find(|p| p.ends_with(" remote"))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn gitlab_mr(origin: &str, iid: u64, action: &str, commit: &str, oldrev: Option<&str>) -> Vec<u8> {
+    json!({
+        "object_kind": "merge_request",
+        "user": {"username": "dev1"},
+        "project": {"path_with_namespace": "av/monorepo", "git_http_url": origin},
+        "object_attributes": {"iid": iid, "action": action, "source_branch": "feat", "target_branch": "main",
+            "last_commit": {"id": commit}, "oldrev": oldrev},
+        "labels": [],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The test repository: a generated workspace with an LFS-tracked calibration file a genrule
+/// reads, pushed to a local bare repository as `main` and merge request 1.
+struct Repo {
+    ws: Workspace,
+    work: std::path::PathBuf,
+    origin_url: String,
+    c1: String,
+    calib: Vec<u8>,
+}
+
+fn repo(dir: &Path, libs: usize, extra: &[(&str, &str)]) -> Repo {
+    let ws = Workspace::generate(dir, libs);
+    let work = ws.root.clone();
+    let origin = dir.join("origin.git");
+    git(
+        dir,
+        &["init", "--quiet", "--bare", origin.to_str().unwrap()],
+    );
+    git(&work, &["init", "--quiet"]);
+    git(&work, &["lfs", "install", "--local"]);
+    git(&work, &["lfs", "track", "*.bin"]);
+    let calib: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::create_dir_all(work.join("calib")).unwrap();
+    std::fs::write(work.join("calib/camera.bin"), &calib).unwrap();
+    std::fs::write(
+        work.join("calib/BUILD"),
+        "genrule(name = \"size\", srcs = [\"camera.bin\"], outs = [\"size.txt\"], cmd = \"wc -c < $< > $@\")\n",
+    )
+    .unwrap();
+    for (path, text) in extra {
+        std::fs::create_dir_all(work.join(path).parent().unwrap()).unwrap();
+        std::fs::write(work.join(path), text).unwrap();
+    }
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "--quiet", "-m", "first"]);
+    let origin_url = format!("file://{}", origin.display());
+    git(&work, &["remote", "add", "origin", &origin_url]);
+    git(
+        &work,
+        &[
+            "push",
+            "--quiet",
+            "origin",
+            "HEAD:refs/heads/main",
+            "HEAD:refs/merge-requests/1/head",
+        ],
+    );
+    let c1 = head(&work);
+    Repo {
+        ws,
+        work,
+        origin_url,
+        c1,
+        calib,
+    }
+}
+
+/// The operator's projects: the monorepo on GitLab and its GitHub mirror, each one job: a
+/// remote build of `targets` with the offline overrides this machine's Bazel needs.
+fn write_projects(stack: &Stack, ws: &Workspace, targets: &[&str]) {
+    let hooks = stack.dir.path().join("data/webhook");
+    for (name, secret) in [("gl.secret", TOKEN), ("gh.secret", GH_SECRET)] {
+        std::fs::write(hooks.join(name), secret).unwrap();
+        std::fs::set_permissions(hooks.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let flags: Vec<String> = ["rules_cc", "rules_java", "remote_coverage_tools"]
+        .iter()
+        .map(|r| format!("--override_repository={r}={}", ws.repos.join(r).display()))
+        .chain([
+            "--override_repository=platforms=/usr/share/bazel/tools/platforms".to_string(),
+            "--spawn_strategy=remote".into(),
+            "--jobs=8".into(),
+        ])
+        .collect();
+    let job = format!(
+        "[[project.job]]\nkind = \"build\"\ntargets = {}\nflags = {}\n",
+        toml::Value::from(targets.to_vec()),
+        toml::Value::from(flags)
+    );
+    std::fs::write(
+        hooks.join("projects.toml"),
+        format!(
+            "[[project]]\nname = \"av/monorepo\"\nforge = \"gitlab\"\nsecret_file = \"gl.secret\"\n{job}\n\
+             [[project]]\nname = \"av/mirror\"\nforge = \"github\"\nsecret_file = \"gh.secret\"\n{job}"
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // the webhook re-reads its projects
+}
+
+#[test]
+fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_the_forge() {
+    support::require_bazel();
+    let dir = tempfile::tempdir().unwrap();
+    let Repo {
+        ws,
+        work,
+        origin_url,
+        c1,
+        calib,
+    } = repo(dir.path(), 6, &[]);
+
+    let (forge, received) = recording_forge();
+    let token_file = dir.path().join("forge.token");
+    std::fs::write(&token_file, "forge-api-token").unwrap();
+    let api = format!("http://{forge}/api/v4");
+    let gh_api = format!("http://{forge}");
+    let stack = Stack::up_with_env(
+        &["--workers", "2", "--shards", "0"],
+        &[
+            ("MOTORPOOL_RUNNER_FORGES__GITLAB__API_URL", api.as_str()),
+            (
+                "MOTORPOOL_RUNNER_FORGES__GITLAB__TOKEN_FILE",
+                token_file.to_str().unwrap(),
+            ),
+            ("MOTORPOOL_RUNNER_FORGES__GITHUB__API_URL", gh_api.as_str()),
+            (
+                "MOTORPOOL_RUNNER_FORGES__GITHUB__TOKEN_FILE",
+                token_file.to_str().unwrap(),
+            ),
+        ],
+    );
+
+    write_projects(&stack, &ws, &["//..."]);
+
+    // A merge request opens: one build job; the runner takes it in a new (cold) workspace.
+    let gl = |key: &'static str| {
+        [
+            ("X-Gitlab-Token", TOKEN),
+            ("X-Gitlab-Event", "Merge Request Hook"),
+            ("Idempotency-Key", key),
+        ]
+    };
+    let (status, body) = http(
+        stack.webhook,
+        "POST",
+        "/hooks/av/monorepo",
+        &gl("mr-1"),
+        &gitlab_mr(&origin_url, 1, "open", &c1, None),
+    );
+    assert_eq!(status, 201, "{body}");
+    let first: Value = serde_json::from_str(&body).unwrap();
+    let id1 = first["jobs"][0]["job_id"].as_str().unwrap().to_string();
+    let done1 = wait_job(&stack, &id1);
+    let (_, log1) = http(
+        stack.runner,
+        "GET",
+        &format!("/api/v1/jobs/{id1}/log"),
+        &[],
+        b"",
+    );
+    assert_eq!(done1["state"], "succeeded", "{done1}\n{log1}");
+    assert_eq!(done1["warm"], false, "{done1}");
+    assert!(!done1["trusted"].as_bool().unwrap());
+    let steps: Vec<&str> = done1["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["workspace", "checkout", "build", "report"],
+        "{done1}"
+    );
+    let cold_remote = remote_processes(&log1);
+    assert!(
+        cold_remote >= 10,
+        "the build ran on the platform: {cold_remote}\n{log1}"
+    );
+    // The LFS file was fetched, not left as a pointer.
+    let workspace = done1["workspace"].as_str().unwrap().to_string();
+    let checkout = stack
+        .dir
+        .path()
+        .join("data/runner/workspaces")
+        .join(&workspace)
+        .join("src");
+    assert_eq!(
+        std::fs::read(checkout.join("calib/camera.bin")).unwrap(),
+        calib
+    );
+
+    // The forge heard pending, running, success for that commit, with its token.
+    let statuses = |commit: &str| -> Vec<String> {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(path, _, _)| path.ends_with(commit))
+            .map(|(_, _, body)| body["state"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(statuses(&c1), ["pending", "running", "success"]);
+    {
+        let got = received.lock().unwrap();
+        let (path, token, body) = &got[0];
+        assert_eq!(
+            path,
+            &format!("/api/v4/projects/av%2Fmonorepo/statuses/{c1}")
+        );
+        assert_eq!(token, "forge-api-token");
+        assert_eq!(body["name"], "motorpool/build");
+    }
+
+    // New commits on the MR (one library changed): the same workspace, warm; only what changed
+    // is fetched and rebuilt.
+    let lib = work.join("lib5/lib5.cc");
+    let text = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(
+        &lib,
+        text.replace("return acc + m.size();", "return acc + 2 * m.size();"),
+    )
+    .unwrap();
+    git(&work, &["commit", "--quiet", "-am", "second"]);
+    git(
+        &work,
+        &[
+            "push",
+            "--quiet",
+            "--force",
+            "origin",
+            "HEAD:refs/merge-requests/1/head",
+        ],
+    );
+    let c2 = head(&work);
+    let (status, body) = http(
+        stack.webhook,
+        "POST",
+        "/hooks/av/monorepo",
+        &gl("mr-2"),
+        &gitlab_mr(&origin_url, 1, "update", &c2, Some(&c1)),
+    );
+    assert_eq!(status, 201, "{body}");
+    let id2 = serde_json::from_str::<Value>(&body).unwrap()["jobs"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done2 = wait_job(&stack, &id2);
+    let (_, log2) = http(
+        stack.runner,
+        "GET",
+        &format!("/api/v1/jobs/{id2}/log"),
+        &[],
+        b"",
+    );
+    assert_eq!(done2["state"], "succeeded", "{done2}\n{log2}");
+    assert_eq!(done2["warm"], true, "{done2}");
+    assert_eq!(done2["workspace"], workspace.as_str());
+    let warm_remote = remote_processes(&log2);
+    assert!(
+        warm_remote < cold_remote,
+        "a warm workspace rebuilds only what changed: {warm_remote} remote actions vs {cold_remote}\n{log2}"
+    );
+    assert!(
+        !log2.contains("git init"),
+        "no new clone in a warm workspace:\n{log2}"
+    );
+    eprintln!(
+        "cold job: {cold_remote} remote actions, steps {}; warm job: {warm_remote} remote actions, steps {}",
+        done1["steps"], done2["steps"]
+    );
+    assert_eq!(statuses(&c2), ["pending", "running", "success"]);
+
+    // The same commit as a GitHub pull request on the mirror: GitHub's status API and states.
+    let pr = json!({
+        "action": "opened", "number": 1,
+        "pull_request": {"head": {"sha": c2, "ref": "feat"}, "base": {"ref": "main"}, "labels": []},
+        "repository": {"full_name": "av/mirror", "clone_url": origin_url},
+        "sender": {"login": "octo"},
+    })
+    .to_string();
+    git(
+        &work,
+        &["push", "--quiet", "origin", "HEAD:refs/pull/1/head"],
+    );
+    let sig = {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(GH_SECRET.as_bytes()).unwrap();
+        mac.update(pr.as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let (status, body) = http(
+        stack.webhook,
+        "POST",
+        "/hooks/av/mirror",
+        &[
+            ("X-Hub-Signature-256", sig.as_str()),
+            ("X-GitHub-Event", "pull_request"),
+            ("X-GitHub-Delivery", "gh-1"),
+        ],
+        pr.as_bytes(),
+    );
+    assert_eq!(status, 201, "{body}");
+    let id3 = serde_json::from_str::<Value>(&body).unwrap()["jobs"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done3 = wait_job(&stack, &id3);
+    assert_eq!(done3["state"], "succeeded", "{done3}");
+    let gh: Vec<(String, String)> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(path, _, _)| path.starts_with("/repos/av/mirror/statuses/"))
+        .map(|(_, token, body)| {
+            (
+                token.clone(),
+                body["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let states: Vec<&str> = gh.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(
+        states,
+        ["pending", "pending", "success"],
+        "GitHub has no running state"
+    );
+    assert_eq!(gh[0].0, "Bearer forge-api-token");
+
+    // The pool shows the workspace, free and clean, with the jobs it ran.
+    let (_, pool) = http(stack.runner, "GET", "/api/v1/workspaces", &[], b"");
+    let pool: Value = serde_json::from_str(&pool).unwrap();
+    let entry = pool
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == workspace.as_str())
+        .unwrap();
+    assert_eq!(entry["busy"], false, "{pool}");
+    assert_eq!(entry["dirty"], false, "{pool}");
+    assert_eq!(entry["jobs"], 3, "{pool}");
+    assert!(
+        stack.bus_violations().is_empty(),
+        "{:?}",
+        stack.bus_violations()
+    );
+}
+
+/// Bazel clients (not servers) working in `ws`.
+fn bazel_clients(ws: &Path) -> usize {
+    let needle = format!("--output_base={}", ws.join("output_base").display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(&needle) && !cmd.contains("A-server.jar")
+        })
+        .count()
+}
+
+#[test]
+fn a_runner_killed_mid_job_loses_its_lease_and_the_job_finishes_in_the_reset_workspace() {
+    support::require_bazel();
+    let dir = tempfile::tempdir().unwrap();
+    let slow =
+        "genrule(name = \"slow\", outs = [\"slow.txt\"], cmd = \"sleep 8 && echo done > $@\")\n";
+    let Repo {
+        ws, origin_url, c1, ..
+    } = repo(dir.path(), 1, &[("slow/BUILD", slow)]);
+    // Two runners sharing a pool of one workspace; leases of 4 s.
+    let stack = Stack::up_with_env(
+        &["--workers", "1", "--shards", "0", "--runners", "2"],
+        &[
+            ("MOTORPOOL_RUNNER_POOL_SIZE", "1"),
+            ("MOTORPOOL_RUNNER_LEASE_MS", "4000"),
+        ],
+    );
+    write_projects(&stack, &ws, &["//slow:slow"]);
+    let headers = [
+        ("X-Gitlab-Token", TOKEN),
+        ("X-Gitlab-Event", "Merge Request Hook"),
+        ("Idempotency-Key", "slow-1"),
+    ];
+    let (status, body) = http(
+        stack.webhook,
+        "POST",
+        "/hooks/av/monorepo",
+        &headers,
+        &gitlab_mr(&origin_url, 1, "open", &c1, None),
+    );
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["jobs"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Once it builds, kill its runner with SIGKILL.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (runner, workspace) = loop {
+        let (_, s) = http(
+            stack.webhook,
+            "GET",
+            &format!("/api/v1/jobs/{id}"),
+            &[],
+            b"",
+        );
+        let s: Value = serde_json::from_str(&s).unwrap_or(Value::Null);
+        if s["state"] == "running" && s["detail"] == "build" {
+            break (
+                s["runner"].as_str().unwrap().to_string(),
+                s["workspace"].as_str().unwrap().to_string(),
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job never started building: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ws_dir = stack
+        .dir
+        .path()
+        .join("data/runner/workspaces")
+        .join(&workspace);
+    let started = Instant::now();
+    while bazel_clients(&ws_dir) == 0 {
+        if started.elapsed() > Duration::from_secs(30) {
+            let (_, log) = http(
+                stack.runner,
+                "GET",
+                &format!("/api/v1/jobs/{id}/log"),
+                &[],
+                b"",
+            );
+            let ps = Command::new("ps")
+                .args(["-eo", "pid,args"])
+                .output()
+                .unwrap();
+            panic!(
+                "no Bazel client in {}:\n{log}\n{}",
+                ws_dir.display(),
+                String::from_utf8_lossy(&ps.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stack.kill9(&["runner", runner.as_str()]);
+    // Its Bazel client dies with it: nobody builds on in the workspace it held.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        bazel_clients(&ws_dir),
+        0,
+        "the dead runner's Bazel client lives on"
+    );
+
+    // The lease runs out, the job runs again (on whichever runner is up) in the same, reset,
+    // workspace, and finishes.
+    let done = wait_job(&stack, &id);
+    let (_, log) = http(
+        stack.runner,
+        "GET",
+        &format!("/api/v1/jobs/{id}/log"),
+        &[],
+        b"",
+    );
+    assert_eq!(done["state"], "succeeded", "{done}\n{log}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert_eq!(done["workspace"], workspace.as_str());
+    assert!(
+        log.contains("did not end cleanly; resetting it"),
+        "the dirty workspace was reset before reuse:\n{log}"
+    );
+    let (_, pool) = http(stack.runner, "GET", "/api/v1/workspaces", &[], b"");
+    let pool: Value = serde_json::from_str(&pool).unwrap();
+    assert_eq!(pool.as_array().unwrap().len(), 1, "{pool}");
+    assert_eq!(pool[0]["dirty"], false, "{pool}");
+}
