@@ -10,11 +10,12 @@
 //!    finished by the next delivery of the same event, with the same job ids.
 
 use crate::events::Event;
-use crate::projects::{On, Project};
+use crate::projects::{JobTemplate, On, Project};
 use motorpool_bus::{Bus, BusError, subjects::ci};
 use motorpool_messages::ci::{
     CiJob, DeliveryRecord, JobKind, JobState, JobStatus, MergeRequestJobs, Trigger,
 };
+use motorpool_messages::exec::Lane;
 use motorpool_messages::{codec, now_ms};
 use sha2::{Digest, Sha256};
 
@@ -36,41 +37,61 @@ pub fn plan(project: &Project, event: &Event, delivery_key: &str, delivery: &str
             }
             (On::Push, true, false, None)
         }
-        Trigger::Tag { .. } => (
-            On::Tag,
-            true,
-            false,
-            Some(motorpool_messages::exec::Lane::Release),
-        ),
-        Trigger::Api { .. } => (On::Push, false, false, None),
+        Trigger::Tag { .. } => (On::Tag, true, false, Some(Lane::Release)),
+        // API jobs are made one at a time, by `job`.
+        Trigger::Api { .. } => return Vec::new(),
     };
     project
         .jobs
         .iter()
         .filter(|t| t.answers(on) || (release_too && t.kind == JobKind::Release))
         .enumerate()
-        .map(|(i, t)| CiJob {
-            job_id: job_id(delivery_key, i),
-            project: project.name.clone(),
-            forge: project.forge,
-            clone_url: project
-                .clone_url
-                .clone()
-                .unwrap_or_else(|| event.clone_url.clone()),
-            commit: event.commit.clone(),
-            git_ref: event.git_ref.clone(),
-            kind: t.kind,
-            lane: label_lane.unwrap_or(t.kind.lane()),
-            command: t.command().to_string(),
-            targets: t.targets.clone(),
-            flags: t.flags.clone(),
-            trigger: event.trigger.clone(),
-            requested_by: event.user.clone(),
-            trusted,
-            delivery: delivery.to_string(),
-            queued_ms: now_ms(),
+        .map(|(i, t)| {
+            let lane = label_lane.unwrap_or(t.kind.lane());
+            job(
+                project,
+                t,
+                event,
+                &job_id(delivery_key, i),
+                lane,
+                trusted,
+                delivery,
+            )
         })
         .collect()
+}
+
+/// One job of template `t` for `event`.
+pub fn job(
+    project: &Project,
+    t: &JobTemplate,
+    event: &Event,
+    job_id: &str,
+    lane: Lane,
+    trusted: bool,
+    delivery: &str,
+) -> CiJob {
+    CiJob {
+        job_id: job_id.to_string(),
+        project: project.name.clone(),
+        forge: project.forge,
+        clone_url: project
+            .clone_url
+            .clone()
+            .unwrap_or_else(|| event.clone_url.clone()),
+        commit: event.commit.clone(),
+        git_ref: event.git_ref.clone(),
+        kind: t.kind,
+        lane,
+        command: t.command().to_string(),
+        targets: t.targets.clone(),
+        flags: t.flags.clone(),
+        trigger: event.trigger.clone(),
+        requested_by: event.user.clone(),
+        trusted,
+        delivery: delivery.to_string(),
+        queued_ms: now_ms(),
+    }
 }
 
 /// The KV key of a delivery: a hash, so any id a forge sends makes a valid key.
@@ -79,7 +100,7 @@ pub fn delivery_key(project: &Project, delivery: &str) -> String {
     hex::encode(&h[..16])
 }
 
-fn job_id(delivery_key: &str, index: usize) -> String {
+pub fn job_id(delivery_key: &str, index: usize) -> String {
     let h = Sha256::digest(format!("{delivery_key}/{index}"));
     hex::encode(&h[..16])
 }
@@ -269,9 +290,7 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::projects::JobTemplate;
     use motorpool_messages::ci::Forge;
-    use motorpool_messages::exec::Lane;
 
     fn project() -> Project {
         let t = |kind, on: Option<Vec<On>>| JobTemplate {

@@ -14,6 +14,8 @@
 //! | 413 | a body over `max_body_bytes` |
 //! | 503 | the bus could not take the jobs: the forge retries, and the retry queues them once |
 //!
+//! `POST /api/v1/jobs` starts one job for an API client (a bearer token from the projects
+//! file's `[[client]]` entries: the projects it may use, its highest lane, its rate);
 //! `GET /api/v1/jobs/<id>` answers a job's status. Secrets never reach a log line.
 
 pub mod events;
@@ -36,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 /// The projects in force, re-read when their file or a secret changes.
 pub struct Projects {
     file: Option<PathBuf>,
-    current: RwLock<Arc<Vec<Project>>>,
+    current: RwLock<Arc<projects::Loaded>>,
     seen: Mutex<Vec<Stamp>>,
 }
 
@@ -44,7 +46,7 @@ impl Projects {
     pub fn open(file: Option<PathBuf>) -> anyhow::Result<Projects> {
         let (current, seen) = match &file {
             Some(f) => (projects::load(f)?, projects::stamps(f)),
-            None => (Vec::new(), Vec::new()),
+            None => (projects::Loaded::default(), Vec::new()),
         };
         Ok(Projects {
             file,
@@ -63,7 +65,7 @@ impl Projects {
         }
         match projects::load(path) {
             Ok(p) => {
-                tracing::info!(projects = p.len(), file = %path.display(), "Reloaded the projects");
+                tracing::info!(projects = p.projects.len(), clients = p.clients.len(), file = %path.display(), "Reloaded the projects");
                 *self.current.write() = Arc::new(p);
             }
             Err(error) => {
@@ -74,11 +76,29 @@ impl Projects {
     }
 
     pub fn get(&self, name: &str) -> Option<Project> {
-        self.current.read().iter().find(|p| p.name == name).cloned()
+        self.current
+            .read()
+            .projects
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+    }
+
+    /// The API client whose token this is.
+    pub fn client(&self, token: &str) -> Option<projects::ApiClient> {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let h: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        self.current
+            .read()
+            .clients
+            .iter()
+            .find(|c| bool::from(c.sha256.ct_eq(&h)))
+            .cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.current.read().len()
+        self.current.read().projects.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -89,6 +109,8 @@ impl Projects {
 struct State {
     projects: Arc<Projects>,
     queue: jobs::Queue,
+    /// One token bucket per API client (the scheduler's, at the client's own rate).
+    limits: Mutex<std::collections::HashMap<String, motorpool_scheduler::limits::TokenBuckets>>,
 }
 
 /// A started webhook service.
@@ -129,6 +151,7 @@ pub async fn start(config: WebhookConfig, shutdown: CancellationToken) -> anyhow
     let state = web::Data::new(State {
         projects: projects.clone(),
         queue,
+        limits: Mutex::default(),
     });
     let limit = config.max_body_bytes;
     let server = actix_web::HttpServer::new(move || {
@@ -136,6 +159,7 @@ pub async fn start(config: WebhookConfig, shutdown: CancellationToken) -> anyhow
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(limit))
             .route("/hooks/{project:.+}", web::post().to(hook))
+            .route("/api/v1/jobs", web::post().to(api_job))
             .route("/api/v1/jobs/{id}", web::get().to(job))
             .route(
                 "/healthz",
@@ -317,5 +341,183 @@ async fn job(id: web::Path<String>, state: web::Data<State>) -> HttpResponse {
         Ok(Some(s)) => HttpResponse::Ok().json(status_json(&s)),
         Ok(None) => HttpResponse::NotFound().json(json!({"error": format!("no job {id}")})),
         Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+    }
+}
+
+/// What an API client asks for: one job of a kind its project defines.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobRequest {
+    project: String,
+    commit: String,
+    #[serde(rename = "ref")]
+    git_ref: String,
+    kind: motorpool_messages::ci::JobKind,
+    /// A lower lane than the kind's; never a higher one than the client's.
+    #[serde(default)]
+    lane: Option<String>,
+}
+
+async fn api_job(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> HttpResponse {
+    use actix_web::http::StatusCode as S;
+    use motorpool_messages::exec::Lane;
+    let refuse = |status: S, outcome: &'static str, error: String| {
+        answer(status, "api", outcome, json!({ "error": error }))
+    };
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let Some(client) = token.and_then(|t| state.projects.client(t.trim())) else {
+        return refuse(
+            S::UNAUTHORIZED,
+            "unauthenticated",
+            "POST /api/v1/jobs needs `Authorization: Bearer <token>` of a client in the projects file".into(),
+        );
+    };
+    let r: JobRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                S::BAD_REQUEST,
+                "malformed",
+                format!("the request is not valid: {e}"),
+            );
+        }
+    };
+    let Some(project) = state.projects.get(&r.project) else {
+        return refuse(
+            S::NOT_FOUND,
+            "unknown_project",
+            format!("no project named {:?} is configured here", r.project),
+        );
+    };
+    if !client.may_use(&project.name) {
+        return refuse(
+            S::FORBIDDEN,
+            "forbidden",
+            format!(
+                "client {:?} may not start jobs of {:?}",
+                client.id, project.name
+            ),
+        );
+    }
+    let Some(template) = project.jobs.iter().find(|t| t.kind == r.kind) else {
+        return refuse(
+            S::NOT_FOUND,
+            "unknown_kind",
+            format!("project {:?} defines no {} job", project.name, r.kind),
+        );
+    };
+    let ok_commit = (r.commit.len() == 40 || r.commit.len() == 64)
+        && r.commit.bytes().all(|b| b.is_ascii_hexdigit());
+    if !ok_commit || !r.git_ref.starts_with("refs/") {
+        return refuse(
+            S::BAD_REQUEST,
+            "malformed",
+            "commit must be a full commit id and ref a full ref (refs/heads/...)".into(),
+        );
+    }
+    let Some(clone_url) = project.clone_url.clone() else {
+        return refuse(
+            S::BAD_REQUEST,
+            "malformed",
+            format!(
+                "project {:?} has no clone_url: API jobs need one in the projects file",
+                project.name
+            ),
+        );
+    };
+    // The kind's lane, capped by the client's; a lower one on request, never a higher one.
+    let mut lane = if r.kind.lane().rank() > client.max_lane.rank() {
+        client.max_lane
+    } else {
+        r.kind.lane()
+    };
+    if let Some(asked) = &r.lane {
+        let Some(asked) = Lane::from_name(asked) else {
+            return refuse(
+                S::BAD_REQUEST,
+                "malformed",
+                format!("lane {asked:?} is not release, build, test or lint"),
+            );
+        };
+        if asked.rank() > lane.rank() {
+            return refuse(
+                S::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "client {:?} may not put a {} job on the {} lane (at most {})",
+                    client.id, r.kind, asked, lane
+                ),
+            );
+        }
+        lane = asked;
+    }
+    let admitted = {
+        let mut limits = state.limits.lock();
+        let bucket = limits.entry(client.id.clone()).or_insert_with(|| {
+            motorpool_scheduler::limits::TokenBuckets::new(
+                client.rate_per_minute / 60.0,
+                f64::from(client.burst),
+            )
+        });
+        bucket.admit(&client.id, motorpool_messages::now_ms(), 0)
+    };
+    if let Err(e) = admitted {
+        let retry = (60.0 / client.rate_per_minute).ceil().max(1.0) as u64;
+        metrics::counter!("motorpool_webhook_events_total", "forge" => "api", "outcome" => "rate_limited").increment(1);
+        return HttpResponse::TooManyRequests()
+            .insert_header(("retry-after", retry.to_string()))
+            .json(json!({ "error": e.message }));
+    }
+    let delivery = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let key = jobs::delivery_key(&project, &format!("api:{}:{delivery}", client.id));
+    let event = events::Event {
+        project: project.name.clone(),
+        clone_url,
+        commit: r.commit.to_ascii_lowercase(),
+        git_ref: r.git_ref.clone(),
+        trigger: Trigger::Api {
+            client: client.id.clone(),
+        },
+        user: client.id.clone(),
+    };
+    let job = jobs::job(
+        &project,
+        template,
+        &event,
+        &jobs::job_id(&key, 0),
+        lane,
+        false,
+        &delivery,
+    );
+    match state.queue.submit(&key, vec![job], false).await {
+        Ok(jobs::Outcome::Queued(jobs)) => answer(
+            S::CREATED,
+            "api",
+            "queued",
+            json!({"jobs": jobs.iter().map(|j| json!({"job_id": j.job_id, "kind": j.kind.name(), "lane": j.lane.name(), "status": format!("/api/v1/jobs/{}", j.job_id)})).collect::<Vec<_>>()}),
+        ),
+        Ok(jobs::Outcome::Duplicate(ids)) => answer(
+            S::OK,
+            "api",
+            "duplicate",
+            json!({"duplicate": true, "jobs": ids}),
+        ),
+        Err(e) => refuse(
+            S::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the job could not be queued ({e}); try again"),
+        ),
     }
 }

@@ -110,6 +110,62 @@ fn yes() -> bool {
 struct File {
     #[serde(default, rename = "project")]
     projects: Vec<ProjectEntry>,
+    #[serde(default, rename = "client")]
+    clients: Vec<ClientEntry>,
+}
+
+/// An API client as written in the file: its token's SHA-256, never the token.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientEntry {
+    id: String,
+    sha256: String,
+    #[serde(default)]
+    projects: Vec<String>,
+    #[serde(default = "default_client_lane")]
+    max_lane: String,
+    #[serde(default = "default_rate")]
+    rate_per_minute: f64,
+    #[serde(default = "default_burst")]
+    burst: u32,
+}
+
+fn default_client_lane() -> String {
+    "build".into()
+}
+fn default_rate() -> f64 {
+    30.0
+}
+fn default_burst() -> u32 {
+    5
+}
+
+/// A client of `POST /api/v1/jobs`: who a bearer token is, what it may start, how often.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiClient {
+    pub id: String,
+    /// SHA-256 of its token.
+    pub sha256: [u8; 32],
+    /// Projects it may start jobs of; empty: all.
+    pub projects: Vec<String>,
+    /// The highest lane its jobs may ride (they ride their kind's lane, or a lower one asked
+    /// for, never higher).
+    pub max_lane: Lane,
+    pub rate_per_minute: f64,
+    pub burst: u32,
+}
+
+impl ApiClient {
+    pub fn may_use(&self, project: &str) -> bool {
+        self.projects.is_empty() || self.projects.iter().any(|p| p == project)
+    }
+}
+
+/// What the projects file says: projects and API clients.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub projects: Vec<Project>,
+    pub clients: Vec<ApiClient>,
 }
 
 /// A project, its secret read.
@@ -161,7 +217,7 @@ pub struct ProjectsError {
 }
 
 /// Reads the projects file and every secret it names. Secrets must not be readable by others.
-pub fn load(path: &Path) -> Result<Vec<Project>, ProjectsError> {
+pub fn load(path: &Path) -> Result<Loaded, ProjectsError> {
     let err = |message: String| ProjectsError {
         path: path.display().to_string(),
         message,
@@ -230,7 +286,43 @@ pub fn load(path: &Path) -> Result<Vec<Project>, ProjectsError> {
             jobs,
         });
     }
-    Ok(out)
+    let mut clients: Vec<ApiClient> = Vec::new();
+    for c in file.clients {
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(c.sha256.trim(), &mut sha256).map_err(|_| {
+            err(format!(
+                "client {:?}: sha256 must be 64 hex digits (sha256sum of the token)",
+                c.id
+            ))
+        })?;
+        let max_lane = Lane::from_name(&c.max_lane).ok_or_else(|| {
+            err(format!(
+                "client {:?}: max_lane {:?} is not release, build, test or lint",
+                c.id, c.max_lane
+            ))
+        })?;
+        if clients.iter().any(|o| o.id == c.id || o.sha256 == sha256) {
+            return Err(err(format!("client {:?} appears twice", c.id)));
+        }
+        if !c.rate_per_minute.is_finite() || c.rate_per_minute <= 0.0 || c.burst == 0 {
+            return Err(err(format!(
+                "client {:?}: rate_per_minute and burst must be positive",
+                c.id
+            )));
+        }
+        clients.push(ApiClient {
+            id: c.id,
+            sha256,
+            projects: c.projects,
+            max_lane,
+            rate_per_minute: c.rate_per_minute,
+            burst: c.burst,
+        });
+    }
+    Ok(Loaded {
+        projects: out,
+        clients,
+    })
 }
 
 fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
@@ -321,7 +413,7 @@ targets = ["//release/..."]
 "#,
         )
         .unwrap();
-        let p = load(&file).unwrap();
+        let p = load(&file).unwrap().projects;
         assert_eq!(p[0].secret, b"a-long-enough-secret");
         assert_eq!(p[0].jobs.len(), 2, "build and test by default");
         assert_eq!(p[0].jobs[1].command(), "test");

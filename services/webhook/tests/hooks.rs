@@ -17,8 +17,15 @@ use tokio_util::sync::CancellationToken;
 
 const GITLAB_SECRET: &str = "gitlab-token-0123456789";
 const GITHUB_SECRET: &str = "github-secret-0123456789";
+const NIGHTLY: &str = "nightly-token-0123456789";
+const TOOLS_BOT: &str = "tools-bot-token-0123456789";
 const C1: &str = "1111111111111111111111111111111111111111";
 const C2: &str = "2222222222222222222222222222222222222222";
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
 
 fn write_projects(dir: &Path) -> std::path::PathBuf {
     for (name, secret) in [("gl.secret", GITLAB_SECRET), ("gh.secret", GITHUB_SECRET)] {
@@ -51,7 +58,22 @@ flags = ["-c", "opt"]
 name = "av/tools"
 forge = "github"
 secret_file = "gh.secret"
-"#,
+
+[[client]]
+id = "nightly"
+sha256 = "SHA_NIGHTLY"
+projects = ["av/monorepo"]
+max_lane = "build"
+rate_per_minute = 1
+burst = 2
+
+[[client]]
+id = "tools-bot"
+sha256 = "SHA_TOOLS"
+projects = ["av/tools"]
+"#
+        .replace("SHA_NIGHTLY", &sha256_hex(NIGHTLY))
+        .replace("SHA_TOOLS", &sha256_hex(TOOLS_BOT)),
     )
     .unwrap();
     file
@@ -453,6 +475,104 @@ async fn signed_events_queue_jobs_once_in_their_lanes_and_bad_ones_make_nothing(
         .await
         .unwrap();
     assert_eq!(status, 200);
+    shutdown.cancel();
+    started.join().await;
+}
+
+async fn start(server: &NatsServer, dir: &Path) -> (motorpool_webhook::Started, CancellationToken) {
+    let config = WebhookConfig {
+        nats_url: server.url(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        projects_file: Some(write_projects(dir)),
+        ..WebhookConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let started = motorpool_webhook::start(config, shutdown.clone())
+        .await
+        .unwrap();
+    (started, shutdown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_clients_start_jobs_within_their_projects_lanes_and_rate() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (started, shutdown) = start(&server, dir.path()).await;
+    let addr = started.http_addr;
+    let bus = Bus::connect(&server.url(), "test-api", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let call = |token: Option<&'static str>, body: Value| {
+        tokio::task::spawn_blocking(move || {
+            let auth = token.map(|t| format!("Bearer {t}"));
+            let headers: Vec<(&str, &str)> =
+                auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+            post(addr, "/api/v1/jobs", &headers, body.to_string().as_bytes())
+        })
+    };
+    let req = |kind: &str, lane: Option<&str>| json!({"project": "av/monorepo", "commit": C1, "ref": "refs/heads/main", "kind": kind, "lane": lane});
+    let refused = [
+        (None, req("build", None), 401, "no token"),
+        (
+            Some("not-a-client-token-000"),
+            req("build", None),
+            401,
+            "an unknown token",
+        ),
+        (
+            Some(TOOLS_BOT),
+            req("build", None),
+            403,
+            "another project's client",
+        ),
+        (
+            Some(NIGHTLY),
+            req("build", Some("release")),
+            403,
+            "a lane above the client's",
+        ),
+        (
+            Some(NIGHTLY),
+            json!({"project": "av/monorepo"}),
+            400,
+            "no commit",
+        ),
+        (
+            Some(NIGHTLY),
+            req("build", Some("urgent")),
+            400,
+            "no such lane",
+        ),
+        (
+            Some(NIGHTLY),
+            json!({"project": "av/nope", "commit": C1, "ref": "refs/heads/main", "kind": "build"}),
+            404,
+            "an unknown project",
+        ),
+    ];
+    for (token, body, expected, what) in refused {
+        let (status, answer) = call(token, body).await.unwrap();
+        assert_eq!(status, expected, "{what}: {answer}");
+    }
+    assert_eq!(queued(&bus).await, 0, "no refused request queued a job");
+
+    // A release job asked by a client capped at build rides the build lane; a lower lane may
+    // be asked for.
+    let (status, body) = call(Some(NIGHTLY), req("release", None)).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["jobs"][0]["lane"], "build");
+    let (status, body) = call(Some(NIGHTLY), req("lint", Some("lint")))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    // The burst (2) is spent: the third gets 429 and says when to come back.
+    let (status, body) = call(Some(NIGHTLY), req("build", None)).await.unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("rate limit"),
+        "{body}"
+    );
+    assert_eq!(queued(&bus).await, 2, "the refused request queued nothing");
     shutdown.cancel();
     started.join().await;
 }
