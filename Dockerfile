@@ -9,8 +9,8 @@ FROM debian:bookworm-slim
 # The fleet services call these: git, the Docker CLI, tar and e2fsprogs (image builder);
 # dosfstools, mtools and GRUB's EFI modules (the drives' ESP); workers, bubblewrap (the action
 # sandbox).
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates git docker.io tar e2fsprogs \
-      dosfstools mtools grub-efi-amd64-bin bubblewrap && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates git git-lfs docker.io tar e2fsprogs \
+      dosfstools mtools grub-efi-amd64-bin bubblewrap bazel-bootstrap bazel-platforms && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --home /var/lib/motorpool motorpool && mkdir -p /var/lib/motorpool && chown motorpool /var/lib/motorpool
 COPY --from=build /motorpool /usr/local/bin/motorpool
 # The image builder needs the Docker socket, the burner the drives and workers their sandbox:

@@ -1,4 +1,4 @@
-//! The k6 load test in `loadtest/` runs against `motorpool up` (a short smoke run; thresholds
+//! The k6 load tests in `loadtest/` run against `motorpool up` (short smoke runs; thresholds
 //! must pass).
 
 mod support;
@@ -30,5 +30,55 @@ fn k6_load_test_runs_against_the_stack() {
     );
     assert!(out.status.success(), "k6 failed:\n{text}");
     assert!(text.contains("motorpool_blobs_uploaded"), "{text}");
+    assert!(!text.contains("✗"), "a check failed:\n{text}");
+}
+
+#[test]
+fn k6_webhook_load_test_queues_every_signed_event() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        support::which("k6").is_some(),
+        "k6 is required (scripts/setup --test)"
+    );
+    // No runner: the jobs only queue (this measures the front door, not builds).
+    let stack = Stack::up(&["--workers", "0", "--runners", "0"]);
+    let hooks = stack.dir.path().join("data/webhook");
+    let secret = "k6-webhook-secret-0123456789";
+    std::fs::write(hooks.join("gh.secret"), secret).unwrap();
+    std::fs::set_permissions(
+        hooks.join("gh.secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(
+        hooks.join("projects.toml"),
+        "[[project]]\nname = \"av/monorepo\"\nforge = \"github\"\nsecret_file = \"gh.secret\"\n",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest");
+    let out = Command::new("k6")
+        .current_dir(&dir)
+        .args(["run", "--quiet", "--no-color"])
+        .args(["-e", &format!("TARGET=http://{}", stack.webhook)])
+        .args([
+            "-e",
+            "PROJECT=av/monorepo",
+            "-e",
+            &format!("SECRET={secret}"),
+        ])
+        // A smoke run: a modest rate and a loose latency bound on a shared CI machine; the
+        // benchmark figures come from the full rate (docs/CI.md).
+        .args(["-e", "RATE=50", "-e", "DURATION=5s", "-e", "P99_MS=500"])
+        .arg("webhook.js")
+        .output()
+        .expect("run k6");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "k6 failed:\n{text}");
+    assert!(text.contains("motorpool_ci_jobs_queued"), "{text}");
     assert!(!text.contains("✗"), "a check failed:\n{text}");
 }

@@ -353,7 +353,8 @@ impl Runner {
             (log, r)
         })
         .await?;
-        status.warm = held.warm && !reset;
+        // Warm only if its checkout is still there (an operator may have wiped the directory).
+        status.warm = held.warm && !reset && work::src(&held.path).join(".git").exists();
         step(status, "workspace", started);
         let mut log = log;
         log.line(&format!(

@@ -385,6 +385,20 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_projects_file_loads() {
+        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/config/projects.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("projects.toml");
+        std::fs::copy(&doc, &file).unwrap();
+        write_secret(dir.path(), "monorepo.secret", 0o600);
+        write_secret(dir.path(), "tools.secret", 0o600);
+        let loaded = load(&file).unwrap();
+        assert_eq!(loaded.projects.len(), 2);
+        assert_eq!(loaded.projects[0].jobs.len(), 4);
+        assert_eq!(loaded.clients[0].max_lane, Lane::Build);
+    }
+
+    #[test]
     fn projects_load_with_defaults_and_bad_files_say_what_is_wrong() {
         let dir = tempfile::tempdir().unwrap();
         write_secret(dir.path(), "s", 0o600);

@@ -1027,5 +1027,9 @@ mod tests {
             load(Some(&dir.join("webhook.toml")), &Flags::default()).unwrap();
         assert_eq!(webhook.http_addr.port(), 8090);
         assert!(webhook.projects_file.is_some());
+        let runner: RunnerConfig = load(Some(&dir.join("runner.toml")), &Flags::default()).unwrap();
+        assert_eq!(runner.runner_id, "ci-1");
+        assert_eq!(runner.max_attempts, 3);
+        assert!(runner.forges.gitlab.is_some() && runner.forges.github.is_some());
     }
 }
