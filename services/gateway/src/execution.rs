@@ -7,7 +7,8 @@
 //!
 //! **Lanes.** The lane of an execution comes from, in order:
 //! 1. the `x-motorpool-lane` request header (`release`, `build`, `test`, `lint`; from Bazel:
-//!    `--remote_header=x-motorpool-lane=release`);
+//!    `--remote_header=x-motorpool-lane=release`); with several, the lowest (a CI runner sets
+//!    its job's lane, and a repository's own `.bazelrc` may only lower it);
 //! 2. `execution_policy.priority`: below 0 is release, 1..=99 test, 100 and above lint;
 //! 3. the default priority 0: test for Bazel's test actions (mnemonic `TestRunner`), else build.
 //!
@@ -260,14 +261,20 @@ fn steering(meta: &tonic::metadata::MetadataMap) -> Result<Steering, ApiError> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let lane_header = match text("x-motorpool-lane") {
-        Some(l) => Some(Lane::from_name(&l).ok_or_else(|| {
+    // Several values (a CI runner's, and one from the repository's own .bazelrc) ask for the
+    // lowest of them: a header added later can lower a lane, never raise it.
+    let mut lane_header: Option<Lane> = None;
+    for v in meta.get_all("x-motorpool-lane") {
+        let l = v.to_str().unwrap_or("");
+        let lane = Lane::from_name(l).ok_or_else(|| {
             ApiError::Invalid(format!(
                 "x-motorpool-lane {l:?} is not a lane; use release, build, test or lint"
             ))
-        })?),
-        None => None,
-    };
+        })?;
+        if lane_header.is_none_or(|h| lane.rank() < h.rank()) {
+            lane_header = Some(lane);
+        }
+    }
     let rm = meta
         .get_bin(REQUEST_METADATA)
         .and_then(|v| v.to_bytes().ok())
@@ -687,6 +694,21 @@ mod tests {
         m.insert("x-motorpool-lane", "urgent".parse().unwrap());
         let err = steering(&m).err().unwrap();
         assert!(err.to_string().contains("urgent"), "{err}");
+    }
+
+    #[test]
+    fn of_several_lane_headers_the_lowest_counts() {
+        for order in [["release", "lint"], ["lint", "release"]] {
+            let mut m = tonic::metadata::MetadataMap::new();
+            for l in order {
+                m.append("x-motorpool-lane", l.parse().unwrap());
+            }
+            assert_eq!(
+                steering(&m).unwrap().lane_header,
+                Some(Lane::Lint),
+                "{order:?}"
+            );
+        }
     }
 
     #[test]

@@ -24,7 +24,15 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
         origin_url,
         c1,
         calib,
-    } = repo(dir.path(), 6, &[]);
+    } = repo(
+        dir.path(),
+        6,
+        // The merge request's own .bazelrc tries to raise its lane.
+        &[(
+            ".bazelrc",
+            "build --remote_header=x-motorpool-lane=release\n",
+        )],
+    );
 
     let (forge, received) = recording_forge();
     let token_file = dir.path().join("forge.token");
@@ -105,6 +113,25 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
     assert_eq!(
         std::fs::read(checkout.join("calib/camera.bin")).unwrap(),
         calib
+    );
+
+    // Its executions rode the job's lane (build), not the one its .bazelrc asked for.
+    let lanes = |lane: &str| -> f64 {
+        stack
+            .http_get("/metrics")
+            .lines()
+            .filter(|l| {
+                l.starts_with("motorpool_gateway_executions_total")
+                    && l.contains(&format!("lane=\"{lane}\""))
+            })
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(lanes("build") > 0.0, "{}", stack.http_get("/metrics"));
+    assert_eq!(
+        lanes("release"),
+        0.0,
+        "a repository's header raised its lane"
     );
 
     // The forge heard pending, running, success for that commit, with its token.
