@@ -13,7 +13,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use serde_json::Value;
 use support::Stack;
 use support::ci::*;
 
@@ -76,26 +75,13 @@ fn job(stack: &Stack, repo: &Repo, n: usize, libs: usize, iid: u64) -> Run {
         ("X-Gitlab-Event", "Merge Request Hook"),
         ("Idempotency-Key", key.as_str()),
     ];
-    let (status, body) = http(
-        stack.webhook,
-        "POST",
+    let id = queue_job(
+        stack,
         "/hooks/av/monorepo",
         &headers,
         &gitlab_mr(&repo.origin_url, iid, "open", &commit, None),
     );
-    assert_eq!(status, 201, "{body}");
-    let id = serde_json::from_str::<Value>(&body).unwrap()["jobs"][0]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let done = wait_job(stack, &id);
-    let (_, log) = http(
-        stack.runner,
-        "GET",
-        &format!("/api/v1/jobs/{id}/log"),
-        &[],
-        b"",
-    );
+    let (done, log) = finished(stack, &id);
     assert_eq!(done["state"], "succeeded", "{done}\n{log}");
     let step = |name: &str| {
         done["steps"]

@@ -3,6 +3,7 @@
 
 mod support;
 
+use support::ci::remote_processes;
 use support::workspace::{Bazel, Workspace, local_reference};
 use support::{Stack, sha256_file};
 
@@ -116,20 +117,5 @@ fn executing(stack: &Stack) -> u64 {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["executing"].as_u64())
-        .unwrap_or(0)
-}
-
-/// The count of "N remote" in Bazel's process summary.
-fn remote_processes(stderr: &str) -> u64 {
-    let line = stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains(" processes:") || l.contains(" process:"))
-        .unwrap_or("");
-    line.split([':', ',', '.'])
-        .map(str::trim)
-        .find(|p| p.ends_with(" remote"))
-        .and_then(|p| p.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }

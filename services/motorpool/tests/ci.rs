@@ -65,24 +65,13 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
             ("Idempotency-Key", key),
         ]
     };
-    let (status, body) = http(
-        stack.webhook,
-        "POST",
+    let id1 = queue_job(
+        &stack,
         "/hooks/av/monorepo",
         &gl("mr-1"),
         &gitlab_mr(&origin_url, 1, "open", &c1, None),
     );
-    assert_eq!(status, 201, "{body}");
-    let first: Value = serde_json::from_str(&body).unwrap();
-    let id1 = first["jobs"][0]["job_id"].as_str().unwrap().to_string();
-    let done1 = wait_job(&stack, &id1);
-    let (_, log1) = http(
-        stack.runner,
-        "GET",
-        &format!("/api/v1/jobs/{id1}/log"),
-        &[],
-        b"",
-    );
+    let (done1, log1) = finished(&stack, &id1);
     assert_eq!(done1["state"], "succeeded", "{done1}\n{log1}");
     assert_eq!(done1["warm"], false, "{done1}");
     assert!(!done1["trusted"].as_bool().unwrap());
@@ -177,26 +166,13 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
         ],
     );
     let c2 = head(&work);
-    let (status, body) = http(
-        stack.webhook,
-        "POST",
+    let id2 = queue_job(
+        &stack,
         "/hooks/av/monorepo",
         &gl("mr-2"),
         &gitlab_mr(&origin_url, 1, "update", &c2, Some(&c1)),
     );
-    assert_eq!(status, 201, "{body}");
-    let id2 = serde_json::from_str::<Value>(&body).unwrap()["jobs"][0]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let done2 = wait_job(&stack, &id2);
-    let (_, log2) = http(
-        stack.runner,
-        "GET",
-        &format!("/api/v1/jobs/{id2}/log"),
-        &[],
-        b"",
-    );
+    let (done2, log2) = finished(&stack, &id2);
     assert_eq!(done2["state"], "succeeded", "{done2}\n{log2}");
     assert_eq!(done2["warm"], true, "{done2}");
     assert_eq!(done2["workspace"], workspace.as_str());
@@ -233,9 +209,8 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
         mac.update(pr.as_bytes());
         format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
     };
-    let (status, body) = http(
-        stack.webhook,
-        "POST",
+    let id3 = queue_job(
+        &stack,
         "/hooks/av/mirror",
         &[
             ("X-Hub-Signature-256", sig.as_str()),
@@ -244,11 +219,6 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
         ],
         pr.as_bytes(),
     );
-    assert_eq!(status, 201, "{body}");
-    let id3 = serde_json::from_str::<Value>(&body).unwrap()["jobs"][0]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let done3 = wait_job(&stack, &id3);
     assert_eq!(done3["state"], "succeeded", "{done3}");
     let gh: Vec<(String, String)> = received
@@ -328,18 +298,12 @@ fn a_runner_killed_mid_job_loses_its_lease_and_the_job_finishes_in_the_reset_wor
         ("X-Gitlab-Event", "Merge Request Hook"),
         ("Idempotency-Key", "slow-1"),
     ];
-    let (status, body) = http(
-        stack.webhook,
-        "POST",
+    let id = queue_job(
+        &stack,
         "/hooks/av/monorepo",
         &headers,
         &gitlab_mr(&origin_url, 1, "open", &c1, None),
     );
-    assert_eq!(status, 201, "{body}");
-    let id = serde_json::from_str::<Value>(&body).unwrap()["jobs"][0]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     // Once it builds, kill its runner with SIGKILL.
     let deadline = Instant::now() + Duration::from_secs(120);
     let (runner, workspace) = loop {
@@ -401,14 +365,7 @@ fn a_runner_killed_mid_job_loses_its_lease_and_the_job_finishes_in_the_reset_wor
 
     // The lease runs out, the job runs again (on whichever runner is up) in the same, reset,
     // workspace, and finishes.
-    let done = wait_job(&stack, &id);
-    let (_, log) = http(
-        stack.runner,
-        "GET",
-        &format!("/api/v1/jobs/{id}/log"),
-        &[],
-        b"",
-    );
+    let (done, log) = finished(&stack, &id);
     assert_eq!(done["state"], "succeeded", "{done}\n{log}");
     assert_eq!(done["attempt"], 2, "{done}");
     assert_eq!(done["workspace"], workspace.as_str());

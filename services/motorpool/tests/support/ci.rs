@@ -115,6 +115,29 @@ pub fn http(
     )
 }
 
+/// Posts an event (or API request) to the webhook that must queue jobs; the first job's id.
+pub fn queue_job(stack: &Stack, path: &str, headers: &[(&str, &str)], body: &[u8]) -> String {
+    let (status, answer) = http(stack.webhook, "POST", path, headers, body);
+    assert_eq!(status, 201, "{answer}");
+    serde_json::from_str::<Value>(&answer).unwrap()["jobs"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Waits for a job to finish: its status JSON and its log from the runner.
+pub fn finished(stack: &Stack, id: &str) -> (Value, String) {
+    let done = wait_job(stack, id);
+    let (_, log) = http(
+        stack.runner,
+        "GET",
+        &format!("/api/v1/jobs/{id}/log"),
+        &[],
+        b"",
+    );
+    (done, log)
+}
+
 /// Waits for a job to reach a final state; its status JSON.
 pub fn wait_job(stack: &Stack, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(600);
