@@ -43,6 +43,9 @@ fn analysis_s(log: &str) -> f64 {
     }
 }
 
+/// A table row: the step, how to read it off a run, its goal.
+type Row = (&'static str, fn(&Run) -> f64, &'static str);
+
 struct Run {
     checkout_s: f64,
     analysis_s: f64,
@@ -186,7 +189,7 @@ fn main() {
         "\nCI job after a one-file change, {libs} libraries + {libs} tests (build //...), {lfs_mb} MiB under Git LFS, medians of {reps}, same run\n"
     );
     println!("| step | cold | warm | warm / cold | goal |\n|---|---|---|---|---|");
-    let rows: [(&str, fn(&Run) -> f64, &str); 4] = [
+    let rows: [Row; 4] = [
         (
             "checkout (fetch, checkout, LFS)",
             |r| r.checkout_s,
