@@ -416,9 +416,12 @@ impl Runner {
             }
         ));
         let path = held.path.clone();
-        let bytes = tokio::task::spawn_blocking(move || work::disk_bytes(&path))
-            .await
-            .unwrap_or(0);
+        let bytes = tokio::task::spawn_blocking(move || {
+            work::settle(&path, &mut log);
+            work::disk_bytes(&path)
+        })
+        .await
+        .unwrap_or(0);
         let infra = matches!(built, Err(StepError::Infrastructure(_)));
         if let Err(error) = self
             .pool

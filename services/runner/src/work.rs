@@ -52,6 +52,7 @@ impl Log {
 fn run(log: &mut Log, cmd: &mut Command, what: &str) -> Result<(), String> {
     log.line(&format!("$ {what}"));
     let (out, err) = log.stdio().map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
     let status = cmd
         .stdin(Stdio::null())
         .stdout(out)
@@ -59,6 +60,7 @@ fn run(log: &mut Log, cmd: &mut Command, what: &str) -> Result<(), String> {
         .env("GIT_TERMINAL_PROMPT", "0")
         .status()
         .map_err(|e| format!("{what}: {e}"))?;
+    log.line(&format!("  ({:.2} s)", started.elapsed().as_secs_f64()));
     if status.success() {
         Ok(())
     } else {
@@ -90,6 +92,22 @@ pub fn disk_bytes(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// Brings the checkout's index up to date once the job is over. Files written in the same
+/// second as the index (the checkout, its LFS files) are "racily clean" to git: the next
+/// checkout would hash them again, every large LFS file, before it could change anything. A
+/// refresh now, seconds later, hashes them once while the job's result is already known, so the
+/// next job in this workspace checks out in milliseconds.
+pub fn settle(ws: &Path, log: &mut Log) {
+    let src = src(ws);
+    if src.join(".git").exists() {
+        let _ = run(
+            log,
+            git(&src).args(["update-index", "-q", "--refresh"]),
+            "git update-index --refresh",
+        );
+    }
 }
 
 /// The job's platform flags, beside the checkout (outside it: `git clean` keeps it).
