@@ -241,6 +241,34 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
     );
     assert_eq!(gh[0].0, "Bearer forge-api-token");
 
+    // A push to main (trusted: its key may write the action cache) never runs in a workspace
+    // where a merge request's code ran: it gets a clean one.
+    git(
+        &work,
+        &["push", "--quiet", "origin", "HEAD:refs/heads/main"],
+    );
+    let push = json!({
+        "object_kind": "push", "ref": "refs/heads/main", "before": c1, "after": c2,
+        "checkout_sha": c2, "user_username": "rm",
+        "project": {"path_with_namespace": "av/monorepo", "git_http_url": origin_url},
+    })
+    .to_string();
+    let id4 = queue_job(
+        &stack,
+        "/hooks/av/monorepo",
+        &[
+            ("X-Gitlab-Token", TOKEN),
+            ("X-Gitlab-Event", "Push Hook"),
+            ("Idempotency-Key", "push-1"),
+        ],
+        push.as_bytes(),
+    );
+    let (done4, log4) = finished(&stack, &id4);
+    assert_eq!(done4["state"], "succeeded", "{done4}\n{log4}");
+    assert_eq!(done4["trusted"], true);
+    assert_eq!(done4["warm"], false, "{done4}");
+    assert_ne!(done4["workspace"], workspace.as_str(), "{done4}");
+
     // The pool shows the workspace, free and clean, with the jobs it ran.
     let (_, pool) = http(stack.runner, "GET", "/api/v1/workspaces", &[], b"");
     let pool: Value = serde_json::from_str(&pool).unwrap();
@@ -253,6 +281,14 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
     assert_eq!(entry["busy"], false, "{pool}");
     assert_eq!(entry["dirty"], false, "{pool}");
     assert_eq!(entry["jobs"], 3, "{pool}");
+    assert_eq!(entry["tainted"], true, "{pool}");
+    let trusted = pool
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == done4["workspace"])
+        .unwrap();
+    assert_eq!(trusted["tainted"], false, "{pool}");
     assert!(
         stack.bus_violations().is_empty(),
         "{:?}",

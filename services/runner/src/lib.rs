@@ -347,9 +347,10 @@ impl Runner {
             .await
             .map_err(|e| StepError::Infrastructure(format!("no workspace: {e}")))?;
         status.workspace = held.name.clone();
-        let (config, path, dirty) = (self.config.clone(), held.path.clone(), held.was_dirty);
+        let (config, path) = (self.config.clone(), held.path.clone());
+        let (dirty, wipe) = (held.was_dirty, held.wipe);
         let (log, (reset, _)) = blocking(move || {
-            let r = work::prepare(&config, &path, dirty, &mut log);
+            let r = work::prepare(&config, &path, dirty, wipe, &mut log);
             (log, r)
         })
         .await?;
@@ -491,6 +492,7 @@ async fn workspaces(runner: web::Data<Arc<Runner>>) -> HttpResponse {
                         "pool": w.pool, "name": w.name, "repo": w.repo, "commit": w.commit,
                         "busy": held.is_some(), "runner": held.map(|l| l.runner.clone()),
                         "job_id": held.map(|l| l.job_id.clone()), "dirty": w.dirty,
+                        "tainted": w.tainted,
                         "bytes": w.bytes, "jobs": w.jobs, "updated_ms": w.updated_ms,
                     })
                 })

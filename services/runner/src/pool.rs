@@ -10,6 +10,10 @@
 //! - **Dirty until released**: taking a workspace marks it dirty; only a job that ends normally
 //!   clears the mark. The next job in a dirty workspace resets it first (stops its Bazel
 //!   server, discards every change to the checkout).
+//! - **Unreviewed code never warms a trusted job**: a workspace that ran a merge request's or an
+//!   API client's job is tainted; a trusted job (the one with the key that may write the action
+//!   cache) takes it only wiped, so nothing such code left in the checkout or the output base
+//!   (a poisoned repository cache, a planted tool) runs with that key.
 //! - **Warm first**: a job prefers a free workspace that last held its repository (the most
 //!   recently used one), then a new one while the pool has room, then the least recently used
 //!   one of another repository.
@@ -42,6 +46,8 @@ pub struct Held {
     pub warm: bool,
     /// The job before did not finish cleanly: reset it before use.
     pub was_dirty: bool,
+    /// It ran unreviewed code and this job is trusted: remove it whole before use.
+    pub wipe: bool,
     /// Bytes on disk when last measured.
     pub bytes: u64,
     state: Arc<Mutex<(Workspace, u64)>>,
@@ -116,19 +122,22 @@ impl Pool {
                 job_id: job.job_id.clone(),
                 expires_ms: now + self.lease_ms,
             };
-            // Warm first (most recently used), then a new one, then the coldest other.
+            // Warm first (most recently used), then a new one, then the coldest other. A trusted
+            // job never finds unreviewed code's leftovers warm: such a workspace is only cold
+            // to it, and wiped.
+            let usable_warm = |w: &Workspace| !(job.trusted && w.tainted);
             let mut warm: Vec<&(Workspace, u64)> = all
                 .iter()
-                .filter(|(w, _)| free(w, now) && w.repo == job.clone_url)
+                .filter(|(w, _)| free(w, now) && w.repo == job.clone_url && usable_warm(w))
                 .collect();
             warm.sort_by_key(|(w, _)| std::cmp::Reverse(w.updated_ms));
             let mut cold: Vec<&(Workspace, u64)> = all
                 .iter()
-                .filter(|(w, _)| free(w, now) && w.repo != job.clone_url)
+                .filter(|(w, _)| free(w, now) && !(w.repo == job.clone_url && usable_warm(w)))
                 .collect();
             cold.sort_by_key(|(w, _)| w.updated_ms);
             for (w, rev) in warm {
-                if let Some(h) = self.take(w, *rev, &lease, true).await? {
+                if let Some(h) = self.take(w, *rev, &lease, true, job.trusted).await? {
                     return Ok(h);
                 }
             }
@@ -145,6 +154,7 @@ impl Pool {
                     commit: String::new(),
                     holder: Some(lease.clone()),
                     dirty: true,
+                    tainted: !job.trusted,
                     bytes: 0,
                     jobs: 0,
                     updated_ms: now,
@@ -154,12 +164,12 @@ impl Pool {
                     .create(&self.key(&name), codec::encode(&new)?.into())
                     .await
                 {
-                    return Ok(self.held(new, rev, false, false));
+                    return Ok(self.held(new, rev, false, false, false));
                 }
                 continue; // another runner made it first
             }
             for (w, rev) in cold {
-                if let Some(h) = self.take(w, *rev, &lease, false).await? {
+                if let Some(h) = self.take(w, *rev, &lease, false, job.trusted).await? {
                     return Ok(h);
                 }
             }
@@ -171,30 +181,33 @@ impl Pool {
     }
 
     /// Takes `w` if nobody took it since revision `rev`; `warm` when it holds the job's
-    /// repository.
+    /// repository; `trusted` for a trusted job (a tainted workspace is then wiped first).
     async fn take(
         &self,
         w: &Workspace,
         rev: u64,
         lease: &Lease,
         warm: bool,
+        trusted: bool,
     ) -> Result<Option<Held>, BusError> {
         let was_dirty = w.dirty;
+        let wipe = trusted && w.tainted;
         let mut taken = w.clone();
         taken.holder = Some(lease.clone());
         taken.dirty = true;
+        taken.tainted = (w.tainted && !wipe) || !trusted;
         taken.updated_ms = now_ms();
         match self
             .kv
             .update(&self.key(&w.name), codec::encode(&taken)?.into(), rev)
             .await
         {
-            Ok(rev) => Ok(Some(self.held(taken, rev, warm, was_dirty))),
+            Ok(rev) => Ok(Some(self.held(taken, rev, warm && !wipe, was_dirty, wipe))),
             Err(_) => Ok(None),
         }
     }
 
-    fn held(&self, w: Workspace, rev: u64, warm: bool, was_dirty: bool) -> Held {
+    fn held(&self, w: Workspace, rev: u64, warm: bool, was_dirty: bool, wipe: bool) -> Held {
         let state = Arc::new(Mutex::new((w.clone(), rev)));
         let renew = CancellationToken::new();
         let (kv, key, every) = (
@@ -227,6 +240,7 @@ impl Pool {
             path: self.dir.join(&w.name),
             warm: warm && !w.repo.is_empty(),
             was_dirty,
+            wipe,
             bytes: w.bytes,
             state,
             renew,

@@ -165,7 +165,20 @@ fn shutdown_server(config: &RunnerConfig, ws: &Path, log: &mut Log) {
 /// Makes a workspace fit to use: a dirty one (its last job did not end cleanly) is reset, one
 /// over `max_workspace_bytes` is cleaned, step by step, until it fits. Returns whether the
 /// workspace was removed whole (it is cold now) and its size.
-pub fn prepare(config: &RunnerConfig, ws: &Path, dirty: bool, log: &mut Log) -> (bool, u64) {
+pub fn prepare(
+    config: &RunnerConfig,
+    ws: &Path,
+    dirty: bool,
+    wipe: bool,
+    log: &mut Log,
+) -> (bool, u64) {
+    if wipe && ws.exists() {
+        log.line("workspace: it ran code nobody reviewed and this job is trusted; wiping it");
+        shutdown_server(config, ws, log);
+        let _ = std::fs::remove_dir_all(ws);
+        std::fs::create_dir_all(ws).ok();
+        return (true, 0);
+    }
     std::fs::create_dir_all(ws).ok();
     let src = src(ws);
     if dirty && src.join(".git").exists() {
@@ -422,7 +435,7 @@ mod tests {
             ..RunnerConfig::default()
         };
         let mut log = Log::open(dir.path().join("job.log")).unwrap();
-        let (removed, bytes) = prepare(&config, &ws, true, &mut log);
+        let (removed, bytes) = prepare(&config, &ws, true, false, &mut log);
         assert!(!removed);
         assert!(bytes > 0);
         assert_eq!(
@@ -432,14 +445,20 @@ mod tests {
         assert!(!src.join("stale.o").exists());
         // A clean one is left as it is.
         std::fs::write(src.join("kept"), "x").unwrap();
-        assert!(!prepare(&config, &ws, false, &mut log).0);
+        assert!(!prepare(&config, &ws, false, false, &mut log).0);
         assert!(src.join("kept").exists());
+        // A trusted job in a workspace unreviewed code ran in: removed whole.
+        std::fs::write(src.join("planted"), "x").unwrap();
+        assert_eq!(prepare(&config, &ws, false, true, &mut log), (true, 0));
+        assert!(!src.exists());
+        std::fs::create_dir_all(&src).unwrap();
+        git_in(&src, &["init", "--quiet"]);
         // Over the size allowed even after cleaning: removed, to start cold.
         let tiny = RunnerConfig {
             max_workspace_bytes: 1,
             ..config
         };
-        assert_eq!(prepare(&tiny, &ws, false, &mut log), (true, 0));
+        assert_eq!(prepare(&tiny, &ws, false, false, &mut log), (true, 0));
         assert!(!src.exists());
         let text = std::fs::read_to_string(dir.path().join("job.log")).unwrap();
         assert!(

@@ -233,6 +233,9 @@ pub struct Workspace {
     /// A job started in it and did not finish cleanly (failed checkout, killed runner): it is
     /// reset before anyone uses it again.
     pub dirty: bool,
+    /// It ran code nobody reviewed (a merge request's, an API client's job): a trusted job
+    /// (which holds the key that may write the action cache) gets it only wiped.
+    pub tainted: bool,
     /// Bytes on disk when last measured.
     pub bytes: u64,
     /// Jobs it has run.
