@@ -160,6 +160,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .map(|r| (r.default_name(), r)),
     );
     let (realm, seeds) = crate::keys::stack_bus(&data_dir, &users)?;
+    // Runners need Bazel (and git-lfs, setpriv); a stack without them still serves the cache,
+    // execution and webhooks, and says why it runs no runner.
+    let runner_tools = motorpool_runner::on_path(std::path::Path::new("bazel"))
+        && motorpool_runner::on_path(std::path::Path::new("git-lfs"))
+        && motorpool_runner::on_path(std::path::Path::new("setpriv"));
+    let runners = if runner_tools { args.runners } else { 0 };
     let tls = if args.tls {
         Some(crate::tls::stack_tls(
             &data_dir,
@@ -326,7 +332,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .concat(),
     ));
     let (trusted_key, untrusted_key) = crate::keys::stack_runner_keys(&data_dir, &keys_file)?;
-    for i in 0..args.runners {
+    for i in 0..runners {
         let name = format!("runner-{i}");
         let mut a = [
             vec!["runner".to_string()],
@@ -416,7 +422,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         http = args.http_addr,
         http_scheme = if https.is_some() { "https" } else { "http" },
         webhook = args.webhook_addr,
-        runners = args.runners,
+        runners = if runners == 0 && args.runners > 0 {
+            "0 (no bazel, git-lfs or setpriv on PATH: CI jobs wait for a runner)".to_string()
+        } else {
+            runners.to_string()
+        },
         runner_addr = args.runner_addr,
         dir = data_dir.display(),
         keys = keys_file.display(),

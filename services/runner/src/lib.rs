@@ -93,6 +93,21 @@ pub async fn start(config: RunnerConfig, shutdown: CancellationToken) -> anyhow:
         "runner_id {:?}: letters, digits, - and _ only",
         config.runner_id
     );
+    let missing: Vec<String> = [
+        config.bazel.as_path(),
+        "git".as_ref(),
+        "git-lfs".as_ref(),
+        "setpriv".as_ref(),
+    ]
+    .into_iter()
+    .filter(|tool| !on_path(tool))
+    .map(|tool| tool.display().to_string())
+    .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the runner needs {} on PATH (Bazel; Debian's git, git-lfs and util-linux's setpriv)",
+        missing.join(", ")
+    );
     let bus = Bus::connect_service(
         &config.nats_url,
         &format!("runner-{}", config.runner_id),
@@ -433,6 +448,20 @@ impl Runner {
         }
         built
     }
+}
+
+/// Whether `tool` names an executable, as a path or on `PATH`.
+pub fn on_path(tool: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if tool.components().count() > 1 {
+        return executable(tool);
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| executable(&d.join(tool))))
+        .unwrap_or(false)
 }
 
 fn step(status: &mut JobStatus, name: &str, started: Instant) {
