@@ -9,7 +9,6 @@ mod support;
 
 use serde_json::{Value, json};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use support::Stack;
 use support::ci::*;
@@ -370,24 +369,12 @@ fn a_runner_killed_mid_job_loses_its_lease_and_the_job_finishes_in_the_reset_wor
         .join(&workspace);
     let started = Instant::now();
     while bazel_clients(&ws_dir) == 0 {
-        if started.elapsed() > Duration::from_secs(30) {
-            let (_, log) = http(
-                stack.runner,
-                "GET",
-                &format!("/api/v1/jobs/{id}/log"),
-                &[],
-                b"",
-            );
-            let ps = Command::new("ps")
-                .args(["-eo", "pid,args"])
-                .output()
-                .unwrap();
-            panic!(
-                "no Bazel client in {}:\n{log}\n{}",
-                ws_dir.display(),
-                String::from_utf8_lossy(&ps.stdout)
-            );
-        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no Bazel client in {}:\n{}",
+            ws_dir.display(),
+            job_log(&stack, &id)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     stack.kill9(&["runner", runner.as_str()]);

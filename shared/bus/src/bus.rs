@@ -228,20 +228,8 @@ impl Bus {
     /// Publishes a typed message to a JetStream stream and waits for the server to store it: for
     /// work that must not be lost.
     pub async fn enqueue<M: Message>(&self, subject: &Subject, msg: &M) -> Result<(), BusError> {
-        let payload = Bytes::from(codec::encode(msg)?);
-        let subject_name = subject.as_str().to_string();
-        let ack = self
-            .jetstream
-            .publish(subject_name.clone(), payload)
+        self.enqueue_with(subject, msg, async_nats::HeaderMap::new())
             .await
-            .map_err(|e| BusError::Publish {
-                subject: subject_name.clone(),
-                message: e.to_string(),
-            })?;
-        ack.await.map(|_| ()).map_err(|e| BusError::Publish {
-            subject: subject_name,
-            message: e.to_string(),
-        })
     }
 
     /// [`Bus::enqueue`] under a message id: JetStream stores a message whose id it has seen
@@ -253,22 +241,29 @@ impl Bus {
         msg: &M,
         id: &str,
     ) -> Result<(), BusError> {
-        let payload = Bytes::from(codec::encode(msg)?);
-        let subject_name = subject.as_str().to_string();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id);
+        self.enqueue_with(subject, msg, headers).await
+    }
+
+    async fn enqueue_with<M: Message>(
+        &self,
+        subject: &Subject,
+        msg: &M,
+        headers: async_nats::HeaderMap,
+    ) -> Result<(), BusError> {
+        let payload = Bytes::from(codec::encode(msg)?);
+        let subject_name = subject.as_str().to_string();
+        let failed = |e: String| BusError::Publish {
+            subject: subject_name.clone(),
+            message: e,
+        };
         let ack = self
             .jetstream
             .publish_with_headers(subject_name.clone(), headers, payload)
             .await
-            .map_err(|e| BusError::Publish {
-                subject: subject_name.clone(),
-                message: e.to_string(),
-            })?;
-        ack.await.map(|_| ()).map_err(|e| BusError::Publish {
-            subject: subject_name,
-            message: e.to_string(),
-        })
+            .map_err(|e| failed(e.to_string()))?;
+        ack.await.map(|_| ()).map_err(|e| failed(e.to_string()))
     }
 
     /// Sends a request and waits (default timeout) for its typed reply. A remote error comes

@@ -125,17 +125,21 @@ pub fn queue_job(stack: &Stack, path: &str, headers: &[(&str, &str)], body: &[u8
         .to_string()
 }
 
-/// Waits for a job to finish: its status JSON and its log from the runner.
-pub fn finished(stack: &Stack, id: &str) -> (Value, String) {
-    let done = wait_job(stack, id);
-    let (_, log) = http(
+/// A job's log so far, from the stack's first runner.
+pub fn job_log(stack: &Stack, id: &str) -> String {
+    http(
         stack.runner,
         "GET",
         &format!("/api/v1/jobs/{id}/log"),
         &[],
         b"",
-    );
-    (done, log)
+    )
+    .1
+}
+
+/// Waits for a job to finish: its status JSON and its log from the runner.
+pub fn finished(stack: &Stack, id: &str) -> (Value, String) {
+    (wait_job(stack, id), job_log(stack, id))
 }
 
 /// Waits for a job to reach a final state; its status JSON.
