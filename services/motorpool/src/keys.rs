@@ -272,39 +272,26 @@ pub fn stack_keys(data_dir: &Path) -> anyhow::Result<(PathBuf, StackKeys)> {
             toml::from_str(&text).context("read credentials.toml")?,
         ));
     }
-    let mut file = read_or_empty(&keys_file)?;
-    file.keys
-        .retain(|k| !["developer", "ci", "admin"].contains(&k.id.as_str()));
-    file.write(&keys_file)?;
-    let entry = |id: &str, roles: Vec<Role>, lane: &str| {
-        let (id, lane) = (id.to_string(), lane.to_string());
-        move |sha256| KeyEntry {
-            id,
-            sha256,
-            roles,
-            instances: Vec::new(),
-            max_lane: lane,
-            api: false,
-        }
-    };
-    let keys = StackKeys {
-        developer: add(
-            &keys_file,
-            entry(
+    let [developer, ci, admin] = replace_keys(
+        &keys_file,
+        [
+            (
                 "developer",
                 vec![Role::Read, Role::WriteCas, Role::Execute],
                 "build",
             ),
-        )?,
-        ci: add(
-            &keys_file,
-            entry(
+            (
                 "ci",
                 vec![Role::Read, Role::WriteCas, Role::WriteAc, Role::Execute],
                 "release",
             ),
-        )?,
-        admin: add(&keys_file, entry("admin", vec![Role::Admin], "release"))?,
+            ("admin", vec![Role::Admin], "release"),
+        ],
+    )?;
+    let keys = StackKeys {
+        developer,
+        ci,
+        admin,
     };
     std::fs::write(&creds, toml::to_string(&keys)?)?;
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600))?;
@@ -321,33 +308,48 @@ pub fn stack_runner_keys(data_dir: &Path, keys_file: &Path) -> anyhow::Result<(P
     if trusted.exists() && untrusted.exists() {
         return Ok((trusted, untrusted));
     }
+    let [trusted_key, untrusted_key] = replace_keys(
+        keys_file,
+        [
+            (
+                "runner-trusted",
+                vec![Role::Read, Role::WriteCas, Role::WriteAc, Role::Execute],
+                "release",
+            ),
+            (
+                "runner-mr",
+                vec![Role::Read, Role::WriteCas, Role::Execute],
+                "release",
+            ),
+        ],
+    )?;
+    motorpool_bus::access::write_private(&trusted, trusted_key.as_bytes())?;
+    motorpool_bus::access::write_private(&untrusted, untrusted_key.as_bytes())?;
+    Ok((trusted, untrusted))
+}
+
+/// Makes new keys in `keys_file` for these ids (id, roles, highest lane), replacing any keys
+/// of the same ids; the new keys, in order.
+fn replace_keys<const N: usize>(
+    keys_file: &Path,
+    entries: [(&str, Vec<Role>, &str); N],
+) -> anyhow::Result<[String; N]> {
     let mut file = read_or_empty(keys_file)?;
     file.keys
-        .retain(|k| !["runner-trusted", "runner-mr"].contains(&k.id.as_str()));
+        .retain(|k| !entries.iter().any(|(id, _, _)| *id == k.id));
     file.write(keys_file)?;
-    for (id, roles, path) in [
-        (
-            "runner-trusted",
-            vec![Role::Read, Role::WriteCas, Role::WriteAc, Role::Execute],
-            &trusted,
-        ),
-        (
-            "runner-mr",
-            vec![Role::Read, Role::WriteCas, Role::Execute],
-            &untrusted,
-        ),
-    ] {
-        let key = add(keys_file, |sha256| KeyEntry {
+    let mut keys = Vec::with_capacity(N);
+    for (id, roles, lane) in entries {
+        keys.push(add(keys_file, |sha256| KeyEntry {
             id: id.into(),
             sha256,
             roles,
             instances: Vec::new(),
-            max_lane: "release".into(),
+            max_lane: lane.into(),
             api: false,
-        })?;
-        motorpool_bus::access::write_private(path, key.as_bytes())?;
+        })?);
     }
-    Ok((trusted, untrusted))
+    Ok(keys.try_into().expect("one key per entry"))
 }
 
 /// The stack's bus users: one per service `motorpool up` runs (`services`: name and role), and

@@ -160,12 +160,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .map(|r| (r.default_name(), r)),
     );
     let (realm, seeds) = crate::keys::stack_bus(&data_dir, &users)?;
-    // Runners need Bazel (and git-lfs, setpriv); a stack without them still serves the cache,
-    // execution and webhooks, and says why it runs no runner.
-    let runner_tools = motorpool_runner::on_path(std::path::Path::new("bazel"))
-        && motorpool_runner::on_path(std::path::Path::new("git-lfs"))
-        && motorpool_runner::on_path(std::path::Path::new("setpriv"));
-    let runners = if runner_tools { args.runners } else { 0 };
+    // Runners need Bazel (and git, git-lfs, setpriv); a stack without them still serves the
+    // cache, execution and webhooks, and says why it runs no runner.
+    let missing = motorpool_runner::missing_tools(std::path::Path::new("bazel"));
+    let runners = if missing.is_empty() { args.runners } else { 0 };
     let tls = if args.tls {
         Some(crate::tls::stack_tls(
             &data_dir,
@@ -423,7 +421,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         http_scheme = if https.is_some() { "https" } else { "http" },
         webhook = args.webhook_addr,
         runners = if runners == 0 && args.runners > 0 {
-            "0 (no bazel, git-lfs or setpriv on PATH: CI jobs wait for a runner)".to_string()
+            format!(
+                "0 (no {} on PATH: CI jobs wait for a runner)",
+                missing.join(", ")
+            )
         } else {
             runners.to_string()
         },

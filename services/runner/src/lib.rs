@@ -93,16 +93,7 @@ pub async fn start(config: RunnerConfig, shutdown: CancellationToken) -> anyhow:
         "runner_id {:?}: letters, digits, - and _ only",
         config.runner_id
     );
-    let missing: Vec<String> = [
-        config.bazel.as_path(),
-        "git".as_ref(),
-        "git-lfs".as_ref(),
-        "setpriv".as_ref(),
-    ]
-    .into_iter()
-    .filter(|tool| !on_path(tool))
-    .map(|tool| tool.display().to_string())
-    .collect();
+    let missing = missing_tools(&config.bazel);
     anyhow::ensure!(
         missing.is_empty(),
         "the runner needs {} on PATH (Bazel; Debian's git, git-lfs and util-linux's setpriv)",
@@ -450,8 +441,23 @@ impl Runner {
     }
 }
 
+/// The tools a runner needs that are not there: `bazel` (as configured), git, git-lfs,
+/// setpriv.
+pub fn missing_tools(bazel: &std::path::Path) -> Vec<String> {
+    [
+        bazel,
+        "git".as_ref(),
+        "git-lfs".as_ref(),
+        "setpriv".as_ref(),
+    ]
+    .into_iter()
+    .filter(|tool| !on_path(tool))
+    .map(|tool| tool.display().to_string())
+    .collect()
+}
+
 /// Whether `tool` names an executable, as a path or on `PATH`.
-pub fn on_path(tool: &std::path::Path) -> bool {
+fn on_path(tool: &std::path::Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &std::path::Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

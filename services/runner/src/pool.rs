@@ -48,8 +48,6 @@ pub struct Held {
     pub was_dirty: bool,
     /// It ran unreviewed code and this job is trusted: remove it whole before use.
     pub wipe: bool,
-    /// Bytes on disk when last measured.
-    pub bytes: u64,
     state: Arc<Mutex<(Workspace, u64)>>,
     renew: CancellationToken,
 }
@@ -241,7 +239,6 @@ impl Pool {
             warm: warm && !w.repo.is_empty(),
             was_dirty,
             wipe,
-            bytes: w.bytes,
             state,
             renew,
         }

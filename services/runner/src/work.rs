@@ -143,11 +143,20 @@ fn bazel(config: &RunnerConfig, ws: &Path) -> Command {
     c
 }
 
+/// `bazel shutdown` for the workspace, if its Bazel server may be running.
+fn shutdown(config: &RunnerConfig, ws: &Path) -> Option<Command> {
+    let running = output_base(ws).join("server").exists() && src(ws).join(".git").exists();
+    running.then(|| {
+        let mut c = bazel(config, ws);
+        c.arg("shutdown");
+        c
+    })
+}
+
 /// Stops the workspace's Bazel server, if one runs, without a job log.
 pub fn stop_server(config: &RunnerConfig, ws: &Path) {
-    if output_base(ws).join("server").exists() && src(ws).join(".git").exists() {
-        let _ = bazel(config, ws)
-            .arg("shutdown")
+    if let Some(mut c) = shutdown(config, ws) {
+        let _ = c
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -157,9 +166,17 @@ pub fn stop_server(config: &RunnerConfig, ws: &Path) {
 
 /// Stops the workspace's Bazel server, if one runs.
 fn shutdown_server(config: &RunnerConfig, ws: &Path, log: &mut Log) {
-    if output_base(ws).join("server").exists() && src(ws).join(".git").exists() {
-        let _ = run(log, bazel(config, ws).arg("shutdown"), "bazel shutdown");
+    if let Some(mut c) = shutdown(config, ws) {
+        let _ = run(log, &mut c, "bazel shutdown");
     }
+}
+
+/// Removes the workspace whole (its server stopped first) and leaves it empty: cold.
+fn afresh(config: &RunnerConfig, ws: &Path, log: &mut Log) -> (bool, u64) {
+    shutdown_server(config, ws, log);
+    let _ = std::fs::remove_dir_all(ws);
+    std::fs::create_dir_all(ws).ok();
+    (true, 0)
 }
 
 /// Makes a workspace fit to use: a dirty one (its last job did not end cleanly) is reset, one
@@ -174,10 +191,7 @@ pub fn prepare(
 ) -> (bool, u64) {
     if wipe && ws.exists() {
         log.line("workspace: it ran code nobody reviewed and this job is trusted; wiping it");
-        shutdown_server(config, ws, log);
-        let _ = std::fs::remove_dir_all(ws);
-        std::fs::create_dir_all(ws).ok();
-        return (true, 0);
+        return afresh(config, ws, log);
     }
     std::fs::create_dir_all(ws).ok();
     let src = src(ws);
@@ -195,10 +209,7 @@ pub fn prepare(
         .and_then(|_| run(log, git(&src).args(["clean", "-ffdxq"]), "git clean"));
         if reset.is_err() {
             log.line("workspace: reset failed; starting it afresh");
-            shutdown_server(config, ws, log);
-            let _ = std::fs::remove_dir_all(ws);
-            std::fs::create_dir_all(ws).ok();
-            return (true, 0);
+            return afresh(config, ws, log);
         }
     }
     let mut bytes = disk_bytes(ws);
@@ -225,10 +236,7 @@ pub fn prepare(
     }
     if bytes > config.max_workspace_bytes {
         log.line("workspace: still too big; removing it");
-        shutdown_server(config, ws, log);
-        let _ = std::fs::remove_dir_all(ws);
-        std::fs::create_dir_all(ws).ok();
-        return (true, 0);
+        return afresh(config, ws, log);
     }
     (false, bytes)
 }
