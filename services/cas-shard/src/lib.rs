@@ -63,6 +63,105 @@ pub struct Shard {
     bus: Bus,
     registry: async_nats::jetstream::kv::Store,
     started_at_ms: u64,
+    news: News,
+}
+
+/// The shard's [`ShardNews`]: removals as the store reports them, and a beat with each heartbeat,
+/// published in order under one lock so that a beat never claims a removal not yet sent.
+#[derive(Clone)]
+struct News {
+    bus: Bus,
+    id: String,
+    started_at_ms: u64,
+    seq: Arc<tokio::sync::Mutex<u64>>,
+    /// Store removals published so far, and a wake-up for [`News::caught_up`].
+    published: Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>,
+}
+
+impl News {
+    async fn send(&self, removed: Option<store::Removed>, leaving: bool) {
+        let mut seq = self.seq.lock().await;
+        let (blobs, actions) = match removed {
+            Some(r) => {
+                *seq += 1;
+                (r.blobs, r.actions)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let news = ShardNews {
+            shard_id: self.id.clone(),
+            started_at_ms: self.started_at_ms,
+            seq: *seq,
+            blobs,
+            actions,
+            leaving,
+        };
+        if let Err(error) = self
+            .bus
+            .publish(&subjects::cas::news(&self.id), &news)
+            .await
+        {
+            // A reader that misses this finds the gap at the next beat and forgets everything.
+            tracing::warn!(%error, "Could not announce removals");
+        }
+    }
+
+    /// Waits (bounded) until every removal the store reported so far is published, so that a
+    /// request whose work dropped blobs (a write that evicted) answers after the announcement:
+    /// both leave on this shard's one bus connection, in that order.
+    async fn caught_up(&self, store: &Store) {
+        let reported = store.removals_reported();
+        let (published, wake) = &*self.published;
+        let wait = async {
+            loop {
+                let woken = wake.notified();
+                if published.load(std::sync::atomic::Ordering::Acquire) >= reported {
+                    return;
+                }
+                woken.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(1), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Answering before this shard's removals were announced");
+        }
+    }
+
+    /// Announces what the store reports, coalescing what has piled up into one message.
+    fn spawn(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<store::Removed>) {
+        /// Hashes per message, well under NATS's default payload limit.
+        const MAX: usize = 16_384;
+        tokio::spawn(async move {
+            while let Some(mut r) = rx.recv().await {
+                let mut taken = 1;
+                while r.blobs.len() + r.actions.len() < MAX
+                    && let Ok(more) = rx.try_recv()
+                {
+                    r.blobs.extend(more.blobs);
+                    r.actions.extend(more.actions);
+                    taken += 1;
+                }
+                while r.blobs.len() > MAX {
+                    let rest = r.blobs.split_off(MAX);
+                    let head = std::mem::replace(&mut r.blobs, rest);
+                    self.send(
+                        Some(store::Removed {
+                            blobs: head,
+                            actions: Vec::new(),
+                        }),
+                        false,
+                    )
+                    .await;
+                }
+                self.send(Some(r), false).await;
+                let (published, wake) = &*self.published;
+                published.fetch_add(taken, std::sync::atomic::Ordering::AcqRel);
+                wake.notify_waiters();
+            }
+        });
+    }
 }
 
 impl std::fmt::Debug for Shard {
@@ -107,6 +206,18 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
     .await?;
     let registry = bus.ensure_kv(subjects::cas::registry_config()).await?;
 
+    let started_at_ms = now_ms();
+    let news = News {
+        bus: bus.clone(),
+        id: id.clone(),
+        started_at_ms,
+        seq: Arc::default(),
+        published: Arc::default(),
+    };
+    let (removals, removed) = tokio::sync::mpsc::unbounded_channel();
+    store.report_removals(removals);
+    news.clone().spawn(removed);
+
     let mut tasks = Vec::new();
     let opts = MailboxOptions {
         queue_group: Some(format!("cas-shard-{id}")),
@@ -115,6 +226,7 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
     macro_rules! mailbox {
         ($subject:expr, |$store:ident, $req:ident: $ty:ty| $body:expr) => {{
             let st = store.clone();
+            let news = news.clone();
             tasks.push(
                 serve(
                     &bus,
@@ -123,7 +235,13 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
                     shutdown.clone(),
                     move |$req: $ty| {
                         let $store = st.clone();
-                        async move { blocking(move || $body).await }
+                        let news = news.clone();
+                        async move {
+                            let store = $store.clone();
+                            let reply = blocking(move || $body).await;
+                            news.caught_up(&store).await;
+                            reply
+                        }
                     },
                 )
                 .await?,
@@ -216,7 +334,8 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
         data_server,
         bus: bus.clone(),
         registry,
-        started_at_ms: now_ms(),
+        started_at_ms,
+        news: news.clone(),
     };
     let advertise = config
         .advertise_addr
@@ -232,7 +351,6 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
             id.clone(),
             shutdown.clone(),
         );
-        let started_at_ms = shard.started_at_ms;
         let advertise = advertise.clone();
         tokio::spawn(async move {
             let mut beat = tokio::time::interval(heartbeat);
@@ -246,6 +364,7 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
                         if let Err(error) = publish_info(&bus, &registry, &info).await {
                             tracing::warn!(%error, "Heartbeat failed");
                         }
+                        news.send(None, false).await;
                     }
                     _ = housekeeping.tick() => {
                         let s = store.clone();
@@ -323,6 +442,7 @@ impl Shard {
     /// time: with NATS gone, the entry ages out instead.
     pub async fn stop(self) {
         let leave = async {
+            self.news.send(None, true).await;
             let _ = self.register(&self.data_addr.to_string(), true).await;
             let _ = self.registry.delete(&self.id).await;
         };

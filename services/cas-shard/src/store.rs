@@ -189,9 +189,21 @@ pub struct StoreStats {
     pub blob_count: u64,
 }
 
+/// What the store dropped: blob hashes (evicted, or found corrupt) and action hashes (entries
+/// deleted), in any namespace. The shard announces them (see `ShardNews`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub blobs: Vec<[u8; 32]>,
+    pub actions: Vec<[u8; 32]>,
+}
+
 /// One shard's blob store.
 pub struct Store {
     root: PathBuf,
+    /// Where removals are reported, once someone listens ([`Store::report_removals`]).
+    removals: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Removed>>,
+    /// Removals reported so far.
+    reported: AtomicU64,
     active: Mutex<ActivePack>,
     /// Held by the one eviction pass running at a time.
     eviction: Mutex<()>,
@@ -274,6 +286,8 @@ impl Store {
         let clean = fs::remove_file(root.join(CLEAN_MARKER)).is_ok();
         let store = Store {
             root: root.to_path_buf(),
+            removals: std::sync::OnceLock::new(),
+            reported: AtomicU64::new(0),
             // Replaced right after the index is loaded, when the next pack id is known.
             active: Mutex::new(ActivePack {
                 id: 0,
@@ -484,6 +498,7 @@ impl Store {
             }
             e.map(|e| e.pack)
         };
+        self.removed([key.hash], Vec::new());
         let _ = self.blobs.remove(&key.bytes()[..]);
         if pack == Some(0) {
             let _ = fs::remove_file(self.blob_path(key));
@@ -505,6 +520,27 @@ impl Store {
         for e in self.index.lock().map.values_mut() {
             e.verified = 0;
         }
+    }
+
+    /// Reports every blob and action-cache entry this store drops from now on to `tx`, right
+    /// after it is out of the index (so before any later read could miss it). Set once.
+    pub fn report_removals(&self, tx: tokio::sync::mpsc::UnboundedSender<Removed>) {
+        let _ = self.removals.set(tx);
+    }
+
+    fn removed(&self, blobs: impl IntoIterator<Item = [u8; 32]>, actions: Vec<[u8; 32]>) {
+        if let Some(tx) = self.removals.get() {
+            let blobs: Vec<_> = blobs.into_iter().collect();
+            if !blobs.is_empty() || !actions.is_empty() {
+                let _ = tx.send(Removed { blobs, actions });
+                self.reported.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Removals reported so far (each one [`Removed`] sent).
+    pub fn removals_reported(&self) -> u64 {
+        self.reported.load(Ordering::Acquire)
     }
 
     /// Turns read verification off (benchmarks compare it) or on.
@@ -1073,6 +1109,13 @@ impl Store {
             }
             (victim_files, victim_packs)
         };
+        self.removed(
+            files
+                .iter()
+                .chain(packs.iter().flat_map(|(_, _, dropped)| dropped))
+                .map(|k| k.hash),
+            Vec::new(),
+        );
         let mut evicted = files.len() as u64;
         for key in &files {
             let _ = fs::remove_file(self.blob_path(key));
@@ -1087,6 +1130,7 @@ impl Store {
         for (id, keep, mut dropped) in packs {
             if let Err(error) = self.copy_forward(id, &keep) {
                 tracing::warn!(pack = id, %error, "Could not copy recently used blobs out of an evicted pack");
+                let before = dropped.len();
                 let mut idx = self.index.lock();
                 for (k, _) in &keep {
                     if let Some(e) = idx.map.get(k).filter(|e| e.pack == id).copied() {
@@ -1095,6 +1139,8 @@ impl Store {
                         dropped.push(*k);
                     }
                 }
+                drop(idx);
+                self.removed(dropped[before..].iter().map(|k| k.hash), Vec::new());
             }
             evicted += dropped.len() as u64;
             let _ = put_meta(&self.blobs, dropped.iter().map(|k| (k, None)));
@@ -1321,7 +1367,9 @@ impl Store {
     }
 
     pub fn ac_delete(&self, ns: u64, action: &BlobDigest) -> Result<(), StoreError> {
-        self.ac.remove(Self::ac_key(ns, action))?;
+        if self.ac.remove(Self::ac_key(ns, action))?.is_some() {
+            self.removed([], vec![action.hash]);
+        }
         Ok(())
     }
 }
@@ -2010,6 +2058,77 @@ mod tests {
                 .arg(self.0.path())
                 .status();
         }
+    }
+
+    #[test]
+    fn every_removal_is_reported_once_it_is_out_of_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small enough that a few writes evict, large enough that packs seal.
+        let s = Store::open(dir.path(), 64 * 1024, false).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        s.report_removals(tx);
+        let all = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Removed>| {
+            let mut r = Removed::default();
+            while let Ok(more) = rx.try_recv() {
+                r.blobs.extend(more.blobs);
+                r.actions.extend(more.actions);
+            }
+            r
+        };
+
+        // Eviction: every blob that leaves the index is reported, and no other.
+        let blobs: Vec<(BlobDigest, Vec<u8>)> = (0..40u32)
+            .map(|i| {
+                let data = i.to_le_bytes().repeat(1024);
+                (sha(&data), data)
+            })
+            .collect();
+        for (d, data) in &blobs {
+            s.put(0, d, data).unwrap();
+        }
+        let gone: Vec<[u8; 32]> = blobs
+            .iter()
+            .filter(|(d, _)| !s.contains(0, d))
+            .map(|(d, _)| d.hash)
+            .collect();
+        assert!(!gone.is_empty(), "the store evicted");
+        let mut reported = all(&mut rx).blobs;
+        reported.sort();
+        let mut expected = gone.clone();
+        expected.sort();
+        assert_eq!(reported, expected);
+
+        // A corrupt blob found on read.
+        let big: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 30, false).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        s.report_removals(tx);
+        let d = sha(&big);
+        s.put(3, &d, &big).unwrap();
+        let e = s.index.lock().map[&Key::new(3, &d)];
+        corrupt(&s.pack_path(e.pack), e.offset + 10);
+        assert!(s.read(3, &d, 0, 0).is_err());
+        assert_eq!(
+            all(&mut rx),
+            Removed {
+                blobs: vec![d.hash],
+                actions: vec![]
+            }
+        );
+
+        // An action-cache entry deleted; deleting one that is not there reports nothing.
+        let action = sha(b"an action");
+        s.ac_put(3, &action, b"result").unwrap();
+        s.ac_delete(3, &action).unwrap();
+        s.ac_delete(3, &action).unwrap();
+        assert_eq!(
+            all(&mut rx),
+            Removed {
+                blobs: vec![],
+                actions: vec![action.hash]
+            }
+        );
     }
 
     /// Overwrites `n` bytes at `offset` of `path` in place, as a failing disk or a stray

@@ -2,12 +2,16 @@
 //!
 //! Invariant: a result is returned only while every blob it references (output files, output
 //! directory trees and the files in them, stdout, stderr) is in the CAS. Otherwise the client
-//! gets NOT_FOUND and runs the action again, instead of failing later on a missing digest.
+//! gets NOT_FOUND and runs the action again, instead of failing later on a missing digest. A
+//! result found complete is remembered (see [`crate::hits`]) and served again without asking the
+//! shards until one of them announces that something it references is gone.
 
+use crate::hits::Ticket;
 use crate::resource::{check_instance, digest, digest_function};
 use crate::{Gateway, observe};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use motorpool_cas_client::ApiError;
+use motorpool_messages::exec::{OpState, Operation};
 use motorpool_messages::{BlobDigest, DigestFunction};
 use prost::Message as _;
 use re::action_cache_server::ActionCache;
@@ -17,25 +21,21 @@ use tonic::{Request, Response, Status};
 const MAX_INLINE: u64 = 1 << 20;
 
 impl Gateway {
-    /// Every CAS blob an ActionResult references (reading output-directory trees).
-    async fn referenced_blobs(
+    /// Every CAS blob an ActionResult references (reading output-directory trees), and whether
+    /// every tree could be read (one that could not is among the blobs, and its files are not).
+    pub(crate) async fn referenced_blobs(
         &self,
         instance: &str,
         f: DigestFunction,
         r: &re::ActionResult,
-    ) -> Result<Vec<BlobDigest>, ApiError> {
-        let mut out = Vec::new();
-        for file in &r.output_files {
-            out.push(digest(f, file.digest.as_ref())?);
-        }
-        for d in [&r.stdout_digest, &r.stderr_digest].into_iter().flatten() {
-            out.push(digest(f, Some(d))?);
-        }
+    ) -> Result<(Vec<BlobDigest>, bool), ApiError> {
+        let mut whole = true;
+        let mut out = direct_refs(f, r)?;
         for dir in &r.output_directories {
             let tree_digest = digest(f, dir.tree_digest.as_ref())?;
-            out.push(tree_digest);
             let Ok(data) = self.shards.read_blob(instance, &tree_digest).await else {
-                continue; // reported missing by the caller's FindMissing
+                whole = false;
+                continue;
             };
             let tree = re::Tree::decode(data.as_slice()).map_err(|e| {
                 ApiError::Invalid(format!(
@@ -48,23 +48,26 @@ impl Gateway {
                 }
             }
         }
-        Ok(out)
+        Ok((out, whole))
     }
 
+    /// The blobs `r` references, and which of them no live shard holds.
     async fn missing_of(
         &self,
         instance: &str,
         f: DigestFunction,
         r: &re::ActionResult,
-    ) -> Result<Vec<BlobDigest>, ApiError> {
-        let refs = self.referenced_blobs(instance, f, r).await?;
+    ) -> Result<(Vec<BlobDigest>, Vec<BlobDigest>), ApiError> {
+        // A tree that could not be read is itself among the blobs, and found missing.
+        let (refs, _) = self.referenced_blobs(instance, f, r).await?;
         let missing = self.shards.find_missing(instance, &refs).await?;
-        Ok(refs
-            .into_iter()
+        let gone = refs
+            .iter()
             .zip(missing)
             .filter(|(_, m)| *m)
-            .map(|(d, _)| d)
-            .collect())
+            .map(|(d, _)| *d)
+            .collect();
+        Ok((refs, gone))
     }
 
     pub(crate) async fn get_action_result(
@@ -74,6 +77,16 @@ impl Gateway {
         check_instance(&req.instance_name, &self.config.instance_names)?;
         let f = digest_function(req.digest_function)?;
         let action = digest(f, req.action_digest.as_ref())?;
+        // Verified complete before, and nothing it rests on gone since (see `hits`).
+        if let Some(bytes) = self.hits.get(&req.instance_name, &action)
+            && let Ok(mut result) = re::ActionResult::decode(bytes)
+        {
+            metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "hit")
+                .increment(1);
+            self.inline(&req, f, &mut result).await?;
+            return Ok(result);
+        }
+        let ticket = self.hits.ticket();
         let Some(bytes) = self.shards.ac_get(&req.instance_name, &action).await? else {
             metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "miss")
                 .increment(1);
@@ -89,7 +102,7 @@ impl Gateway {
                 )));
             }
         };
-        let missing = self.missing_of(&req.instance_name, f, &result).await?;
+        let (refs, missing) = self.missing_of(&req.instance_name, f, &result).await?;
         if !missing.is_empty() {
             metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "incomplete")
                 .increment(1);
@@ -101,8 +114,64 @@ impl Gateway {
             )));
         }
         metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "hit").increment(1);
+        self.remember(ticket, &req.instance_name, &action, bytes.into(), &refs);
         self.inline(&req, f, &mut result).await?;
         Ok(result)
+    }
+
+    /// Hands a result found complete to [`crate::hits`], if news comes from every live shard
+    /// (a shard not heard from could drop its blobs unheard).
+    fn remember(
+        &self,
+        ticket: Ticket,
+        instance: &str,
+        action: &BlobDigest,
+        entry: bytes::Bytes,
+        refs: &[BlobDigest],
+    ) {
+        let live = self.shards.live();
+        if self
+            .hits
+            .hears_all(live.iter().map(|s| s.shard_id.as_str()))
+        {
+            self.hits.remember(ticket, instance, action, entry, refs);
+        }
+    }
+
+    /// Remembers the result of an action a worker just ran, as [`crate::hits`] would after
+    /// checking it: the worker stored every output (the shards verified each) before it wrote
+    /// the entry, and `ticket`, taken when the action was queued, rules out any removal heard
+    /// since. A result with output directories has their trees read in the background, off the
+    /// client's path; any other is remembered before the client hears that it finished.
+    pub(crate) fn remember_executed(&self, ticket: Ticket, op: &Operation) {
+        let OpState::Completed(outcome) = &op.state else {
+            return;
+        };
+        let Some(bytes) = &outcome.result else {
+            return;
+        };
+        if outcome.error.is_some() || outcome.cached || op.do_not_cache {
+            return;
+        }
+        let Ok(result) = re::ActionResult::decode(bytes.as_slice()) else {
+            return;
+        };
+        if result.exit_code != 0 {
+            return; // not cached by the worker either
+        }
+        let (instance, action, f) = (&op.instance, op.action, op.digest_function);
+        if result.output_directories.is_empty() {
+            if let Ok(refs) = direct_refs(f, &result) {
+                self.remember(ticket, instance, &action, bytes.clone().into(), &refs);
+            }
+            return;
+        }
+        let (gateway, bytes, instance) = (self.clone(), bytes.clone(), instance.clone());
+        tokio::spawn(async move {
+            if let Ok((refs, true)) = gateway.referenced_blobs(&instance, f, &result).await {
+                gateway.remember(ticket, &instance, &action, bytes.into(), &refs);
+            }
+        });
     }
 
     async fn inline(
@@ -153,7 +222,8 @@ impl Gateway {
         let mut result = req.action_result.ok_or_else(|| {
             ApiError::Invalid("UpdateActionResult without an action_result".into())
         })?;
-        let missing = self.missing_of(&req.instance_name, f, &result).await?;
+        let ticket = self.hits.ticket();
+        let (refs, missing) = self.missing_of(&req.instance_name, f, &result).await?;
         if !missing.is_empty() {
             return Err(ApiError::FailedPrecondition(format!(
                 "action result references {} blob(s) that are not in the CAS, for example {}; upload outputs first",
@@ -167,11 +237,26 @@ impl Gateway {
         for file in result.output_files.iter_mut() {
             file.contents.clear();
         }
+        let entry = result.encode_to_vec();
         self.shards
-            .ac_put(&req.instance_name, &action, result.encode_to_vec())
+            .ac_put(&req.instance_name, &action, entry.clone())
             .await?;
+        self.remember(ticket, &req.instance_name, &action, entry.into(), &refs);
         Ok(result)
     }
+}
+
+/// The blobs a result names itself: output files, stdout, stderr and output directory trees
+/// (not the files in those trees).
+fn direct_refs(f: DigestFunction, r: &re::ActionResult) -> Result<Vec<BlobDigest>, ApiError> {
+    let files = r.output_files.iter().map(|o| o.digest.as_ref());
+    let streams = [&r.stdout_digest, &r.stderr_digest].map(Option::as_ref);
+    let trees = r.output_directories.iter().map(|d| d.tree_digest.as_ref());
+    files
+        .chain(streams.into_iter().flatten().map(Some))
+        .chain(trees)
+        .map(|d| digest(f, d))
+        .collect()
 }
 
 #[tonic::async_trait]

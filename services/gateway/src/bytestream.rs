@@ -162,6 +162,22 @@ impl Gateway {
                 req.read_offset, res.digest
             )));
         }
+        let bytes_out = metrics::counter!("motorpool_gateway_bytestream_read_bytes_total");
+        // A small blob this gateway wrote or served lately is answered from its memory.
+        if let Some(data) = self.recent.blob(&res.instance, &res.digest) {
+            let start = req.read_offset as usize;
+            let end = match req.read_limit as usize {
+                0 => data.len(),
+                limit => (start + limit).min(data.len()),
+            };
+            let piece = data[start..end].to_vec();
+            bytes_out.increment(piece.len() as u64);
+            metrics::counter!("motorpool_gateway_bytestream_reads_from_memory_total").increment(1);
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let _ = tx.try_send(Piece::Data(piece));
+            let _ = tx.try_send(Piece::End);
+            return Ok(ReadAhead { rx, done: false });
+        }
         let mut reader = self
             .shards
             .open_read(
@@ -170,10 +186,20 @@ impl Gateway {
                 req.read_offset as u64,
                 req.read_limit as u64,
             )
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if matches!(e, ApiError::NotFound(_)) {
+                    // A client that found an output gone checks its result again next.
+                    self.hits.forget(&res.digest.hash);
+                }
+            })?;
         let chunk = self.config.read_chunk_bytes.max(4096);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let bytes_out = metrics::counter!("motorpool_gateway_bytestream_read_bytes_total");
+        // A small blob read whole (one chunk) is kept for the next reader.
+        let keep = (req.read_offset == 0
+            && (req.read_limit == 0 || req.read_limit as u64 >= res.digest.size)
+            && res.digest.size as usize <= crate::recent::BLOB_MAX.min(chunk))
+        .then(|| (self.recent.clone(), res.instance.clone(), res.digest));
         tokio::spawn(async move {
             if reader.is_empty() {
                 // One empty message, so that the client sees a reply before the end.
@@ -186,6 +212,9 @@ impl Gateway {
                 let piece = match reader.next_chunk(chunk).await {
                     Some(Ok(data)) => {
                         bytes_out.increment(data.len() as u64);
+                        if let Some((recent, instance, digest)) = &keep {
+                            recent.keep_blob(instance, digest, &data);
+                        }
                         Piece::Data(data)
                     }
                     Some(Err(e)) => Piece::Failed(e.into()),

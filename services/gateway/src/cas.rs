@@ -136,7 +136,12 @@ impl Gateway {
                 .map(|(d, r)| {
                     let (data, err) = match r {
                         Ok(data) => (data, None),
-                        Err(e) => (Vec::new(), Some(e)),
+                        Err(e) => {
+                            if e.code == motorpool_messages::ErrorCode::NotFound {
+                                self.hits.forget(&d.hash);
+                            }
+                            (Vec::new(), Some(e))
+                        }
                     };
                     re::batch_read_blobs_response::Response {
                         digest: Some(to_proto(d)),

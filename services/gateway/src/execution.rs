@@ -214,11 +214,19 @@ fn stage_of(op: &Operation) -> u8 {
     }
 }
 
-/// Streams `first`, then every change of stage, ending with the done operation. A client that
-/// goes away ends the forwarding; the operation itself goes on.
-fn stream_from(first: Operation, mut updates: mpsc::Receiver<Operation>) -> OpStream {
+/// What sees an operation's final state before its client does.
+type OnDone = Box<dyn FnOnce(&Operation) + Send>;
+
+/// Streams `first`, then every change of stage, ending with the done operation, which `on_done`
+/// sees first. A client that goes away ends the forwarding; the operation itself goes on.
+fn stream_from(
+    first: Operation,
+    mut updates: mpsc::Receiver<Operation>,
+    on_done: Option<OnDone>,
+) -> OpStream {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
+        let mut on_done = on_done;
         let mut last = stage_of(&first);
         let mut done = first.is_done();
         if tx.send(Ok(to_longrunning(&first))).await.is_err() {
@@ -239,6 +247,9 @@ fn stream_from(first: Operation, mut updates: mpsc::Receiver<Operation>) -> OpSt
             }
             last = stage;
             done = op.is_done();
+            if done && let Some(f) = on_done.take() {
+                f(&op);
+            }
             if tx.send(Ok(to_longrunning(&op))).await.is_err() {
                 return;
             }
@@ -407,7 +418,7 @@ impl Gateway {
                     });
                     metrics::counter!("motorpool_gateway_executions_total", "lane" => lane.name(), "outcome" => "cached").increment(1);
                     let (_tx, rx) = mpsc::channel(1);
-                    return Ok(stream_from(op, rx));
+                    return Ok(stream_from(op, rx, None));
                 }
                 Err(ApiError::NotFound(_)) => {}
                 Err(e) => return Err(e),
@@ -427,6 +438,9 @@ impl Gateway {
                 .map_err(ApiError::from)?;
             op.not_before_ms = admission.not_before_ms;
         }
+        // Before the action is queued: a removal heard after this keeps its result out of the
+        // gateway's memory (see `hits`).
+        let ticket = self.hits.ticket();
         let frame = codec::encode(&op).map_err(|e| ApiError::Internal(e.to_string()))?;
         let rx = ops.subscribe(&op.id);
         if let Err(e) = ops.kv.create(&op.id, Bytes::from(frame)).await {
@@ -437,7 +451,9 @@ impl Gateway {
         }
         metrics::counter!("motorpool_gateway_executions_total", "lane" => lane.name(), "outcome" => "queued").increment(1);
         tracing::debug!(op = %op.id, action = %op.action, %lane, pool = %op.pool, "Queued an execution");
-        Ok(stream_from(op, rx))
+        let gateway = self.clone();
+        let remember = move |done: &Operation| gateway.remember_executed(ticket, done);
+        Ok(stream_from(op, rx, Some(Box::new(remember))))
     }
 
     /// Reads and decodes a message the client must have uploaded before Execute.
@@ -475,7 +491,7 @@ impl Gateway {
         if !who.owns(&op.client) {
             return Err(not_found(name));
         }
-        Ok(stream_from(op, rx))
+        Ok(stream_from(op, rx, None))
     }
 
     /// The operation `name`, if the caller may see it (others' are reported missing, as if they

@@ -6,18 +6,20 @@
 //!   serves FindMissingBlobs straight off the wire.
 //! - [`bytestream`]: ByteStream Read / Write / QueryWriteStatus; Read's chunks leave without a
 //!   protobuf copy.
-//! - [`ac`]: ActionCache with the completeness check.
+//! - [`ac`]: ActionCache with the completeness check; [`hits`] remembers results found complete
+//!   until a shard announces that something they reference is gone.
 //! - [`execution`]: Execution (Execute, WaitExecution) and google.longrunning Operations, over the
 //!   operation records the scheduler works from.
 //! - [`resource`]: validation of instance names, digests and resource names.
-//! - [`recent`]: small blobs just written and action-cache misses just answered, kept briefly
-//!   so that Execute saves bus round trips.
+//! - [`recent`]: small blobs just written or read and action-cache misses just answered, kept
+//!   briefly so that Execute and ByteStream reads save round trips.
 //!
 //! The shard registry, placement and the calls to shards live in `motorpool-cas-client`, which
 //! workers share; its [`ApiError`] maps once to `tonic::Status`.
 //!
 //! The gateway keeps no blob state of its own: everything lives on CAS shards (what [`recent`]
-//! holds are copies, never the only one), so gateways can be added or restarted freely.
+//! and [`hits`] hold are copies, never the only one), so gateways can be added or restarted
+//! freely.
 
 pub mod ac;
 pub mod auth;
@@ -26,6 +28,7 @@ pub mod bytestream;
 pub mod cas;
 pub mod execution;
 pub mod find_missing;
+pub mod hits;
 pub mod recent;
 pub mod resource;
 pub mod tls;
@@ -62,6 +65,7 @@ pub struct Gateway {
     /// The operation records; `None` when remote execution is switched off.
     pub(crate) operations: Option<execution::Operations>,
     pub(crate) recent: Arc<recent::Recent>,
+    pub(crate) hits: Arc<hits::Hits>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -250,11 +254,19 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
     } else {
         None
     };
+    let hits = hits::Hits::new(
+        config.hit_memory_bytes,
+        Duration::from_secs(config.hit_memory_max_age_s),
+        Duration::from_millis(config.shard_timeout_ms),
+    )
+    .listen(&bus, shutdown.clone())
+    .await?;
     let gateway = Gateway {
         config: Arc::new(config.clone()),
         shards: shards.clone(),
         operations,
-        recent: Arc::default(),
+        recent: Arc::new(recent::Recent::with_budget(config.blob_memory_bytes)),
+        hits,
     };
     let auth = auth::Auth::open(&config.auth)?;
     let reload = auth.clone();

@@ -3,9 +3,11 @@
 //! Bazel runs each remote action as GetActionResult (a miss), uploads of what is missing (the
 //! Action and Command among them), then Execute, which reads the Action and the Command and
 //! looks the action cache up again. Two small memories answer those from this process:
-//! - [`Recent::blob`]: small blobs written through this gateway *after* a shard accepted them
-//!   (shards verify every digest, so nothing unverified is kept). Content addressing makes a
-//!   kept copy correct forever; the budget only bounds memory.
+//! - [`Recent::blob`]: small blobs written through this gateway *after* a shard accepted them,
+//!   or read from a shard whole (shards verify every digest they store and re-hash what they
+//!   serve, so nothing unverified is kept). Content addressing makes a kept copy correct
+//!   forever; the budget only bounds memory. ByteStream reads of them are answered from here,
+//!   which is most outputs of an all-hit rebuild.
 //! - [`Recent::take_miss`]: action-cache misses answered in the last [`MISS_TTL`]. Execute may
 //!   skip its own lookup after one: executing an action whose result appeared in between is
 //!   wasted work, never a wrong answer, and a miss is used once.
@@ -15,9 +17,9 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// Largest blob kept (Actions and Commands are a few KiB at most).
+/// Largest blob kept (Actions and Commands are a few KiB at most, and so are most outputs).
 pub const BLOB_MAX: usize = 64 * 1024;
-/// Bytes of blobs kept; the oldest go first.
+/// Bytes of blobs kept by default; the oldest go first.
 const BLOB_BUDGET: usize = 8 << 20;
 /// How long an action-cache miss stands in for Execute's own lookup.
 pub const MISS_TTL: Duration = Duration::from_secs(10);
@@ -40,16 +42,31 @@ struct Misses {
 }
 
 /// See the module docs.
-#[derive(Default)]
 pub struct Recent {
     blobs: Mutex<Blobs>,
     misses: Mutex<Misses>,
+    budget: usize,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Recent::with_budget(BLOB_BUDGET)
+    }
 }
 
 impl Recent {
-    /// Keeps a copy of a small blob a shard has accepted (verified) under `d`.
+    /// A memory that keeps at most `budget` bytes of blobs (0: none).
+    pub fn with_budget(budget: usize) -> Recent {
+        Recent {
+            blobs: Mutex::default(),
+            misses: Mutex::default(),
+            budget,
+        }
+    }
+
+    /// Keeps a copy of a small blob a shard has accepted (verified) under `d`, or served.
     pub fn keep_blob(&self, instance: &str, d: &BlobDigest, data: &[u8]) {
-        if data.len() > BLOB_MAX || data.len() as u64 != d.size {
+        if data.len() > BLOB_MAX || data.len() as u64 != d.size || data.len() > self.budget {
             return;
         }
         let key = (instance.to_string(), *d);
@@ -60,7 +77,7 @@ impl Recent {
         b.bytes += data.len();
         b.map.insert(key.clone(), data.to_vec());
         b.order.push_back(key);
-        while b.bytes > BLOB_BUDGET {
+        while b.bytes > self.budget {
             let Some(old) = b.order.pop_front() else {
                 break;
             };
@@ -70,7 +87,7 @@ impl Recent {
         }
     }
 
-    /// A kept copy of blob `d`, if this gateway wrote it recently.
+    /// A kept copy of blob `d`, if this gateway wrote or served it recently.
     pub fn blob(&self, instance: &str, d: &BlobDigest) -> Option<Vec<u8>> {
         self.blobs
             .lock()
@@ -152,6 +169,29 @@ mod tests {
         let b = r.blobs.lock();
         assert!(b.bytes <= BLOB_BUDGET);
         assert_eq!(b.map.len(), b.order.len());
+    }
+
+    #[test]
+    fn a_smaller_budget_keeps_less_and_none_keeps_nothing() {
+        let blob = vec![1u8; 1000];
+        let d = digest_of(&blob);
+        let off = Recent::with_budget(0);
+        off.keep_blob("prod", &d, &blob);
+        assert_eq!(off.blob("prod", &d), None);
+        let small = Recent::with_budget(2500);
+        for i in 0..5u8 {
+            let b = vec![i; 1000];
+            small.keep_blob("prod", &digest_of(&b), &b);
+        }
+        assert_eq!(
+            small.blobs.lock().map.len(),
+            2,
+            "two of 1000 bytes fit in 2500"
+        );
+        assert!(
+            small.blob("prod", &digest_of(&[4u8; 1000])).is_some(),
+            "the newest stays"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod support;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use motorpool_bus::{Bus, BusError, subjects};
-use motorpool_messages::cas::{AcPut, DataReply, DataRequest, FindMissing, ShardInfo};
+use motorpool_messages::cas::{AcPut, DataReply, DataRequest, FindMissing, ShardInfo, ShardNews};
 use motorpool_messages::exec::{Alert, JobDone, JobResult};
 use motorpool_messages::{ErrorCode, codec};
 use std::time::Duration;
@@ -160,6 +160,44 @@ async fn the_bus_refuses_strangers_and_forgeries_from_every_role() {
         .subscribe("_INBOX.>".to_string())
         .await
         .unwrap();
+
+    // Tell the gateways that another shard is leaving (they would forget every result they
+    // verified): never delivered. In its own name it may (its blobs are its to announce).
+    let mut news = admin
+        .subscribe::<ShardNews>(&subjects::cas::all_news())
+        .await
+        .unwrap();
+    admin.flush().await.unwrap();
+    let forged_news = ShardNews {
+        shard_id: "cas-0".into(),
+        started_at_ms: 1,
+        seq: 99,
+        blobs: Vec::new(),
+        actions: Vec::new(),
+        leaving: true,
+    };
+    worker
+        .publish(&subjects::cas::news("cas-0"), &forged_news)
+        .await
+        .unwrap();
+    worker.flush().await.unwrap();
+    let mut heard = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_millis(2500), async {
+        while let Some(n) = news.next_from().await {
+            heard.push(n);
+        }
+    })
+    .await;
+    assert!(
+        heard
+            .iter()
+            .any(|(from, n)| from == "cas-0" && n.shard_id == "cas-0" && n.seq != 99),
+        "cas-0's own beats arrive: {heard:?}"
+    );
+    assert!(
+        heard.iter().all(|(_, n)| n != &forged_news),
+        "a forged announcement arrived: {heard:?}"
+    );
 
     // A person's command line may submit label jobs, not reach the action cache.
     let operator = connect_as(&stack, "intruder-operator", Some(&stack.nkey("operator"))).await;

@@ -759,3 +759,127 @@ async fn action_cache_never_returns_a_result_whose_blobs_are_gone() {
         err.message()
     );
 }
+
+/// Action results the gateway served from memory (see `hits` in the gateway).
+fn served_from_memory(stack: &Stack) -> u64 {
+    stack.metric("motorpool_gateway_remembered_results_served_total") as u64
+}
+
+/// The file a shard keeps a large blob in, found by its hash.
+fn blob_file(root: &std::path::Path, d: &motorpool_messages::BlobDigest) -> std::path::PathBuf {
+    let name = hex::encode(d.hash);
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().is_some_and(|n| n == name.as_str()) {
+                return p;
+            }
+        }
+    }
+    panic!("no file for {d} under {}", root.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_result_is_never_served_once_a_blob_it_uses_is_found_corrupt() {
+    // One shard and no workers: no replica to fall back on.
+    let stack = Stack::up(&["--workers", "0"]);
+    stack.wait_for_shard_news(1);
+    let mut c = stack.clients().await;
+    // Over 1 MiB: the shard keeps it in a file of its own.
+    let out = bytes(7, 3 << 20);
+    let d = sha(&out);
+    bs_write(&mut c, "", &d, &out).await.unwrap();
+    let action = proto(&sha(b"link //app:server"));
+    c.ac.update_action_result(re::UpdateActionResultRequest {
+        action_digest: Some(action.clone()),
+        action_result: Some(re::ActionResult {
+            output_files: vec![re::OutputFile {
+                path: "bin/server".into(),
+                digest: Some(proto(&d)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let get = re::GetActionResultRequest {
+        action_digest: Some(action.clone()),
+        ..Default::default()
+    };
+
+    // Found complete when it was written: hits are answered from memory.
+    let before = served_from_memory(&stack);
+    for _ in 0..3 {
+        c.ac.get_action_result(get.clone()).await.unwrap();
+    }
+    assert_eq!(served_from_memory(&stack), before + 3);
+
+    // A disk flips bytes in the output; the next read finds it out and the shard drops it.
+    let file = blob_file(&stack.dir.path().join("data/cas-0/blobs"), &d);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(b"bit rot", 1 << 20).unwrap();
+    }
+    let err = bs_read(&mut c, &read_name("", &d), 0, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // From then on the result is not served, from memory or otherwise.
+    let served = served_from_memory(&stack);
+    let err = c.ac.get_action_result(get.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(
+        err.message().contains("no longer in the CAS"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(served_from_memory(&stack), served);
+
+    // Uploaded again, the result is complete again: checked on the shards once, then
+    // remembered.
+    bs_write(&mut c, "", &d, &out).await.unwrap();
+    c.ac.get_action_result(get.clone()).await.unwrap();
+    c.ac.get_action_result(get).await.unwrap();
+    assert_eq!(served_from_memory(&stack), served + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_blobs_are_read_back_from_the_gateways_memory_exactly_as_stored() {
+    let stack = Stack::up(&["--workers", "0"]);
+    let mut c = stack.clients().await;
+    let from_memory = |s: &Stack| s.metric("motorpool_gateway_bytestream_reads_from_memory_total");
+    let small = bytes(3, 10_000);
+    let d = sha(&small);
+    bs_write(&mut c, "", &d, &small).await.unwrap();
+    let before = from_memory(&stack);
+    // Whole, from an offset, and a window: each the stored bytes, from memory.
+    let name = read_name("", &d);
+    assert_eq!(bs_read(&mut c, &name, 0, 0).await.unwrap(), small);
+    assert_eq!(
+        bs_read(&mut c, &name, 9_000, 0).await.unwrap(),
+        small[9_000..]
+    );
+    assert_eq!(
+        bs_read(&mut c, &name, 100, 50).await.unwrap(),
+        small[100..150]
+    );
+    assert_eq!(
+        bs_read(&mut c, &name, 9_990, 500).await.unwrap(),
+        small[9_990..]
+    );
+    assert_eq!(from_memory(&stack), before + 4.0);
+    // Another instance holds no copy: its read goes to the shards, which have none there.
+    let err = bs_read(&mut c, &read_name("grey", &d), 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Past the end is still refused.
+    let err = bs_read(&mut c, &name, 10_001, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(from_memory(&stack), before + 4.0);
+}

@@ -42,6 +42,8 @@ async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
         ],
     );
     let mut c = ExecClient::connect(&stack, "ci").await;
+    // cas-0 and both workers' shards.
+    stack.wait_for_shard_news(3);
 
     // An action with an output, stdout and an environment.
     let mut spec = Spec::sh("mkdir -p out && printf \"$WORD\" > out/word && echo made it");
@@ -76,9 +78,15 @@ async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
     let meta = r.execution_metadata.as_ref().unwrap();
     assert!(meta.worker.starts_with("worker-"), "{}", meta.worker);
     assert!(secs(&meta.execution_start_timestamp) >= secs(&meta.input_fetch_completed_timestamp));
-    // The same action again comes from the action cache.
+    // The same action again comes from the action cache; the gateway remembered the result
+    // the worker reported, so it answers without asking the shards.
+    let remembered = stack.metric("motorpool_gateway_remembered_results_served_total");
     let again = c.run(&spec, &[]).await;
     assert!(again.response.cached_result, "second run is a cache hit");
+    assert_eq!(
+        stack.metric("motorpool_gateway_remembered_results_served_total"),
+        remembered + 1.0
+    );
     assert_eq!(again.result().output_files, r.output_files);
 
     assert_eq!(meta.worker, "worker-0", "CPU jobs run on the CPU worker");

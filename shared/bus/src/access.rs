@@ -221,6 +221,7 @@ impl Role {
                 p.write_kv(exec::OPERATIONS_BUCKET, "*");
                 p.read_kv(cas::REGISTRY_BUCKET);
                 p.publish(shard_requests("*"));
+                p.subscribe([cas::all_news().to_string()]);
                 p.publish([
                     exec::admit().to_string(),
                     exec::cancel().to_string(),
@@ -318,7 +319,7 @@ fn shard(p: &mut Permissions, id: &str) {
     use subjects::cas;
     p.subscribe(shard_requests(id));
     p.write_kv(cas::REGISTRY_BUCKET, id);
-    p.publish([cas::heartbeat(id).to_string()]);
+    p.publish([cas::heartbeat(id).to_string(), cas::news(id).to_string()]);
 }
 
 /// The inbox prefix of the user with this public key: replies to its requests come there, and

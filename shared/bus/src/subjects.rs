@@ -105,6 +105,14 @@ pub mod cas {
     pub fn all_heartbeats() -> Subject {
         Subject::build(DOMAIN, "shard", "heartbeat", Some("*"))
     }
+    /// `ShardNews` of one shard: removals and beats, in order.
+    pub fn news(shard: &str) -> Subject {
+        Subject::build(DOMAIN, "shard", "news", Some(shard))
+    }
+    /// `ShardNews` of every shard.
+    pub fn all_news() -> Subject {
+        Subject::build(DOMAIN, "shard", "news", Some("*"))
+    }
     /// The shard registry: a JetStream KV bucket, key = shard id, value = `ShardInfo`.
     pub const REGISTRY_BUCKET: &str = "mp_v1_cas_shards";
 

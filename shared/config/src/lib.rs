@@ -120,6 +120,16 @@ pub struct GatewayConfig {
     /// Shards each written blob is stored on: the owner and `replicas - 1` more in placement
     /// order, so losing one shard (a worker) loses no blob. Default 2.
     pub replicas: usize,
+    /// Memory for action results found complete (every blob they reference present), served
+    /// again without asking the shards until a shard announces that one of those blobs is gone.
+    /// 0 checks every hit on the shards. Bytes; default 64 MiB (about 100k results).
+    pub hit_memory_bytes: usize,
+    /// A remembered result is checked on the shards again after this many seconds. Default 3600.
+    pub hit_memory_max_age_s: u64,
+    /// Memory for copies of small blobs (64 KiB at most) this gateway wrote or read whole:
+    /// Execute's Action and Command, and ByteStream reads of them, are answered from it. Bytes;
+    /// default 32 MiB.
+    pub blob_memory_bytes: usize,
     /// Who may call the gateway, and for what.
     pub auth: AuthConfig,
     /// What one client may hold of the gateway: connections, streams, silence.
@@ -249,6 +259,9 @@ impl Default for GatewayConfig {
             instance_names: Vec::new(),
             execution: true,
             replicas: 2,
+            hit_memory_bytes: 64 << 20,
+            hit_memory_max_age_s: 3600,
+            blob_memory_bytes: 32 << 20,
             bounds: BoundsConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),

@@ -283,6 +283,34 @@ pub struct BlobList {
 }
 message!(BlobList, 123, 1);
 
+/// What a shard tells everyone who keeps conclusions drawn from what it holds (the gateways'
+/// verified action results): that blobs or action-cache entries are gone from it, or, with both
+/// lists empty, only that it is alive and how many removals it has announced. A shard publishes
+/// these on one subject, in order, so a reader that finds `seq` ahead of what it has seen knows
+/// it lost one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardNews {
+    pub shard_id: String,
+    /// The shard process's start (ms since the epoch); a new one starts `seq` again at 0.
+    pub started_at_ms: u64,
+    /// Removal announcements published by this process so far, this one included.
+    pub seq: u64,
+    /// Hashes of blobs no longer on this shard (evicted, found corrupt), in any namespace.
+    pub blobs: Vec<[u8; 32]>,
+    /// Hashes of actions whose action-cache entries were deleted, in any namespace.
+    pub actions: Vec<[u8; 32]>,
+    /// The shard is stopping: everything it holds is about to be out of reach.
+    pub leaving: bool,
+}
+message!(ShardNews, 124, 1);
+
+impl ShardNews {
+    /// True when this is a heartbeat (nothing removed).
+    pub fn is_beat(&self) -> bool {
+        self.blobs.is_empty() && self.actions.is_empty()
+    }
+}
+
 impl<R: crate::Message> crate::Message for Result<R, WireError> {
     const KIND: u16 = R::KIND;
     const VERSION: u16 = R::VERSION;

@@ -233,6 +233,29 @@ impl Stack {
     }
 
     /// The text of a plaintext `GET path` on the HTTP port (whatever the port speaks).
+    /// The value of an unlabelled counter or gauge on the gateway's `/metrics` (0 before its
+    /// first increment).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.http_get("/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (up to 10 s) until the gateway has heard news from `n` shards: only then does it
+    /// remember the action results it verifies (ADR 0012).
+    pub fn wait_for_shard_news(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.metric("motorpool_gateway_shards_heard") < n as f64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway heard no news from {n} shard(s)"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn plain_http_get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.http).unwrap();
