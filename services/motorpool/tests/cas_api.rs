@@ -683,6 +683,7 @@ async fn action_cache_never_returns_a_result_whose_blobs_are_gone() {
     // A 2 MiB shard: writing 3 MiB of other blobs evicts the action's outputs.
     // One shard, no workers: a replica (and the reindexer restoring it) would keep the output.
     let stack = Stack::up(&["--shard-capacity-bytes", "2097152", "--workers", "0"]);
+    stack.wait_for_shard_news(1);
     let mut c = stack.clients().await;
     let out = bytes(1, 100_000);
     let stdout = b"compiled ok\n".to_vec();
@@ -723,6 +724,11 @@ async fn action_cache_never_returns_a_result_whose_blobs_are_gone() {
             .into_inner();
     assert_eq!(got.output_files, result.output_files);
     assert_eq!(got.stdout_raw, stdout, "stdout inlined on request");
+    assert_eq!(
+        served_from_memory(&stack),
+        1,
+        "found complete when written, then answered from the gateway's memory"
+    );
     // Another instance has no entry.
     let mut other = get.clone();
     other.instance_name = "grey".into();
@@ -751,6 +757,8 @@ async fn action_cache_never_returns_a_result_whose_blobs_are_gone() {
         .into_inner()
         .missing_blob_digests;
     assert_eq!(missing, vec![od], "the output was evicted");
+    // The shard announced the eviction before it acknowledged the write that caused it: the
+    // gateway forgot the result, and checks it on the shards.
     let err = c.ac.get_action_result(get).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(
@@ -758,6 +766,7 @@ async fn action_cache_never_returns_a_result_whose_blobs_are_gone() {
         "{}",
         err.message()
     );
+    assert_eq!(served_from_memory(&stack), 1);
 }
 
 /// Action results the gateway served from memory (see `hits` in the gateway).
