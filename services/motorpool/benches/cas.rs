@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p motorpool --bench cas` (set `MOTORPOOL_BENCH_QUICK=1` for a short smoke run,
 //! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows, `MOTORPOOL_BENCH_ONLY=bytestream,batch,find,
-//! bazel,nats` to run some sections).
+//! bazel,nats` to run some sections, `MOTORPOOL_BENCH_HIT_FLAGS="--jobs=8"` to add Bazel flags to
+//! the all-hit rebuilds).
 //!
 //! The client shares the two cores with the stack, so it is kept light, as a client that cares
 //! about throughput is: the services' allocator; ByteStream writes of 16 KiB messages whose
@@ -522,22 +523,30 @@ fn bazel_rows(rows: &mut Vec<Row>, stack: &Stack, ideal: std::net::SocketAddr, r
     use support::workspace::{Bazel, Workspace};
     let dir = tempfile::tempdir().unwrap();
     let ws = Workspace::generate(dir.path(), 50);
-    let flags = vec![
+    // Extra Bazel flags for every one of these builds (`--jobs=8`, say), from the environment.
+    let extra: Vec<String> = std::env::var("MOTORPOOL_BENCH_HIT_FLAGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let with_extra =
+        |v: Vec<String>| -> Vec<String> { v.into_iter().chain(extra.clone()).collect() };
+    let flags = with_extra(vec![
         "//...".to_string(),
         format!("--remote_cache=grpc://{}", stack.grpc),
         stack.bazel_auth(&stack.keys.ci),
-    ];
+    ]);
     // Bazel's own cache on local disk: the same all-hit rebuild with no server in between, which
     // is what Bazel's execution phase costs by itself, whichever cache it reads from.
-    let disk = vec![
+    let disk = with_extra(vec![
         "//...".to_string(),
         format!("--disk_cache={}", dir.path().join("disk-cache").display()),
-    ];
+    ]);
     // The same through a gRPC cache that costs nothing (see `ideal`): Bazel's own gRPC floor.
-    let nothing = vec![
+    let nothing = with_extra(vec![
         "//...".to_string(),
         format!("--remote_cache=grpc://{ideal}"),
-    ];
+    ]);
     let methods = ["GetActionResult", "Read"];
     let mut before = Vec::new();
     // `--batch`, a fresh JVM per command as CI often runs Bazel (`clean --expunge` between
@@ -603,7 +612,14 @@ fn bazel_rows(rows: &mut Vec<Row>, stack: &Stack, ideal: std::net::SocketAddr, r
             "warm Bazel server, after clean"
         };
         rows.push(Row {
-            name: format!("Bazel all-hit rebuild, 50 libs + 50 tests, {how}"),
+            name: format!(
+                "Bazel all-hit rebuild, 50 libs + 50 tests, {how}{}",
+                if extra.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", extra.join(" "))
+                }
+            ),
             median: format!("{h:.2} s"),
             limit: format!(
                 "floor (--nobuild) {f:.2} s; Bazel's own --disk_cache {l:.2} s; a gRPC cache \
