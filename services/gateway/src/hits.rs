@@ -30,7 +30,7 @@ use motorpool_messages::cas::ShardNews;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Results referencing more blobs than this are checked on the shards every time: remembering
@@ -169,8 +169,6 @@ pub struct Hits {
     quiet: Duration,
     /// The bus connection's connect count (1 after the first connect).
     connects: Option<Arc<async_nats::Statistics>>,
-    /// Results served from memory, for the metrics page and tests.
-    served: AtomicU64,
 }
 
 impl Hits {
@@ -182,7 +180,6 @@ impl Hits {
             max_age,
             quiet,
             connects: None,
-            served: AtomicU64::new(0),
         }
     }
 
@@ -216,8 +213,12 @@ impl Hits {
                         Some((from, n)) if from == n.shard_id => h.heard(&n, Instant::now()),
                         Some((from, n)) => tracing::warn!(subject = %from, claimed = %n.shard_id, "Ignored shard news under another shard's id"),
                         None => {
-                            // The subscription ended; without news nothing can be trusted.
-                            h.state.lock().clear();
+                            // The subscription ended; without news nothing can be trusted,
+                            // and with no shard heard from, nothing is remembered again.
+                            let mut st = h.state.lock();
+                            st.clear();
+                            st.shards.clear();
+                            drop(st);
                             tracing::warn!("Shard news subscription ended; remembered results are off");
                             break;
                         }
@@ -278,7 +279,6 @@ impl Hits {
         e.used = true;
         let result = e.result.clone();
         drop(st);
-        self.served.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("motorpool_gateway_remembered_results_served_total").increment(1);
         Some(result)
     }
@@ -466,11 +466,6 @@ impl Hits {
             flushed(&mut st, Flush::Silent);
             metrics::gauge!("motorpool_gateway_shards_heard").set(st.shards.len() as f64);
         }
-    }
-
-    /// Results served from memory so far.
-    pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
     }
 }
 
