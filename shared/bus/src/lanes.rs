@@ -45,6 +45,8 @@ pub struct Delivery<M> {
     pub queued_ms: u64,
     /// 1 for the first delivery.
     pub delivered: i64,
+    /// Jobs the server still held for this lane when it delivered this one.
+    pending: u64,
     raw: jetstream::Message,
     keepalive: CancellationToken,
 }
@@ -98,6 +100,8 @@ impl<M> Delivery<M> {
 pub struct LaneQueue<M> {
     receivers: Vec<(Lane, mpsc::Receiver<Delivery<M>>)>,
     heads: Vec<Option<Delivery<M>>>,
+    /// Per lane: more jobs were queued behind the last one taken (their fetch is under way).
+    more: Vec<bool>,
     aging_step_ms: u64,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -149,6 +153,7 @@ impl<M: Message> LaneQueue<M> {
         }
         Ok(LaneQueue {
             heads: (0..receivers.len()).map(|_| None).collect(),
+            more: vec![false; receivers.len()],
             receivers,
             aging_step_ms: options.aging_step_ms,
             shutdown,
@@ -158,17 +163,51 @@ impl<M: Message> LaneQueue<M> {
     }
 
     /// The next job by the lane rule; waits while every lane is empty. `None` once closed.
+    ///
+    /// A higher lane whose next job is still being fetched (the server said more were queued
+    /// behind the last one) is waited for, briefly, before a lower lane's job is handed out:
+    /// otherwise a backlog in both would hand out lower-lane jobs between higher-lane ones.
     pub async fn next(&mut self) -> Option<Delivery<M>> {
+        /// How long a lane that said it had more may take to deliver it (another consumer may
+        /// have taken it meanwhile).
+        const FETCHING: Duration = Duration::from_millis(250);
         loop {
-            for (i, (_, rx)) in self.receivers.iter_mut().enumerate() {
+            for i in 0..self.receivers.len() {
                 if self.heads[i].is_none()
-                    && let Ok(d) = rx.try_recv()
+                    && let Ok(d) = self.receivers[i].1.try_recv()
                 {
                     self.heads[i] = Some(d);
                 }
             }
             if let Some(best) = self.best(now_ms()) {
-                return self.heads[best].take();
+                let rank = self.heads[best].as_ref().map_or(0, |d| {
+                    d.lane
+                        .effective_rank(now_ms().saturating_sub(d.queued_ms), self.aging_step_ms)
+                });
+                let coming: Vec<usize> = (0..self.receivers.len())
+                    .filter(|&i| {
+                        self.heads[i].is_none() && self.more[i] && self.receivers[i].0.rank() > rank
+                    })
+                    .collect();
+                if !coming.is_empty() {
+                    let waits = self
+                        .receivers
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| coming.contains(i))
+                        .map(|(i, (_, rx))| Box::pin(async move { (i, rx.recv().await) }));
+                    match tokio::time::timeout(FETCHING, futures::future::select_all(waits)).await {
+                        Ok(((i, Some(d)), _, _)) => {
+                            self.heads[i] = Some(d);
+                            continue;
+                        }
+                        Ok(((_, None), _, _)) => return None,
+                        Err(_) => coming.iter().for_each(|&i| self.more[i] = false),
+                    }
+                }
+                let d = self.heads[best].take()?;
+                self.more[best] = d.pending > 0;
+                return Some(d);
             }
             let waits = self
                 .receivers
@@ -290,15 +329,16 @@ async fn fetch_lane<M: Message>(
                 }
                 None => break,
             };
-            let (queued_ms, delivered) = raw
+            let (queued_ms, delivered, pending) = raw
                 .info()
                 .map(|i| {
                     (
                         (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
                         i.delivered,
+                        i.pending,
                     )
                 })
-                .unwrap_or((now_ms(), 1));
+                .unwrap_or((now_ms(), 1, 0));
             let msg = match codec::decode::<M>(&raw.payload) {
                 Ok(m) => m,
                 Err(error) => {
@@ -316,6 +356,7 @@ async fn fetch_lane<M: Message>(
                 lane,
                 queued_ms,
                 delivered,
+                pending,
                 raw,
                 keepalive,
             };

@@ -251,6 +251,61 @@ async fn broadcast_and_kv_survive_a_server_restart() {
     assert_eq!(got, info);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_in_a_higher_lane_is_handed_out_whole_before_a_lower_one() {
+    use motorpool_bus::{LaneQueue, LaneQueueOptions};
+    use motorpool_messages::exec::Lane;
+    use motorpool_messages::label::{LabelJob, LabelParams, Stage};
+
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    bus.ensure_stream(subjects::label::jobs_stream_config())
+        .await
+        .unwrap();
+    // Lint first, then release: the picker holds one job per lane, so each further release job
+    // is still on its way from the server when the next pick is made.
+    for (lane, n) in [(Lane::Lint, 6), (Lane::Release, 6)] {
+        for i in 0..n {
+            let job = LabelJob {
+                job_id: format!("{}-{i}", lane.name()),
+                clip_id: "c".into(),
+                clip_dir: "/nowhere".into(),
+                lane,
+                submitted_ms: 0,
+                params: LabelParams::default(),
+                outputs: vec![],
+            };
+            bus.enqueue(&subjects::label::run(Stage::Prelabel, lane), &job)
+                .await
+                .unwrap();
+        }
+    }
+    let options = LaneQueueOptions {
+        consumer: |l| subjects::label::consumer(Stage::Prelabel, l),
+        subject: |l| subjects::label::run(Stage::Prelabel, l),
+        aging_step_ms: 3_600_000,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 5,
+    };
+    let mut queue =
+        LaneQueue::<LabelJob>::open(&bus, subjects::label::jobs_stream_config(), options)
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut order = Vec::new();
+    for _ in 0..12 {
+        let d = tokio::time::timeout(Duration::from_secs(5), queue.next())
+            .await
+            .unwrap()
+            .unwrap();
+        order.push(d.lane);
+        d.ack().await.unwrap();
+    }
+    assert!(order[..6].iter().all(|l| *l == Lane::Release), "{order:?}");
+    assert!(order[6..].iter().all(|l| *l == Lane::Lint), "{order:?}");
+    queue.close().await;
+}
+
 #[tokio::test]
 async fn lane_queues_hand_out_release_first_then_fifo_and_redeliver_dropped_jobs() {
     use motorpool_bus::{LaneQueue, LaneQueueOptions};
