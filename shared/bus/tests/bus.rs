@@ -12,6 +12,42 @@ async fn bus(server: &NatsServer) -> Bus {
         .unwrap()
 }
 
+/// A labeling job for the lane-queue tests.
+fn label_job(
+    id: &str,
+    lane: motorpool_messages::exec::Lane,
+) -> motorpool_messages::label::LabelJob {
+    motorpool_messages::label::LabelJob {
+        job_id: id.into(),
+        clip_id: "c".into(),
+        clip_dir: "/nowhere".into(),
+        lane,
+        submitted_ms: 0,
+        params: motorpool_messages::label::LabelParams::default(),
+        outputs: vec![],
+    }
+}
+
+/// The `mapping` (`prelabel`) stage's lane queues, as the labeling stages open them.
+fn lane_options(prelabel: bool, ack_wait: Duration) -> motorpool_bus::LaneQueueOptions {
+    use motorpool_messages::label::Stage;
+    motorpool_bus::LaneQueueOptions {
+        consumer: if prelabel {
+            |l| subjects::label::consumer(Stage::Prelabel, l)
+        } else {
+            |l| subjects::label::consumer(Stage::Mapping, l)
+        },
+        subject: if prelabel {
+            |l| subjects::label::run(Stage::Prelabel, l)
+        } else {
+            |l| subjects::label::run(Stage::Mapping, l)
+        },
+        aging_step_ms: 3_600_000,
+        ack_wait,
+        max_deliver: 5,
+    }
+}
+
 #[tokio::test]
 async fn request_reply_with_typed_errors_and_malformed_frames() {
     let server = NatsServer::start().unwrap();
@@ -253,9 +289,9 @@ async fn broadcast_and_kv_survive_a_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_in_a_higher_lane_is_handed_out_whole_before_a_lower_one() {
-    use motorpool_bus::{LaneQueue, LaneQueueOptions};
+    use motorpool_bus::LaneQueue;
     use motorpool_messages::exec::Lane;
-    use motorpool_messages::label::{LabelJob, LabelParams, Stage};
+    use motorpool_messages::label::{LabelJob, Stage};
 
     let server = NatsServer::start().unwrap();
     let bus = bus(&server).await;
@@ -266,27 +302,13 @@ async fn a_backlog_in_a_higher_lane_is_handed_out_whole_before_a_lower_one() {
     // is still on its way from the server when the next pick is made.
     for (lane, n) in [(Lane::Lint, 6), (Lane::Release, 6)] {
         for i in 0..n {
-            let job = LabelJob {
-                job_id: format!("{}-{i}", lane.name()),
-                clip_id: "c".into(),
-                clip_dir: "/nowhere".into(),
-                lane,
-                submitted_ms: 0,
-                params: LabelParams::default(),
-                outputs: vec![],
-            };
+            let job = label_job(&format!("{}-{i}", lane.name()), lane);
             bus.enqueue(&subjects::label::run(Stage::Prelabel, lane), &job)
                 .await
                 .unwrap();
         }
     }
-    let options = LaneQueueOptions {
-        consumer: |l| subjects::label::consumer(Stage::Prelabel, l),
-        subject: |l| subjects::label::run(Stage::Prelabel, l),
-        aging_step_ms: 3_600_000,
-        ack_wait: Duration::from_secs(30),
-        max_deliver: 5,
-    };
+    let options = lane_options(true, Duration::from_secs(30));
     let mut queue =
         LaneQueue::<LabelJob>::open(&bus, subjects::label::jobs_stream_config(), options)
             .await
@@ -294,9 +316,9 @@ async fn a_backlog_in_a_higher_lane_is_handed_out_whole_before_a_lower_one() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut order = Vec::new();
     for _ in 0..12 {
-        let d = tokio::time::timeout(Duration::from_secs(5), queue.next())
+        let d = tokio::time::timeout(Duration::from_secs(10), queue.next())
             .await
-            .unwrap()
+            .unwrap_or_else(|_| panic!("no job after {order:?}"))
             .unwrap();
         order.push(d.lane);
         d.ack().await.unwrap();
@@ -308,21 +330,12 @@ async fn a_backlog_in_a_higher_lane_is_handed_out_whole_before_a_lower_one() {
 
 #[tokio::test]
 async fn lane_queues_hand_out_release_first_then_fifo_and_redeliver_dropped_jobs() {
-    use motorpool_bus::{LaneQueue, LaneQueueOptions};
+    use motorpool_bus::LaneQueue;
     use motorpool_messages::exec::Lane;
-    use motorpool_messages::label::{LabelJob, LabelParams, Stage};
+    use motorpool_messages::label::{LabelJob, Stage};
 
     let server = NatsServer::start().unwrap();
     let bus = bus(&server).await;
-    let job = |id: &str, lane: Lane| LabelJob {
-        job_id: id.into(),
-        clip_id: "c".into(),
-        clip_dir: "/nowhere".into(),
-        lane,
-        submitted_ms: 0,
-        params: LabelParams::default(),
-        outputs: vec![],
-    };
     bus.ensure_stream(subjects::label::jobs_stream_config())
         .await
         .unwrap();
@@ -333,17 +346,14 @@ async fn lane_queues_hand_out_release_first_then_fifo_and_redeliver_dropped_jobs
         ("release-1", Lane::Release),
         ("test-2", Lane::Test),
     ] {
-        bus.enqueue(&subjects::label::run(Stage::Mapping, lane), &job(id, lane))
-            .await
-            .unwrap();
+        bus.enqueue(
+            &subjects::label::run(Stage::Mapping, lane),
+            &label_job(id, lane),
+        )
+        .await
+        .unwrap();
     }
-    let options = LaneQueueOptions {
-        consumer: |l| subjects::label::consumer(Stage::Mapping, l),
-        subject: |l| subjects::label::run(Stage::Mapping, l),
-        aging_step_ms: 3_600_000,
-        ack_wait: Duration::from_secs(1),
-        max_deliver: 5,
-    };
+    let options = lane_options(false, Duration::from_secs(1));
     let mut queue =
         LaneQueue::<LabelJob>::open(&bus, subjects::label::jobs_stream_config(), options.clone())
             .await
