@@ -179,29 +179,21 @@ impl<M: Message> LaneQueue<M> {
                     self.heads[i] = Some(d);
                 }
             }
-            if let Some(best) = self.best(now_ms()) {
-                let rank = self.heads[best].as_ref().map_or(0, |d| {
-                    d.lane
-                        .effective_rank(now_ms().saturating_sub(d.queued_ms), self.aging_step_ms)
-                });
+            if let Some((best, rank)) = self.best(now_ms()) {
                 let coming: Vec<usize> = (0..self.receivers.len())
                     .filter(|&i| {
                         self.heads[i].is_none() && self.more[i] && self.receivers[i].0.rank() > rank
                     })
                     .collect();
                 if !coming.is_empty() {
-                    let waits = self
-                        .receivers
-                        .iter_mut()
-                        .enumerate()
-                        .filter(|(i, _)| coming.contains(i))
-                        .map(|(i, (_, rx))| Box::pin(async move { (i, rx.recv().await) }));
-                    match tokio::time::timeout(FETCHING, futures::future::select_all(waits)).await {
-                        Ok(((i, Some(d)), _, _)) => {
+                    match tokio::time::timeout(FETCHING, self.recv_any(|i| coming.contains(&i)))
+                        .await
+                    {
+                        Ok((i, Some(d))) => {
                             self.heads[i] = Some(d);
                             continue;
                         }
-                        Ok(((_, None), _, _)) => return None,
+                        Ok((_, None)) => return None,
                         Err(_) => coming.iter().for_each(|&i| self.more[i] = false),
                     }
                 }
@@ -209,22 +201,28 @@ impl<M: Message> LaneQueue<M> {
                 self.more[best] = d.pending > 0;
                 return Some(d);
             }
-            let waits = self
-                .receivers
-                .iter_mut()
-                .enumerate()
-                .map(|(i, (_, rx))| Box::pin(async move { (i, rx.recv().await) }));
-            let ((i, got), _, _) = futures::future::select_all(waits).await;
-            match got {
-                Some(d) => self.heads[i] = Some(d),
-                None => return None,
+            match self.recv_any(|_| true).await {
+                (i, Some(d)) => self.heads[i] = Some(d),
+                (_, None) => return None,
             }
         }
     }
 
-    /// The index of the head to take: highest effective rank, then the older, then the higher
-    /// base lane.
-    fn best(&self, now: u64) -> Option<usize> {
+    /// The first job to arrive from any of the lanes `wanted` picks (by index), with its lane's
+    /// index; `None` with it when that lane's fetching has ended.
+    async fn recv_any(&mut self, wanted: impl Fn(usize) -> bool) -> (usize, Option<Delivery<M>>) {
+        let waits = self
+            .receivers
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| wanted(*i))
+            .map(|(i, (_, rx))| Box::pin(async move { (i, rx.recv().await) }));
+        futures::future::select_all(waits).await.0
+    }
+
+    /// The index of the head to take, and its effective rank: highest effective rank, then the
+    /// older, then the higher base lane.
+    fn best(&self, now: u64) -> Option<(usize, u32)> {
         let mut best: Option<(u32, u64, u32, usize)> = None;
         for (i, d) in self.heads.iter().enumerate() {
             let Some(d) = d else { continue };
@@ -245,7 +243,7 @@ impl<M: Message> LaneQueue<M> {
                 best = Some(key);
             }
         }
-        best.map(|b| b.3)
+        best.map(|b| (b.3, b.0))
     }
 
     /// Hands jobs to `handle`, at most `concurrency` at a time, taking a job from the queue only
