@@ -112,6 +112,7 @@ fn burn_secs(dir: &Path, img: &Image, n: usize) -> (f64, f64) {
         esp_bytes: 32 * MIB,
         slots: 2,
         overlay_percent: 10,
+        by_size: Vec::new(),
         // The menu is a few small files; the table measures the image's bytes.
         boot_menu: false,
     };

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// The channel's newest `n` images in the store, oldest first: `(id, image file)`.
+/// The channel's newest `n` images in the store, oldest first: `(id, image directory)`.
 pub fn newest_images(store: &Path, channel: &str, n: usize) -> Vec<(String, PathBuf)> {
     let mut found: Vec<(u64, String, PathBuf)> = std::fs::read_dir(store.join(channel))
         .into_iter()
@@ -37,7 +37,7 @@ pub fn newest_images(store: &Path, channel: &str, n: usize) -> Vec<(String, Path
             Some((
                 m["built_at_ms"].as_u64()?,
                 m["image"]["id"].as_str()?.to_string(),
-                e.path().join("image.ext4"),
+                e.path(),
             ))
         })
         .collect();
@@ -62,7 +62,16 @@ fn status(burner: &str, drive: &Path, image: &str, s: &DriveState) -> DriveStatu
         DriveState::Verifying { slot, done, total } => {
             (DriveKind::Verifying, *slot, *done, *total, String::new())
         }
-        DriveState::Ready { slot, .. } => (DriveKind::Ready, *slot, 0, 0, String::new()),
+        DriveState::Ready { slot, replaced, .. } => (
+            DriveKind::Ready,
+            *slot,
+            0,
+            0,
+            replaced
+                .as_ref()
+                .map(|r| format!("replaced {r}, the oldest image that was not the default"))
+                .unwrap_or_default(),
+        ),
         DriveState::Failed { reason } => (DriveKind::Failed, 0, 0, 0, reason.clone()),
     };
     DriveStatus {
@@ -182,7 +191,23 @@ pub async fn serve(
             }
         })
     };
-    let layout = LayoutOptions::default();
+    let layout = LayoutOptions {
+        slots: config.slots,
+        overlay_percent: config.overlay_percent,
+        by_size: config.layouts.clone(),
+        ..Default::default()
+    };
+    let trusted = match &config.trusted_keys_file {
+        Some(f) => Some(Arc::new(
+            crate::sign::TrustedKeys::read(f).map_err(anyhow::Error::msg)?,
+        )),
+        None => {
+            tracing::warn!(
+                "no trusted_keys_file: image manifests are checked for integrity, not for who signed them"
+            );
+            None
+        }
+    };
     let loaded: Arc<Mutex<HashMap<String, Arc<Image>>>> = Arc::default();
     let mut known: HashMap<PathBuf, Seen> = HashMap::new();
     let sysfs = Sysfs::host();
@@ -226,6 +251,7 @@ pub async fn serve(
                                 loaded: loaded.clone(),
                                 config: config.clone(),
                                 layout: layout.clone(),
+                                trusted: trusted.clone(),
                             };
                             tokio::task::spawn_blocking(move || job.run(&path));
                         }
@@ -283,13 +309,16 @@ fn changes(known: &mut HashMap<PathBuf, Seen>, drives: Vec<Seen>) -> Vec<(PathBu
     out
 }
 
-/// One drive's job: load the channel's newest images (each once for all drives) and burn them.
+/// One drive's job: load the channel's newest images (each once for all drives, checked against
+/// their manifests and signatures) and burn them.
 struct Job {
     tx: tokio::sync::mpsc::UnboundedSender<DriveStatus>,
     burner: String,
+    /// Images loaded for the jobs: only the channel's current newest stay.
     loaded: Arc<Mutex<HashMap<String, Arc<Image>>>>,
     config: FleetConfig,
     layout: LayoutOptions,
+    trusted: Option<Arc<crate::sign::TrustedKeys>>,
 }
 
 impl Job {
@@ -300,15 +329,19 @@ impl Job {
             loaded,
             config,
             layout,
+            trusted,
         } = self;
         let _ = tx.send(status(&burner, path, "", &DriveState::Inserted));
         let mut images = Vec::new();
-        for (id, file) in newest_images(&config.store_dir, &config.channel, config.images_per_drive)
-        {
+        let newest = newest_images(&config.store_dir, &config.channel, config.images_per_drive);
+        if let Ok(mut m) = loaded.lock() {
+            m.retain(|id, _| newest.iter().any(|(n, _)| n == id));
+        }
+        for (id, dir) in newest {
             let cached = loaded.lock().ok().and_then(|m| m.get(&id).cloned());
             let img = match cached {
                 Some(i) => i,
-                None => match Image::load(&file, &id) {
+                None => match Image::load_stored(&dir, trusted.as_deref()) {
                     Ok(i) => {
                         let i = Arc::new(i);
                         if let Ok(mut m) = loaded.lock() {
@@ -317,7 +350,7 @@ impl Job {
                         i
                     }
                     Err(e) => {
-                        let reason = format!("image {id}: {e}");
+                        let reason = format!("image {id} refused, drive untouched: {e}");
                         let _ = tx.send(status(&burner, path, &id, &DriveState::Failed { reason }));
                         return;
                     }

@@ -1,5 +1,6 @@
-//! The boot test: a burned drive boots in qemu with OVMF (UEFI firmware, software emulation is
-//! enough) far enough to show that the master menu finds every image on it.
+//! The boot test: a burned drive boots in qemu with OVMF (UEFI firmware; KVM where `/dev/kvm`
+//! can be opened, software emulation otherwise) far enough to show that the master menu finds
+//! every image on it.
 //!
 //! The drive is attached read-only (`snapshot=on`: nothing the guest does reaches it). GRUB
 //! runs the master menu, whose first lines say, for every slot, whether GRUB could read the
@@ -18,6 +19,10 @@ pub struct BootReport {
     pub images: Vec<(usize, String, String)>,
     pub menu_shown: bool,
     pub seconds: f64,
+    /// `kvm` or `tcg` (software emulation).
+    pub accelerator: &'static str,
+    /// Why KVM was given up for software emulation, when `/dev/kvm` was there but failed.
+    pub kvm_failed: Option<String>,
     /// The serial console, for a human when something is off.
     pub console: String,
 }
@@ -29,6 +34,8 @@ pub enum BootError {
     Setup(String),
     #[error("the drive did not reach its menu within {waited:?}; console:\n{console}")]
     Timeout { waited: Duration, console: String },
+    #[error("qemu stopped ({0})")]
+    Qemu(String),
 }
 
 fn firmware() -> Result<(PathBuf, PathBuf), BootError> {
@@ -52,8 +59,29 @@ fn firmware() -> Result<(PathBuf, PathBuf), BootError> {
 }
 
 /// Boots `drive` until its menu has reported on `expected` slots (or every slot it lists, once
-/// the menu is up), within `limit`.
+/// the menu is up), within `limit`: with KVM where `/dev/kvm` opens, and again with software
+/// emulation if KVM fails (a nested or restricted KVM can refuse the guest's first instructions).
 pub fn boot_test(drive: &Path, expected: usize, limit: Duration) -> Result<BootReport, BootError> {
+    if accelerator() == "kvm" {
+        match boot_with(drive, expected, limit, "kvm") {
+            Err(BootError::Qemu(why)) => {
+                let mut r = boot_with(drive, expected, limit, "tcg")?;
+                r.kvm_failed = Some(why);
+                Ok(r)
+            }
+            other => other,
+        }
+    } else {
+        boot_with(drive, expected, limit, "tcg")
+    }
+}
+
+fn boot_with(
+    drive: &Path,
+    expected: usize,
+    limit: Duration,
+    accelerator: &'static str,
+) -> Result<BootReport, BootError> {
     let (code, vars) = firmware()?;
     let work = std::env::temp_dir().join(format!(
         "motorpool-boot-{}-{}",
@@ -64,8 +92,11 @@ pub fn boot_test(drive: &Path, expected: usize, limit: Duration) -> Result<BootR
     let vars_copy = work.join("vars.fd");
     std::fs::copy(&vars, &vars_copy)
         .map_err(|e| BootError::Setup(format!("{}: {e}", vars.display())))?;
+    let errors = work.join("qemu.err");
+    let stderr = std::fs::File::create(&errors).map_err(|e| BootError::Setup(e.to_string()))?;
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", accelerator])
         .args([
             "-machine",
             "q35",
@@ -94,7 +125,7 @@ pub fn boot_test(drive: &Path, expected: usize, limit: Duration) -> Result<BootR
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .map_err(|e| {
             BootError::Setup(format!(
@@ -124,8 +155,25 @@ pub fn boot_test(drive: &Path, expected: usize, limit: Duration) -> Result<BootR
                 images,
                 menu_shown,
                 seconds: start.elapsed().as_secs_f64(),
+                accelerator,
+                kvm_failed: None,
                 console: text,
             });
+        }
+        // qemu gone, or its guest stopped by a KVM error (qemu then waits, paused).
+        let err = std::fs::read_to_string(&errors).unwrap_or_default();
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || err.contains("KVM internal error") {
+            let why: Vec<&str> = err
+                .lines()
+                .filter(|l| !l.contains("warning:"))
+                .take(3)
+                .collect();
+            break Err(BootError::Qemu(format!(
+                "{}{}",
+                exited.map(|s| format!("{s}: ")).unwrap_or_default(),
+                why.join("; ")
+            )));
         }
         if start.elapsed() > limit {
             break Err(BootError::Timeout {
@@ -148,6 +196,16 @@ pub fn boot_test(drive: &Path, expected: usize, limit: Duration) -> Result<BootR
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// `kvm` when this process may use `/dev/kvm`, else `tcg`.
+pub fn accelerator() -> &'static str {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if kvm { "kvm" } else { "tcg" }
 }
 
 /// The `motorpool: slot N image X <status>` lines of a console.

@@ -3,16 +3,23 @@
 //! For each drive, in its own thread:
 //! 1. **Interlock.** Read the GPT; a drive without one, or whose disk GUID does not start with
 //!    `00000000`, is refused and not one byte of it is written.
-//! 2. **Slot.** A drive that already holds the image is only verified. Otherwise the first empty
-//!    slot, else the one burned longest ago (a burn sequence number kept in the partition's
-//!    type-specific attribute bits), is marked empty in the GPT and written. A marked drive
-//!    without Motorpool partitions is laid out first ([`crate::layout::plan`]).
+//! 2. **Slot.** A drive that already holds the image (the same id, and the slot's record, the
+//!    last 4 KiB of its partition where the image leaves them free, names the same BLAKE3, or
+//!    there is no record) is only verified. Otherwise a slot with
+//!    the same id but other content (a rebuild), else the first empty slot, else the one burned
+//!    longest ago (a burn sequence number kept in the partition's type-specific attribute bits)
+//!    that does not hold the drive's default image, is marked empty in the GPT and written; the
+//!    image it replaces is reported. When only the default's slot is left, the burn is refused.
+//!    A marked drive without Motorpool partitions is laid out first ([`crate::layout::plan`]).
 //! 3. **Write** only the image's mapped ranges, from the one in-memory copy every drive shares, in
 //!    large aligned writes with `O_DIRECT` where the target allows it; then `fsync`, then name the
 //!    slot after the image in the GPT. A drive pulled mid-burn (its bay file gone, or I/O
 //!    errors) ends its job as `Failed`; the others go on.
 //! 4. **Verify** by reading the ranges back with `O_DIRECT` (or after dropping the drive's pages
 //!    from the cache where `O_DIRECT` is refused) and comparing each range's BLAKE3.
+//! 5. **Record and name.** Write the slot's record (id, size, BLAKE3), then the ESP's menu with
+//!    the image in it, and only then name the slot after the image in the GPT: a slot is named
+//!    only when the whole burn, boot menu included, succeeded.
 
 use crate::gpt::{Gpt, GptError, SECTOR};
 use crate::image::Image;
@@ -49,6 +56,8 @@ pub enum DriveState {
         slot: usize,
         image: String,
         verify_only: bool,
+        /// The image this burn replaced in a full drive's slot.
+        replaced: Option<String>,
     },
     Failed {
         reason: String,
@@ -255,9 +264,15 @@ fn burn_inner(
     let id = &image.manifest.id;
     let slots = layout::slots(&gpt);
     // 2. The slot.
-    if let Some(s) = slots
+    let same_id = slots
         .iter()
-        .find(|s| s.image.as_deref() == Some(id.as_str()))
+        .find(|s| s.image.as_deref() == Some(id.as_str()));
+    // A slot records what it holds when the image leaves room for the record; without one
+    // (an image that fills its slot, a drive burned before records) the id decides.
+    if let Some(s) = same_id
+        && read_record(&drive, &s.partition)
+            .filter(|r| r.id == *id)
+            .is_none_or(|r| r.blake3 == image.manifest.blake3)
     {
         verify(
             &drive,
@@ -272,15 +287,29 @@ fn burn_inner(
             slot: s.number,
             image: id.clone(),
             verify_only: true,
+            replaced: None,
         });
     }
+    let default = crate::esp::read_default(path, &gpt).ok().flatten();
     let seq = |p: &crate::gpt::Partition| p.attributes >> 48;
-    let target = slots
-        .iter()
-        .find(|s| s.image.is_none())
-        .or_else(|| slots.iter().min_by_key(|s| seq(&s.partition)))
+    let target = same_id
+        .or_else(|| slots.iter().find(|s| s.image.is_none()))
+        .or_else(|| {
+            slots
+                .iter()
+                .filter(|s| default.is_none() || s.image != default)
+                .min_by_key(|s| seq(&s.partition))
+        })
         .cloned()
-        .ok_or_else(|| failed("the drive has no image slot"))?;
+        .ok_or_else(|| match &default {
+            Some(d) => failed(format!(
+                "every slot holds the default image {d}, which is never replaced: make another \
+                 image the default (`motorpool drives set-default`) or lay the drive out with \
+                 more slots"
+            )),
+            None => failed("the drive has no image slot"),
+        })?;
+    let replaced = target.image.clone().filter(|i| i != id);
     if image.manifest.size > target.partition.len() {
         return Err(failed(format!(
             "image {id} ({} bytes) does not fit slot {} ({} bytes)",
@@ -294,6 +323,8 @@ fn burn_inner(
     drive
         .write_gpt(&gpt)
         .map_err(|e| failed(format!("cannot update the GPT: {e}")))?;
+    clear_record(&drive, &target.partition)
+        .map_err(|e| failed(format!("cannot clear the slot's record: {e}")))?;
 
     // 3. Write.
     let base = target.partition.offset();
@@ -345,20 +376,89 @@ fn burn_inner(
     if !drive.present() {
         return Err(failed("the drive was removed during the burn"));
     }
-    // 4. Verify, then name the slot: a slot is named only after its bytes were read back.
+    // 4. Verify. 5. Record, menu, name: a slot is named only when the whole burn succeeded.
     verify(&drive, image, target.number, base, on_state, report)?;
+    if image.manifest.size + RECORD <= target.partition.len() {
+        write_record(&drive, &target.partition, image)
+            .map_err(|e| failed(format!("cannot write the slot's record: {e}")))?;
+    }
     let p = &mut gpt.partitions[target.index];
     p.name = format!("mp:{id}");
     p.attributes = (p.attributes & 0x0000_ffff_ffff_ffff) | (next_seq.min(0xffff) << 48);
+    boot_menu(path, &gpt, layout_opts)?;
     drive
         .write_gpt(&gpt)
         .map_err(|e| failed(format!("cannot update the GPT: {e}")))?;
-    boot_menu(path, &gpt, layout_opts)?;
     Ok(DriveState::Ready {
         slot: target.number,
         image: id.clone(),
         verify_only: false,
+        replaced,
     })
+}
+
+/// Bytes at the end of an image partition that record what the slot holds, when the image
+/// leaves them free (ext4 never touches bytes past its own size).
+pub const RECORD: u64 = 4096;
+const RECORD_MAGIC: &str = "motorpool-slot-v1";
+
+/// What a slot's record says it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotRecord {
+    pub id: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+fn record_at(p: &crate::gpt::Partition) -> u64 {
+    p.offset() + p.len() - RECORD
+}
+
+fn write_record(drive: &Drive, p: &crate::gpt::Partition, image: &Image) -> std::io::Result<()> {
+    let m = &image.manifest;
+    let text = format!(
+        "{RECORD_MAGIC}\nid={}\nsize={}\nblake3={}\n",
+        m.id, m.size, m.blake3
+    );
+    let mut block = vec![0u8; RECORD as usize];
+    block[..text.len()].copy_from_slice(text.as_bytes());
+    drive.file.write_all_at(&block, record_at(p))?;
+    drive.file.sync_data()
+}
+
+/// Zeroes the slot's record, before an image is written into the slot: a record left by an
+/// earlier image must not speak for the next (whose own bytes may then cover the area).
+fn clear_record(drive: &Drive, p: &crate::gpt::Partition) -> std::io::Result<()> {
+    if p.len() < RECORD {
+        return Ok(());
+    }
+    drive
+        .file
+        .write_all_at(&[0u8; RECORD as usize], record_at(p))?;
+    drive.file.sync_data()
+}
+
+/// The record of the slot in partition `p`, when it has a well-formed one.
+pub fn read_slot_record(drive: &File, p: &crate::gpt::Partition) -> Option<SlotRecord> {
+    if p.len() < RECORD {
+        return None;
+    }
+    let mut block = vec![0u8; RECORD as usize];
+    drive.read_exact_at(&mut block, record_at(p)).ok()?;
+    let end = block.iter().position(|&b| b == 0).unwrap_or(block.len());
+    let text = std::str::from_utf8(&block[..end]).ok()?;
+    let mut lines = text.lines();
+    (lines.next()? == RECORD_MAGIC).then_some(())?;
+    let mut field = |k: &str| lines.next()?.strip_prefix(k).map(str::to_string);
+    Some(SlotRecord {
+        id: field("id=")?,
+        size: field("size=")?.parse().ok()?,
+        blake3: field("blake3=")?,
+    })
+}
+
+fn read_record(drive: &Drive, p: &crate::gpt::Partition) -> Option<SlotRecord> {
+    read_slot_record(&drive.file, p)
 }
 
 /// Writes the ESP (GRUB, the master menu listing every image) when the options ask for it.

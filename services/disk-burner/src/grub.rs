@@ -88,7 +88,7 @@ mod tests {
         let mut gpt = plan(disk, (4u64 << 30) / 512, &LayoutOptions::default()).unwrap();
         assert!(master_config(&gpt, None).contains("No image on this drive"));
         for (slot, (name, seq)) in [(1, ("v1", 1u64)), (3, ("v3", 3)), (2, ("v2", 2))] {
-            let i = 2 * slot - 1;
+            let i = slot;
             gpt.partitions[i].name = format!("mp:{name}");
             gpt.partitions[i].attributes = seq << 48;
         }
@@ -102,12 +102,12 @@ mod tests {
         );
         assert!(cfg.find("image v3").unwrap() < cfg.find("image v1").unwrap());
         assert!(
-            cfg.contains("set mp_overlay_partuuid=\"55555555-0002-ab12-"),
+            cfg.contains("set mp_overlay_partuuid=\"55555555-ab12-4000-8000-555555555555\""),
             "{cfg}"
         );
         assert!(
-            cfg.contains("gpt4)"),
-            "slot 2's image is partition 4:\n{cfg}"
+            cfg.contains("gpt3)"),
+            "slot 2's image is partition 3:\n{cfg}"
         );
         let cfg = master_config(&gpt, Some("v1"));
         assert!(cfg.contains("set default=\"slot-1\""), "{cfg}");

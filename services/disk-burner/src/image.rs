@@ -4,6 +4,12 @@
 //! `SEEK_DATA`/`SEEK_HOLE`, as `mkfs.ext4 -d` leaves unused blocks as holes in a sparse file).
 //! Only those ranges are written and verified: what a filesystem does not use does not matter,
 //! as with bmaptool. Each range carries its own BLAKE3, so a verify names the range that differs.
+//!
+//! An image from the store is loaded against its manifest ([`Image::load_stored`]): the manifest's
+//! signature first (when the burner trusts keys: [`crate::sign`]), then the file's size and every
+//! range's BLAKE3, and the whole-image BLAKE3 from those ranges, before any drive is touched. A
+//! bare file ([`Image::load`]) has no manifest to be checked against; it must at least be an ext4
+//! file system whose blocks fit in the file.
 
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
@@ -76,6 +82,94 @@ pub fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64
     Ok(out)
 }
 
+/// Why an image was refused before burning.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Refused {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+fn refused(path: &Path, reason: impl Into<String>) -> ImageError {
+    ImageError::Refused {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks that `head` (the image's first 4 KiB at least) starts an ext4 file system whose blocks
+/// fit in `size` bytes.
+pub fn check_ext4(head: &[u8], size: u64) -> Result<(), String> {
+    if head.len() < 2048 || head[1080..1082] != [0x53, 0xef] {
+        return Err("not an ext4 file system (no superblock magic at byte 1080)".into());
+    }
+    let le32 =
+        |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]) as u64;
+    let log = le32(1024 + 24);
+    if log > 6 {
+        return Err(format!(
+            "corrupt ext4 superblock (block size 2^{})",
+            10 + log
+        ));
+    }
+    let blocks = le32(1024 + 4) | (le32(1024 + 0x150) << 32);
+    let needed = blocks << (10 + log);
+    if needed > size {
+        return Err(format!(
+            "truncated: the file system needs {needed} bytes, the file has {size}"
+        ));
+    }
+    Ok(())
+}
+
+impl ImageManifest {
+    /// The manifest's own consistency: format, id, ranges in order, inside the image, on blocks.
+    pub fn check(&self) -> Result<(), String> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(format!(
+                "manifest format {:?}, expected {MANIFEST_FORMAT}",
+                self.format
+            ));
+        }
+        if !valid_id(&self.id) {
+            return Err(format!("image id {:?} is not valid", self.id));
+        }
+        if self.block_size != BLOCK {
+            return Err(format!("block size {}, expected {BLOCK}", self.block_size));
+        }
+        let mut end = 0;
+        for r in &self.ranges {
+            if r.offset < end
+                || r.len == 0
+                || r.offset % BLOCK != 0
+                || r.len % BLOCK != 0
+                || r.offset + r.len > self.size.div_ceil(BLOCK) * BLOCK
+            {
+                return Err(format!(
+                    "manifest range {}+{} is out of place",
+                    r.offset, r.len
+                ));
+            }
+            end = r.offset + r.len;
+        }
+        Ok(())
+    }
+}
+
 /// An image in memory: the manifest and the mapped bytes, in range order.
 #[derive(Debug)]
 pub struct Image {
@@ -84,15 +178,30 @@ pub struct Image {
 }
 
 impl Image {
-    /// Reads an image file once: maps it, hashes it, keeps the mapped bytes.
+    /// Reads a bare image file (no manifest to check it against) once: maps it, hashes it, keeps
+    /// the mapped bytes; refuses it unless it is an ext4 file system whose blocks fit in it.
     pub fn load(path: &Path, id: &str) -> std::io::Result<Image> {
+        let img = Image::map(path, id)?;
+        check_ext4(img.head(), img.manifest.size).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        Ok(img)
+    }
+
+    /// Maps any file (whatever it holds) and hashes it: what [`Image::load`] and the builder's
+    /// manifest start from.
+    pub fn map(path: &Path, id: &str) -> std::io::Result<Image> {
         if !valid_id(id) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("image id {id:?} must be 1-27 letters, digits, '.', '-' or '_'"),
             ));
         }
-        let file = std::fs::File::open(path)?;
+        let file = std::fs::File::open(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let size = file.metadata()?.len();
         let extents = data_extents(&file, size)?;
         let mut data = Vec::with_capacity(extents.iter().map(|e| e.1 as usize).sum());
@@ -140,6 +249,110 @@ impl Image {
         })
     }
 
+    /// Loads an image from the store: `dir` holds `manifest.json` (the builder's, with the
+    /// image's manifest under `image`), `image.ext4`, and `manifest.json.sig` where it was signed.
+    /// With `trusted` keys, the signature must be valid and by one of them. Then the image file
+    /// is read against the manifest: its size, every range's BLAKE3 and the whole image's.
+    /// Nothing about the image is trusted before that.
+    pub fn load_stored(
+        dir: &Path,
+        trusted: Option<&crate::sign::TrustedKeys>,
+    ) -> Result<Image, ImageError> {
+        let mpath = dir.join("manifest.json");
+        let bytes = std::fs::read(&mpath).map_err(io_at(&mpath))?;
+        if let Some(keys) = trusted {
+            let spath = dir.join(crate::sign::SIGNATURE_FILE);
+            let sig = match std::fs::read_to_string(&spath) {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(refused(
+                        &mpath,
+                        "not signed, and this burner only takes signed images",
+                    ));
+                }
+                Err(e) => return Err(io_at(&spath)(e)),
+            };
+            keys.verify(&bytes, &sig).map_err(|e| refused(&mpath, e))?;
+        }
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| refused(&mpath, format!("not JSON: {e}")))?;
+        let manifest: ImageManifest = serde_json::from_value(value["image"].clone())
+            .map_err(|e| refused(&mpath, format!("no image manifest: {e}")))?;
+        Image::load_checked(&dir.join("image.ext4"), manifest)
+    }
+
+    /// Reads the image file against `manifest`; refuses it at the first difference.
+    pub fn load_checked(path: &Path, manifest: ImageManifest) -> Result<Image, ImageError> {
+        manifest.check().map_err(|e| refused(path, e))?;
+        let file = std::fs::File::open(path).map_err(io_at(path))?;
+        let size = file.metadata().map_err(io_at(path))?.len();
+        if size != manifest.size {
+            return Err(refused(
+                path,
+                format!(
+                    "{} bytes, the manifest of {} says {}: truncated or replaced",
+                    size, manifest.id, manifest.size
+                ),
+            ));
+        }
+        let mut data = vec![0u8; manifest.mapped_bytes() as usize];
+        let mut whole = blake3::Hasher::new();
+        let (mut at, mut done) = (0usize, 0u64);
+        let zeros = vec![0u8; 1 << 20];
+        let zero_fill = |h: &mut blake3::Hasher, mut gap: u64| {
+            while gap > 0 {
+                let n = gap.min(zeros.len() as u64) as usize;
+                h.update(&zeros[..n]);
+                gap -= n as u64;
+            }
+        };
+        for r in &manifest.ranges {
+            zero_fill(&mut whole, r.offset - done);
+            let buf = &mut data[at..at + r.len as usize];
+            let readable = r.len.min(size.saturating_sub(r.offset)) as usize;
+            file.read_exact_at(&mut buf[..readable], r.offset)
+                .map_err(io_at(path))?;
+            let got = blake3::hash(buf).to_hex().to_string();
+            if got != r.blake3 {
+                return Err(refused(
+                    path,
+                    format!(
+                        "bytes {}..{} have BLAKE3 {got}, the manifest of {} says {}: the file is corrupt",
+                        r.offset,
+                        r.offset + r.len,
+                        manifest.id,
+                        r.blake3
+                    ),
+                ));
+            }
+            whole.update(&buf[..readable]);
+            at += r.len as usize;
+            done = r.offset + readable as u64;
+        }
+        zero_fill(&mut whole, size - done.min(size));
+        let got = whole.finalize().to_hex().to_string();
+        if got != manifest.blake3 {
+            return Err(refused(
+                path,
+                format!(
+                    "the image's BLAKE3 is {got}, its manifest says {}: the manifest's ranges do not make this image",
+                    manifest.blake3
+                ),
+            ));
+        }
+        let img = Image { manifest, data };
+        check_ext4(img.head(), size).map_err(|e| refused(path, e))?;
+        Ok(img)
+    }
+
+    /// The image's first bytes (its superblock), from its first range when that starts at 0.
+    fn head(&self) -> &[u8] {
+        match self.manifest.ranges.first() {
+            Some(r) if r.offset == 0 => self.range_bytes(0),
+            _ => &[],
+        }
+    }
+
     /// The bytes of range `i`.
     pub fn range_bytes(&self, i: usize) -> &[u8] {
         let start: u64 = self.manifest.ranges[..i].iter().map(|r| r.len).sum();
@@ -160,7 +373,7 @@ mod tests {
         f.write_all_at(&[7u8; 10_000], 4096).unwrap();
         f.write_all_at(&[9u8; 100], (32 << 20) + 5).unwrap();
         drop(f);
-        let img = Image::load(&path, "v1").unwrap();
+        let img = Image::map(&path, "v1").unwrap();
         let m = &img.manifest;
         assert_eq!(m.size, 64 << 20);
         assert_eq!(m.ranges.len(), 2, "{:?}", m.ranges);
@@ -174,7 +387,10 @@ mod tests {
                 .to_hex()
                 .to_string()
         );
-        assert!(Image::load(&path, "bad/id").is_err());
-        assert!(Image::load(&path, "empty").is_err());
+        assert!(Image::map(&path, "bad/id").is_err());
+        assert!(Image::map(&path, "empty").is_err());
+        // Not ext4: a bare file is refused.
+        let e = Image::load(&path, "v1").unwrap_err().to_string();
+        assert!(e.contains("not an ext4 file system"), "{e}");
     }
 }

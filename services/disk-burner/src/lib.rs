@@ -25,4 +25,5 @@ pub mod grub;
 pub mod image;
 pub mod layout;
 pub mod leds;
+pub mod sign;
 pub mod source;

@@ -302,7 +302,10 @@ fn a_drive_another_job_holds_is_not_written() {
     let r = burn_all(
         std::slice::from_ref(&d),
         &img,
-        &LayoutOptions::default(),
+        &LayoutOptions {
+            slots: 6,
+            ..Default::default()
+        },
         &|_, _| {},
     );
     assert!(
@@ -315,7 +318,10 @@ fn a_drive_another_job_holds_is_not_written() {
     let r = burn_all(
         std::slice::from_ref(&d),
         &img,
-        &LayoutOptions::default(),
+        &LayoutOptions {
+            slots: 6,
+            ..Default::default()
+        },
         &|_, _| {},
     );
     assert!(matches!(r[0].state, DriveState::Ready { .. }), "{:?}", r[0]);

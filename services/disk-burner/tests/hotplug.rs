@@ -97,9 +97,12 @@ async fn hot_plugged_block_devices_are_found_by_uevents_and_leds_follow_their_st
     let slot = store.join("stable/av-1");
     std::fs::create_dir_all(&slot).unwrap();
     std::fs::rename(mkfs_image(dir.path(), "one"), slot.join("image.ext4")).unwrap();
+    let manifest = motorpool_disk_burner::image::Image::load(&slot.join("image.ext4"), "av-1")
+        .unwrap()
+        .manifest;
     std::fs::write(
         slot.join("manifest.json"),
-        r#"{"built_at_ms": 1, "image": {"id": "av-1"}}"#,
+        serde_json::json!({ "built_at_ms": 1, "image": manifest }).to_string(),
     )
     .unwrap();
     let led_log = dir.path().join("leds.log");

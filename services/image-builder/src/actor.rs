@@ -2,7 +2,7 @@
 //! default, the platform's lane rule), each job's status is kept in the KV bucket
 //! `mp_v1_fleet_builds`, and a job leaves its queue only once it is done or failed for good.
 
-use crate::{BuildError, BuildRequest, build};
+use crate::{BuildError, BuildRequest, ManifestSigner, build};
 use motorpool_bus::{Bus, BusError, LaneQueue, LaneQueueOptions, subjects::fleet};
 use motorpool_config::FleetConfig;
 use motorpool_messages::exec::Lane;
@@ -40,12 +40,24 @@ pub async fn submit(bus: &Bus, req: &BuildRequest, lane: Lane) -> Result<ImageBu
     Ok(job)
 }
 
+/// Deliveries of a build whose tools (git, Docker) could not be reached, before it fails.
+const MAX_DELIVER: i64 = 3;
+/// Seconds before such a build is tried again.
+const RETRY_S: u64 = 10;
+
 /// Serves build jobs until `shutdown`.
 pub async fn serve(
     bus: Bus,
     config: FleetConfig,
     shutdown: CancellationToken,
-) -> Result<(), BusError> {
+) -> anyhow::Result<()> {
+    // The key first: a builder that cannot sign does not take jobs.
+    let signer = match &config.signing_key_file {
+        Some(f) => Some(Arc::new(
+            ManifestSigner::read(f).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
     let kv = bus.ensure_kv(fleet::builds_config()).await?;
     let queue = LaneQueue::<ImageBuildJob>::open(
         &bus,
@@ -55,16 +67,16 @@ pub async fn serve(
             subject: fleet::build,
             aging_step_ms: config.aging_step_ms,
             ack_wait: Duration::from_secs(120),
-            max_deliver: 3,
+            max_deliver: MAX_DELIVER,
         },
     )
     .await?;
-    tracing::info!(store = %config.store_dir.display(), "Image builder ready");
+    tracing::info!(store = %config.store_dir.display(), signed = signer.is_some(), "Image builder ready");
     let concurrency = config.concurrency;
     let config = Arc::new(config);
     queue
         .serve(concurrency, shutdown, move |delivery| {
-            handle(kv.clone(), config.clone(), delivery)
+            handle(kv.clone(), config.clone(), signer.clone(), delivery)
         })
         .await;
     Ok(())
@@ -73,6 +85,7 @@ pub async fn serve(
 async fn handle(
     kv: async_nats::jetstream::kv::Store,
     config: Arc<FleetConfig>,
+    signer: Option<Arc<ManifestSigner>>,
     delivery: motorpool_bus::Delivery<ImageBuildJob>,
 ) {
     let job = delivery.msg.clone();
@@ -88,9 +101,15 @@ async fn handle(
         })
     };
     let result = tokio::task::spawn_blocking(move || {
-        build(&req, &config.store_dir, config.keep, &|s| {
-            let _ = tx.send(s.to_string());
-        })
+        build(
+            &req,
+            &config.store_dir,
+            config.keep,
+            signer.as_deref(),
+            &|s| {
+                let _ = tx.send(s.to_string());
+            },
+        )
     })
     .await
     .unwrap_or_else(|e| Err(BuildError::Request(format!("the build panicked: {e}"))));
@@ -109,6 +128,23 @@ async fn handle(
             )
             .await;
             let _ = delivery.ack().await;
+        }
+        Err(error) if error.is_infrastructure() && delivery.delivered < MAX_DELIVER => {
+            // Git or Docker could not be reached: not the build's fault, so it is tried again.
+            metrics::counter!("motorpool_fleet_builds_total", "result" => "retried").increment(1);
+            tracing::warn!(job = %job.job_id, %error, attempt = delivery.delivered, "An image build could not reach its tools; retrying");
+            put(
+                &kv,
+                &job.job_id,
+                BuildState::Running {
+                    step: format!(
+                        "attempt {} of {MAX_DELIVER} failed ({error}); retrying in {RETRY_S} s",
+                        delivery.delivered
+                    ),
+                },
+            )
+            .await;
+            let _ = delivery.nak(Duration::from_secs(RETRY_S)).await;
         }
         Err(error) => {
             metrics::counter!("motorpool_fleet_builds_total", "result" => "failed").increment(1);
@@ -137,5 +173,5 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Re
         Duration::from_secs(10),
     )
     .await?;
-    Ok(serve(bus, config, shutdown).await?)
+    serve(bus, config, shutdown).await
 }

@@ -13,7 +13,12 @@
 //!    tree has a kernel (booting with `overlayroot=crypt:...` on the overlay the master menu
 //!    names), and set every timestamp to the commit time.
 //! 5. `mkfs.ext4 -d` with a UUID and hash seed derived from the commit and the build inputs, and
-//!    the clock fixed at the commit time: the same inputs give the same file system.
+//!    the clock fixed at the commit time; then every inode's access and change times set to the
+//!    commit time with `debugfs` (`mkfs.ext4 -d` copies them from the unpacked tree, where they
+//!    are build times). Two builds of one commit on one host are byte-identical (the build test
+//!    proves it). Inode numbers follow the order `mkfs.ext4 -d` reads directories in, which is
+//!    the build host's file system's: e2fsprogs 1.47.0 (Debian 12) does not sort them, so two
+//!    hosts with different file systems can still number inodes differently.
 //! 6. The manifest (repo, commit, Dockerfile, build args, sizes, BLAKE3, block map) beside the
 //!    image in the store, `<store>/<channel>/<image id>/`; only the newest `keep` images of a
 //!    channel are kept.
@@ -24,6 +29,7 @@ pub mod actor;
 pub mod testing;
 
 use motorpool_disk_burner::image::{Image, ImageManifest, valid_id};
+pub use motorpool_disk_burner::sign::ManifestSigner;
 pub use motorpool_messages::fleet::BuildRequest;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -46,8 +52,7 @@ pub struct BuildManifest {
     pub bootable: bool,
     /// BLAKE3 over the tree as the image holds it: every path in order with its type, mode,
     /// owner, size, mtime and content (or link target). The same inputs give the same tree
-    /// digest; the ext4 bytes can still differ (inode change times, directory order), which is
-    /// why the burner verifies against the image's own hashes.
+    /// digest, and on one build host the same image bytes (see the module's docs).
     pub tree_blake3: String,
     pub built_at_ms: u64,
     pub image: ImageManifest,
@@ -70,6 +75,21 @@ pub enum BuildError {
     Step { step: &'static str, message: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl BuildError {
+    /// True when the build's tools could not be reached (git or Docker missing, Docker's daemon
+    /// down): worth trying again later, unlike a build that failed on its own inputs.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            BuildError::Step { message, .. } => {
+                message.starts_with("cannot run ")
+                    || message.contains("Cannot connect to the Docker daemon")
+                    || message.contains("error during connect")
+            }
+            BuildError::Io(_) | BuildError::Request(_) => false,
+        }
+    }
 }
 
 fn step(step: &'static str, message: impl Into<String>) -> BuildError {
@@ -121,11 +141,13 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Builds the image and stores it; `progress` hears each step.
+/// Builds the image and stores it, its manifest signed by `signer` when there is one;
+/// `progress` hears each step.
 pub fn build(
     req: &BuildRequest,
     store: &Path,
     keep: usize,
+    signer: Option<&ManifestSigner>,
     progress: &dyn Fn(&str),
 ) -> Result<Built, BuildError> {
     inside("dockerfile", &req.dockerfile)?;
@@ -145,7 +167,7 @@ pub fn build(
     }
     std::fs::create_dir_all(store)?;
     let work = tempfile_dir(store)?;
-    let result = build_in(req, store, &work, keep, progress);
+    let result = build_in(req, store, &work, keep, signer, progress);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -161,6 +183,7 @@ fn build_in(
     store: &Path,
     work: &Path,
     keep: usize,
+    signer: Option<&ManifestSigner>,
     progress: &dyn Fn(&str),
 ) -> Result<Built, BuildError> {
     // 1. Source.
@@ -172,14 +195,34 @@ fn build_in(
             .args(["clone", "--quiet", "--no-checkout", &req.repo])
             .arg(&src),
     )?;
+    // The ref as a branch, a tag or a commit, named in the error when it is none of them.
+    let resolved = ["origin/", "refs/tags/", ""].iter().find_map(|prefix| {
+        run(
+            "git rev-parse",
+            Command::new("git").arg("-C").arg(&src).args([
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("{prefix}{}^{{commit}}", req.git_ref),
+            ]),
+        )
+        .ok()
+    });
+    let Some(resolved) = resolved else {
+        return Err(step(
+            "git checkout",
+            format!(
+                "{:?} is not a branch, tag or commit of {}",
+                req.git_ref, req.repo
+            ),
+        ));
+    };
     run(
         "git checkout",
-        Command::new("git").arg("-C").arg(&src).args([
-            "checkout",
-            "--quiet",
-            "--detach",
-            &req.git_ref,
-        ]),
+        Command::new("git")
+            .arg("-C")
+            .arg(&src)
+            .args(["checkout", "--quiet", "--detach", &resolved]),
     )?;
     let commit = run(
         "git rev-parse",
@@ -310,6 +353,8 @@ fn build_in(
             .arg(format!("{size_mib}M"))
             .env("E2FSPROGS_FAKE_TIME", epoch.to_string()),
     )?;
+    progress("fix every inode's times");
+    fix_times(&image, &tree, epoch)?;
 
     // 6. Manifest, store, retention.
     progress("hash and map the image");
@@ -332,10 +377,14 @@ fn build_in(
     let staged = work.join("out");
     std::fs::create_dir_all(&staged)?;
     std::fs::rename(&image, staged.join("image.ext4"))?;
-    std::fs::write(
-        staged.join("manifest.json"),
-        serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
-    )?;
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    std::fs::write(staged.join("manifest.json"), &manifest_bytes)?;
+    if let Some(signer) = signer {
+        std::fs::write(
+            staged.join(motorpool_disk_burner::sign::SIGNATURE_FILE),
+            signer.sign(&manifest_bytes),
+        )?;
+    }
     let dir = store.join(&req.channel).join(&id);
     std::fs::create_dir_all(store.join(&req.channel))?;
     if dir.exists() {
@@ -392,6 +441,65 @@ pub fn tree_digest(root: &Path) -> Result<(String, u64), BuildError> {
         }
     }
     Ok((h.finalize().to_hex().to_string(), bytes))
+}
+
+/// Sets every inode's access and change times to the commit time, with `debugfs -w`.
+/// `mkfs.ext4 -d` copies them from the unpacked tree, where the change time is when the tree was
+/// unpacked and touched and the access time when it was last read: build times, which made two
+/// builds of one commit differ.
+fn fix_times(image: &Path, tree: &Path, epoch: u64) -> Result<(), BuildError> {
+    let mut cmds = String::new();
+    let mut stack = vec![PathBuf::from("/")];
+    while let Some(rel) = stack.pop() {
+        let name = rel
+            .to_str()
+            .filter(|n| !n.contains(['"', '\n']))
+            .ok_or_else(|| {
+                step(
+                    "fix times",
+                    format!("the file name {rel:?} cannot be passed to debugfs"),
+                )
+            })?;
+        for field in ["ctime", "atime"] {
+            cmds.push_str(&format!("sif \"{name}\" {field} @{epoch}\n"));
+        }
+        let path = tree.join(rel.strip_prefix("/").unwrap_or(&rel));
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            for e in std::fs::read_dir(&path)? {
+                stack.push(rel.join(e?.file_name()));
+            }
+        }
+    }
+    let file = image.with_extension("debugfs");
+    std::fs::write(&file, cmds)?;
+    let out = Command::new(debugfs())
+        .arg("-w")
+        .arg("-f")
+        .arg(&file)
+        .arg(image)
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .output()
+        .map_err(|e| step("fix times", format!("cannot run debugfs: {e}")));
+    let _ = std::fs::remove_file(&file);
+    let out = out?;
+    // debugfs echoes each command and reports what failed between them, still exiting 0.
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match said.lines().find(|l| !l.starts_with("debugfs")) {
+        Some(bad) => Err(step("fix times", format!("debugfs: {bad}"))),
+        None if !out.status.success() => Err(step("fix times", format!("debugfs: {}", out.status))),
+        None => Ok(()),
+    }
+}
+
+fn debugfs() -> &'static str {
+    ["/usr/sbin/debugfs", "/sbin/debugfs"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("debugfs")
 }
 
 fn mkfs() -> &'static str {

@@ -6,8 +6,9 @@ use motorpool_disk_burner::burn::{DriveState, burn_all};
 use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::image::Image;
 use motorpool_disk_burner::layout::LayoutOptions;
+use motorpool_disk_burner::sign::TrustedKeys;
 use motorpool_image_builder::testing::{base_image, git, sample_repo};
-use motorpool_image_builder::{BuildError, BuildRequest, build, list};
+use motorpool_image_builder::{BuildError, BuildRequest, ManifestSigner, build, list};
 use std::path::Path;
 use std::process::Command;
 
@@ -47,7 +48,7 @@ fn a_dockerfile_in_git_becomes_a_verified_bootable_image() {
         image_id: None,
     };
     let steps = std::sync::Mutex::new(Vec::new());
-    let built = build(&req, &store, 2, &|s| {
+    let built = build(&req, &store, 2, None, &|s| {
         steps.lock().unwrap().push(s.to_string())
     })
     .unwrap();
@@ -86,13 +87,34 @@ fn a_dockerfile_in_git_becomes_a_verified_bootable_image() {
     );
     assert!(grub.contains("initrd /boot/initrd.img-6.1.0-av"), "{grub}");
 
-    // The same inputs give the same tree, timestamps included.
-    let again = build(&req, &dir.path().join("store2"), 2, &|_| {}).unwrap();
+    // The same inputs give the same tree, timestamps included, and the same image, byte for
+    // byte (a second later, so any build time would show).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let again = build(&req, &dir.path().join("store2"), 2, None, &|_| {}).unwrap();
     assert_eq!(
         again.manifest.tree_blake3, m.tree_blake3,
         "reproducible tree"
     );
-    assert_eq!(again.manifest.image.size, m.image.size);
+    assert_eq!(again.manifest.image, m.image, "reproducible image");
+    assert!(
+        std::fs::read(&again.image).unwrap() == std::fs::read(&built.image).unwrap(),
+        "byte-identical image files"
+    );
+    let fsck = Command::new(
+        ["/usr/sbin/e2fsck", "/sbin/e2fsck"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap(),
+    )
+    .args(["-fn"])
+    .arg(&again.image)
+    .output()
+    .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     let stat = sh(Command::new(
         ["/usr/sbin/debugfs", "/sbin/debugfs"]
             .into_iter()
@@ -106,7 +128,9 @@ fn a_dockerfile_in_git_becomes_a_verified_bootable_image() {
         "mtime is the commit time (2026-11-01T12:00Z):\n{stat}"
     );
 
-    // Retention: the newest two of the channel stay.
+    // Retention: the newest two of the channel stay. These builds sign their manifests.
+    let signer = ManifestSigner::generate();
+    let trusted = TrustedKeys::parse(&signer.public_line()).unwrap();
     for v in ["v2", "v3"] {
         std::fs::write(repo.join("images/av/stack.txt"), format!("planner {v}\n")).unwrap();
         git(
@@ -122,7 +146,7 @@ fn a_dockerfile_in_git_becomes_a_verified_bootable_image() {
                 v,
             ],
         );
-        build(&req, &store, 2, &|_| {}).unwrap();
+        build(&req, &store, 2, Some(&signer), &|_| {}).unwrap();
     }
     let kept = list(&store, "stable");
     assert_eq!(kept.len(), 2);
@@ -137,6 +161,7 @@ fn a_dockerfile_in_git_becomes_a_verified_bootable_image() {
         },
         &store,
         2,
+        None,
         &|_| {},
     );
     assert!(
@@ -151,19 +176,26 @@ fn a_dockerfile_in_git_becomes_a_verified_bootable_image() {
         },
         &store,
         2,
+        None,
         &|_| {},
     )
     .unwrap_err();
-    assert!(e.to_string().starts_with("git checkout"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("\"no-such-branch\" is not a branch, tag or commit of"),
+        "{e}"
+    );
+    assert!(!e.is_infrastructure(), "{e}");
 
     // The newest image burns onto a drive.
     let newest = &kept[0];
-    let image_path = store
-        .join("stable")
-        .join(&newest.image.id)
-        .join("image.ext4");
-    let image = Image::load(&image_path, &newest.image.id).unwrap();
+    let image_dir = store.join("stable").join(&newest.image.id);
+    let image = Image::load_stored(&image_dir, Some(&trusted)).unwrap();
     assert_eq!(image.manifest, newest.image);
+    // The unsigned first build's directory is gone; a signature by another key is refused.
+    let stranger = TrustedKeys::parse(&ManifestSigner::generate().public_line()).unwrap();
+    let e = Image::load_stored(&image_dir, Some(&stranger)).unwrap_err();
+    assert!(e.to_string().contains("does not trust"), "{e}");
     let drive = dir.path().join("drive.img");
     let mut f = std::fs::File::create(&drive).unwrap();
     f.set_len(1 << 30).unwrap();

@@ -7,17 +7,20 @@
 //!   <drive>` boots it in qemu until the menu has found every image.
 //! - `drives watch --nats-url URL` shows the drives of running burners, as they publish them in the
 //!   KV bucket `mp_v1_fleet_drives`, with a progress bar per drive.
-//! - `drives burn --image FILE --id ID` burns an image onto every given drive in parallel with a
-//!   progress bar per drive (the role Flexo gave to chassis LEDs); drives that are not Motorpool's
-//!   are reported and left untouched.
+//! - `drives burn --image <store>/<channel>/<id>` burns a stored image (checked against its
+//!   manifest, and its signature with `--trusted-keys`, before any drive is touched) onto every
+//!   given drive in parallel with a progress bar per drive (the role Flexo gave to chassis LEDs);
+//!   drives that are not Motorpool's are reported and left untouched. `--image FILE --id ID`
+//!   burns a bare ext4 file, which has no manifest to be checked against.
 
 use clap::{Args, Subcommand};
 use motorpool_disk_burner::boot::boot_test;
-use motorpool_disk_burner::burn::{DriveState, burn_all, scan_bays};
+use motorpool_disk_burner::burn::{DriveState, burn_all, read_slot_record, scan_bays};
 use motorpool_disk_burner::esp;
 use motorpool_disk_burner::gpt::{Gpt, SECTOR};
 use motorpool_disk_burner::image::Image;
 use motorpool_disk_burner::layout::{self, LayoutOptions};
+use motorpool_disk_burner::sign::TrustedKeys;
 use motorpool_messages::fleet::{DriveKind, DriveStatus};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -49,8 +52,9 @@ pub enum DrivesCommand {
     Watch(WatchArgs),
 }
 
+/// How a command line reaches the bus.
 #[derive(Args)]
-pub struct WatchArgs {
+pub struct BusArgs {
     /// NATS server URL.
     #[arg(
         long,
@@ -64,6 +68,25 @@ pub struct WatchArgs {
     /// PEM CA of that NATS, where it speaks TLS.
     #[arg(long, env = "MOTORPOOL_NATS_TLS_CA_FILE")]
     nats_tls_ca_file: Option<PathBuf>,
+}
+
+impl BusArgs {
+    pub async fn connect(&self, name: &str) -> anyhow::Result<motorpool_bus::Bus> {
+        Ok(motorpool_bus::Bus::connect_service(
+            &self.nats_url,
+            name,
+            self.nats_nkey_file.as_deref(),
+            self.nats_tls_ca_file.as_deref(),
+            Duration::from_secs(5),
+        )
+        .await?)
+    }
+}
+
+#[derive(Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    bus: BusArgs,
     /// Only this burner's drives.
     #[arg(long)]
     burner: Option<String>,
@@ -85,21 +108,32 @@ pub struct Which {
 pub struct BurnArgs {
     #[command(flatten)]
     which: Which,
-    /// The image file (an ext4 partition image).
+    /// The image: its directory in the image store (`<store>/<channel>/<id>`, with
+    /// `manifest.json`), or a bare ext4 file (with `--id`).
     #[arg(long)]
     image: PathBuf,
-    /// The image's id (1-27 of [A-Za-z0-9._-]); it names the slot.
+    /// A bare image file's id (1-27 of [A-Za-z0-9._-]); it names the slot.
     #[arg(long)]
-    id: String,
+    id: Option<String>,
+    /// Public keys whose signatures are accepted (`motorpool image keygen` writes them): a
+    /// stored image must then be signed by one of them.
+    #[arg(long, env = "MOTORPOOL_FLEET_TRUSTED_KEYS_FILE")]
+    trusted_keys: Option<PathBuf>,
     /// Size of the ESP made when a marked drive is laid out, MiB.
     #[arg(long, default_value_t = 300)]
     esp_mib: u64,
+    /// Image slots made when a marked drive is laid out (1-12).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=12))]
+    slots: u64,
+    /// The overlay's share of a drive laid out, percent.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=90))]
+    overlay_percent: u64,
 }
 
 fn drives(w: &Which) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = w.drives.clone();
     if let Some(b) = &w.bays {
-        out.extend(scan_bays(b)?);
+        out.extend(scan_bays(b).map_err(|e| anyhow::anyhow!("bays {}: {e}", b.display()))?);
     }
     anyhow::ensure!(!out.is_empty(), "no drives: name some, or --bays DIR");
     Ok(out)
@@ -125,6 +159,7 @@ fn ours(drive: &Path) -> anyhow::Result<Gpt> {
 }
 
 pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
+    crate::quiet_broken_pipe();
     match cmd {
         DrivesCommand::List(w) => {
             println!("{:<40} {:>10}  {:<10} images", "drive", "size", "motorpool");
@@ -161,20 +196,33 @@ pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
                 drive.display(),
                 gpt.disk_guid
             );
+            let file = std::fs::File::open(&drive)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", drive.display()))?;
+            let default = esp::read_default(&drive, &gpt).ok().flatten();
             println!(
-                "{:<5} {:<28} {:>9}  {:<38} overlay",
-                "slot", "image", "size", "partuuid"
+                "{:<5} {:<28} {:>9}  {:<38} {:<16} overlay",
+                "slot", "image", "size", "partuuid", "blake3"
             );
             for s in layout::slots(&gpt) {
+                let record = read_slot_record(&file, &s.partition);
                 println!(
-                    "{:<5} {:<28} {:>8}M  {:<38} {}",
+                    "{:<5} {:<28} {:>8}M  {:<38} {:<16} {}{}",
                     s.number,
                     s.image.as_deref().unwrap_or("(empty)"),
                     s.partition.len() >> 20,
                     s.partition.unique_guid.to_string(),
+                    record
+                        .filter(|r| s.image.as_ref() == Some(&r.id))
+                        .map(|r| r.blake3[..16].to_string())
+                        .unwrap_or_else(|| "-".into()),
                     s.overlay
                         .map(|o| o.unique_guid.to_string())
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    if s.image.is_some() && s.image == default {
+                        "  (default)"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(())
@@ -207,10 +255,22 @@ pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
                 .filter(|s| s.image.is_some())
                 .count();
             println!(
-                "Booting {} in qemu (OVMF, software emulation; read-only)...",
+                "Booting {} in qemu (OVMF, {}; read-only)...",
+                drive.display(),
+                match motorpool_disk_burner::boot::accelerator() {
+                    "kvm" => "KVM",
+                    _ => "software emulation: /dev/kvm is not usable here",
+                }
+            );
+            anyhow::ensure!(
+                expected > 0,
+                "{}: no image on the drive to boot",
                 drive.display()
             );
             let report = boot_test(&drive, expected, Duration::from_secs(timeout_s))?;
+            if let Some(why) = &report.kvm_failed {
+                println!("  KVM failed here ({why}); booted with software emulation instead");
+            }
             for (slot, image, status) in &report.images {
                 println!("  slot {slot:<2} {image:<28} {status}");
             }
@@ -226,6 +286,15 @@ pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
             anyhow::ensure!(
                 report.images.len() == expected && found == expected,
                 "the menu did not find every image"
+            );
+            let bootable = report
+                .images
+                .iter()
+                .filter(|i| i.2 == "found, bootable")
+                .count();
+            anyhow::ensure!(
+                bootable > 0,
+                "no image on the drive has a boot config (/boot/grub/grub.cfg): nothing would boot"
             );
             Ok(())
         }
@@ -260,15 +329,8 @@ fn describe_status(s: &DriveStatus) -> String {
 
 async fn watch(a: WatchArgs) -> anyhow::Result<()> {
     use futures::{StreamExt, TryStreamExt};
-    use motorpool_bus::{Bus, subjects::fleet};
-    let bus = Bus::connect_service(
-        &a.nats_url,
-        "motorpool-drives-watch",
-        a.nats_nkey_file.as_deref(),
-        a.nats_tls_ca_file.as_deref(),
-        Duration::from_secs(5),
-    )
-    .await?;
+    use motorpool_bus::subjects::fleet;
+    let bus = a.bus.connect("motorpool-drives-watch").await?;
     let kv = bus.ensure_kv(fleet::drives_config()).await?;
     let mine = |s: &DriveStatus| a.burner.as_ref().is_none_or(|b| *b == s.burner);
     let mut drives: BTreeMap<String, DriveStatus> = BTreeMap::new();
@@ -355,13 +417,18 @@ fn describe(s: &DriveState) -> String {
             slot,
             image,
             verify_only,
+            replaced,
         } => format!(
-            "READY: {image} in slot {slot}{}",
+            "READY: {image} in slot {slot}{}{}",
             if *verify_only {
                 " (already there; verified)"
             } else {
                 ", verified"
-            }
+            },
+            replaced
+                .as_ref()
+                .map(|r| format!(" (replaced {r}, the oldest image that was not the default)"))
+                .unwrap_or_default()
         ),
         DriveState::Failed { reason } => format!("FAILED: {reason}"),
     }
@@ -370,7 +437,49 @@ fn describe(s: &DriveState) -> String {
 fn burn(a: BurnArgs) -> anyhow::Result<()> {
     let list = drives(&a.which)?;
     let t = Instant::now();
-    let image = Image::load(&a.image, &a.id)?;
+    let image = if a.image.is_dir() {
+        let trusted = a
+            .trusted_keys
+            .as_deref()
+            .map(TrustedKeys::read)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        if let Some(id) = &a.id {
+            anyhow::ensure!(
+                a.image.file_name().is_some_and(|n| n == id.as_str()),
+                "--id {id} names a bare image file; {} is a stored image (its manifest names it)",
+                a.image.display()
+            );
+        }
+        let image = Image::load_stored(&a.image, trusted.as_ref())
+            .map_err(|e| anyhow::anyhow!("image refused, no drive touched: {e}"))?;
+        println!(
+            "Image {} checked against its manifest{}",
+            image.manifest.id,
+            if trusted.is_some() {
+                " and its signature"
+            } else {
+                " (no --trusted-keys: its signature is not checked)"
+            }
+        );
+        image
+    } else {
+        anyhow::ensure!(
+            a.trusted_keys.is_none(),
+            "{} is a bare file with no signed manifest; --trusted-keys takes stored images only",
+            a.image.display()
+        );
+        let id = a.id.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is a bare image file: give its id with --id, or burn it from the image store",
+                a.image.display()
+            )
+        })?;
+        let image = Image::load(&a.image, id)
+            .map_err(|e| anyhow::anyhow!("image refused, no drive touched: {e}"))?;
+        println!("Image {id}: a bare file, no manifest to check it against (only that it is ext4)");
+        image
+    };
     println!(
         "Image {}: {} MiB, {} MiB of data in {} ranges, BLAKE3 {} (read in {:.1} s)",
         image.manifest.id,
@@ -384,6 +493,8 @@ fn burn(a: BurnArgs) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
     let opts = LayoutOptions {
         esp_bytes: a.esp_mib << 20,
+        slots: a.slots as usize,
+        overlay_percent: a.overlay_percent,
         ..Default::default()
     };
     let finished = std::sync::atomic::AtomicBool::new(false);

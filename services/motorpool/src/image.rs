@@ -1,14 +1,28 @@
-//! `motorpool image`: build fleet images from a git repository with a Dockerfile, list them.
+//! `motorpool image`: build fleet images from a git repository with a Dockerfile (here, or queued
+//! on the bus for the image builders), list them, and make the key that signs their manifests.
 
 use clap::{Args, Subcommand};
-use motorpool_image_builder::{BuildRequest, build, list};
-use std::path::PathBuf;
+use motorpool_image_builder::{BuildRequest, ManifestSigner, build, list};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
     /// Build an image: clone, docker build, export, mkfs.ext4 -d, manifest.
     Build(BuildArgs),
+    /// Queue a build for the image builders (`motorpool image-builder`) on the bus, in a lane.
+    Submit(SubmitArgs),
+    /// Make an ed25519 key pair that signs image manifests: the secret key for builders
+    /// (`signing_key_file`), `<out>.pub` for burners' `trusted_keys_file`.
+    Keygen {
+        /// Where the secret key goes (never over an existing file); the public key goes beside
+        /// it as `<out>.pub`.
+        #[arg(long)]
+        out: PathBuf,
+        /// A comment on the public key's line (who signs with it).
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// List a channel's images, newest first.
     List {
         #[arg(long, default_value = "motorpool-data/images")]
@@ -18,8 +32,9 @@ pub enum ImageCommand {
     },
 }
 
+/// What to build: the same for a local build and a queued one.
 #[derive(Args)]
-pub struct BuildArgs {
+pub struct Source {
     /// Git URL or path.
     #[arg(long)]
     repo: String,
@@ -41,6 +56,29 @@ pub struct BuildArgs {
     /// Image id [default: <channel>-<short commit>].
     #[arg(long)]
     id: Option<String>,
+}
+
+impl Source {
+    fn request(self) -> BuildRequest {
+        BuildRequest {
+            repo: self.repo,
+            git_ref: self.git_ref,
+            dockerfile: self.dockerfile,
+            context: self.context,
+            build_args: self.build_args,
+            channel: self.channel,
+            image_id: self.id,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    source: Source,
+    /// The ed25519 key that signs the manifest (`motorpool image keygen`).
+    #[arg(long, env = "MOTORPOOL_FLEET_SIGNING_KEY_FILE")]
+    signing_key: Option<PathBuf>,
     /// Image store.
     #[arg(long, default_value = "motorpool-data/images")]
     store: PathBuf,
@@ -49,20 +87,38 @@ pub struct BuildArgs {
     keep: usize,
 }
 
+#[derive(Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    source: Source,
+    /// The lane: release, build, test or lint.
+    #[arg(long, default_value = "release", value_parser = parse_lane)]
+    lane: motorpool_messages::exec::Lane,
+    /// Follow the build until it is done or failed (exit status 1 when it failed).
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    bus: crate::drives::BusArgs,
+}
+
+fn parse_lane(s: &str) -> Result<motorpool_messages::exec::Lane, String> {
+    motorpool_messages::exec::Lane::from_name(s)
+        .ok_or_else(|| format!("{s:?} is not a lane (release, build, test, lint)"))
+}
+
 pub fn main(cmd: ImageCommand) -> anyhow::Result<()> {
+    crate::quiet_broken_pipe();
     match cmd {
         ImageCommand::Build(a) => {
             let t = Instant::now();
-            let req = BuildRequest {
-                repo: a.repo,
-                git_ref: a.git_ref,
-                dockerfile: a.dockerfile,
-                context: a.context,
-                build_args: a.build_args,
-                channel: a.channel,
-                image_id: a.id,
-            };
-            let built = build(&req, &a.store, a.keep, &|s| {
+            let signer = a
+                .signing_key
+                .as_deref()
+                .map(ManifestSigner::read)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let req = a.source.request();
+            let built = build(&req, &a.store, a.keep, signer.as_ref(), &|s| {
                 println!("[{:>6.1}s] {s}", t.elapsed().as_secs_f64())
             })?;
             let m = &built.manifest;
@@ -81,7 +137,31 @@ pub fn main(cmd: ImageCommand) -> anyhow::Result<()> {
                 }
             );
             println!("  image     {}", built.image.display());
-            println!("  manifest  {}", built.dir.join("manifest.json").display());
+            println!(
+                "  manifest  {}{}",
+                built.dir.join("manifest.json").display(),
+                if signer.is_some() {
+                    " (signed)"
+                } else {
+                    " (not signed: no --signing-key)"
+                }
+            );
+            Ok(())
+        }
+        ImageCommand::Submit(a) => tokio::runtime::Handle::current().block_on(submit(a)),
+        ImageCommand::Keygen { out, comment } => {
+            let key = ManifestSigner::generate();
+            key.write(&out, &comment)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            println!(
+                "secret key  {} (mode 0600: builders' signing_key_file)",
+                out.display()
+            );
+            println!(
+                "public key  {}.pub (burners' trusted_keys_file):\n  {}",
+                out.display(),
+                key.public_line()
+            );
             Ok(())
         }
         ImageCommand::List { store, channel } => {
@@ -103,4 +183,52 @@ pub fn main(cmd: ImageCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use motorpool_messages::fleet::{BuildState, BuildStatus};
+    let bus = a.bus.connect("motorpool-image-submit").await?;
+    let req = a.source.request();
+    let job = motorpool_image_builder::actor::submit(&bus, &req, a.lane).await?;
+    println!(
+        "Queued build {} of {} at {} in the {} lane",
+        job.job_id,
+        req.repo,
+        req.git_ref,
+        a.lane.name()
+    );
+    if !a.wait {
+        return Ok(());
+    }
+    let kv = bus
+        .ensure_kv(motorpool_bus::subjects::fleet::builds_config())
+        .await?;
+    let mut updates = kv.watch(&job.job_id).await?;
+    let t = Instant::now();
+    while let Some(e) = updates.next().await {
+        let e = e?;
+        let Ok(s) = motorpool_messages::codec::decode::<BuildStatus>(&e.value) else {
+            continue;
+        };
+        let at = t.elapsed().as_secs_f64();
+        match s.state {
+            BuildState::Queued => println!("[{at:>6.1}s] queued"),
+            BuildState::Running { step } => println!("[{at:>6.1}s] {step}"),
+            BuildState::Done {
+                image_id,
+                dir,
+                blake3,
+            } => {
+                println!(
+                    "Built {image_id}, BLAKE3 {}: {}",
+                    &blake3[..16.min(blake3.len())],
+                    Path::new(&dir).display()
+                );
+                return Ok(());
+            }
+            BuildState::Failed { reason } => anyhow::bail!("build {} failed: {reason}", job.job_id),
+        }
+    }
+    anyhow::bail!("the bus closed before build {} ended", job.job_id)
 }

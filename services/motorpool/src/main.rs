@@ -303,6 +303,18 @@ fn as_sandbox_mode<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::
     s.collect_map(v.iter().map(|m| ("mode", m)))
 }
 
+/// A command whose output is piped into `head` ends quietly when the pipe closes, as Unix
+/// tools do, instead of panicking in `println!`. Only for one-shot commands: services keep
+/// Rust's default (SIGPIPE ignored), so a closed socket is an error, not a death.
+pub(crate) fn quiet_broken_pipe() {
+    // SAFETY: restores the default disposition of one signal, before any output is written and
+    // with no handler of ours installed for it.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn parse_property(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))

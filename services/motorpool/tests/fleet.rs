@@ -1,6 +1,8 @@
-//! Fleet images over the bus: a build job in the release lane becomes an image in the store, a
-//! second build a newer one; a marked drive put into a bay gets both (the newest boots by
-//! default), a foreign drive is refused and untouched, and every state is on the bus.
+//! Fleet images over the bus: a build job in the release lane becomes a signed image in the
+//! store, a second build (queued with `motorpool image submit --wait`, as a person would) a newer
+//! one; a marked drive put into a bay gets both, checked against their signed manifests (the
+//! newest boots by default), a foreign drive is refused and untouched, and every state is on the
+//! bus.
 
 use futures::StreamExt;
 use motorpool_bus::{
@@ -91,7 +93,14 @@ async fn builds_and_burns_ride_the_bus() {
         buses.pop().unwrap(),
         buses.pop().unwrap(),
     );
+    // The fleet's signing key: builders sign with it, burners trust its public half.
+    let key = dir.path().join("fleet.key");
+    motorpool_image_builder::ManifestSigner::generate()
+        .write(&key, "test builders")
+        .unwrap();
     let config = FleetConfig {
+        signing_key_file: Some(key.clone()),
+        trusted_keys_file: Some(dir.path().join("fleet.key.pub")),
         nats_url: server.url(),
         store_dir: dir.path().join("images"),
         bays_dir: dir.path().join("bays"),
@@ -125,12 +134,47 @@ async fn builds_and_burns_ride_the_bus() {
         steps.iter().any(|s| s.starts_with("docker build")),
         "{steps:?}"
     );
+    let signature = config
+        .store_dir
+        .join("stable")
+        .join(&first)
+        .join("manifest.json.sig");
+    assert!(signature.exists(), "{} is signed", first);
     std::fs::write(repo.join("images/av/stack.txt"), "planner v2\n").unwrap();
     git(&repo, &["commit", "-q", "-am", "v2"]);
-    let job = motorpool_image_builder::actor::submit(&bus, &req, Lane::Release)
+    // The second through the command line, as the operator.
+    let operator_nk = dir.path().join("operator.nk");
+    creds[2].save(&operator_nk).unwrap();
+    let mut submit = std::process::Command::new(env!("CARGO_BIN_EXE_motorpool"));
+    submit
+        .args(["image", "submit", "--wait", "--lane", "release", "--repo"])
+        .arg(&repo)
+        .args([
+            "--dockerfile",
+            "images/av/Dockerfile",
+            "--context",
+            "images/av",
+        ])
+        .arg("--nats-url")
+        .arg(server.url())
+        .arg("--nats-nkey-file")
+        .arg(&operator_nk);
+    let out = tokio::task::spawn_blocking(move || submit.output().unwrap())
         .await
         .unwrap();
-    let (second, _) = build_done(&bus, &job.job_id).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("in the release lane"), "{text}");
+    let second = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Built "))
+        .and_then(|l| l.split(',').next())
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_string();
     assert_ne!(first, second);
 
     // The burner, and two drives plugged in.
@@ -208,8 +252,6 @@ async fn builds_and_burns_ride_the_bus() {
     );
 
     // The operator's view of the same states, with the operator's seed file.
-    let operator_nk = dir.path().join("operator.nk");
-    creds[2].save(&operator_nk).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_motorpool"))
         .args([
             "drives",

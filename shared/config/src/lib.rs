@@ -692,6 +692,17 @@ pub enum DriveSource {
     Udev,
 }
 
+/// The burner's layout for drives of at least `min_drive_gib` GiB.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveLayout {
+    pub min_drive_gib: u64,
+    /// Image slots, 1 to 12.
+    pub slots: usize,
+    /// The overlay's share of the drive, percent.
+    pub overlay_percent: u64,
+}
+
 /// `motorpool image-builder` and `motorpool disk-burner`: fleet image deployment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -735,6 +746,20 @@ pub struct FleetConfig {
     pub scan_ms: u64,
     /// Burner: its name in drive states. Default: the host name.
     pub burner_id: Option<String>,
+    /// Burner: image slots on a drive it lays out (1 to 12). Default 12.
+    pub slots: usize,
+    /// Burner: the overlay's share of a drive it lays out, percent. Default 20.
+    pub overlay_percent: u64,
+    /// Burner: slots and overlay share by drive size (`[[layouts]] min_drive_gib = 1000
+    /// slots = 4 overlay_percent = 10`); the largest `min_drive_gib` a drive reaches wins.
+    pub layouts: Vec<DriveLayout>,
+    /// Builder: the ed25519 key that signs every image manifest (`motorpool image keygen`).
+    /// None: manifests are not signed.
+    pub signing_key_file: Option<PathBuf>,
+    /// Burner: public keys (one `motorpool-ed25519 <hex>` line each, `motorpool image keygen`
+    /// writes them) whose signatures it accepts. Set, an image without a valid signature by one
+    /// of them is refused; unset, manifests are checked for integrity only.
+    pub trusted_keys_file: Option<PathBuf>,
     /// Milliseconds of waiting that raise a queued build one lane. Default 10000.
     pub aging_step_ms: u64,
     /// Logging, tracing, metrics.
@@ -760,6 +785,11 @@ impl Default for FleetConfig {
             images_per_drive: 3,
             scan_ms: 1000,
             burner_id: None,
+            slots: 12,
+            overlay_percent: 20,
+            layouts: Vec::new(),
+            signing_key_file: None,
+            trusted_keys_file: None,
             aging_step_ms: 10_000,
             telemetry: TelemetryConfig::default(),
         }
