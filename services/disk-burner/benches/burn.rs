@@ -1,11 +1,13 @@
-//! Burn throughput beside the target's raw sequential write speed, measured in the same run, and
-//! the burn time of a sparse image as its data grows (its size fixed).
+//! Burn throughput onto 1, 2, 4 and 24 drives at once beside the target's raw sequential write
+//! speed, measured in the same run, the memory each burn added against its bound (the image is
+//! read from its file, never held whole), and the burn time of a sparse image as its data grows
+//! (its size fixed).
 //!
 //! `cargo bench -p motorpool-disk-burner --bench burn` prints a Markdown table. The drives are
 //! sparse files next to each other on the machine's disk, so N drives share one device: the
 //! aggregate is what matters. `MOTORPOOL_BENCH_QUICK=1` runs smaller sizes once.
 
-use motorpool_disk_burner::burn::{DriveState, burn_all};
+use motorpool_disk_burner::burn::{BUFFER_PER_DRIVE, DriveState, burn_all};
 use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::image::Image;
 use motorpool_disk_burner::layout::LayoutOptions;
@@ -80,7 +82,8 @@ fn image(dir: &Path, size: u64, data: u64, id: &str) -> Image {
     }
     f.sync_all().unwrap();
     drop(f);
-    let img = Image::load(&path, id).unwrap();
+    // Noise, not a file system: mapped, not loaded (which would want ext4).
+    let img = Image::map(&path, id).unwrap();
     std::fs::remove_file(&path).unwrap();
     img
 }
@@ -105,8 +108,20 @@ fn drives(dir: &Path, n: usize, size: u64) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Seconds to burn (write + verify) `img` onto `n` fresh drives.
-fn burn_secs(dir: &Path, img: &Image, n: usize) -> (f64, f64) {
+/// The process's resident memory, bytes (Linux).
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Seconds to burn (write + verify) `img` onto `n` fresh drives, and the most resident memory the
+/// burn added (sampled every 20 ms).
+fn burn_secs(dir: &Path, img: &Image, n: usize) -> (f64, f64, u64) {
     let paths = drives(dir, n, 4 << 30);
     let opts = LayoutOptions {
         esp_bytes: 32 * MIB,
@@ -127,7 +142,20 @@ fn burn_secs(dir: &Path, img: &Image, n: usize) -> (f64, f64) {
             writing.lock().unwrap().get_or_insert_with(Instant::now);
         }
     };
-    let reports = burn_all(&paths, img, &opts, &on);
+    let base = rss();
+    let peak = std::sync::atomic::AtomicU64::new(base);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let reports = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let r = burn_all(&paths, img, &opts, &on);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
     let total = t.elapsed().as_secs_f64();
     for r in &reports {
         assert!(matches!(r.state, DriveState::Ready { .. }), "{r:?}");
@@ -145,7 +173,7 @@ fn burn_secs(dir: &Path, img: &Image, n: usize) -> (f64, f64) {
     for p in paths {
         std::fs::remove_file(p).unwrap();
     }
-    (write, total)
+    (write, total, peak.into_inner().saturating_sub(base))
 }
 
 fn main() {
@@ -167,10 +195,13 @@ fn main() {
         4 * data / MIB
     );
     let img = image(dir.path(), 1 << 30, data, "bench");
-    for n in [1usize, 2, 4] {
-        let results: Vec<(f64, f64)> = (0..runs).map(|_| burn_secs(dir.path(), &img, n)).collect();
+    let mut memory = Vec::new();
+    for n in [1usize, 2, 4, 24] {
+        let results: Vec<(f64, f64, u64)> =
+            (0..runs).map(|_| burn_secs(dir.path(), &img, n)).collect();
         let write = median(results.iter().map(|r| r.0).collect());
         let total = median(results.iter().map(|r| r.1).collect());
+        memory.push((n, results.iter().map(|r| r.2).max().unwrap_or(0)));
         let bytes = (n as u64 * img.manifest.mapped_bytes()) as f64;
         println!(
             "| burn to {n} drive(s): write phase, aggregate ({} MiB each) | {:.0} | {:.0}% |",
@@ -181,6 +212,17 @@ fn main() {
         println!(
             "| burn to {n} drive(s): write + read-back verify, aggregate | {:.0} | |",
             bytes / total / 1e6
+        );
+    }
+    println!(
+        "\n| drives at once | peak memory the burn added (MiB) | bound: one {} MiB buffer per drive (MiB) |\n|---:|---:|---:|",
+        BUFFER_PER_DRIVE / MIB
+    );
+    for (n, peak) in memory {
+        println!(
+            "| {n} | {:.1} | {} |",
+            peak as f64 / MIB as f64,
+            n as u64 * BUFFER_PER_DRIVE / MIB
         );
     }
     println!(

@@ -11,8 +11,9 @@
 //!    that does not hold the drive's default image, is marked empty in the GPT and written; the
 //!    image it replaces is reported. When only the default's slot is left, the burn is refused.
 //!    A marked drive without Motorpool partitions is laid out first ([`crate::layout::plan`]).
-//! 3. **Write** only the image's mapped ranges, from the one in-memory copy every drive shares, in
-//!    large aligned writes with `O_DIRECT` where the target allows it; then `fsync`, then name the
+//! 3. **Write** only the image's mapped ranges, read from the image file chunk by chunk (drives
+//!    burning at once share its pages in the page cache; the burner holds one chunk per drive),
+//!    in large aligned writes with `O_DIRECT` where the target allows it; then `fsync`, then name the
 //!    slot after the image in the GPT. A drive pulled mid-burn (its bay file gone, or I/O
 //!    errors) ends its job as `Failed`; the others go on.
 //! 4. **Verify** by reading the ranges back with `O_DIRECT` (or after dropping the drive's pages
@@ -32,6 +33,8 @@ use std::path::{Path, PathBuf};
 /// Largest single write or read.
 const CHUNK: usize = 8 << 20;
 const ALIGN: usize = 4096;
+/// The memory a drive's burn holds: one chunk-sized buffer (the write phase's, then the verify's).
+pub const BUFFER_PER_DRIVE: u64 = (CHUNK + ALIGN) as u64;
 
 /// Where a drive is, as operators and the bus see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,24 +344,26 @@ fn burn_inner(
             total,
         },
     );
-    for (i, r) in image.manifest.ranges.iter().enumerate() {
-        let bytes = image.range_bytes(i);
-        for (k, chunk) in bytes.chunks(CHUNK).enumerate() {
+    for r in &image.manifest.ranges {
+        let mut off = 0u64;
+        while off < r.len {
             if !drive.present() {
                 return Err(failed("the drive was removed during the burn"));
             }
-            let at = base + r.offset + (k * CHUNK) as u64;
+            let n = (r.len - off).min(CHUNK as u64) as usize;
+            let at = base + r.offset + off;
+            let chunk = bounce.get(n);
+            image.read_at(chunk, r.offset + off).map_err(|e| {
+                failed(format!("reading the image at byte {}: {e}", r.offset + off))
+            })?;
             let result = match &direct {
-                Some(f) if chunk.len().is_multiple_of(ALIGN) => {
-                    let b = bounce.get(chunk.len());
-                    b.copy_from_slice(chunk);
-                    f.write_all_at(b, at)
-                }
+                Some(f) if n.is_multiple_of(ALIGN) => f.write_all_at(chunk, at),
                 _ => drive.file.write_all_at(chunk, at),
             };
             result.map_err(|e| failed(format!("write at byte {at}: {e}")))?;
-            done += chunk.len() as u64;
-            report.bytes_written += chunk.len() as u64;
+            off += n as u64;
+            done += n as u64;
+            report.bytes_written += n as u64;
             on_state(
                 path,
                 &DriveState::Burning {
@@ -369,6 +374,7 @@ fn burn_inner(
             );
         }
     }
+    drop(bounce);
     drive
         .file
         .sync_all()
@@ -530,8 +536,8 @@ fn verify(
     Ok(())
 }
 
-/// Burns `image` onto every drive in parallel (one thread per drive, one shared copy of the
-/// image).
+/// Burns `image` onto every drive in parallel (one thread per drive, each reading the image
+/// file a chunk at a time).
 pub fn burn_all(
     drives: &[PathBuf],
     image: &Image,

@@ -1,4 +1,4 @@
-//! Images to burn: the manifest (size, BLAKE3, block map) and the bytes, read once and shared.
+//! Images to burn: the manifest (size, BLAKE3, block map) and the file the bytes are read from.
 //!
 //! The block map lists the 4 KiB-aligned ranges of the image file that hold data (found with
 //! `SEEK_DATA`/`SEEK_HOLE`, as `mkfs.ext4 -d` leaves unused blocks as holes in a sparse file).
@@ -170,19 +170,59 @@ impl ImageManifest {
     }
 }
 
-/// An image in memory: the manifest and the mapped bytes, in range order.
+/// Bytes read at a time while hashing.
+const READ: usize = 1 << 20;
+
+/// Feeds `gap` zero bytes (a hole) to `h`.
+fn hash_zeros(h: &mut blake3::Hasher, mut gap: u64) {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while gap > 0 {
+        let n = gap.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..n]);
+        gap -= n as u64;
+    }
+}
+
+/// Hashes one range of `file` (bytes past `size` read as zeros, as the block map rounds the last
+/// range up to a whole block) into its own hasher and the whole image's.
+fn hash_range(
+    file: &std::fs::File,
+    size: u64,
+    offset: u64,
+    len: u64,
+    whole: &mut blake3::Hasher,
+    buf: &mut [u8],
+) -> std::io::Result<String> {
+    let mut own = blake3::Hasher::new();
+    let mut at = offset;
+    while at < offset + len {
+        let n = ((offset + len - at) as usize).min(buf.len());
+        let readable = (n as u64).min(size.saturating_sub(at)) as usize;
+        file.read_exact_at(&mut buf[..readable], at)?;
+        buf[readable..n].fill(0);
+        own.update(&buf[..n]);
+        whole.update(&buf[..readable]);
+        at += n as u64;
+    }
+    Ok(own.finalize().to_hex().to_string())
+}
+
+/// An image to burn: its manifest, and the file its bytes are read from as they are written (never
+/// held whole: an image may be larger than memory, and drives burning at once read the same pages
+/// of the page cache). A file changed after it was checked cannot reach a drive unnoticed: every
+/// range written is read back and compared with the manifest's hash.
 #[derive(Debug)]
 pub struct Image {
     pub manifest: ImageManifest,
-    data: Vec<u8>,
+    file: std::fs::File,
 }
 
 impl Image {
-    /// Reads a bare image file (no manifest to check it against) once: maps it, hashes it, keeps
-    /// the mapped bytes; refuses it unless it is an ext4 file system whose blocks fit in it.
+    /// Reads a bare image file (no manifest to check it against) once: maps it and hashes it;
+    /// refuses it unless it is an ext4 file system whose blocks fit in it.
     pub fn load(path: &Path, id: &str) -> std::io::Result<Image> {
         let img = Image::map(path, id)?;
-        check_ext4(img.head(), img.manifest.size).map_err(|e| {
+        img.check_ext4().map_err(|e| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("{}: {e}", path.display()),
@@ -203,39 +243,22 @@ impl Image {
         let file = std::fs::File::open(path)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let size = file.metadata()?.len();
-        let extents = data_extents(&file, size)?;
-        let mut data = Vec::with_capacity(extents.iter().map(|e| e.1 as usize).sum());
         let mut ranges = Vec::new();
         let mut whole = blake3::Hasher::new();
         let mut done = 0u64;
-        let zeros = vec![0u8; 1 << 20];
-        for (off, len) in extents {
-            // Holes hash as zeros.
-            let mut gap = off - done;
-            while gap > 0 {
-                let n = gap.min(zeros.len() as u64) as usize;
-                whole.update(&zeros[..n]);
-                gap -= n as u64;
-            }
+        let mut buf = vec![0u8; READ];
+        for (off, len) in data_extents(&file, size)? {
+            hash_zeros(&mut whole, off - done);
             let len = len.min(size.div_ceil(BLOCK) * BLOCK - off);
-            let start = data.len();
-            data.resize(start + len as usize, 0);
-            let readable = len.min(size.saturating_sub(off)) as usize;
-            file.read_exact_at(&mut data[start..start + readable], off)?;
-            whole.update(&data[start..start + readable]);
+            let blake3 = hash_range(&file, size, off, len, &mut whole, &mut buf)?;
             ranges.push(Range {
                 offset: off,
                 len,
-                blake3: blake3::hash(&data[start..]).to_hex().to_string(),
+                blake3,
             });
-            done = off + readable as u64;
+            done = (off + len).min(size);
         }
-        let mut gap = size - done.min(size);
-        while gap > 0 {
-            let n = gap.min(zeros.len() as u64) as usize;
-            whole.update(&zeros[..n]);
-            gap -= n as u64;
-        }
+        hash_zeros(&mut whole, size - done);
         Ok(Image {
             manifest: ImageManifest {
                 format: MANIFEST_FORMAT.into(),
@@ -245,7 +268,7 @@ impl Image {
                 block_size: BLOCK,
                 ranges,
             },
-            data,
+            file,
         })
     }
 
@@ -295,24 +318,13 @@ impl Image {
                 ),
             ));
         }
-        let mut data = vec![0u8; manifest.mapped_bytes() as usize];
         let mut whole = blake3::Hasher::new();
-        let (mut at, mut done) = (0usize, 0u64);
-        let zeros = vec![0u8; 1 << 20];
-        let zero_fill = |h: &mut blake3::Hasher, mut gap: u64| {
-            while gap > 0 {
-                let n = gap.min(zeros.len() as u64) as usize;
-                h.update(&zeros[..n]);
-                gap -= n as u64;
-            }
-        };
+        let mut done = 0u64;
+        let mut buf = vec![0u8; READ];
         for r in &manifest.ranges {
-            zero_fill(&mut whole, r.offset - done);
-            let buf = &mut data[at..at + r.len as usize];
-            let readable = r.len.min(size.saturating_sub(r.offset)) as usize;
-            file.read_exact_at(&mut buf[..readable], r.offset)
+            hash_zeros(&mut whole, r.offset - done);
+            let got = hash_range(&file, size, r.offset, r.len, &mut whole, &mut buf)
                 .map_err(io_at(path))?;
-            let got = blake3::hash(buf).to_hex().to_string();
             if got != r.blake3 {
                 return Err(refused(
                     path,
@@ -325,11 +337,9 @@ impl Image {
                     ),
                 ));
             }
-            whole.update(&buf[..readable]);
-            at += r.len as usize;
-            done = r.offset + readable as u64;
+            done = (r.offset + r.len).min(size);
         }
-        zero_fill(&mut whole, size - done.min(size));
+        hash_zeros(&mut whole, size - done.min(size));
         let got = whole.finalize().to_hex().to_string();
         if got != manifest.blake3 {
             return Err(refused(
@@ -340,23 +350,31 @@ impl Image {
                 ),
             ));
         }
-        let img = Image { manifest, data };
-        check_ext4(img.head(), size).map_err(|e| refused(path, e))?;
+        let img = Image { manifest, file };
+        img.check_ext4().map_err(|e| refused(path, e))?;
         Ok(img)
     }
 
-    /// The image's first bytes (its superblock), from its first range when that starts at 0.
-    fn head(&self) -> &[u8] {
+    /// Checks the image's superblock (see [`check_ext4`]).
+    fn check_ext4(&self) -> Result<(), String> {
+        let mut head = [0u8; 2048];
         match self.manifest.ranges.first() {
-            Some(r) if r.offset == 0 => self.range_bytes(0),
-            _ => &[],
+            Some(r) if r.offset == 0 && r.len >= 2048 => {
+                self.read_at(&mut head, 0)
+                    .map_err(|e| format!("cannot read the superblock: {e}"))?;
+                check_ext4(&head, self.manifest.size)
+            }
+            _ => check_ext4(&[], self.manifest.size),
         }
     }
 
-    /// The bytes of range `i`.
-    pub fn range_bytes(&self, i: usize) -> &[u8] {
-        let start: u64 = self.manifest.ranges[..i].iter().map(|r| r.len).sum();
-        &self.data[start as usize..(start + self.manifest.ranges[i].len) as usize]
+    /// Reads the image's bytes at `offset` (past the end of the file: zeros, up to the last
+    /// range's end).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let readable = (buf.len() as u64).min(self.manifest.size.saturating_sub(offset)) as usize;
+        self.file.read_exact_at(&mut buf[..readable], offset)?;
+        buf[readable..].fill(0);
+        Ok(())
     }
 }
 
@@ -379,7 +397,9 @@ mod tests {
         assert_eq!(m.ranges.len(), 2, "{:?}", m.ranges);
         assert!(m.mapped_bytes() < 1 << 20, "{} mapped", m.mapped_bytes());
         assert_eq!(m.ranges[0].offset % BLOCK, 0);
-        assert_eq!(img.range_bytes(0)[4096], 7);
+        let mut b = [0u8; 1];
+        img.read_at(&mut b, 4096).unwrap();
+        assert_eq!(b[0], 7);
         // The whole-image hash treats holes as zeros.
         assert_eq!(
             m.blake3,

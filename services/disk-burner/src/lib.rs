@@ -2,10 +2,12 @@
 //!
 //! Layout:
 //! - [`gpt`]: GUID partition tables, read and written here (no partitioning tool).
-//! - [`layout`]: the Motorpool drive layout (ESP, up to 12 image + overlay pairs whose GUID
-//!   prefixes say what they are) and the safety interlock (disk GUID `00000000-...`).
-//! - [`image`]: an image's manifest (size, BLAKE3, block map of the ranges holding data) and its
-//!   bytes, read once and shared by every drive.
+//! - [`layout`]: the Motorpool drive layout (ESP, 1 to 12 image slots and the drive's overlay,
+//!   whose GUID prefixes say what they are) and the safety interlock (disk GUID `00000000-...`).
+//! - [`image`]: an image's manifest (size, BLAKE3, block map of the ranges holding data), checked
+//!   against the image file (and its signature, [`sign`]) before a burn; the bytes are read from
+//!   the file as drives are written, never held whole.
+//! - [`sign`]: ed25519 signatures over image manifests.
 //! - [`burn`]: burning onto many drives at once, sparse-aware, with read-back verification past
 //!   the page cache; per-drive states.
 //! - [`source`]: where drives come from: a bays directory, or the host's block devices with
