@@ -62,26 +62,58 @@ fn firmware() -> Result<(PathBuf, PathBuf), BootError> {
 /// the menu is up), within `limit`: with KVM where `/dev/kvm` opens, and again with software
 /// emulation if KVM fails (a nested or restricted KVM can refuse the guest's first instructions).
 pub fn boot_test(drive: &Path, expected: usize, limit: Duration) -> Result<BootReport, BootError> {
+    let run = boot(drive, limit, 256, &|text| {
+        text.contains("Motorpool image") && parse(text).len() >= expected.max(1)
+    })?;
+    Ok(BootReport {
+        images: parse(&run.console),
+        menu_shown: true,
+        seconds: run.seconds,
+        accelerator: run.accelerator,
+        kvm_failed: run.kvm_failed,
+        console: run.console,
+    })
+}
+
+/// What a boot printed, and how it ran.
+#[derive(Clone, Debug)]
+pub struct BootRun {
+    pub console: String,
+    pub seconds: f64,
+    pub accelerator: &'static str,
+    pub kvm_failed: Option<String>,
+}
+
+/// Boots `drive` (read-only) with `memory_mib` of RAM until `done` holds for its serial console
+/// (checked as output arrives, and once more when the machine powers off), within `limit`: KVM
+/// where `/dev/kvm` opens, software emulation if KVM fails or is not there.
+pub fn boot(
+    drive: &Path,
+    limit: Duration,
+    memory_mib: u32,
+    done: &dyn Fn(&str) -> bool,
+) -> Result<BootRun, BootError> {
     if accelerator() == "kvm" {
-        match boot_with(drive, expected, limit, "kvm") {
+        match boot_with(drive, limit, memory_mib, "kvm", done) {
             Err(BootError::Qemu(why)) => {
-                let mut r = boot_with(drive, expected, limit, "tcg")?;
+                let mut r = boot_with(drive, limit, memory_mib, "tcg", done)?;
                 r.kvm_failed = Some(why);
                 Ok(r)
             }
             other => other,
         }
     } else {
-        boot_with(drive, expected, limit, "tcg")
+        boot_with(drive, limit, memory_mib, "tcg", done)
     }
 }
 
 fn boot_with(
     drive: &Path,
-    expected: usize,
     limit: Duration,
+    memory_mib: u32,
     accelerator: &'static str,
-) -> Result<BootReport, BootError> {
+    done: &dyn Fn(&str) -> bool,
+) -> Result<BootRun, BootError> {
     let (code, vars) = firmware()?;
     let work = std::env::temp_dir().join(format!(
         "motorpool-boot-{}-{}",
@@ -97,11 +129,19 @@ fn boot_with(
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", accelerator])
+        // Under emulation, every CPU feature qemu can emulate (AES-NI among them, which a car's
+        // CPU has and an encrypted overlay uses); under KVM, qemu's default model (`host` can
+        // fail on nested KVM).
+        .args(if accelerator == "tcg" {
+            &["-cpu", "max"][..]
+        } else {
+            &[][..]
+        })
         .args([
             "-machine",
             "q35",
             "-m",
-            "256",
+            &memory_mib.to_string(),
             "-display",
             "none",
             "-nodefaults",
@@ -148,44 +188,43 @@ fn boot_with(
     let mut console = Vec::new();
     let result = loop {
         let text = String::from_utf8_lossy(&console).into_owned();
-        let images = parse(&text);
-        let menu_shown = text.contains("Motorpool image");
-        if images.len() >= expected.max(1) && menu_shown {
-            break Ok(BootReport {
-                images,
-                menu_shown,
+        if done(&text) {
+            break Ok(BootRun {
+                console: text,
                 seconds: start.elapsed().as_secs_f64(),
                 accelerator,
                 kvm_failed: None,
-                console: text,
             });
         }
-        // qemu gone, or its guest stopped by a KVM error (qemu then waits, paused).
+        // qemu gone (a guest that powered off, or qemu refused to run it), or its guest stopped
+        // by a KVM error (qemu then waits, paused).
         let err = std::fs::read_to_string(&errors).unwrap_or_default();
         let exited = child.try_wait().ok().flatten();
         if exited.is_some() || err.contains("KVM internal error") {
+            // What the console said last.
+            while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
+                console.extend(chunk);
+            }
+            let text = String::from_utf8_lossy(&console).into_owned();
+            if done(&text) {
+                continue;
+            }
             let why: Vec<&str> = err
                 .lines()
                 .filter(|l| !l.contains("warning:"))
                 .take(3)
                 .collect();
             break Err(BootError::Qemu(format!(
-                "{}{}",
+                "{}{}; console ends: {}",
                 exited.map(|s| format!("{s}: ")).unwrap_or_default(),
-                why.join("; ")
+                why.join("; "),
+                tail(&text, 2000)
             )));
         }
         if start.elapsed() > limit {
             break Err(BootError::Timeout {
                 waited: limit,
-                console: text
-                    .chars()
-                    .rev()
-                    .take(4000)
-                    .collect::<String>()
-                    .chars()
-                    .rev()
-                    .collect(),
+                console: tail(&text, 4000),
             });
         }
         if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
@@ -196,6 +235,12 @@ fn boot_with(
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// The last `n` characters of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let skip = text.chars().count().saturating_sub(n);
+    text.chars().skip(skip).collect()
 }
 
 /// `kvm` when this process may use `/dev/kvm`, else `tcg`.

@@ -11,7 +11,8 @@
 //!    build tag.
 //! 4. Unpack it, drop Docker's traces (`/.dockerenv`), write the image's own GRUB config when the
 //!    tree has a kernel (booting with `overlayroot=crypt:...` on the overlay the master menu
-//!    names), and set every timestamp to the commit time.
+//!    names, plus the image's own arguments from `/etc/motorpool/kernel-cmdline`), and set every
+//!    timestamp to the commit time.
 //! 5. `mkfs.ext4 -d` with a UUID and hash seed derived from the commit and the build inputs, and
 //!    the clock fixed at the commit time; then every inode's access and change times set to the
 //!    commit time with `debugfs` (`mkfs.ext4 -d` copies them from the unpacked tree, where they
@@ -509,6 +510,34 @@ fn mkfs() -> &'static str {
         .unwrap_or("mkfs.ext4")
 }
 
+/// The tree's own kernel arguments, from `/etc/motorpool/kernel-cmdline` (one line, for example
+/// `console=ttyS0,115200 quiet`), with a leading space; empty without the file. Characters that
+/// mean something to GRUB's config language are refused, so an image cannot change its menu entry.
+fn kernel_args(tree: &Path) -> Result<String, BuildError> {
+    let path = tree.join("etc/motorpool/kernel-cmdline");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(step("boot config", format!("/etc/motorpool/kernel-cmdline: {e}"))),
+    };
+    let line = text.trim();
+    if line.lines().count() > 1
+        || line
+            .chars()
+            .any(|c| !c.is_ascii_graphic() && c != ' ' || "\"'\\$;{}`#".contains(c))
+    {
+        return Err(step(
+            "boot config",
+            "/etc/motorpool/kernel-cmdline must be one line of plain kernel arguments (no quotes, \\, $, ;, braces, backquotes or #)",
+        ));
+    }
+    Ok(if line.is_empty() {
+        String::new()
+    } else {
+        format!(" {line}")
+    })
+}
+
 /// Writes `/boot/grub/grub.cfg` for a tree that has a kernel: it boots the newest kernel with the
 /// root and overlay the master menu hands over. False when there is no kernel.
 fn write_image_grub(tree: &Path) -> Result<bool, BuildError> {
@@ -536,8 +565,9 @@ fn write_image_grub(tree: &Path) -> Result<bool, BuildError> {
          set timeout=0\n\
          menuentry \"Motorpool image $mp_image\" {\n",
     );
+    let extra = kernel_args(tree)?;
     cfg.push_str(&format!(
-        "    linux /boot/{kernel} root=PARTUUID=$mp_root_partuuid ro overlayroot=\"crypt:dev=/dev/disk/by-partuuid/$mp_overlay_partuuid,mkfs=1,fstype=ext4,recurse=0\"\n"
+        "    linux /boot/{kernel} root=PARTUUID=$mp_root_partuuid ro overlayroot=\"crypt:dev=/dev/disk/by-partuuid/$mp_overlay_partuuid,mkfs=1,fstype=ext4,recurse=0\"{extra}\n"
     ));
     if let Some(i) = initrd {
         cfg.push_str(&format!("    initrd /boot/{i}\n"));
@@ -580,4 +610,39 @@ pub fn list(store: &Path, channel: &str) -> Vec<BuildManifest> {
         .collect();
     out.sort_by_key(|m| std::cmp::Reverse(m.built_at_ms));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_images_kernel_arguments_are_appended_but_cannot_rewrite_its_menu_entry() {
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tree.path().join("boot")).unwrap();
+        std::fs::write(tree.path().join("boot/vmlinuz-6.1.0-av"), "k").unwrap();
+        assert!(write_image_grub(tree.path()).unwrap());
+        let cfg = std::fs::read_to_string(tree.path().join("boot/grub/grub.cfg")).unwrap();
+        assert!(cfg.contains("recurse=0\"\n"), "{cfg}");
+        std::fs::create_dir_all(tree.path().join("etc/motorpool")).unwrap();
+        let args = tree.path().join("etc/motorpool/kernel-cmdline");
+        std::fs::write(&args, "console=ttyS0,115200 quiet\n").unwrap();
+        write_image_grub(tree.path()).unwrap();
+        let cfg = std::fs::read_to_string(tree.path().join("boot/grub/grub.cfg")).unwrap();
+        assert!(
+            cfg.contains("recurse=0\" console=ttyS0,115200 quiet\n"),
+            "{cfg}"
+        );
+        for hostile in [
+            "quiet\"; linux /boot/evil",
+            "a }\nmenuentry evil {",
+            "init=$mp_image",
+            "x; reboot",
+            "a\tb",
+        ] {
+            std::fs::write(&args, hostile).unwrap();
+            let e = write_image_grub(tree.path()).unwrap_err().to_string();
+            assert!(e.contains("one line of plain kernel arguments"), "{hostile:?}: {e}");
+        }
+    }
 }
