@@ -208,6 +208,10 @@ pub async fn serve(
             None
         }
     };
+    let depot = match &config.depot_url {
+        Some(url) => Some(spawn_depot_sync(url, &config, trusted.clone(), shutdown.clone()).await?),
+        None => None,
+    };
     let loaded: Arc<Mutex<HashMap<String, Arc<Image>>>> = Arc::default();
     let mut known: HashMap<PathBuf, Seen> = HashMap::new();
     let sysfs = Sysfs::host();
@@ -267,8 +271,68 @@ pub async fn serve(
         }
     }
     drop(tx);
+    if let Some(d) = depot {
+        d.abort();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
     Ok(())
+}
+
+/// Keeps the store's channel in step with the depot (the platform's CAS): at once, then every
+/// `depot_sync_s`. Fetches only what the store lacks; a failed look is logged and tried again.
+async fn spawn_depot_sync(
+    url: &str,
+    config: &FleetConfig,
+    trusted: Option<Arc<crate::sign::TrustedKeys>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let key = match &config.depot_api_key_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("depot_api_key_file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let depot = crate::depot::Depot::connect(
+        url,
+        key.as_deref(),
+        config.depot_tls_ca_file.as_deref(),
+        &config.depot_instance,
+    )
+    .await?;
+    let (store, channel, n) = (
+        config.store_dir.clone(),
+        config.channel.clone(),
+        config.images_per_drive,
+    );
+    let every = Duration::from_secs(config.depot_sync_s.max(1));
+    Ok(tokio::spawn(async move {
+        loop {
+            match depot
+                .fetch(&channel, &store, trusted.as_deref(), n, None)
+                .await
+            {
+                Ok(images) => {
+                    for f in images.iter().filter(|f| !f.present) {
+                        tracing::info!(image = %f.id, fetched = f.fetched, reused = f.reused, data = f.mapped, "Fetched an image from the depot");
+                        metrics::counter!("motorpool_fleet_depot_bytes_total", "how" => "fetched")
+                            .increment(f.fetched);
+                        metrics::counter!("motorpool_fleet_depot_bytes_total", "how" => "reused")
+                            .increment(f.reused);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, %channel, "Cannot fetch images from the depot")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }))
 }
 
 /// What a scan means for one drive.

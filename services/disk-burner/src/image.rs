@@ -37,7 +37,25 @@ pub struct ImageManifest {
     pub blake3: String,
     pub block_size: u64,
     pub ranges: Vec<Range>,
+    /// The ranges cut into pieces of at most [`PIECE`] bytes: what moves between the platform's
+    /// CAS and a burner host ([`crate::depot`]), each with its BLAKE3 (checked as it arrives) and
+    /// its SHA-256 (its CAS digest). Manifests from before pieces have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<Piece>,
 }
+
+/// The unit of transfer of an image: a slice of one range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    pub offset: u64,
+    pub len: u64,
+    pub blake3: String,
+    pub sha256: String,
+}
+
+/// The largest piece: small enough that a changed file costs little to fetch again, large enough
+/// that a gigabyte is a thousand calls.
+pub const PIECE: u64 = 1 << 20;
 
 impl ImageManifest {
     pub fn mapped_bytes(&self) -> u64 {
@@ -166,6 +184,23 @@ impl ImageManifest {
             }
             end = r.offset + r.len;
         }
+        if !self.pieces.is_empty() {
+            let mut want = self.ranges.iter().flat_map(|r| {
+                (0..r.len.div_ceil(PIECE))
+                    .map(move |k| (r.offset + k * PIECE, (r.len - k * PIECE).min(PIECE)))
+            });
+            for p in &self.pieces {
+                if want.next() != Some((p.offset, p.len)) {
+                    return Err(format!(
+                        "manifest piece {}+{} does not follow its ranges",
+                        p.offset, p.len
+                    ));
+                }
+            }
+            if want.next().is_some() {
+                return Err("the manifest's pieces do not cover its ranges".into());
+            }
+        }
         Ok(())
     }
 }
@@ -184,7 +219,8 @@ fn hash_zeros(h: &mut blake3::Hasher, mut gap: u64) {
 }
 
 /// Hashes one range of `file` (bytes past `size` read as zeros, as the block map rounds the last
-/// range up to a whole block) into its own hasher and the whole image's.
+/// range up to a whole block) into its own hasher and the whole image's; with `pieces`, also
+/// cuts it into [`Piece`]s.
 fn hash_range(
     file: &std::fs::File,
     size: u64,
@@ -192,7 +228,9 @@ fn hash_range(
     len: u64,
     whole: &mut blake3::Hasher,
     buf: &mut [u8],
+    mut pieces: Option<&mut Vec<Piece>>,
 ) -> std::io::Result<String> {
+    use sha2::Digest;
     let mut own = blake3::Hasher::new();
     let mut at = offset;
     while at < offset + len {
@@ -202,6 +240,16 @@ fn hash_range(
         buf[readable..n].fill(0);
         own.update(&buf[..n]);
         whole.update(&buf[..readable]);
+        if let Some(p) = pieces.as_deref_mut() {
+            for (k, piece) in buf[..n].chunks(PIECE as usize).enumerate() {
+                p.push(Piece {
+                    offset: at + k as u64 * PIECE,
+                    len: piece.len() as u64,
+                    blake3: blake3::hash(piece).to_hex().to_string(),
+                    sha256: hex::encode(sha2::Sha256::digest(piece)),
+                });
+            }
+        }
         at += n as u64;
     }
     Ok(own.finalize().to_hex().to_string())
@@ -244,13 +292,22 @@ impl Image {
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let size = file.metadata()?.len();
         let mut ranges = Vec::new();
+        let mut pieces = Vec::new();
         let mut whole = blake3::Hasher::new();
         let mut done = 0u64;
         let mut buf = vec![0u8; READ];
         for (off, len) in data_extents(&file, size)? {
             hash_zeros(&mut whole, off - done);
             let len = len.min(size.div_ceil(BLOCK) * BLOCK - off);
-            let blake3 = hash_range(&file, size, off, len, &mut whole, &mut buf)?;
+            let blake3 = hash_range(
+                &file,
+                size,
+                off,
+                len,
+                &mut whole,
+                &mut buf,
+                Some(&mut pieces),
+            )?;
             ranges.push(Range {
                 offset: off,
                 len,
@@ -267,6 +324,7 @@ impl Image {
                 blake3: whole.finalize().to_hex().to_string(),
                 block_size: BLOCK,
                 ranges,
+                pieces,
             },
             file,
         })
@@ -323,7 +381,7 @@ impl Image {
         let mut buf = vec![0u8; READ];
         for r in &manifest.ranges {
             hash_zeros(&mut whole, r.offset - done);
-            let got = hash_range(&file, size, r.offset, r.len, &mut whole, &mut buf)
+            let got = hash_range(&file, size, r.offset, r.len, &mut whole, &mut buf, None)
                 .map_err(io_at(path))?;
             if got != r.blake3 {
                 return Err(refused(

@@ -21,6 +21,7 @@
 pub mod actor;
 pub mod boot;
 pub mod burn;
+pub mod depot;
 pub mod esp;
 pub mod gpt;
 pub mod grub;

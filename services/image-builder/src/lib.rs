@@ -518,7 +518,12 @@ fn kernel_args(tree: &Path) -> Result<String, BuildError> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
-        Err(e) => return Err(step("boot config", format!("/etc/motorpool/kernel-cmdline: {e}"))),
+        Err(e) => {
+            return Err(step(
+                "boot config",
+                format!("/etc/motorpool/kernel-cmdline: {e}"),
+            ));
+        }
     };
     let line = text.trim();
     if line.lines().count() > 1
@@ -642,7 +647,10 @@ mod tests {
         ] {
             std::fs::write(&args, hostile).unwrap();
             let e = write_image_grub(tree.path()).unwrap_err().to_string();
-            assert!(e.contains("one line of plain kernel arguments"), "{hostile:?}: {e}");
+            assert!(
+                e.contains("one line of plain kernel arguments"),
+                "{hostile:?}: {e}"
+            );
         }
     }
 }

@@ -34,7 +34,10 @@ fn sh(cmd: &mut Command) -> String {
 /// The Debian mirror apt uses here (debootstrap does not read apt's sources).
 fn mirror() -> String {
     let mut sources = String::new();
-    for f in ["/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"] {
+    for f in [
+        "/etc/apt/sources.list.d/debian.sources",
+        "/etc/apt/sources.list",
+    ] {
         sources.push_str(&std::fs::read_to_string(f).unwrap_or_default());
     }
     sources
@@ -88,7 +91,12 @@ fn a_debian_image_boots_to_userspace_on_the_image_and_an_encrypted_overlay() {
     let repo = dir.path().join("repo");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/debian");
     std::fs::create_dir_all(repo.join("images/debian")).unwrap();
-    for f in ["Dockerfile", "mp-check", "kernel-cmdline", "initramfs-e2fsprogs"] {
+    for f in [
+        "Dockerfile",
+        "mp-check",
+        "kernel-cmdline",
+        "initramfs-e2fsprogs",
+    ] {
         std::fs::copy(fixture.join(f), repo.join("images/debian").join(f)).unwrap();
     }
     git(&repo, &["init", "-q", "-b", "main"]);
@@ -187,10 +195,17 @@ fn a_debian_image_boots_to_userspace_on_the_image_and_an_encrypted_overlay() {
     assert!(said("root").ends_with(" overlay"), "{}", said("root"));
     let lower = said("lower");
     assert!(lower.contains(" ext4 ro"), "{lower}");
-    assert_eq!(said("lower-partuuid"), slot.partition.unique_guid.to_string());
+    assert_eq!(
+        said("lower-partuuid"),
+        slot.partition.unique_guid.to_string()
+    );
     assert_eq!(said("lower-writable"), "no");
     // ...and above it a dm-crypt device on the drive's overlay, named by the seed's scheme.
-    assert!(said("upper-dm").starts_with("CRYPT-"), "{}", said("upper-dm"));
+    assert!(
+        said("upper-dm").starts_with("CRYPT-"),
+        "{}",
+        said("upper-dm")
+    );
     let overlay = format!("55555555-{}-555555555555", &disk.to_string()[9..23]);
     assert_eq!(said("upper-partuuid"), overlay);
     assert_eq!(

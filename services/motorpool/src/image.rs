@@ -23,6 +23,41 @@ pub enum ImageCommand {
         #[arg(long, default_value = "")]
         comment: String,
     },
+    /// Publish a stored image to the platform's CAS (through the gateway) as its channel's
+    /// newest, for burner hosts to fetch; only what the CAS lacks is sent. Needs a key that may
+    /// write the action cache.
+    Publish {
+        /// The image's directory in the store (`<store>/<channel>/<id>`).
+        #[arg(long)]
+        image: PathBuf,
+        /// The channel [default: the name of the image directory's parent].
+        #[arg(long)]
+        channel: Option<String>,
+        /// Images the channel keeps listed.
+        #[arg(long, default_value_t = 5)]
+        keep: usize,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Fetch a channel's images from the platform's CAS into a store, each only as far as the
+    /// store does not hold it already (pieces of images it has are copied, not fetched).
+    Fetch {
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        #[arg(long, default_value = "motorpool-data/images")]
+        store: PathBuf,
+        /// Only this image (else the channel's newest `--newest`).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        newest: usize,
+        /// Public keys whose signatures are accepted: an image they did not sign is refused
+        /// before its pieces are fetched.
+        #[arg(long, env = "MOTORPOOL_FLEET_TRUSTED_KEYS_FILE")]
+        trusted_keys: Option<PathBuf>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// List a channel's images, newest first.
     List {
         #[arg(long, default_value = "motorpool-data/images")]
@@ -101,6 +136,51 @@ pub struct SubmitArgs {
     bus: crate::drives::BusArgs,
 }
 
+/// How to reach the platform's CAS: the gateway.
+#[derive(Args)]
+pub struct RemoteArgs {
+    /// The gateway: grpc://HOST:8980, or grpcs:// with TLS.
+    #[arg(
+        long,
+        env = "MOTORPOOL_REMOTE",
+        default_value = "grpc://127.0.0.1:8980"
+    )]
+    remote: String,
+    /// A file holding the API key (`motorpool up` prints the stack's).
+    #[arg(long, env = "MOTORPOOL_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// The API key itself (prefer --api-key-file: a command line is visible to other users).
+    #[arg(long, env = "MOTORPOOL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// PEM CA of the gateway's certificate, for grpcs:// [default: the system's roots].
+    #[arg(long)]
+    tls_ca_file: Option<PathBuf>,
+    /// The REAPI instance name images live under.
+    #[arg(long, default_value = "")]
+    instance: String,
+}
+
+impl RemoteArgs {
+    async fn connect(&self) -> anyhow::Result<motorpool_disk_burner::depot::Depot> {
+        let key = match (&self.api_key_file, &self.api_key) {
+            (Some(f), _) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, k) => k.clone(),
+        };
+        Ok(motorpool_disk_burner::depot::Depot::connect(
+            &self.remote,
+            key.as_deref(),
+            self.tls_ca_file.as_deref(),
+            &self.instance,
+        )
+        .await?)
+    }
+}
+
 fn parse_lane(s: &str) -> Result<motorpool_messages::exec::Lane, String> {
     motorpool_messages::exec::Lane::from_name(s)
         .ok_or_else(|| format!("{s:?} is not a lane (release, build, test, lint)"))
@@ -149,6 +229,67 @@ pub fn main(cmd: ImageCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ImageCommand::Submit(a) => tokio::runtime::Handle::current().block_on(submit(a)),
+        ImageCommand::Publish {
+            image,
+            channel,
+            keep,
+            remote,
+        } => tokio::runtime::Handle::current().block_on(async {
+            let channel = match channel {
+                Some(c) => c,
+                None => image
+                    .canonicalize()
+                    .ok()
+                    .and_then(|p| p.parent()?.file_name()?.to_str().map(str::to_string))
+                    .ok_or_else(|| anyhow::anyhow!("{}: give --channel", image.display()))?,
+            };
+            let t = Instant::now();
+            let depot = remote.connect().await?;
+            let sent = depot.publish(&image, &channel, keep).await?;
+            println!(
+                "Published {} as channel {channel}'s newest: {sent} bytes sent (the CAS had the rest) in {:.1} s",
+                image.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }),
+        ImageCommand::Fetch {
+            channel,
+            store,
+            id,
+            newest,
+            trusted_keys,
+            remote,
+        } => tokio::runtime::Handle::current().block_on(async {
+            let trusted = trusted_keys
+                .as_deref()
+                .map(motorpool_disk_burner::sign::TrustedKeys::read)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let t = Instant::now();
+            let depot = remote.connect().await?;
+            for f in depot
+                .fetch(&channel, &store, trusted.as_ref(), newest, id.as_deref())
+                .await?
+            {
+                if f.present {
+                    println!("{}: already in the store ({})", f.id, f.dir.display());
+                    continue;
+                }
+                println!(
+                    "Fetched {}: {} bytes fetched, {} reused from the store, of {} bytes of data ({} MiB image){}: {}",
+                    f.id,
+                    f.fetched,
+                    f.reused,
+                    f.mapped,
+                    f.size >> 20,
+                    if trusted.is_some() { ", signature checked" } else { "" },
+                    f.dir.display()
+                );
+            }
+            println!("in {:.1} s", t.elapsed().as_secs_f64());
+            Ok(())
+        }),
         ImageCommand::Keygen { out, comment } => {
             let key = ManifestSigner::generate();
             key.write(&out, &comment)

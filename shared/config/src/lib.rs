@@ -756,6 +756,18 @@ pub struct FleetConfig {
     /// Builder: the ed25519 key that signs every image manifest (`motorpool image keygen`).
     /// None: manifests are not signed.
     pub signing_key_file: Option<PathBuf>,
+    /// Burner: the platform's gateway to fetch the channel's images from (`grpc://HOST:8980` or
+    /// `grpcs://`), by content, into `store_dir`, each only as far as the store lacks it.
+    /// None: the store is filled by other means (a builder on this host, a copy).
+    pub depot_url: Option<String>,
+    /// Burner: the API key file for `depot_url` (a key with `read`).
+    pub depot_api_key_file: Option<PathBuf>,
+    /// Burner: PEM CA of the gateway's certificate, for `grpcs://`.
+    pub depot_tls_ca_file: Option<PathBuf>,
+    /// Burner: the REAPI instance name images are published under. Default "".
+    pub depot_instance: String,
+    /// Burner: seconds between looks at the depot's channel. Default 60.
+    pub depot_sync_s: u64,
     /// Burner: public keys (one `motorpool-ed25519 <hex>` line each, `motorpool image keygen`
     /// writes them) whose signatures it accepts. Set, an image without a valid signature by one
     /// of them is refused; unset, manifests are checked for integrity only.
@@ -790,6 +802,11 @@ impl Default for FleetConfig {
             layouts: Vec::new(),
             signing_key_file: None,
             trusted_keys_file: None,
+            depot_url: None,
+            depot_api_key_file: None,
+            depot_tls_ca_file: None,
+            depot_instance: String::new(),
+            depot_sync_s: 60,
             aging_step_ms: 10_000,
             telemetry: TelemetryConfig::default(),
         }
