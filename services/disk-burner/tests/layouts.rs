@@ -3,7 +3,7 @@
 //! stuck by the old ESP bug is recovered by a re-burn, a slot is named only when its burn,
 //! boot menu included, succeeded, and a full drive never evicts its default image.
 
-use motorpool_disk_burner::burn::{DriveState, burn_all, read_slot_record};
+use motorpool_disk_burner::burn::{BurnReport, DriveState, burn_all, read_slot_record};
 use motorpool_disk_burner::esp;
 use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::image::Image;
@@ -25,6 +25,17 @@ fn sparse_drive(path: &Path, bytes: u64, disk: &str) {
     }
     .write(&mut f)
     .unwrap();
+}
+
+/// Burns `img` onto the one drive at `d`.
+fn burn_one(d: &Path, img: &Image, opts: &LayoutOptions) -> BurnReport {
+    burn_all(
+        std::slice::from_ref(&d.to_path_buf()),
+        img,
+        opts,
+        &|_, _| {},
+    )
+    .remove(0)
 }
 
 fn gpt_of(path: &Path) -> Gpt {
@@ -83,22 +94,17 @@ fn the_esp_is_a_valid_fat_on_drives_of_16_gib_to_4_tib() {
             gib << 30,
             &format!("00000000-{i:04x}-4000-8000-0000000000a{i}"),
         );
-        let r = burn_all(
-            std::slice::from_ref(&d),
-            &img,
-            &LayoutOptions::default(),
-            &|_, _| {},
-        );
+        let r = burn_one(&d, &img, &LayoutOptions::default());
         assert!(
             matches!(
-                r[0].state,
+                r.state,
                 DriveState::Ready {
                     verify_only: false,
                     ..
                 }
             ),
             "{gib} GiB: {:?}",
-            r[0]
+            r
         );
         let gpt = gpt_of(&d);
         let fsck = fsck_esp(&d, &gpt, &dir.path().join("esp.fat"))
@@ -125,8 +131,8 @@ fn a_drive_stuck_by_the_old_esp_bug_is_recovered_by_a_reburn() {
         boot_menu: false,
         ..Default::default()
     };
-    let r = burn_all(std::slice::from_ref(&d), &img, &no_menu, &|_, _| {});
-    assert!(matches!(r[0].state, DriveState::Ready { .. }), "{:?}", r[0]);
+    let r = burn_one(&d, &img, &no_menu);
+    assert!(matches!(r.state, DriveState::Ready { .. }), "{:?}", r);
     let gpt = gpt_of(&d);
     let esp_first = gpt.partitions[0].first_lba;
     let kib = gpt.partitions[0].len() / 1024;
@@ -153,24 +159,19 @@ fn a_drive_stuck_by_the_old_esp_bug_is_recovered_by_a_reburn() {
     assert_eq!(esp::fat_geometry(&boot, gpt.partitions[0].len()), None);
 
     // A re-burn: the image is already there (verified), and the ESP is made again.
-    let r = burn_all(
-        std::slice::from_ref(&d),
-        &img,
-        &LayoutOptions::default(),
-        &|_, _| {},
-    );
+    let r = burn_one(&d, &img, &LayoutOptions::default());
     assert!(
         matches!(
-            r[0].state,
+            r.state,
             DriveState::Ready {
                 verify_only: true,
                 ..
             }
         ),
         "{:?}",
-        r[0]
+        r
     );
-    assert_eq!(r[0].bytes_written, 0);
+    assert_eq!(r.bytes_written, 0);
     fsck_esp(&d, &gpt, &dir.path().join("esp.fat")).unwrap();
     assert!(esp::read_menu(&d, &gpt).unwrap().contains("av-stuck"));
 }
@@ -186,11 +187,11 @@ fn a_slot_is_named_only_when_its_boot_menu_was_written_too() {
         esp_bytes: 1 << 20,
         ..Default::default()
     };
-    let r = burn_all(std::slice::from_ref(&d), &img, &tiny_esp, &|_, _| {});
+    let r = burn_one(&d, &img, &tiny_esp);
     assert!(
-        matches!(&r[0].state, DriveState::Failed { reason } if reason.contains("boot menu")),
+        matches!(&r.state, DriveState::Failed { reason } if reason.contains("boot menu")),
         "{:?}",
-        r[0]
+        r
     );
     let gpt = gpt_of(&d);
     assert!(
@@ -217,24 +218,24 @@ fn a_full_drive_keeps_its_default_image_and_says_what_it_replaced() {
         std::fs::remove_dir_all(dir.path().join(format!("tree-{v}"))).unwrap();
     }
     for img in &images[..12] {
-        let r = burn_all(std::slice::from_ref(&d), img, &opts, &|_, _| {});
+        let r = burn_one(&d, img, &opts);
         assert!(
-            matches!(&r[0].state, DriveState::Ready { replaced: None, .. }),
+            matches!(&r.state, DriveState::Ready { replaced: None, .. }),
             "{:?}",
-            r[0]
+            r
         );
     }
     // The operator makes the oldest image the default; then a thirteenth image comes.
     let gpt = gpt_of(&d);
     esp::install(&d, &gpt, Some("av-v01")).unwrap();
-    let r = burn_all(std::slice::from_ref(&d), &images[12], &opts, &|_, _| {});
-    match &r[0].state {
+    let r = burn_one(&d, &images[12], &opts);
+    match &r.state {
         DriveState::Ready {
             slot,
             replaced: Some(old),
             ..
         } => {
-            assert_eq!((old.as_str(), *slot), ("av-v02", 2), "{:?}", r[0]);
+            assert_eq!((old.as_str(), *slot), ("av-v02", 2), "{:?}", r);
         }
         other => panic!("{other:?}"),
     }
@@ -267,13 +268,13 @@ fn a_full_drive_keeps_its_default_image_and_says_what_it_replaced() {
         slots: 1,
         ..opts.clone()
     };
-    burn_all(std::slice::from_ref(&one), &images[0], &single, &|_, _| {});
+    burn_one(&one, &images[0], &single);
     esp::install(&one, &gpt_of(&one), Some("av-v01")).unwrap();
-    let r = burn_all(std::slice::from_ref(&one), &images[1], &single, &|_, _| {});
+    let r = burn_one(&one, &images[1], &single);
     assert!(
-        matches!(&r[0].state, DriveState::Failed { reason } if reason.contains("default image av-v01")),
+        matches!(&r.state, DriveState::Failed { reason } if reason.contains("default image av-v01")),
         "{:?}",
-        r[0]
+        r
     );
     let names: Vec<_> = slots(&gpt_of(&one)).into_iter().map(|s| s.image).collect();
     assert_eq!(names, [Some("av-v01".to_string())]);
@@ -291,17 +292,17 @@ fn a_rebuild_with_the_same_id_but_other_bytes_is_burned_again_into_its_slot() {
     let first = Image::load(&mkfs_image(dir.path(), "r1"), "av-same").unwrap();
     let second = Image::load(&mkfs_image(dir.path(), "r2"), "av-same").unwrap();
     assert_ne!(first.manifest.blake3, second.manifest.blake3);
-    let r = burn_all(std::slice::from_ref(&d), &first, &opts, &|_, _| {});
+    let r = burn_one(&d, &first, &opts);
     assert!(
-        matches!(r[0].state, DriveState::Ready { slot: 1, .. }),
+        matches!(r.state, DriveState::Ready { slot: 1, .. }),
         "{:?}",
-        r[0]
+        r
     );
     // Same id, other content: not "already there", and not a failed verification either.
-    let r = burn_all(std::slice::from_ref(&d), &second, &opts, &|_, _| {});
+    let r = burn_one(&d, &second, &opts);
     assert!(
         matches!(
-            r[0].state,
+            r.state,
             DriveState::Ready {
                 slot: 1,
                 verify_only: false,
@@ -310,19 +311,19 @@ fn a_rebuild_with_the_same_id_but_other_bytes_is_burned_again_into_its_slot() {
             }
         ),
         "{:?}",
-        r[0]
+        r
     );
     // And now it is there.
-    let r = burn_all(std::slice::from_ref(&d), &second, &opts, &|_, _| {});
+    let r = burn_one(&d, &second, &opts);
     assert!(
         matches!(
-            r[0].state,
+            r.state,
             DriveState::Ready {
                 verify_only: true,
                 ..
             }
         ),
         "{:?}",
-        r[0]
+        r
     );
 }

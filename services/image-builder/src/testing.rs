@@ -1,13 +1,15 @@
 //! Fixtures for tests of the builder and of what uses it: a base image made locally from
 //! Debian's static busybox (no registry), and a git repository with a Dockerfile.
 
+use crate::BuildRequest;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The test base image's tag.
 pub const BASE: &str = "motorpool-test-base:busybox";
 
-fn sh(cmd: &mut Command) -> String {
+/// Runs a command to success; its stdout (a failure panics with its stderr).
+pub fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -79,4 +81,17 @@ pub fn sample_repo(work: &Path) -> PathBuf {
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-q", "-m", "v1"]);
     repo
+}
+
+/// A build of [`sample_repo`]'s image, on `main`, into channel `stable`.
+pub fn sample_request(repo: &Path) -> BuildRequest {
+    BuildRequest {
+        repo: repo.display().to_string(),
+        git_ref: "main".into(),
+        dockerfile: "images/av/Dockerfile".into(),
+        context: "images/av".into(),
+        build_args: vec![],
+        channel: "stable".into(),
+        image_id: None,
+    }
 }

@@ -12,24 +12,13 @@ use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::image::Image;
 use motorpool_disk_burner::layout::{self, LayoutOptions};
 use motorpool_disk_burner::sign::TrustedKeys;
-use motorpool_image_builder::testing::git;
+use motorpool_image_builder::testing::{git, sh};
 use motorpool_image_builder::{BuildRequest, ManifestSigner, build};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BASE: &str = "motorpool-test-debian:bookworm";
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The Debian mirror apt uses here (debootstrap does not read apt's sources).
 fn mirror() -> String {

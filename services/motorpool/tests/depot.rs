@@ -7,8 +7,8 @@
 
 mod support;
 
-use motorpool_image_builder::testing::{base_image, git, sample_repo};
-use motorpool_image_builder::{BuildRequest, ManifestSigner, build};
+use motorpool_image_builder::testing::{base_image, git, sample_repo, sample_request};
+use motorpool_image_builder::{ManifestSigner, build};
 use std::path::Path;
 use std::process::{Command, Output};
 use support::Stack;
@@ -28,7 +28,20 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// The number after `word ` in `line`.
+/// `image fetch`'s bytes fetched, reused and of data, from its `Fetched ...` line.
+fn fetched_reused_data(out: &str) -> (u64, u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("Fetched "))
+        .unwrap_or_else(|| panic!("{out}"));
+    (
+        number_before(line, "bytes fetched"),
+        number_before(line, "reused"),
+        number_before(line, "bytes of data"),
+    )
+}
+
+/// The number just before `word` in `line`.
 fn number_before(line: &str, word: &str) -> u64 {
     let at = line
         .find(word)
@@ -63,15 +76,7 @@ fn images_are_fetched_from_the_platform_by_content_only_what_is_missing() {
     signer.write(&key, "").unwrap();
     let trusted = format!("{}.pub", key.display());
     let store = dir.path().join("builder-store");
-    let req = BuildRequest {
-        repo: repo.display().to_string(),
-        git_ref: "main".into(),
-        dockerfile: "images/av/Dockerfile".into(),
-        context: "images/av".into(),
-        build_args: vec![],
-        channel: "stable".into(),
-        image_id: None,
-    };
+    let req = sample_request(&repo);
     let v1 = build(&req, &store, 5, Some(&signer), &|_| {}).unwrap();
     std::fs::write(repo.join("images/av/stack.txt"), "planner v2\n").unwrap();
     git(&repo, &["commit", "-q", "-am", "v2"]);
@@ -152,28 +157,13 @@ fn images_are_fetched_from_the_platform_by_content_only_what_is_missing() {
     let first = fetch(&v1.manifest.image.id, &trusted);
     let first_out = text(&first);
     assert!(first.status.success(), "{first_out}");
-    let line = first_out
-        .lines()
-        .find(|l| l.starts_with("Fetched "))
-        .unwrap();
-    let (fetched, reused, data) = (
-        number_before(line, "bytes fetched"),
-        number_before(line, "reused"),
-        number_before(line, "bytes of data"),
-    );
-    assert_eq!((fetched, reused), (data, 0), "{line}");
+    let (fetched, reused, data) = fetched_reused_data(&first_out);
+    assert_eq!((fetched, reused), (data, 0), "{first_out}");
     let second = fetch(&v2.manifest.image.id, &trusted);
     let second_out = text(&second);
     assert!(second.status.success(), "{second_out}");
-    let line = second_out
-        .lines()
-        .find(|l| l.starts_with("Fetched "))
-        .unwrap();
-    let (fetched, reused, data) = (
-        number_before(line, "bytes fetched"),
-        number_before(line, "reused"),
-        number_before(line, "bytes of data"),
-    );
+    let (fetched, reused, data) = fetched_reused_data(&second_out);
+    let line = &second_out;
     eprintln!("second, similar image: {fetched} bytes fetched, {reused} reused, of {data}");
     assert_eq!(fetched + reused, data, "{line}");
     assert!(reused >= 5 << 20, "the shared payload is reused: {line}");

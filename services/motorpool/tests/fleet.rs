@@ -11,8 +11,7 @@ use motorpool_bus::{
 use motorpool_config::FleetConfig;
 use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::layout::slots;
-use motorpool_image_builder::BuildRequest;
-use motorpool_image_builder::testing::{base_image, git, sample_repo};
+use motorpool_image_builder::testing::{base_image, git, sample_repo, sample_request};
 use motorpool_messages::exec::Lane;
 use motorpool_messages::fleet::{BuildState, BuildStatus, DriveKind, DriveStatus};
 use std::path::Path;
@@ -117,15 +116,7 @@ async fn builds_and_burns_ride_the_bus() {
         stop.clone(),
     ));
 
-    let req = BuildRequest {
-        repo: repo.display().to_string(),
-        git_ref: "main".into(),
-        dockerfile: "images/av/Dockerfile".into(),
-        context: "images/av".into(),
-        build_args: vec![],
-        channel: "stable".into(),
-        image_id: None,
-    };
+    let req = sample_request(&repo);
     let job = motorpool_image_builder::actor::submit(&bus, &req, Lane::Release)
         .await
         .unwrap();
