@@ -30,6 +30,8 @@ pub fn newest_images(store: &Path, channel: &str, n: usize) -> Vec<(String, Path
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
+        // `.fetch-*`: an image the depot is still assembling.
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter_map(|e| {
             let m: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(e.path().join("manifest.json")).ok()?)

@@ -13,9 +13,9 @@
 //!    A marked drive without Motorpool partitions is laid out first ([`crate::layout::plan`]).
 //! 3. **Write** only the image's mapped ranges, read from the image file chunk by chunk (drives
 //!    burning at once share its pages in the page cache; the burner holds one chunk per drive),
-//!    in large aligned writes with `O_DIRECT` where the target allows it; then `fsync`, then name the
-//!    slot after the image in the GPT. A drive pulled mid-burn (its bay file gone, or I/O
-//!    errors) ends its job as `Failed`; the others go on.
+//!    in large aligned writes with `O_DIRECT` where the target allows it; then `fsync`. A drive
+//!    pulled mid-burn (its bay file gone, or I/O errors) ends its job as `Failed`; the others go
+//!    on.
 //! 4. **Verify** by reading the ranges back with `O_DIRECT` (or after dropping the drive's pages
 //!    from the cache where `O_DIRECT` is refused) and comparing each range's BLAKE3.
 //! 5. **Record and name.** Write the slot's record (id, size, BLAKE3), then the ESP's menu with
@@ -272,9 +272,10 @@ fn burn_inner(
         .find(|s| s.image.as_deref() == Some(id.as_str()));
     // A slot records what it holds when the image leaves room for the record; without one
     // (an image that fills its slot, a drive burned before records) the id decides.
+    let record = same_id.and_then(|s| read_record(&drive, &s.partition).filter(|r| r.id == *id));
     if let Some(s) = same_id
-        && read_record(&drive, &s.partition)
-            .filter(|r| r.id == *id)
+        && record
+            .as_ref()
             .is_none_or(|r| r.blake3 == image.manifest.blake3)
     {
         verify(
@@ -285,6 +286,11 @@ fn burn_inner(
             on_state,
             report,
         )?;
+        // A slot verified without a record (burned before records) gets one, where it fits.
+        if record.is_none() && image.manifest.size + RECORD <= s.partition.len() {
+            write_record(&drive, &s.partition, image)
+                .map_err(|e| failed(format!("cannot write the slot's record: {e}")))?;
+        }
         boot_menu(path, &gpt, layout_opts)?;
         return Ok(DriveState::Ready {
             slot: s.number,
@@ -566,12 +572,18 @@ pub fn burn_all(
 }
 
 /// The drives in a bay directory: its regular files and block devices, sorted.
+/// An error names the directory; a drive pulled while the directory is read is simply not listed.
 pub fn scan_bays(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let named = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("bays directory {}: {e}", dir.display()))
+    };
     let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let t = std::fs::metadata(e.path())?.file_type();
-        if t.is_file() || t.is_block_device() {
+    for e in std::fs::read_dir(dir).map_err(named)? {
+        let e = e.map_err(named)?;
+        let Ok(m) = std::fs::metadata(e.path()) else {
+            continue;
+        };
+        if m.file_type().is_file() || m.file_type().is_block_device() {
             out.push(e.path());
         }
     }

@@ -605,6 +605,9 @@ fn read_local(file: &Path, at: u64, p: &Piece) -> Option<Vec<u8>> {
 fn local_pieces(dir: &Path) -> HashMap<String, (PathBuf, u64)> {
     let mut out = HashMap::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         let Ok(bytes) = std::fs::read(e.path().join("manifest.json")) else {
             continue;
         };

@@ -298,6 +298,30 @@ fn a_rebuild_with_the_same_id_but_other_bytes_is_burned_again_into_its_slot() {
         "{:?}",
         r
     );
+    // A slot burned before records existed has none: the id decides (verify-only), and the
+    // pass leaves a record behind.
+    let slot1 = slots(&gpt_of(&d))[0].partition.clone();
+    let w = std::fs::OpenOptions::new().write(true).open(&d).unwrap();
+    w.write_all_at(&[0u8; 4096], slot1.offset() + slot1.len() - 4096)
+        .unwrap();
+    assert_eq!(
+        read_slot_record(&std::fs::File::open(&d).unwrap(), &slot1),
+        None
+    );
+    let r = burn_one(&d, &first, &opts);
+    assert!(
+        matches!(
+            r.state,
+            DriveState::Ready {
+                verify_only: true,
+                ..
+            }
+        ),
+        "{:?}",
+        r
+    );
+    let rec = read_slot_record(&std::fs::File::open(&d).unwrap(), &slot1).unwrap();
+    assert_eq!(rec.blake3, first.manifest.blake3);
     // Same id, other content: not "already there", and not a failed verification either.
     let r = burn_one(&d, &second, &opts);
     assert!(

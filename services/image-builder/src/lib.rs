@@ -587,7 +587,12 @@ fn write_image_grub(tree: &Path) -> Result<bool, BuildError> {
 pub fn prune(channel_dir: &Path, keep: usize) -> Result<Vec<PathBuf>, BuildError> {
     let mut images: Vec<(u64, PathBuf)> = Vec::new();
     for e in std::fs::read_dir(channel_dir)? {
-        let dir = e?.path();
+        let e = e?;
+        // `.fetch-*`: an image the depot is still assembling.
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let dir = e.path();
         let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else {
             continue;
         };
@@ -610,6 +615,7 @@ pub fn list(store: &Path, channel: &str) -> Vec<BuildManifest> {
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter_map(|e| std::fs::read(e.path().join("manifest.json")).ok())
         .filter_map(|b| serde_json::from_slice(&b).ok())
         .collect();

@@ -133,7 +133,7 @@ pub struct BurnArgs {
 fn drives(w: &Which) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = w.drives.clone();
     if let Some(b) = &w.bays {
-        out.extend(scan_bays(b).map_err(|e| anyhow::anyhow!("bays {}: {e}", b.display()))?);
+        out.extend(scan_bays(b)?);
     }
     anyhow::ensure!(!out.is_empty(), "no drives: name some, or --bays DIR");
     Ok(out)

@@ -134,6 +134,24 @@ struct FleetArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     burner_id: Option<String>,
+    /// The builder's manifest signing key (`motorpool image keygen`) [default: none, unsigned].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signing_key_file: Option<PathBuf>,
+    /// The burner's trusted public keys: only images they signed are burned [default: none,
+    /// integrity checked only].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trusted_keys_file: Option<PathBuf>,
+    /// The burner fetches its channel's images from this gateway (grpc:// or grpcs://)
+    /// [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depot_url: Option<String>,
+    /// The API key file for --depot-url.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depot_api_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Serialize)]
