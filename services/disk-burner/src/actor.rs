@@ -281,7 +281,8 @@ pub async fn serve(
 }
 
 /// Keeps the store's channel in step with the depot (the platform's CAS): at once, then every
-/// `depot_sync_s`. Fetches only what the store lacks; a failed look is logged and tried again.
+/// `depot_sync_s`. Fetches only what the store lacks; a gateway out of reach or a failed look is
+/// logged and tried again. Only an unreadable key file stops the burner from starting.
 async fn spawn_depot_sync(
     url: &str,
     config: &FleetConfig,
@@ -297,13 +298,11 @@ async fn spawn_depot_sync(
         ),
         None => None,
     };
-    let depot = crate::depot::Depot::connect(
-        url,
-        key.as_deref(),
-        config.depot_tls_ca_file.as_deref(),
-        &config.depot_instance,
-    )
-    .await?;
+    let (url, ca, instance) = (
+        url.to_string(),
+        config.depot_tls_ca_file.clone(),
+        config.depot_instance.clone(),
+    );
     let (store, channel, n) = (
         config.store_dir.clone(),
         config.channel.clone(),
@@ -311,22 +310,32 @@ async fn spawn_depot_sync(
     );
     let every = Duration::from_secs(config.depot_sync_s.max(1));
     Ok(tokio::spawn(async move {
+        // A gateway that cannot be reached now (a site's link down) is tried again: the
+        // burner burns what its store holds meanwhile.
+        let mut depot = None;
         loop {
-            match depot
-                .fetch(&channel, &store, trusted.as_deref(), n, None)
-                .await
-            {
-                Ok(images) => {
-                    for f in images.iter().filter(|f| !f.present) {
-                        tracing::info!(image = %f.id, fetched = f.fetched, reused = f.reused, data = f.mapped, "Fetched an image from the depot");
-                        metrics::counter!("motorpool_fleet_depot_bytes_total", "how" => "fetched")
-                            .increment(f.fetched);
-                        metrics::counter!("motorpool_fleet_depot_bytes_total", "how" => "reused")
-                            .increment(f.reused);
-                    }
+            if depot.is_none() {
+                match crate::depot::Depot::connect(&url, key.as_deref(), ca.as_deref(), &instance)
+                    .await
+                {
+                    Ok(d) => depot = Some(d),
+                    Err(error) => tracing::warn!(%error, "Cannot reach the depot; trying again"),
                 }
-                Err(error) => {
-                    tracing::warn!(%error, %channel, "Cannot fetch images from the depot")
+            }
+            if let Some(d) = &depot {
+                match d.fetch(&channel, &store, trusted.as_deref(), n, None).await {
+                    Ok(images) => {
+                        for f in images.iter().filter(|f| !f.present) {
+                            tracing::info!(image = %f.id, fetched = f.fetched, reused = f.reused, data = f.mapped, "Fetched an image from the depot");
+                            metrics::counter!("motorpool_fleet_depot_bytes_total", "how" => "fetched")
+                                .increment(f.fetched);
+                            metrics::counter!("motorpool_fleet_depot_bytes_total", "how" => "reused")
+                                .increment(f.reused);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, %channel, "Cannot fetch images from the depot")
+                    }
                 }
             }
             tokio::select! {

@@ -286,5 +286,25 @@ fn images_are_fetched_from_the_platform_by_content_only_what_is_missing() {
         assert_eq!(ready.image, v2.manifest.image.id);
         stop.cancel();
         let _ = burner.await;
+
+        // A site whose gateway is out of reach still starts, and burns what its store holds.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let offline = tokio::spawn(motorpool_disk_burner::actor::serve(
+            bus.clone(),
+            motorpool_config::FleetConfig {
+                depot_url: Some(format!("grpc://{closed}")),
+                burner_id: Some("site-3".into()),
+                ..config.clone()
+            },
+            stop.clone(),
+        ));
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(!offline.is_finished(), "{:?}", offline.await);
+        stop.cancel();
+        offline.await.unwrap().unwrap();
     });
 }
