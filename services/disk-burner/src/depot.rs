@@ -222,6 +222,7 @@ impl Depot {
     /// lacks) and makes it the channel's newest, keeping the newest `keep`. Returns the bytes
     /// uploaded.
     pub async fn publish(&self, dir: &Path, channel: &str, keep: usize) -> Result<u64, DepotError> {
+        valid_channel(channel)?;
         // Checked as a burner would check it: nothing corrupt is published.
         let image = Image::load_stored(dir, None)?;
         if image.manifest.pieces.is_empty() {
@@ -417,6 +418,7 @@ impl Depot {
         newest: usize,
         only: Option<&str>,
     ) -> Result<Vec<Fetched>, DepotError> {
+        valid_channel(channel)?;
         let list = self.channel(channel).await?;
         if list.is_empty() {
             return Err(DepotError::Refused(format!(
@@ -588,6 +590,17 @@ impl Depot {
             }
         }
         file.sync_all().map_err(io(&path))
+    }
+}
+
+/// A channel names a directory of the store: the image ids' alphabet, nothing that climbs out.
+fn valid_channel(channel: &str) -> Result<(), DepotError> {
+    if crate::image::valid_id(channel) {
+        Ok(())
+    } else {
+        Err(DepotError::Refused(format!(
+            "channel {channel:?} must be 1-27 of [A-Za-z0-9._-], not starting with '.'"
+        )))
     }
 }
 

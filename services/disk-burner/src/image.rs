@@ -64,10 +64,12 @@ impl ImageManifest {
 }
 
 /// True for an id that fits a GPT partition name as `mp:<id>`.
+/// It also names directories of the image store: `.`, `..` and hidden names are refused.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 27
         && id != "empty"
+        && !id.starts_with('.')
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
@@ -285,7 +287,9 @@ impl Image {
         if !valid_id(id) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("image id {id:?} must be 1-27 letters, digits, '.', '-' or '_'"),
+                format!(
+                    "image id {id:?} must be 1-27 letters, digits, '.', '-' or '_', not starting with '.'"
+                ),
             ));
         }
         let file = std::fs::File::open(path)
@@ -467,6 +471,11 @@ mod tests {
         );
         assert!(Image::map(&path, "bad/id").is_err());
         assert!(Image::map(&path, "empty").is_err());
+        // Ids name store directories too: nothing that climbs out or hides.
+        for bad in ["..", ".", ".fetch-x", "a/b", ""] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+        assert!(valid_id("av-2026.11.1_rc"));
         // Not ext4: a bare file is refused.
         let e = Image::load(&path, "v1").unwrap_err().to_string();
         assert!(e.contains("not an ext4 file system"), "{e}");

@@ -159,6 +159,11 @@ pub fn build(
             req.channel
         )));
     }
+    if let Some(id) = req.image_id.as_deref().filter(|id| !valid_id(id)) {
+        return Err(BuildError::Request(format!(
+            "image id {id:?} must be 1-27 of [A-Za-z0-9._-], not starting with '.'"
+        )));
+    }
     for (k, _) in &req.build_args {
         if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(BuildError::Request(format!(
@@ -247,7 +252,7 @@ fn build_in(
         .unwrap_or_else(|| format!("{}-{}", req.channel, &commit[..12]));
     if !valid_id(&id) {
         return Err(BuildError::Request(format!(
-            "image id {id:?} must be 1-27 of [A-Za-z0-9._-]"
+            "image id {id:?} must be 1-27 of [A-Za-z0-9._-], not starting with '.'"
         )));
     }
     let dockerfile = src.join(&req.dockerfile);

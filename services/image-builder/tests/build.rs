@@ -168,6 +168,30 @@ fn a_dockerfile_in_git_becomes_a_verified_bootable_image() {
         matches!(bad, Err(BuildError::Request(ref e)) if e.contains("leaves the repository")),
         "{bad:?}"
     );
+    // So is an image id or a channel that would name a directory outside its place in the store.
+    for (id, channel) in [
+        ("..", "stable"),
+        (".", "stable"),
+        ("av-1", ".."),
+        ("av-1", "a/b"),
+    ] {
+        let bad = build(
+            &BuildRequest {
+                image_id: Some(id.into()),
+                channel: channel.into(),
+                ..req.clone()
+            },
+            &store,
+            2,
+            None,
+            &|_| {},
+        );
+        assert!(
+            matches!(bad, Err(BuildError::Request(_))),
+            "{id} {channel}: {bad:?}"
+        );
+    }
+    assert_eq!(list(&store, "stable").len(), 2, "the store is untouched");
     // An unknown ref fails at its step with git's words.
     let e = build(
         &BuildRequest {
