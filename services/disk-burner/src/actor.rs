@@ -4,9 +4,11 @@
 //! read-only are refused before anything opens them for writing; the interlock refuses the rest
 //! that are not ours. Every state change goes to the KV bucket `mp_v1_fleet_drives`
 //! (`<burner>.<drive>`), to the subject `mp.v1.fleet.drive.state.<burner>`, and to the metric
-//! `motorpool_fleet_drives{state}`. Each image is read once and shared by all drives; drives
-//! burn in parallel, one thread each; a drive that disappears ends its job on its own. The chassis
-//! LEDs follow the states through `ledctl` ([`crate::leds`]).
+//! `motorpool_fleet_drives{state}`. Each image is checked against its manifest and signature
+//! once, then read from its file by every drive's burn; drives burn in parallel, one thread each;
+//! a drive that disappears ends its job on its own. With a depot configured, the store is kept in
+//! step with the channel in the platform's CAS ([`crate::depot`]). The chassis LEDs follow the
+//! states through `ledctl` ([`crate::leds`]).
 
 use crate::burn::{DriveState, burn};
 use crate::image::Image;
