@@ -272,7 +272,8 @@ fn burn_inner(
         .find(|s| s.image.as_deref() == Some(id.as_str()));
     // A slot records what it holds when the image leaves room for the record; without one
     // (an image that fills its slot, a drive burned before records) the id decides.
-    let record = same_id.and_then(|s| read_record(&drive, &s.partition).filter(|r| r.id == *id));
+    let record =
+        same_id.and_then(|s| read_slot_record(&drive.file, &s.partition).filter(|r| r.id == *id));
     if let Some(s) = same_id
         && record
             .as_ref()
@@ -467,10 +468,6 @@ pub fn read_slot_record(drive: &File, p: &crate::gpt::Partition) -> Option<SlotR
         size: field("size=")?.parse().ok()?,
         blake3: field("blake3=")?,
     })
-}
-
-fn read_record(drive: &Drive, p: &crate::gpt::Partition) -> Option<SlotRecord> {
-    read_slot_record(&drive.file, p)
 }
 
 /// Writes the ESP (GRUB, the master menu listing every image) when the options ask for it.

@@ -19,13 +19,17 @@ pub fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// True when the local Docker engine has the image `tag`.
+pub fn have_image(tag: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", tag])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Makes [`BASE`] with `docker import` of a tiny root holding busybox, unless it exists.
 pub fn base_image(work: &Path) {
-    let have = Command::new("docker")
-        .args(["image", "inspect", BASE])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if have {
+    if have_image(BASE) {
         return;
     }
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]

@@ -12,7 +12,7 @@ use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::image::Image;
 use motorpool_disk_burner::layout::{self, LayoutOptions};
 use motorpool_disk_burner::sign::TrustedKeys;
-use motorpool_image_builder::testing::{git, sh};
+use motorpool_image_builder::testing::{git, have_image, sh};
 use motorpool_image_builder::{BuildRequest, ManifestSigner, build};
 use std::path::Path;
 use std::process::Command;
@@ -38,11 +38,7 @@ fn mirror() -> String {
 
 /// [`BASE`]: Debian 12 by debootstrap, `docker import`ed, unless the engine has it already.
 fn debian_base(work: &Path) {
-    let have = Command::new("docker")
-        .args(["image", "inspect", BASE])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if have {
+    if have_image(BASE) {
         return;
     }
     let root = work.join("debian-root");

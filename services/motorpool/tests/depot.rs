@@ -10,23 +10,7 @@ mod support;
 use motorpool_image_builder::testing::{base_image, git, sample_repo, sample_request};
 use motorpool_image_builder::{ManifestSigner, build};
 use std::path::Path;
-use std::process::{Command, Output};
-use support::Stack;
-
-fn motorpool(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_motorpool"))
-        .args(args)
-        .output()
-        .expect("run motorpool")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::{Stack, motorpool, text};
 
 /// `image fetch`'s bytes fetched, reused and of data, from its `Fetched ...` line.
 fn fetched_reused_data(out: &str) -> (u64, u64, u64) {

@@ -1,23 +1,24 @@
 //! `motorpool drives`: burn a real ext4 image onto bay drives from the command line, then look at
 //! them as an operator would.
 
+mod support;
+
 use motorpool_disk_burner::gpt::{Gpt, Guid};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
+use support::{motorpool, text};
 
-fn motorpool(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_motorpool"))
-        .args(args)
+/// A 16 MiB ext4 image of `tree` at `img`.
+fn mkfs_ext4(tree: &Path, img: &Path) {
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(tree)
+        .arg(img)
+        .arg("16M")
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
         .output()
-        .expect("run motorpool")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs));
 }
 
 fn drive(path: &Path, guid: &str) {
@@ -46,15 +47,7 @@ fn drives_burn_list_images_and_menu_from_the_command_line() {
     std::fs::create_dir_all(tree.join("etc")).unwrap();
     std::fs::write(tree.join("etc/motorpool-release"), "v=cli\n").unwrap();
     let img = dir.path().join("img.ext4");
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&tree)
-        .arg(&img)
-        .arg("16M")
-        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
-        .output()
-        .unwrap();
-    assert!(mkfs.status.success(), "{}", text(&mkfs));
+    mkfs_ext4(&tree, &img);
 
     let bays_s = bays.to_str().unwrap();
     let burn = motorpool(&[
@@ -139,15 +132,7 @@ fn store_image(dir: &Path, tree: &Path, id: &str, key: Option<&Path>) -> std::pa
     let out = dir.join(id);
     std::fs::create_dir_all(&out).unwrap();
     let img = out.join("image.ext4");
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(tree)
-        .arg(&img)
-        .arg("16M")
-        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
-        .output()
-        .unwrap();
-    assert!(mkfs.status.success(), "{}", text(&mkfs));
+    mkfs_ext4(tree, &img);
     let manifest = Image::load(&img, id).unwrap().manifest;
     let bytes = serde_json::to_vec_pretty(&serde_json::json!({ "image": manifest })).unwrap();
     std::fs::write(out.join("manifest.json"), &bytes).unwrap();

@@ -7,7 +7,7 @@ mod support;
 use motorpool_labeling::synth::{Layout, SynthOptions, generate};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use support::Stack;
+use support::{Stack, text};
 
 fn synth_clip(dir: &Path, seed: u64, frames: u32) -> PathBuf {
     let clip = generate(&SynthOptions {
@@ -33,14 +33,6 @@ fn label_run(stack: &Stack, clip: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .expect("run motorpool label run")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn json(path: &Path) -> serde_json::Value {

@@ -46,6 +46,23 @@ pub struct Keys {
 
 pub const MAX_MSG: usize = 256 * 1024 * 1024;
 
+/// Runs the `motorpool` command line with `args`, to its end.
+pub fn motorpool(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_motorpool"))
+        .args(args)
+        .output()
+        .expect("run motorpool")
+}
+
+/// A command's stdout then stderr, as text.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// A free loopback address.
 pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
