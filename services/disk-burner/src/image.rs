@@ -63,17 +63,7 @@ impl ImageManifest {
     }
 }
 
-/// True for an id that fits a GPT partition name as `mp:<id>`.
-/// It also names directories of the image store: `.`, `..` and hidden names are refused.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 27
-        && id != "empty"
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-}
+pub use motorpool_messages::fleet::valid_id;
 
 /// The data extents of a file, rounded out to whole blocks and merged.
 pub fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {

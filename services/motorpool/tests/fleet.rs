@@ -1,19 +1,22 @@
-//! Fleet images over the bus: a build job in the release lane becomes a signed image in the
-//! store, a second build (queued with `motorpool image submit --wait`, as a person would) a newer
-//! one; a marked drive put into a bay gets both, checked against their signed manifests (the
-//! newest boots by default), a foreign drive is refused and untouched, and every state is on the
-//! bus.
+//! Fleet images over the bus: a release tag pushed to the forge (a signed webhook delivery)
+//! becomes a signed image in the store, a second build (queued with `motorpool image submit
+//! --wait`, as a person would) a newer one; a marked drive put into a bay gets both, checked
+//! against their signed manifests (the newest boots by default), a foreign drive is refused and
+//! untouched, and every state is on the bus.
+
+mod support;
 
 use futures::StreamExt;
 use motorpool_bus::{
     Bus, Credentials, NatsServer, NatsServerOptions, Realm, Role, subjects::fleet,
 };
-use motorpool_config::FleetConfig;
+use motorpool_config::{FleetConfig, WebhookConfig};
 use motorpool_disk_burner::gpt::{Gpt, Guid};
 use motorpool_disk_burner::layout::slots;
-use motorpool_image_builder::testing::{base_image, git, sample_repo, sample_request};
-use motorpool_messages::exec::Lane;
+use motorpool_image_builder::testing::{base_image, git, sample_repo};
 use motorpool_messages::fleet::{BuildState, BuildStatus, DriveKind, DriveStatus};
+use serde_json::{Value, json};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +66,7 @@ async fn builds_and_burns_ride_the_bus() {
     // A bus with users, as a deployment runs it: the builder, the burner and a person's command
     // line each as itself, allowed only their roles' subjects.
     let users = [
+        ("webhook", Role::Webhook),
         ("image-builder", Role::ImageBuilder),
         ("flexo-1", Role::Burner("flexo-1".into())),
         ("operator", Role::Operator),
@@ -92,6 +96,7 @@ async fn builds_and_burns_ride_the_bus() {
         buses.pop().unwrap(),
         buses.pop().unwrap(),
     );
+    let operator = &creds[3];
     // The fleet's signing key: builders sign with it, burners trust its public half.
     let key = dir.path().join("fleet.key");
     motorpool_image_builder::ManifestSigner::generate()
@@ -116,14 +121,79 @@ async fn builds_and_burns_ride_the_bus() {
         stop.clone(),
     ));
 
-    let req = sample_request(&repo);
-    let job = motorpool_image_builder::actor::submit(&bus, &req, Lane::Release)
-        .await
-        .unwrap();
-    let (first, steps) = build_done(&bus, &job.job_id).await;
+    // The forge's way in: the webhook service, as its own bus user, with a project whose
+    // release tags build the car image.
+    let hooks = dir.path().join("webhook");
+    std::fs::create_dir_all(&hooks).unwrap();
+    let secret = hooks.join("car.secret");
+    std::fs::write(&secret, "car-forge-token-0123456789").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        hooks.join("projects.toml"),
+        format!(
+            "[[project]]\nname = \"av/car\"\nforge = \"gitlab\"\nsecret_file = \"car.secret\"\nclone_url = \"{}\"\n\
+             [[project.image]]\nname = \"car\"\ndockerfile = \"images/av/Dockerfile\"\ncontext = \"images/av\"\ntags = [\"v*\"]\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let webhook_nk = dir.path().join("webhook.nk");
+    creds[0].save(&webhook_nk).unwrap();
+    let webhook = motorpool_webhook::start(
+        WebhookConfig {
+            nats_url: server.url(),
+            nats_nkey_file: Some(webhook_nk),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            projects_file: Some(hooks.join("projects.toml")),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let commit = git(&repo, &["rev-parse", "HEAD"]).trim().to_string();
+    let tag_push = json!({
+        "object_kind": "tag_push", "ref": "refs/tags/v1.0",
+        "before": "0000000000000000000000000000000000000000", "after": commit,
+        "checkout_sha": commit, "user_username": "release-manager",
+        "project": {"path_with_namespace": "av/car", "git_http_url": "https://forge/av/car.git"},
+    })
+    .to_string();
+    let addr = webhook.http_addr;
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        support::ci::http(
+            addr,
+            "POST",
+            "/hooks/av/car",
+            &[
+                ("X-Gitlab-Token", "car-forge-token-0123456789"),
+                ("X-Gitlab-Event", "Tag Push Hook"),
+            ],
+            tag_push.as_bytes(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let job_id = body["images"][0]["job_id"].as_str().unwrap().to_string();
+    let (first, steps) = build_done(&bus, &job_id).await;
+    assert_eq!(first, "car-v1.0");
     assert!(
         steps.iter().any(|s| s.starts_with("docker build")),
         "{steps:?}"
+    );
+    // The forge's side can follow it too.
+    let (status, state) = tokio::task::spawn_blocking(move || {
+        support::ci::http(addr, "GET", &format!("/api/v1/images/{job_id}"), &[], b"")
+    })
+    .await
+    .unwrap();
+    let state: Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        (status, &state["state"], &state["image_id"]),
+        (200, &json!("done"), &json!("car-v1.0")),
+        "{state}"
     );
     let signature = config
         .store_dir
@@ -135,7 +205,7 @@ async fn builds_and_burns_ride_the_bus() {
     git(&repo, &["commit", "-q", "-am", "v2"]);
     // The second through the command line, as the operator.
     let operator_nk = dir.path().join("operator.nk");
-    creds[2].save(&operator_nk).unwrap();
+    operator.save(&operator_nk).unwrap();
     let mut submit = std::process::Command::new(env!("CARGO_BIN_EXE_motorpool"));
     submit
         .args(["image", "submit", "--wait", "--lane", "release", "--repo"])
@@ -286,6 +356,7 @@ async fn builds_and_burns_ride_the_bus() {
     stop.cancel();
     let _ = builder.await;
     let _ = burner.await;
+    webhook.join().await;
     // Every actor did its work within its role's subjects.
     let denied: Vec<String> = std::fs::read_to_string(&log)
         .unwrap_or_default()

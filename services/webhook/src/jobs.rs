@@ -8,14 +8,22 @@
 //!    the delivery: JetStream stores a job id once within its duplicate window.
 //! 3. The claim is marked queued. A claim left unmarked (the service died between 1 and 3) is
 //!    finished by the next delivery of the same event, with the same job ids.
+//!
+//! A tag also queues the fleet images its project builds from tags ([`plan_images`]): the same
+//! claim covers them, their status goes to the image builders' KV bucket and the job to their
+//! lane queue, each once, the same way.
 
 use crate::events::Event;
-use crate::projects::{JobTemplate, On, Project};
-use motorpool_bus::{Bus, BusError, subjects::ci};
+use crate::projects::{ImageTemplate, JobTemplate, On, Project};
+use motorpool_bus::{
+    Bus, BusError,
+    subjects::{ci, fleet},
+};
 use motorpool_messages::ci::{
     CiJob, DeliveryRecord, JobKind, JobState, JobStatus, MergeRequestJobs, Trigger,
 };
 use motorpool_messages::exec::Lane;
+use motorpool_messages::fleet::{BuildRequest, BuildState, BuildStatus, ImageBuildJob};
 use motorpool_messages::{codec, now_ms};
 use sha2::{Digest, Sha256};
 
@@ -94,6 +102,56 @@ pub fn job(
     }
 }
 
+/// The image builds a tag makes for `project`: one per image whose tag patterns match, built
+/// from the tag's commit (a tag moved later does not change what is built).
+pub fn plan_images(project: &Project, event: &Event, delivery_key: &str) -> Vec<ImageBuildJob> {
+    let Trigger::Tag { tag } = &event.trigger else {
+        return Vec::new();
+    };
+    project
+        .images
+        .iter()
+        .filter(|t| t.built_by(tag))
+        .map(|t| image_job(project, t, event, tag, &image_job_id(delivery_key, &t.name)))
+        .collect()
+}
+
+/// One build of image `t` at `event`'s commit, named after `tag`.
+pub fn image_job(
+    project: &Project,
+    t: &ImageTemplate,
+    event: &Event,
+    tag: &str,
+    job_id: &str,
+) -> ImageBuildJob {
+    ImageBuildJob {
+        job_id: job_id.to_string(),
+        request: BuildRequest {
+            repo: project
+                .clone_url
+                .clone()
+                .unwrap_or_else(|| event.clone_url.clone()),
+            git_ref: event.commit.clone(),
+            dockerfile: t.dockerfile.clone(),
+            context: t.context.clone(),
+            build_args: t
+                .build_args
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            channel: t.channel.clone(),
+            image_id: Some(t.image_id(tag, &event.commit)),
+        },
+        lane: t.lane,
+        submitted_ms: now_ms(),
+    }
+}
+
+pub fn image_job_id(delivery_key: &str, image: &str) -> String {
+    let h = Sha256::digest(format!("{delivery_key}/image/{image}"));
+    hex::encode(&h[..16])
+}
+
 /// The KV key of a delivery: a hash, so any id a forge sends makes a valid key.
 pub fn delivery_key(project: &Project, delivery: &str) -> String {
     let h = Sha256::digest(format!("{}\n{}\n{delivery}", project.forge, project.name));
@@ -110,32 +168,83 @@ fn merge_request_key(project: &str, number: u64) -> String {
     format!("{}.{number}", hex::encode(&h[..8]))
 }
 
+/// What one delivery queues: CI jobs and fleet image builds.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Planned {
+    pub jobs: Vec<CiJob>,
+    pub images: Vec<ImageBuildJob>,
+}
+
+impl Planned {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.images.is_empty()
+    }
+}
+
 /// What a submission did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Queued(Vec<CiJob>),
-    /// This delivery was seen before: its jobs, queued then.
+    Queued(Planned),
+    /// This delivery was seen before: the ids of what it queued then.
     Duplicate(Vec<String>),
 }
 
-/// The CI queues and their KV buckets.
+/// The CI queues, the image builders' queue, and their KV buckets.
 #[derive(Clone)]
 pub struct Queue {
     bus: Bus,
     jobs: async_nats::jetstream::kv::Store,
     deliveries: async_nats::jetstream::kv::Store,
     merge_requests: async_nats::jetstream::kv::Store,
+    builds: async_nats::jetstream::kv::Store,
 }
 
 impl Queue {
     pub async fn open(bus: Bus) -> Result<Queue, BusError> {
         bus.ensure_stream(ci::jobs_stream_config()).await?;
+        bus.ensure_stream(fleet::builds_stream_config()).await?;
         Ok(Queue {
             jobs: bus.ensure_kv(ci::jobs_config()).await?,
             deliveries: bus.ensure_kv(ci::deliveries_config()).await?,
             merge_requests: bus.ensure_kv(ci::merge_requests_config()).await?,
+            builds: bus.ensure_kv(fleet::builds_config()).await?,
             bus,
         })
+    }
+
+    /// An image build's status.
+    pub async fn build_status(&self, job_id: &str) -> Result<Option<BuildStatus>, BusError> {
+        let Some(bytes) = self
+            .builds
+            .get(job_id)
+            .await
+            .map_err(|e| BusError::JetStream(format!("get build {job_id}: {e}")))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(codec::decode(&bytes)?))
+    }
+
+    /// Records a build as queued unless a builder has written its status already.
+    async fn record_build_queued(&self, job: &ImageBuildJob) -> Result<(), BusError> {
+        use async_nats::jetstream::kv::CreateErrorKind;
+        let status = BuildStatus {
+            job_id: job.job_id.clone(),
+            state: BuildState::Queued,
+            updated_ms: now_ms(),
+        };
+        match self
+            .builds
+            .create(&job.job_id, codec::encode(&status)?.into())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(BusError::JetStream(format!(
+                "put build {}: {e}",
+                job.job_id
+            ))),
+        }
     }
 
     /// A job's status.
@@ -167,17 +276,22 @@ impl Queue {
         }
     }
 
-    /// Queues `jobs` for the delivery `key` unless it was queued before; supersedes the older
-    /// queued jobs of the same merge request when `supersede` is set.
+    /// Queues what `planned` holds for the delivery `key` unless it was queued before;
+    /// supersedes the older queued jobs of the same merge request when `supersede` is set.
     pub async fn submit(
         &self,
         key: &str,
-        jobs: Vec<CiJob>,
+        planned: Planned,
         supersede: bool,
     ) -> Result<Outcome, BusError> {
         use async_nats::jetstream::kv::CreateErrorKind;
+        let Planned { jobs, images } = &planned;
         let record = |queued| DeliveryRecord {
-            job_ids: jobs.iter().map(|j| j.job_id.clone()).collect(),
+            job_ids: jobs
+                .iter()
+                .map(|j| j.job_id.clone())
+                .chain(images.iter().map(|i| i.job_id.clone()))
+                .collect(),
             queued,
             received_ms: now_ms(),
         };
@@ -201,12 +315,20 @@ impl Queue {
             }
             Err(e) => return Err(BusError::JetStream(format!("claim delivery: {e}"))),
         }
-        for job in &jobs {
+        for job in jobs {
             self.record_queued(job).await?;
             self.bus
                 .enqueue_once(&ci::run(job.lane), job, &job.job_id)
                 .await?;
             metrics::counter!("motorpool_ci_jobs_queued_total", "lane" => job.lane.name(), "kind" => job.kind.name())
+                .increment(1);
+        }
+        for image in images {
+            self.record_build_queued(image).await?;
+            self.bus
+                .enqueue_once(&fleet::build(image.lane), image, &image.job_id)
+                .await?;
+            metrics::counter!("motorpool_ci_images_queued_total", "lane" => image.lane.name())
                 .increment(1);
         }
         self.deliveries
@@ -216,10 +338,10 @@ impl Queue {
         if let Some(first) = jobs.first()
             && let Trigger::MergeRequest { number, .. } = first.trigger
         {
-            self.supersede(&first.project, number, &first.commit, &jobs, supersede)
+            self.supersede(&first.project, number, &first.commit, jobs, supersede)
                 .await?;
         }
-        Ok(Outcome::Queued(jobs))
+        Ok(Outcome::Queued(planned))
     }
 
     /// Records `jobs` as the merge request's newest, and marks the older commit's jobs that are
@@ -319,6 +441,15 @@ mod tests {
                 t(JobKind::Lint, Some(vec![On::MergeRequest])),
                 t(JobKind::Release, None),
             ],
+            images: vec![ImageTemplate {
+                name: "car".into(),
+                dockerfile: "images/car/Dockerfile".into(),
+                context: "images/car".into(),
+                channel: "stable".into(),
+                tags: vec!["v*".into()],
+                build_args: [("BASE".to_string(), "bookworm".to_string())].into(),
+                lane: Lane::Release,
+            }],
         }
     }
 
@@ -425,5 +556,45 @@ mod tests {
         );
         assert_ne!(again[0].job_id, again[1].job_id);
         assert_eq!(again[0].job_id.len(), 32);
+    }
+
+    #[test]
+    fn tags_build_the_images_whose_patterns_they_match_pinned_to_the_commit() {
+        let p = project();
+        let tag = |t: &str| event(Trigger::Tag { tag: t.into() });
+        let images = plan_images(&p, &tag("v2.1"), "k");
+        assert_eq!(images.len(), 1);
+        let b = &images[0];
+        assert_eq!(b.lane, Lane::Release);
+        assert_eq!(b.request.image_id.as_deref(), Some("car-v2.1"));
+        assert_eq!(
+            b.request.git_ref,
+            "a".repeat(40),
+            "the tag's commit, not the tag"
+        );
+        assert_eq!(b.request.repo, "file:///srv/git/monorepo.git");
+        assert_eq!(b.request.channel, "stable");
+        assert_eq!(b.request.build_args, [("BASE".into(), "bookworm".into())]);
+        assert_eq!(b.job_id, plan_images(&p, &tag("v2.1"), "k")[0].job_id);
+        assert_ne!(b.job_id, plan_images(&p, &tag("v2.1"), "k2")[0].job_id);
+        assert_ne!(b.job_id, job_id("k", 0), "image and CI job ids never meet");
+
+        // Other tags, branches and merge requests build no image.
+        assert!(plan_images(&p, &tag("nightly-3"), "k").is_empty());
+        assert!(plan_images(&p, &event(mr(&["release"])), "k").is_empty());
+        let main = Trigger::Push {
+            branch: "main".into(),
+        };
+        assert!(plan_images(&p, &event(main), "k").is_empty());
+
+        // A tag an image id cannot hold names the image after its commit instead.
+        for awkward in ["v2/rc1", "v1.0.0-build.20261205.12", "v1+x"] {
+            let b = &plan_images(&p, &tag(awkward), "k")[0];
+            assert_eq!(
+                b.request.image_id.as_deref(),
+                Some("car-aaaaaaaaaaaa"),
+                "{awkward}"
+            );
+        }
     }
 }

@@ -14,10 +14,15 @@
 //! | 413 | a body over `max_body_bytes` |
 //! | 503 | the bus could not take the jobs: the forge retries, and the retry queues them once |
 //!
+//! A tag also queues the fleet images its project's `[[project.image]]` entries build from it.
+//!
 //! `POST /api/v1/jobs` starts one job for an API client (a bearer token from the projects
-//! file's `[[client]]` entries: the projects it may use, its highest lane, its rate);
-//! `GET /api/v1/jobs/<id>` answers a job's status. Secrets never reach a log line.
+//! file's `[[client]]` entries: the projects it may use, its highest lane, its rate), and
+//! `POST /api/v1/images` one build of a project's image for a client allowed `images`;
+//! `GET /api/v1/jobs/<id>` and `GET /api/v1/images/<id>` answer their status.
+//! Secrets never reach a log line.
 
+mod api;
 pub mod events;
 pub mod jobs;
 pub mod projects;
@@ -26,6 +31,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use motorpool_bus::Bus;
 use motorpool_config::WebhookConfig;
 use motorpool_messages::ci::{JobState, JobStatus, Trigger};
+use motorpool_messages::fleet::{BuildState, BuildStatus};
 use parking_lot::{Mutex, RwLock};
 use projects::{Project, Stamp};
 use serde_json::json;
@@ -159,8 +165,10 @@ pub async fn start(config: WebhookConfig, shutdown: CancellationToken) -> anyhow
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(limit))
             .route("/hooks/{project:.+}", web::post().to(hook))
-            .route("/api/v1/jobs", web::post().to(api_job))
-            .route("/api/v1/jobs/{id}", web::get().to(job))
+            .route("/api/v1/jobs", web::post().to(api::job))
+            .route("/api/v1/jobs/{id}", web::get().to(api::job_status))
+            .route("/api/v1/images", web::post().to(api::image))
+            .route("/api/v1/images/{id}", web::get().to(api::image_status))
             .route(
                 "/healthz",
                 web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
@@ -265,7 +273,10 @@ async fn hook(
     }
     let delivery = events::delivery_id(project.forge, header, &body);
     let key = jobs::delivery_key(&project, &delivery);
-    let planned = jobs::plan(&project, &event, &key, &delivery);
+    let planned = jobs::Planned {
+        jobs: jobs::plan(&project, &event, &key, &delivery),
+        images: jobs::plan_images(&project, &event, &key),
+    };
     if planned.is_empty() {
         let why = match &event.trigger {
             Trigger::Push { branch } => {
@@ -280,13 +291,9 @@ async fn hook(
         .submit(&key, planned, project.cancel_superseded)
         .await
     {
-        Ok(jobs::Outcome::Queued(jobs)) => {
-            tracing::info!(project = %name, commit = %event.commit, trigger = event.trigger.name(), jobs = jobs.len(), "Queued CI jobs");
-            let list: Vec<_> = jobs
-                .iter()
-                .map(|j| json!({"job_id": j.job_id, "kind": j.kind.name(), "lane": j.lane.name(), "status": format!("/api/v1/jobs/{}", j.job_id)}))
-                .collect();
-            answer(S::CREATED, forge, "queued", json!({"jobs": list}))
+        Ok(jobs::Outcome::Queued(planned)) => {
+            tracing::info!(project = %name, commit = %event.commit, trigger = event.trigger.name(), jobs = planned.jobs.len(), images = planned.images.len(), "Queued CI jobs");
+            answer(S::CREATED, forge, "queued", queued_json(&planned))
         }
         Ok(jobs::Outcome::Duplicate(ids)) => answer(
             S::OK,
@@ -304,6 +311,51 @@ async fn hook(
             )
         }
     }
+}
+
+/// What a delivery queued, as JSON: each job and image build with where its status is.
+fn queued_json(p: &jobs::Planned) -> serde_json::Value {
+    let jobs: Vec<_> = p
+        .jobs
+        .iter()
+        .map(|j| json!({"job_id": j.job_id, "kind": j.kind.name(), "lane": j.lane.name(), "status": format!("/api/v1/jobs/{}", j.job_id)}))
+        .collect();
+    let images: Vec<_> = p
+        .images
+        .iter()
+        .map(|i| {
+            json!({
+                "job_id": i.job_id, "image_id": i.request.image_id, "channel": i.request.channel,
+                "commit": i.request.git_ref, "lane": i.lane.name(),
+                "status": format!("/api/v1/images/{}", i.job_id),
+            })
+        })
+        .collect();
+    json!({"jobs": jobs, "images": images})
+}
+
+/// An image build's status as JSON.
+pub fn build_json(s: &BuildStatus) -> serde_json::Value {
+    let mut v = json!({"job_id": s.job_id, "updated_ms": s.updated_ms});
+    match &s.state {
+        BuildState::Queued => v["state"] = "queued".into(),
+        BuildState::Running { step } => {
+            v["state"] = "running".into();
+            v["detail"] = step.as_str().into();
+        }
+        BuildState::Done {
+            image_id, blake3, ..
+        } => {
+            v["state"] = "done".into();
+            v["image_id"] = image_id.as_str().into();
+            v["blake3"] = blake3.as_str().into();
+        }
+        BuildState::Failed { reason } => {
+            v["state"] = "failed".into();
+            v["detail"] = reason.as_str().into();
+        }
+    }
+    v
 }
 
 /// A job's status as JSON.
@@ -329,195 +381,4 @@ pub fn status_json(s: &JobStatus) -> serde_json::Value {
         "attempt": s.attempt,
         "steps": s.steps.iter().map(|t| json!({"name": t.name, "ms": t.ms})).collect::<Vec<_>>(),
     })
-}
-
-async fn job(id: web::Path<String>, state: web::Data<State>) -> HttpResponse {
-    let id = id.into_inner();
-    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return HttpResponse::BadRequest()
-            .json(json!({"error": format!("{id:?} is not a job id")}));
-    }
-    match state.queue.status(&id).await {
-        Ok(Some(s)) => HttpResponse::Ok().json(status_json(&s)),
-        Ok(None) => HttpResponse::NotFound().json(json!({"error": format!("no job {id}")})),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
-    }
-}
-
-/// What an API client asks for: one job of a kind its project defines.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobRequest {
-    project: String,
-    commit: String,
-    #[serde(rename = "ref")]
-    git_ref: String,
-    kind: motorpool_messages::ci::JobKind,
-    /// A lower lane than the kind's; never a higher one than the client's.
-    #[serde(default)]
-    lane: Option<String>,
-}
-
-async fn api_job(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> HttpResponse {
-    use actix_web::http::StatusCode as S;
-    use motorpool_messages::exec::Lane;
-    let refuse = |status: S, outcome: &'static str, error: String| {
-        answer(status, "api", outcome, json!({ "error": error }))
-    };
-    let token = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    let Some(client) = token.and_then(|t| state.projects.client(t.trim())) else {
-        return refuse(
-            S::UNAUTHORIZED,
-            "unauthenticated",
-            "POST /api/v1/jobs needs `Authorization: Bearer <token>` of a client in the projects file".into(),
-        );
-    };
-    let r: JobRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                S::BAD_REQUEST,
-                "malformed",
-                format!("the request is not valid: {e}"),
-            );
-        }
-    };
-    let Some(project) = state.projects.get(&r.project) else {
-        return refuse(
-            S::NOT_FOUND,
-            "unknown_project",
-            format!("no project named {:?} is configured here", r.project),
-        );
-    };
-    if !client.may_use(&project.name) {
-        return refuse(
-            S::FORBIDDEN,
-            "forbidden",
-            format!(
-                "client {:?} may not start jobs of {:?}",
-                client.id, project.name
-            ),
-        );
-    }
-    let Some(template) = project.jobs.iter().find(|t| t.kind == r.kind) else {
-        return refuse(
-            S::NOT_FOUND,
-            "unknown_kind",
-            format!("project {:?} defines no {} job", project.name, r.kind),
-        );
-    };
-    let ok_commit = (r.commit.len() == 40 || r.commit.len() == 64)
-        && r.commit.bytes().all(|b| b.is_ascii_hexdigit());
-    if !ok_commit || !r.git_ref.starts_with("refs/") {
-        return refuse(
-            S::BAD_REQUEST,
-            "malformed",
-            "commit must be a full commit id and ref a full ref (refs/heads/...)".into(),
-        );
-    }
-    let Some(clone_url) = project.clone_url.clone() else {
-        return refuse(
-            S::BAD_REQUEST,
-            "malformed",
-            format!(
-                "project {:?} has no clone_url: API jobs need one in the projects file",
-                project.name
-            ),
-        );
-    };
-    // The kind's lane, capped by the client's; a lower one on request, never a higher one.
-    let mut lane = if r.kind.lane().rank() > client.max_lane.rank() {
-        client.max_lane
-    } else {
-        r.kind.lane()
-    };
-    if let Some(asked) = &r.lane {
-        let Some(asked) = Lane::from_name(asked) else {
-            return refuse(
-                S::BAD_REQUEST,
-                "malformed",
-                format!("lane {asked:?} is not release, build, test or lint"),
-            );
-        };
-        if asked.rank() > lane.rank() {
-            return refuse(
-                S::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "client {:?} may not put a {} job on the {} lane (at most {})",
-                    client.id, r.kind, asked, lane
-                ),
-            );
-        }
-        lane = asked;
-    }
-    let admitted = {
-        let mut limits = state.limits.lock();
-        let bucket = limits.entry(client.id.clone()).or_insert_with(|| {
-            motorpool_scheduler::limits::TokenBuckets::new(
-                client.rate_per_minute / 60.0,
-                f64::from(client.burst),
-            )
-        });
-        bucket.admit(&client.id, motorpool_messages::now_ms(), 0)
-    };
-    if let Err(e) = admitted {
-        let retry = (60.0 / client.rate_per_minute).ceil().max(1.0) as u64;
-        metrics::counter!("motorpool_webhook_events_total", "forge" => "api", "outcome" => "rate_limited").increment(1);
-        return HttpResponse::TooManyRequests()
-            .insert_header(("retry-after", retry.to_string()))
-            .json(json!({ "error": e.message }));
-    }
-    let delivery = req
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let key = jobs::delivery_key(&project, &format!("api:{}:{delivery}", client.id));
-    let event = events::Event {
-        project: project.name.clone(),
-        clone_url,
-        commit: r.commit.to_ascii_lowercase(),
-        git_ref: r.git_ref.clone(),
-        trigger: Trigger::Api {
-            client: client.id.clone(),
-        },
-        user: client.id.clone(),
-    };
-    let job = jobs::job(
-        &project,
-        template,
-        &event,
-        &jobs::job_id(&key, 0),
-        lane,
-        false,
-        &delivery,
-    );
-    match state.queue.submit(&key, vec![job], false).await {
-        Ok(jobs::Outcome::Queued(jobs)) => answer(
-            S::CREATED,
-            "api",
-            "queued",
-            json!({"jobs": jobs.iter().map(|j| json!({"job_id": j.job_id, "kind": j.kind.name(), "lane": j.lane.name(), "status": format!("/api/v1/jobs/{}", j.job_id)})).collect::<Vec<_>>()}),
-        ),
-        Ok(jobs::Outcome::Duplicate(ids)) => answer(
-            S::OK,
-            "api",
-            "duplicate",
-            json!({"duplicate": true, "jobs": ids}),
-        ),
-        Err(e) => refuse(
-            S::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("the job could not be queued ({e}); try again"),
-        ),
-    }
 }

@@ -15,10 +15,16 @@
 //! [[project.job]]
 //! kind = "build"
 //! targets = ["//..."]
+//!
+//! [[project.image]]                    # a fleet image built from each matching tag
+//! name = "car"
+//! dockerfile = "images/car/Dockerfile"
+//! tags = ["v*"]
 //! ```
 
 use motorpool_messages::ci::{Forge, JobKind};
 use motorpool_messages::exec::Lane;
+use motorpool_messages::fleet::valid_id;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -72,6 +78,118 @@ impl JobTemplate {
     }
 }
 
+/// A fleet image the project's tags build (`[[project.image]]`): the image builder makes it
+/// from the tag's commit, into `channel`, as image `<name>-<tag>`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageTemplate {
+    /// Short, unique within the project: the image id's first part and what API clients ask for.
+    pub name: String,
+    /// The Dockerfile and the build context, relative to the repository root.
+    pub dockerfile: String,
+    #[serde(default = "dot")]
+    pub context: String,
+    /// The release channel the image joins. Default `stable`.
+    #[serde(default = "stable")]
+    pub channel: String,
+    /// Tags whose pushes build it: exact names, or a prefix ending in `*`. Default: every tag.
+    #[serde(default = "every_tag")]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    /// The lane of the image builders' queue. Default `release`.
+    #[serde(default = "release_lane", deserialize_with = "lane")]
+    pub lane: Lane,
+}
+
+fn dot() -> String {
+    ".".into()
+}
+fn stable() -> String {
+    "stable".into()
+}
+fn every_tag() -> Vec<String> {
+    vec!["*".into()]
+}
+fn release_lane() -> Lane {
+    Lane::Release
+}
+fn lane<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Lane, D::Error> {
+    let name = String::deserialize(d)?;
+    Lane::from_name(&name).ok_or_else(|| {
+        serde::de::Error::custom(format!("lane {name:?} is not release, build, test or lint"))
+    })
+}
+
+/// True when `name` matches `pattern`: the same name, or a prefix ending in `*`.
+pub fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    }
+}
+
+impl ImageTemplate {
+    pub fn built_by(&self, tag: &str) -> bool {
+        self.tags.iter().any(|p| matches(p, tag))
+    }
+
+    /// The id of the image built for `tag` at `commit`: `<name>-<tag>`, or `<name>-<12 hex of
+    /// the commit>` when the tag has characters an image id may not (`/`, `+`, ...) or makes it
+    /// longer than 27.
+    pub fn image_id(&self, tag: &str, commit: &str) -> String {
+        let id = format!("{}-{tag}", self.name);
+        if valid_id(&id) {
+            id
+        } else {
+            format!("{}-{}", self.name, &commit[..commit.len().min(12)])
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        // Room for `-` and 12 hex digits of a commit within an image id's 27.
+        if !valid_id(&self.name) || self.name.len() > 14 {
+            return Err(format!(
+                "image name {:?} must be 1-14 of [A-Za-z0-9._-], not starting with '.'",
+                self.name
+            ));
+        }
+        if !valid_id(&self.channel) {
+            return Err(format!(
+                "image {:?}: channel {:?} is not a valid name",
+                self.name, self.channel
+            ));
+        }
+        for (what, path) in [("dockerfile", &self.dockerfile), ("context", &self.context)] {
+            let p = Path::new(path);
+            if path.is_empty()
+                || p.is_absolute()
+                || p.components().any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(format!(
+                    "image {:?}: {what} {path:?} must be a path inside the repository",
+                    self.name
+                ));
+            }
+        }
+        if self.tags.is_empty() {
+            return Err(format!(
+                "image {:?}: tags is empty, so no tag would build it",
+                self.name
+            ));
+        }
+        for k in self.build_args.keys() {
+            if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!(
+                    "image {:?}: build argument name {k:?} is not valid",
+                    self.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One project as written in the file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +211,8 @@ struct ProjectEntry {
     cancel_superseded: bool,
     #[serde(default, rename = "job")]
     jobs: Vec<JobTemplate>,
+    #[serde(default, rename = "image")]
+    images: Vec<ImageTemplate>,
 }
 
 fn default_trusted() -> Vec<String> {
@@ -128,6 +248,8 @@ struct ClientEntry {
     rate_per_minute: f64,
     #[serde(default = "default_burst")]
     burst: u32,
+    #[serde(default)]
+    images: bool,
 }
 
 fn default_client_lane() -> String {
@@ -153,6 +275,8 @@ pub struct ApiClient {
     pub max_lane: Lane,
     pub rate_per_minute: f64,
     pub burst: u32,
+    /// Whether it may start image builds (`POST /api/v1/images`) of its projects' images.
+    pub images: bool,
 }
 
 impl ApiClient {
@@ -186,6 +310,8 @@ pub struct Project {
     /// A newer push to a merge request supersedes its jobs still queued.
     pub cancel_superseded: bool,
     pub jobs: Vec<JobTemplate>,
+    /// Fleet images its tags build.
+    pub images: Vec<ImageTemplate>,
 }
 
 impl std::fmt::Debug for Project {
@@ -199,12 +325,7 @@ impl std::fmt::Debug for Project {
 
 impl Project {
     pub fn trusts(&self, branch: &str) -> bool {
-        self.trusted_branches
-            .iter()
-            .any(|p| match p.strip_suffix('*') {
-                Some(prefix) => branch.starts_with(prefix),
-                None => branch == p,
-            })
+        self.trusted_branches.iter().any(|p| matches(p, branch))
     }
 }
 
@@ -274,6 +395,17 @@ pub fn load(path: &Path) -> Result<Loaded, ProjectsError> {
                 )));
             }
         }
+        for (i, image) in p.images.iter().enumerate() {
+            image
+                .check()
+                .map_err(|m| err(format!("project {:?}: {m}", p.name)))?;
+            if p.images[..i].iter().any(|o| o.name == image.name) {
+                return Err(err(format!(
+                    "project {:?}: image {:?} appears twice",
+                    p.name, image.name
+                )));
+            }
+        }
         out.push(Project {
             name: p.name,
             forge: p.forge,
@@ -284,6 +416,7 @@ pub fn load(path: &Path) -> Result<Loaded, ProjectsError> {
             labels,
             cancel_superseded: p.cancel_superseded,
             jobs,
+            images: p.images,
         });
     }
     let mut clients: Vec<ApiClient> = Vec::new();
@@ -317,6 +450,7 @@ pub fn load(path: &Path) -> Result<Loaded, ProjectsError> {
             max_lane,
             rate_per_minute: c.rate_per_minute,
             burst: c.burst,
+            images: c.images,
         });
     }
     Ok(Loaded {
@@ -396,6 +530,10 @@ mod tests {
         assert_eq!(loaded.projects.len(), 2);
         assert_eq!(loaded.projects[0].jobs.len(), 4);
         assert_eq!(loaded.clients[0].max_lane, Lane::Build);
+        let car = &loaded.projects[0].images[0];
+        assert!(car.built_by("v2.1") && !car.built_by("nightly-3"));
+        assert_eq!(car.lane, Lane::Release);
+        assert!(loaded.clients[1].images && !loaded.clients[0].images);
     }
 
     #[test]
@@ -457,6 +595,34 @@ targets = ["//release/..."]
             (
                 "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\nbranches = []\n",
                 "branches",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n[[project.image]]\nname = \"a-very-long-image-name\"\ndockerfile = \"D\"\n",
+                "1-14 of",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n[[project.image]]\nname = \"car\"\ndockerfile = \"../D\"\n",
+                "inside the repository",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n[[project.image]]\nname = \"car\"\ndockerfile = \"D\"\ncontext = \"/\"\n",
+                "inside the repository",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n[[project.image]]\nname = \"car\"\ndockerfile = \"D\"\nchannel = \"../x\"\n",
+                "channel \"../x\"",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n[[project.image]]\nname = \"car\"\ndockerfile = \"D\"\ntags = []\n",
+                "no tag would build it",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n[[project.image]]\nname = \"car\"\ndockerfile = \"D\"\nlane = \"urgent\"\n",
+                "urgent",
+            ),
+            (
+                "[[project]]\nname = \"a/b\"\nforge = \"gitlab\"\nsecret_file = \"s\"\n[[project.image]]\nname = \"car\"\ndockerfile = \"D\"\n[[project.image]]\nname = \"car\"\ndockerfile = \"E\"\n",
+                "appears twice",
             ),
         ] {
             std::fs::write(&file, text).unwrap();

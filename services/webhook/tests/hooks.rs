@@ -2,10 +2,14 @@
 //! on the lane queues once; hostile and broken deliveries get their status and make nothing.
 
 use hmac::{Hmac, Mac};
-use motorpool_bus::{Bus, LaneQueue, LaneQueueOptions, NatsServer, subjects::ci};
+use motorpool_bus::{
+    Bus, LaneQueue, LaneQueueOptions, NatsServer,
+    subjects::{ci, fleet},
+};
 use motorpool_config::WebhookConfig;
 use motorpool_messages::ci::{CiJob, JobKind};
 use motorpool_messages::exec::Lane;
+use motorpool_messages::fleet::ImageBuildJob;
 use serde_json::{Value, json};
 use sha2::Sha256;
 use std::io::{Read, Write};
@@ -19,6 +23,7 @@ const GITLAB_SECRET: &str = "gitlab-token-0123456789";
 const GITHUB_SECRET: &str = "github-secret-0123456789";
 const NIGHTLY: &str = "nightly-token-0123456789";
 const TOOLS_BOT: &str = "tools-bot-token-0123456789";
+const RELEASE_BOT: &str = "release-bot-token-0123456789";
 const C1: &str = "1111111111111111111111111111111111111111";
 const C2: &str = "2222222222222222222222222222222222222222";
 
@@ -53,6 +58,11 @@ flags = ["--config=lint"]
 [[project.job]]
 kind = "release"
 flags = ["-c", "opt"]
+[[project.image]]
+name = "car"
+dockerfile = "images/car/Dockerfile"
+context = "images/car"
+tags = ["v*"]
 
 [[project]]
 name = "av/tools"
@@ -71,9 +81,17 @@ burst = 2
 id = "tools-bot"
 sha256 = "SHA_TOOLS"
 projects = ["av/tools"]
+images = true
+
+[[client]]
+id = "release-bot"
+sha256 = "SHA_RELEASE"
+max_lane = "release"
+images = true
 "#
         .replace("SHA_NIGHTLY", &sha256_hex(NIGHTLY))
-        .replace("SHA_TOOLS", &sha256_hex(TOOLS_BOT)),
+        .replace("SHA_TOOLS", &sha256_hex(TOOLS_BOT))
+        .replace("SHA_RELEASE", &sha256_hex(RELEASE_BOT)),
     )
     .unwrap();
     file
@@ -553,6 +571,177 @@ async fn api_clients_start_jobs_within_their_projects_lanes_and_rate() {
         "{body}"
     );
     assert_eq!(queued(&bus).await, 2, "the refused request queued nothing");
+    shutdown.cancel();
+    started.join().await;
+}
+
+async fn builds_queued(bus: &Bus) -> Vec<ImageBuildJob> {
+    let stream = bus
+        .ensure_stream(fleet::builds_stream_config())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut seq = 1;
+    while let Ok(m) = stream.get_raw_message(seq).await {
+        assert_eq!(m.subject.as_str(), fleet::build(Lane::Release).as_str());
+        out.push(motorpool_messages::codec::decode(&m.payload).unwrap());
+        seq += 1;
+    }
+    out
+}
+
+fn gitlab_tag(tag: &str, commit: &str) -> Vec<u8> {
+    json!({
+        "object_kind": "tag_push", "ref": format!("refs/tags/{tag}"),
+        "before": "0000000000000000000000000000000000000000", "after": commit,
+        "checkout_sha": commit, "user_username": "release-manager",
+        "project": {"path_with_namespace": "av/monorepo", "git_http_url": "https://forge/av/monorepo.git"},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_and_allowed_clients_queue_image_builds_once() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (started, shutdown) = start(&server, dir.path()).await;
+    let addr = started.http_addr;
+    let bus = Bus::connect(&server.url(), "test-images", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let tag = |key: &'static str, body: Vec<u8>| {
+        tokio::task::spawn_blocking(move || {
+            let headers = [
+                ("X-Gitlab-Token", GITLAB_SECRET),
+                ("X-Gitlab-Event", "Tag Push Hook"),
+                ("Idempotency-Key", key),
+            ];
+            post(addr, "/hooks/av/monorepo", &headers, &body)
+        })
+    };
+    let get = |path: String| tokio::task::spawn_blocking(move || get(addr, &path));
+
+    // A release tag: the release job and the car image, pinned to the tag's commit.
+    let (status, body) = tag("t1", gitlab_tag("v2.1", C1)).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["jobs"].as_array().unwrap().len(), 1, "{body}");
+    let image = &body["images"][0];
+    assert_eq!(
+        (&image["image_id"], &image["lane"], &image["commit"]),
+        (&json!("car-v2.1"), &json!("release"), &json!(C1)),
+        "{body}"
+    );
+    let builds = builds_queued(&bus).await;
+    assert_eq!(builds.len(), 1);
+    assert_eq!(builds[0].job_id, image["job_id"].as_str().unwrap());
+    assert_eq!(builds[0].request.repo, "file:///srv/git/monorepo.git");
+    assert_eq!(builds[0].request.dockerfile, "images/car/Dockerfile");
+    let (status, state) = get(format!("/api/v1/images/{}", builds[0].job_id))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, &state["state"]),
+        (200, &json!("queued")),
+        "{state}"
+    );
+
+    // The forge delivers it again: nothing new.
+    let (status, again) = tag("t1", gitlab_tag("v2.1", C1)).await.unwrap();
+    assert_eq!(
+        (status, &again["duplicate"]),
+        (200, &json!(true)),
+        "{again}"
+    );
+    assert!(
+        again["jobs"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(builds[0].job_id)),
+        "{again}"
+    );
+    // A tag no image is built from, and a deleted tag: no build.
+    let (status, body) = tag("t2", gitlab_tag("nightly-5", C2)).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["images"], json!([]), "{body}");
+    let deleted = gitlab_tag("v2.1", "0000000000000000000000000000000000000000");
+    assert_eq!(tag("t3", deleted).await.unwrap().0, 202);
+    assert_eq!(builds_queued(&bus).await.len(), 1);
+
+    // Through the API: only clients allowed image builds, only images the project defines.
+    let call = |token: &'static str, key: &'static str, body: Value| {
+        tokio::task::spawn_blocking(move || {
+            let auth = format!("Bearer {token}");
+            let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", key)];
+            post(
+                addr,
+                "/api/v1/images",
+                &headers,
+                body.to_string().as_bytes(),
+            )
+        })
+    };
+    let req = |image: &str, git_ref: &str| json!({"project": "av/monorepo", "image": image, "commit": C2, "ref": git_ref});
+    for (token, body, expected, what) in [
+        (
+            NIGHTLY,
+            req("car", "refs/tags/v3"),
+            403,
+            "a client not allowed images",
+        ),
+        (
+            TOOLS_BOT,
+            req("car", "refs/tags/v3"),
+            403,
+            "another project's client",
+        ),
+        (
+            RELEASE_BOT,
+            req("bus", "refs/tags/v3"),
+            404,
+            "an image the project does not define",
+        ),
+        (RELEASE_BOT, req("car", "v3"), 400, "not a full ref"),
+        (
+            RELEASE_BOT,
+            json!({"project": "av/monorepo", "image": "car", "commit": C2, "ref": "refs/tags/v3", "dockerfile": "/etc/shadow"}),
+            400,
+            "a field the API does not take",
+        ),
+    ] {
+        let (status, answer) = call(token, "k0", body).await.unwrap();
+        assert_eq!(status, expected, "{what}: {answer}");
+    }
+    assert_eq!(
+        builds_queued(&bus).await.len(),
+        1,
+        "no refused request queued a build"
+    );
+    let (status, body) = call(RELEASE_BOT, "k1", req("car", "refs/tags/v3"))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["images"][0]["image_id"], "car-v3");
+    let (status, body) = call(RELEASE_BOT, "k2", req("car", "refs/heads/main"))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["images"][0]["image_id"], format!("car-{}", &C2[..12]));
+    let (status, body) = call(RELEASE_BOT, "k2", req("car", "refs/heads/main"))
+        .await
+        .unwrap();
+    assert_eq!((status, &body["duplicate"]), (200, &json!(true)), "{body}");
+    assert_eq!(builds_queued(&bus).await.len(), 3);
+
+    // Status lookups that are not a build.
+    assert_eq!(get("/api/v1/images/nope".into()).await.unwrap().0, 400);
+    assert_eq!(
+        get(format!("/api/v1/images/{}", "0".repeat(32)))
+            .await
+            .unwrap()
+            .0,
+        404
+    );
     shutdown.cancel();
     started.join().await;
 }

@@ -284,6 +284,10 @@ impl Role {
                 p.write_kv(ci::JOBS_BUCKET, "*");
                 p.write_kv(ci::DELIVERIES_BUCKET, "*");
                 p.write_kv(ci::MERGE_REQUESTS_BUCKET, ">");
+                // Tags and API clients queue image builds.
+                p.use_stream(fleet::BUILDS_STREAM);
+                p.publish(["mp.v1.fleet.image.build.*"]);
+                p.write_kv(fleet::BUILDS_BUCKET, "*");
             }
             Role::Runner(_) => {
                 p.use_stream(ci::JOBS_STREAM);
@@ -606,13 +610,17 @@ mod tests {
     }
 
     #[test]
-    fn the_webhook_queues_ci_jobs_and_nothing_of_the_build_platform() {
+    fn the_webhook_queues_ci_jobs_and_image_builds_and_nothing_of_the_build_platform() {
         let p = Role::Webhook.permissions();
         assert!(p.publish.contains(&"mp.v1.ci.job.run.*".to_string()));
         assert!(p.publish.contains(&"$KV.mp_v1_ci_jobs.*".to_string()));
         assert!(p.publish.contains(&"$KV.mp_v1_ci_deliveries.*".to_string()));
+        assert!(p.publish.contains(&"mp.v1.fleet.image.build.*".to_string()));
+        assert!(p.publish.contains(&"$KV.mp_v1_fleet_builds.*".to_string()));
         assert!(!p.publish.iter().any(|s| s.starts_with("mp.v1.cas")
             || s.starts_with("mp.v1.exec")
+            || s.starts_with("mp.v1.fleet.drive")
+            || s.contains("mp_v1_fleet_drives")
             || s.contains("ops.alert")
             || s.contains("mp_v1_exec_operations")));
         assert!(p.subscribe.is_empty());

@@ -274,6 +274,8 @@ pub mod fleet {
             subjects: vec![build_all().as_str().to_string()],
             retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            // A build queued twice under one id (a webhook delivery finished again) runs once.
+            duplicate_window: super::ci::DUPLICATE_WINDOW,
             ..Default::default()
         }
     }

@@ -4,6 +4,18 @@ use crate::exec::Lane;
 use crate::message;
 use serde::{Deserialize, Serialize};
 
+/// True for an image id or channel: it fits a GPT partition name as `mp:<id>`, and it names
+/// directories of the image store, so `.`, `..` and hidden names are refused.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 27
+        && id != "empty"
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 /// What to build: a git repository with a Dockerfile.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildRequest {
