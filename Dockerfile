@@ -2,6 +2,7 @@
 # Standard bases for users who can pull; see docs/ARCHITECTURE.md for building offline.
 FROM rust:1-bookworm AS build
 WORKDIR /src
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cargo build --release --locked -p motorpool && cp target/release/motorpool /motorpool
 

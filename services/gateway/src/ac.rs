@@ -266,6 +266,12 @@ impl ActionCache for Gateway {
         request: Request<re::GetActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
         let who = crate::auth::caller(&request);
+        if let (Some(bes), Ok(who)) = (&self.bes, &who) {
+            bes.claim(
+                &crate::execution::invocation_of(request.metadata()),
+                &who.id,
+            );
+        }
         let req = request.into_inner();
         observe("GetActionResult", async move {
             who?.check_instance(&req.instance_name)?;

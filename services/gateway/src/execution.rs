@@ -258,12 +258,25 @@ fn stream_from(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// Bazel's invocation id in a call's `RequestMetadata` (empty when it sent none).
+pub fn invocation_of(meta: &tonic::metadata::MetadataMap) -> String {
+    meta.get_bin(REQUEST_METADATA)
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|b| re::RequestMetadata::decode(b.as_ref()).ok())
+        .map(|rm| rm.tool_invocation_id)
+        .filter(|id| motorpool_bus::subjects::valid_id(id))
+        .unwrap_or_default()
+}
+
 /// Request headers that steer scheduling.
 struct Steering {
     lane_header: Option<Lane>,
     client: String,
     api: bool,
     mnemonic: String,
+    /// Bazel's invocation id (`RequestMetadata.tool_invocation_id`): what the build-event view
+    /// joins the platform's records to.
+    invocation: String,
 }
 
 fn steering(meta: &tonic::metadata::MetadataMap) -> Result<Steering, ApiError> {
@@ -294,12 +307,13 @@ fn steering(meta: &tonic::metadata::MetadataMap) -> Result<Steering, ApiError> {
     let api = text("x-motorpool-trigger").is_some_and(|t| t.eq_ignore_ascii_case("api"));
     let client = text("x-motorpool-client")
         .filter(|c| !c.is_empty())
-        .unwrap_or(rm.tool_invocation_id);
+        .unwrap_or_else(|| rm.tool_invocation_id.clone());
     Ok(Steering {
         lane_header,
         client,
         api,
         mnemonic: rm.action_mnemonic,
+        invocation: rm.tool_invocation_id,
     })
 }
 
@@ -417,6 +431,7 @@ impl Gateway {
                         message: String::new(),
                     });
                     metrics::counter!("motorpool_gateway_executions_total", "lane" => lane.name(), "outcome" => "cached").increment(1);
+                    self.record_for_invocation(&steer, &who, &op);
                     let (_tx, rx) = mpsc::channel(1);
                     return Ok(stream_from(op, rx, None));
                 }
@@ -452,8 +467,23 @@ impl Gateway {
         metrics::counter!("motorpool_gateway_executions_total", "lane" => lane.name(), "outcome" => "queued").increment(1);
         tracing::debug!(op = %op.id, action = %op.action, %lane, pool = %op.pool, "Queued an execution");
         let gateway = self.clone();
-        let remember = move |done: &Operation| gateway.remember_executed(ticket, done);
+        let remember = move |done: &Operation| {
+            gateway.record_for_invocation(&steer, &who, done);
+            gateway.remember_executed(ticket, done);
+        };
         Ok(stream_from(op, rx, Some(Box::new(remember))))
+    }
+
+    /// Gives the build-event view the platform's record of an action an invocation ran.
+    fn record_for_invocation(&self, steer: &Steering, who: &Identity, op: &Operation) {
+        let Some(bes) = &self.bes else { return };
+        if !motorpool_bus::subjects::valid_id(&steer.invocation) {
+            return;
+        }
+        if let Some(a) = crate::bes::remote_action(&steer.invocation, &who.id, &steer.mnemonic, op)
+        {
+            bes.record(a);
+        }
     }
 
     /// Reads and decodes a message the client must have uploaded before Execute.

@@ -23,15 +23,18 @@
 
 pub mod ac;
 pub mod auth;
+pub mod bes;
 pub mod bounds;
 pub mod bytestream;
 pub mod cas;
 pub mod execution;
 pub mod find_missing;
 pub mod hits;
+pub mod invocations;
 pub mod recent;
 pub mod resource;
 pub mod tls;
+pub mod ui;
 mod wire;
 
 use anyhow::Context;
@@ -66,6 +69,8 @@ pub struct Gateway {
     pub(crate) operations: Option<execution::Operations>,
     pub(crate) recent: Arc<recent::Recent>,
     pub(crate) hits: Arc<hits::Hits>,
+    /// The Build Event Service; `None` when switched off.
+    pub(crate) bes: Option<Arc<bes::Bes>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -261,14 +266,22 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
     )
     .listen(&bus, shutdown.clone())
     .await?;
+    let bes = if config.bes.enabled {
+        Some(bes::Bes::open(bus.clone(), config.bes.clone()).await?)
+    } else {
+        None
+    };
     let gateway = Gateway {
         config: Arc::new(config.clone()),
         shards: shards.clone(),
         operations,
         recent: Arc::new(recent::Recent::with_budget(config.blob_memory_bytes)),
         hits,
+        bes: bes.clone(),
     };
     let auth = auth::Auth::open(&config.auth)?;
+    auth.allow_keyless_build_events(config.bes.enabled && config.bes.keyless);
+    let http_auth = auth.clone();
     let reload = auth.clone();
     let stop_reload = shutdown.clone();
     tokio::spawn(async move {
@@ -316,7 +329,8 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         .add_service(bytestream::byte_stream_service(gateway.clone(), max))
         .add_service(ActionCacheServer::new(gateway.clone()).max_decoding_message_size(max))
         .add_service(ExecutionServer::new(gateway.clone()).max_decoding_message_size(max))
-        .add_service(OperationsServer::new(gateway.clone()).max_decoding_message_size(max));
+        .add_service(OperationsServer::new(gateway.clone()).max_decoding_message_size(max))
+        .add_optional_service(bes.clone().map(|b| bes::BesServer::new(b, max)));
     let stop = shutdown.clone();
     let grpc = tokio::spawn(async move {
         if let Err(error) = router
@@ -327,7 +341,8 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         }
     });
     let http_tls = tls::http(&config.tls)?;
-    let (http, http_addr) = http_server(config.http_addr, http_tls, shards, bus)?;
+    let ui = ui::Ui::new(bes, http_auth, shards.clone(), bus.clone()).await?;
+    let (http, http_addr) = http_server(config.http_addr, http_tls, shards, bus, ui)?;
     tracing::info!(%grpc_addr, %http_addr, "Gateway is serving");
     Ok(Started {
         grpc_addr,
@@ -342,14 +357,18 @@ fn http_server(
     tls: Option<rustls::ServerConfig>,
     shards: Shards,
     bus: Bus,
+    ui: ui::Ui,
 ) -> anyhow::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
     use actix_web::{App, HttpResponse, HttpServer, web};
     let data = web::Data::new(shards);
     let bus = web::Data::new(bus);
+    let ui = web::Data::new(ui);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
             .app_data(bus.clone())
+            .app_data(ui.clone())
+            .configure(ui::routes)
             .route("/api/v1/queues", web::get().to(queues))
             .route("/metrics", web::get().to(metrics))
             .route(
@@ -359,7 +378,7 @@ fn http_server(
             .route("/readyz", web::get().to(readyz))
             .route("/api/v1/shards", web::get().to(shard_list))
     })
-    .workers(1)
+    .workers(2)
     .disable_signals();
     let server = match tls {
         Some(tls) => server.bind_rustls_0_23(addr, tls),

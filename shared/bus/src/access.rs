@@ -208,7 +208,7 @@ impl Role {
     /// What this role may publish and subscribe to. Everyone may also answer requests it
     /// received (`allow_responses`) and subscribe to its own inbox; see [`Realm::server_config`].
     pub fn permissions(&self) -> Permissions {
-        use subjects::{cas, ci, exec, fleet, label, ops};
+        use subjects::{bes, cas, ci, exec, fleet, label, ops};
         let mut p = Permissions::default();
         // Account information (limits, usage): what a JetStream client asks first.
         p.publish(["$JS.API.INFO"]);
@@ -219,6 +219,10 @@ impl Role {
             }
             Role::Gateway => {
                 p.write_kv(exec::OPERATIONS_BUCKET, "*");
+                // Build events and the invocations they make.
+                p.use_stream(bes::STREAM);
+                p.publish(["mp.v1.bes.*.*.*"]);
+                p.write_kv(bes::INVOCATIONS_BUCKET, "*");
                 p.read_kv(cas::REGISTRY_BUCKET);
                 p.publish(shard_requests("*"));
                 p.subscribe([cas::all_news().to_string()]);

@@ -389,6 +389,52 @@ pub mod ci {
     }
 }
 
+/// The Build Event Service: Bazel's build events and the platform's actions, per invocation.
+pub mod bes {
+    use super::Subject;
+    use std::time::Duration;
+
+    const DOMAIN: &str = "bes";
+
+    /// `BesEvent`s of one invocation, in the order they were acknowledged.
+    pub fn event(invocation: &str) -> Subject {
+        Subject::build(DOMAIN, "event", "publish", Some(invocation))
+    }
+    /// `RemoteAction`s of one invocation.
+    pub fn action(invocation: &str) -> Subject {
+        Subject::build(DOMAIN, "action", "record", Some(invocation))
+    }
+    pub const STREAM: &str = "MP_V1_BES";
+
+    /// Events and actions of every invocation, kept `max_age` and at most `max_bytes` (the
+    /// oldest go first). A message published twice under one id within the duplicate window
+    /// (Bazel resending an event it saw no acknowledgement for) is stored once.
+    pub fn stream_config(
+        max_age: Duration,
+        max_bytes: i64,
+    ) -> async_nats::jetstream::stream::Config {
+        async_nats::jetstream::stream::Config {
+            name: STREAM.to_string(),
+            subjects: vec![format!("mp.v1.{DOMAIN}.*.*.*")],
+            max_age,
+            max_bytes,
+            discard: async_nats::jetstream::stream::DiscardPolicy::Old,
+            duplicate_window: Duration::from_secs(600),
+            ..Default::default()
+        }
+    }
+    /// Invocation summaries: KV bucket, key = invocation id.
+    pub const INVOCATIONS_BUCKET: &str = "mp_v1_bes_invocations";
+    pub fn invocations_config(max_age: Duration) -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: INVOCATIONS_BUCKET.to_string(),
+            history: 1,
+            max_age,
+            ..Default::default()
+        }
+    }
+}
+
 /// Operations: alerts for people.
 pub mod ops {
     use super::Subject;

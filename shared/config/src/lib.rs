@@ -136,8 +136,48 @@ pub struct GatewayConfig {
     pub bounds: BoundsConfig,
     /// TLS on the gRPC port (and, with a client CA, mutual TLS).
     pub tls: TlsConfig,
+    /// The Build Event Service: what is kept of Bazel's build events.
+    pub bes: BesConfig,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
+}
+
+/// What the gateway keeps of the builds Bazel streams to it (`--bes_backend`). Everything lives
+/// in JetStream (stream `MP_V1_BES`, KV `mp_v1_bes_invocations`), so every gateway serves every
+/// invocation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BesConfig {
+    /// Serve `google.devtools.build.v1.PublishBuildEvent`. Default true.
+    pub enabled: bool,
+    /// Invocations are kept this many days. Default 14.
+    pub retention_days: u64,
+    /// All invocations' events together are kept within this many bytes; the oldest go first.
+    /// Default 4 GiB.
+    pub max_bytes: i64,
+    /// Events of one invocation beyond this many are acknowledged (the build goes on) but not
+    /// kept; the invocation is marked truncated. Default 200000.
+    pub max_events_per_invocation: u64,
+    /// The same in bytes of event payloads. Default 256 MiB.
+    pub max_bytes_per_invocation: u64,
+    /// Take build events that come without an API key. Bazel before 5 has no `--bes_header`
+    /// and sends its `--remote_header`s only to the cache and executor, so its events carry no
+    /// key; such an invocation belongs to the key of the cache or execution calls that name it
+    /// (their `tool_invocation_id`), and until one does only admins see it. Default true.
+    pub keyless: bool,
+}
+
+impl Default for BesConfig {
+    fn default() -> Self {
+        BesConfig {
+            enabled: true,
+            retention_days: 14,
+            max_bytes: 4 << 30,
+            max_events_per_invocation: 200_000,
+            max_bytes_per_invocation: 256 << 20,
+            keyless: true,
+        }
+    }
 }
 
 /// The gateway's resource bounds. Each answers with a clear status when it bites.
@@ -264,6 +304,7 @@ impl Default for GatewayConfig {
             blob_memory_bytes: 32 << 20,
             bounds: BoundsConfig::default(),
             tls: TlsConfig::default(),
+            bes: BesConfig::default(),
             auth: AuthConfig::default(),
             telemetry: TelemetryConfig::default(),
         }

@@ -18,6 +18,7 @@
 //! service that receives an older (or newer) message sees [`codec::CodecError::Version`] instead of
 //! a garbled value.
 
+pub mod bes;
 pub mod bytes;
 pub mod cas;
 pub mod ci;

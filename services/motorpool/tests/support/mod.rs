@@ -72,6 +72,17 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// `motorpool up` in a temp dir on free ports; stopped with SIGTERM on drop.
+/// Prints the stack's log when the test panics while it is alive.
+pub struct LogOnPanic<'a>(pub &'a Stack);
+
+impl Drop for LogOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("motorpool up's log:\n{}", self.0.log());
+        }
+    }
+}
+
 pub struct Stack {
     child: Option<Child>,
     pub grpc: SocketAddr,

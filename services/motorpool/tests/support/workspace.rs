@@ -225,6 +225,11 @@ impl Bazel {
 
     /// Runs `bazel [--batch] <command> <args>` with the offline overrides; panics on failure.
     pub fn run(&self, command: &str, args: &[String]) -> Run {
+        self.run_expecting(command, args, 0)
+    }
+
+    /// [`Bazel::run`] of a command that must exit with `code` (3: tests failed).
+    pub fn run_expecting(&self, command: &str, args: &[String], code: i32) -> Run {
         let mut cmd = Command::new("bazel");
         cmd.current_dir(&self.workspace)
             .arg(format!(
@@ -258,9 +263,10 @@ impl Bazel {
             output,
             elapsed: start.elapsed(),
         };
-        assert!(
-            run.output.status.success(),
-            "bazel {command} {args:?} failed:\n{}",
+        assert_eq!(
+            run.output.status.code(),
+            Some(code),
+            "bazel {command} {args:?}:\n{}",
             run.stderr()
         );
         run

@@ -1,0 +1,376 @@
+//! Invocations: what Bazel's build events say, folded into what people look at.
+//!
+//! [`Fold`] turns events into an [`InvocationSummary`] as they stream (the list page's row);
+//! [`load`] reads an invocation's kept events and the platform's records of its remote actions
+//! back from JetStream and folds them into an [`Invocation`] (the invocation page).
+
+use bazel_bep::types::build_event_stream as bep;
+use googleapis_tonic_google_devtools_build_v1::google::devtools::build::v1 as bes;
+use motorpool_bus::subjects;
+use motorpool_messages::bes::{BesEvent, InvocationSummary, RemoteAction};
+use motorpool_messages::codec;
+use prost_bep::Message as _;
+use std::collections::BTreeMap;
+
+/// One event, decoded.
+#[derive(Debug)]
+pub enum Decoded {
+    /// Bazel's own event (`build_event_stream.BuildEvent`).
+    Bazel(Box<bep::BuildEvent>),
+    /// A lifecycle event of the build or invocation (enqueued, started, finished).
+    Lifecycle,
+    /// The end of a component's stream.
+    StreamFinished,
+    /// Console output and other events shown nowhere yet.
+    Other,
+}
+
+/// `s` cut to at most `n` characters, for messages that quote what a client sent.
+pub fn clip(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// Decodes one event. A Bazel event must be a `build_event_stream.BuildEvent` that decodes.
+pub fn decode(e: &bes::BuildEvent) -> Result<Decoded, String> {
+    use bes::build_event::Event;
+    Ok(match &e.event {
+        Some(Event::BazelEvent(any)) => {
+            if !any.type_url.ends_with("build_event_stream.BuildEvent") {
+                return Err(format!(
+                    "a bazel_event of type {:?}, not build_event_stream.BuildEvent",
+                    clip(&any.type_url, 120)
+                ));
+            }
+            let event = bep::BuildEvent::decode(any.value.as_slice())
+                .map_err(|e| format!("not a build_event_stream.BuildEvent: {e}"))?;
+            Decoded::Bazel(Box::new(event))
+        }
+        Some(
+            Event::InvocationAttemptStarted(_)
+            | Event::InvocationAttemptFinished(_)
+            | Event::BuildEnqueued(_)
+            | Event::BuildFinished(_),
+        ) => Decoded::Lifecycle,
+        Some(Event::ComponentStreamFinished(_)) => Decoded::StreamFinished,
+        Some(_) => Decoded::Other,
+        None => return Err("the event has no content".into()),
+    })
+}
+
+/// A test status's name, lower case (`passed`, `failed`, `flaky`, ...).
+fn test_status(code: i32) -> String {
+    bep::TestStatus::try_from(code)
+        .map(|s| s.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("status {code}"))
+}
+
+/// The summary an invocation's events make so far.
+#[derive(Clone, Debug, Default)]
+pub struct Fold {
+    pub summary: InvocationSummary,
+    finished: bool,
+}
+
+impl Fold {
+    /// Goes on from a summary written before (by another gateway, or this one before a restart).
+    pub fn resume(summary: InvocationSummary) -> Fold {
+        let finished = summary.finished_ms != 0;
+        Fold { summary, finished }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn apply(&mut self, event: &Decoded, now_ms: u64) {
+        let s = &mut self.summary;
+        if s.status.is_empty() {
+            s.status = "running".into();
+            s.started_ms = now_ms;
+        }
+        let Decoded::Bazel(e) = event else { return };
+        use bep::build_event::Payload;
+        match &e.payload {
+            #[allow(deprecated)] // Bazel 4 sends the millis, later ones the timestamp.
+            Some(Payload::Started(b)) => {
+                s.command = b.command.clone();
+                if b.start_time_millis > 0 {
+                    s.started_ms = b.start_time_millis as u64;
+                }
+            }
+            Some(Payload::Expanded(_)) => {
+                if let Some(bep::build_event_id::Id::Pattern(p)) =
+                    e.id.as_ref().and_then(|i| i.id.as_ref())
+                {
+                    s.patterns.extend(p.pattern.iter().cloned());
+                }
+            }
+            Some(Payload::WorkspaceStatus(w)) => {
+                for item in &w.item {
+                    match item.key.as_str() {
+                        "BUILD_USER" if s.user.is_empty() => s.user = item.value.clone(),
+                        "BUILD_HOST" => s.host = item.value.clone(),
+                        _ => {}
+                    }
+                }
+            }
+            Some(Payload::BuildMetadata(m)) => {
+                for (k, v) in &m.metadata {
+                    match k.as_str() {
+                        "USER" | "user" => s.user = v.clone(),
+                        "BRANCH_NAME" | "branch" => s.branch = v.clone(),
+                        "COMMIT_SHA" | "commit" => s.commit = v.clone(),
+                        _ => {}
+                    }
+                }
+            }
+            Some(Payload::Configured(_)) => s.targets += 1,
+            Some(Payload::Completed(c)) if !c.success => s.targets_failed += 1,
+            Some(Payload::TestSummary(t)) => {
+                s.tests += 1;
+                match test_status(t.overall_status).as_str() {
+                    "passed" => {}
+                    "flaky" => s.tests_flaky += 1,
+                    _ => s.tests_failed += 1,
+                }
+            }
+            #[allow(deprecated)]
+            Some(Payload::Finished(f)) => {
+                let code = f.exit_code.clone().unwrap_or_default();
+                s.exit_code = code.code;
+                s.status = if code.code == 0 {
+                    "succeeded".into()
+                } else {
+                    code.name.to_ascii_lowercase()
+                };
+                s.finished_ms = if f.finish_time_millis > 0 {
+                    f.finish_time_millis as u64
+                } else {
+                    now_ms
+                };
+                self.finished = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A target of an invocation, and its test when it is one.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Target {
+    pub label: String,
+    pub kind: String,
+    /// None while it builds.
+    pub success: Option<bool>,
+    pub test: Option<Test>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Test {
+    pub status: String,
+    pub attempts: u32,
+    pub duration_ms: i64,
+    pub cached: bool,
+    /// `(name, bytestream:// URI)` of each attempt's outputs: `test.log`, `test.xml`, ...
+    pub outputs: Vec<(String, String)>,
+}
+
+/// What the invocation page shows.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Invocation {
+    pub summary: InvocationSummary,
+    pub args: Vec<String>,
+    pub options: Vec<String>,
+    pub tool_version: String,
+    pub targets: Vec<Target>,
+    /// Bazel's build tool logs: name and, for the short ones, their text (the critical path).
+    pub tool_logs: Vec<(String, String)>,
+    /// Every action the platform executed for the invocation, by start time.
+    pub actions: Vec<RemoteAction>,
+}
+
+impl Invocation {
+    /// Folds `events` (any order; sorted here) and `actions`.
+    pub fn build(
+        summary: InvocationSummary,
+        mut events: Vec<BesEvent>,
+        mut actions: Vec<RemoteAction>,
+    ) -> Invocation {
+        events.sort_by_key(|e| (e.component, e.sequence));
+        events.dedup_by_key(|e| (e.component, e.sequence));
+        let mut inv = Invocation {
+            summary,
+            ..Default::default()
+        };
+        let mut targets: BTreeMap<String, Target> = BTreeMap::new();
+        for e in &events {
+            let Ok(event) = prost::Message::decode(e.event.as_slice()) else {
+                continue;
+            };
+            let Ok(Decoded::Bazel(b)) = decode(&event) else {
+                continue;
+            };
+            inv.apply(&b, &mut targets);
+        }
+        inv.targets = targets.into_values().collect();
+        actions.sort_by_key(|a| (a.worker_start_ms.max(a.queued_ms), a.operation.clone()));
+        actions.dedup_by(|a, b| {
+            a.operation == b.operation
+                && a.cached == b.cached
+                && a.action == b.action
+                && a.done_ms == b.done_ms
+        });
+        inv.actions = actions;
+        inv
+    }
+
+    fn apply(&mut self, e: &bep::BuildEvent, targets: &mut BTreeMap<String, Target>) {
+        use bep::build_event::Payload;
+        use bep::build_event_id::Id;
+        let id = e.id.as_ref().and_then(|i| i.id.as_ref());
+        let label = match id {
+            Some(Id::TargetConfigured(t)) => Some(t.label.clone()),
+            Some(Id::TargetCompleted(t)) => Some(t.label.clone()),
+            Some(Id::TestResult(t)) => Some(t.label.clone()),
+            Some(Id::TestSummary(t)) => Some(t.label.clone()),
+            _ => None,
+        };
+        let label = label.unwrap_or_default();
+        match &e.payload {
+            Some(Payload::Started(b)) => self.tool_version = b.build_tool_version.clone(),
+            Some(Payload::UnstructuredCommandLine(c)) => self.args = c.args.clone(),
+            Some(Payload::OptionsParsed(o)) => self.options = o.explicit_cmd_line.clone(),
+            Some(Payload::Configured(c)) => {
+                let t = target(targets, &label);
+                t.kind = c.target_kind.clone();
+            }
+            Some(Payload::Completed(c)) => {
+                let t = target(targets, &label);
+                t.success = Some(c.success);
+            }
+            #[allow(deprecated)]
+            Some(Payload::TestResult(r)) => {
+                let t = target(targets, &label);
+                let test = t.test.get_or_insert_with(Test::default);
+                test.attempts += 1;
+                test.status = test_status(r.status);
+                test.duration_ms = r.test_attempt_duration_millis;
+                test.cached = r.cached_locally
+                    || r.execution_info.as_ref().is_some_and(|x| x.cached_remotely);
+                for f in &r.test_action_output {
+                    if let Some(bep::file::File::Uri(uri)) = &f.file {
+                        test.outputs.push((f.name.clone(), uri.clone()));
+                    }
+                }
+            }
+            Some(Payload::TestSummary(s)) => {
+                let t = target(targets, &label);
+                t.test.get_or_insert_with(Test::default).status = test_status(s.overall_status);
+            }
+            Some(Payload::BuildToolLogs(logs)) => {
+                for f in &logs.log {
+                    let text = match &f.file {
+                        Some(bep::file::File::Contents(c)) => {
+                            String::from_utf8_lossy(c).into_owned()
+                        }
+                        Some(bep::file::File::Uri(u)) => u.clone(),
+                        _ => String::new(),
+                    };
+                    self.tool_logs.push((f.name.clone(), text));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Remote actions found in the cache vs executed, and the share of cache hits.
+    pub fn cache_hits(&self) -> (usize, usize) {
+        let hits = self.actions.iter().filter(|a| a.cached).count();
+        (hits, self.actions.len() - hits)
+    }
+}
+
+fn target<'a>(targets: &'a mut BTreeMap<String, Target>, label: &str) -> &'a mut Target {
+    targets.entry(label.to_string()).or_insert_with(|| Target {
+        label: label.to_string(),
+        ..Default::default()
+    })
+}
+
+/// Reads every message on `subject` of the BES stream, oldest first.
+async fn read_subject(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: String,
+) -> Result<Vec<async_nats::jetstream::Message>, String> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject.clone(),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("read {subject}: {e}"))?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("read {subject}: {e}"))?;
+    while pending > 0 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| format!("read {subject}: timed out"))?;
+        let Some(m) = next else { break };
+        let m = m.map_err(|e| format!("read {subject}: {e}"))?;
+        pending = m.info().map(|i| i.pending).unwrap_or(0);
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// An invocation's summary, kept events and remote actions, folded.
+pub async fn load(
+    stream: &async_nats::jetstream::stream::Stream,
+    summaries: &async_nats::jetstream::kv::Store,
+    id: &str,
+) -> Result<Option<Invocation>, String> {
+    let Some(bytes) = summaries.get(id).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let summary: InvocationSummary = codec::decode(&bytes).map_err(|e| e.to_string())?;
+    let events = read_subject(stream, subjects::bes::event(id).as_str().to_string())
+        .await?
+        .iter()
+        .filter_map(|m| codec::decode::<BesEvent>(&m.payload).ok())
+        .collect();
+    let actions = read_subject(stream, subjects::bes::action(id).as_str().to_string())
+        .await?
+        .iter()
+        .filter_map(|m| codec::decode::<RemoteAction>(&m.payload).ok())
+        .collect();
+    Ok(Some(Invocation::build(summary, events, actions)))
+}
+
+/// Every summary in the bucket, newest first.
+pub async fn list(
+    summaries: &async_nats::jetstream::kv::Store,
+) -> Result<Vec<InvocationSummary>, String> {
+    use futures::StreamExt;
+    let mut keys = summaries.keys().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while let Some(k) = keys.next().await {
+        let Ok(k) = k else { continue };
+        if let Ok(Some(b)) = summaries.get(&k).await
+            && let Ok(s) = codec::decode::<InvocationSummary>(&b)
+        {
+            out.push(s);
+        }
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.started_ms));
+    Ok(out)
+}

@@ -1,0 +1,403 @@
+//! The build-event view with the real Bazel 4.2.3: a build and test run on `motorpool up`
+//! streams its events to the gateway (`--bes_backend`), Bazel prints the invocation's link, and
+//! the page and its JSON twin show every target and test, the failing test's log from the CAS,
+//! and one timeline bar for every action the platform ran, joined with the platform's own
+//! record of where it ran and how long each stage took.
+
+mod support;
+
+use bazel_bep::types::build_event_stream as bep;
+use googleapis_tonic_google_devtools_build_v1::google::devtools::build::v1 as bes;
+use prost_bep::Message as _;
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use support::Stack;
+use support::ci::{http, remote_processes};
+use support::workspace::{Bazel, Workspace};
+
+const INVOCATION: &str = "5d1e4b5e-8c1f-4e0a-9d7e-3b2a1c0f9e11";
+
+fn get(stack: &Stack, key: &str, path: &str) -> (u16, String) {
+    let auth = format!("Bearer {key}");
+    http(
+        stack.http,
+        "GET",
+        path,
+        &[("Authorization", auth.as_str())],
+        b"",
+    )
+}
+
+fn json(stack: &Stack, key: &str, path: &str) -> Value {
+    let (status, body) = get(stack, key, path);
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_action() {
+    support::require_bazel();
+    let dir = tempfile::tempdir().unwrap();
+    let ws = Workspace::generate(dir.path(), 4);
+    // One test that fails, with something to say.
+    let broken = ws.root.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(
+        broken.join("BUILD"),
+        "sh_test(name = \"broken_test\", srcs = [\"broken_test.sh\"])\n",
+    )
+    .unwrap();
+    let script = broken.join("broken_test.sh");
+    std::fs::write(&script, "#!/bin/sh\necho 'expected 42, got 41'\nexit 1\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let stack = Stack::up(&["--workers", "2", "--shards", "0"]);
+    let _log = support::LogOnPanic(&stack);
+    let bazel = Bazel::new(&ws, &dir.path().join("root"));
+    let flags = vec![
+        "//...".to_string(),
+        format!("--remote_executor=grpc://{}", stack.grpc),
+        format!("--bes_backend=grpc://{}", stack.grpc),
+        format!("--bes_results_url=http://{}/invocation/", stack.http),
+        format!("--invocation_id={INVOCATION}"),
+        "--remote_instance_name=ci".to_string(),
+        "--spawn_strategy=remote".to_string(),
+        "--jobs=8".to_string(),
+        "--build_metadata=BRANCH_NAME=feature/bes".to_string(),
+        stack.bazel_auth(&stack.keys.ci),
+    ];
+    let run = bazel.run_expecting("test", &flags, 3);
+    let err = run.stderr();
+    assert!(
+        err.contains(&format!(
+            "Streaming build results to: http://{}/invocation/{INVOCATION}",
+            stack.http
+        )),
+        "Bazel prints the invocation's link:\n{err}"
+    );
+    let remote = remote_processes(&err);
+    assert!(remote >= 10, "actions ran remotely: {remote}\n{err}");
+
+    // The JSON twin, as the key that built it sees it.
+    let inv = json(
+        &stack,
+        &stack.keys.ci,
+        &format!("/api/v1/invocations/{INVOCATION}"),
+    );
+    let s = &inv["summary"];
+    assert_eq!(s["status"], "tests_failed", "{s}");
+    assert_eq!(s["command"], "test");
+    assert_eq!(s["branch"], "feature/bes");
+    assert_eq!(
+        (s["tests"].as_u64(), s["tests_failed"].as_u64()),
+        (Some(5), Some(1)),
+        "{s}"
+    );
+    assert!(s["finished_ms"].as_u64().unwrap() >= s["started_ms"].as_u64().unwrap());
+    let targets = inv["targets"].as_array().unwrap();
+    let labels: Vec<&str> = targets.iter().filter_map(|t| t["label"].as_str()).collect();
+    for i in 0..4 {
+        assert!(
+            labels.contains(&format!("//lib{i}:lib{i}").as_str()),
+            "{labels:?}"
+        );
+        assert!(
+            labels.contains(&format!("//lib{i}:lib{i}_test").as_str()),
+            "{labels:?}"
+        );
+    }
+    let failing = targets
+        .iter()
+        .find(|t| t["label"] == "//broken:broken_test")
+        .expect("the failing test is listed");
+    assert_eq!(failing["test"]["status"], "failed", "{failing}");
+    // Every action the platform ran is one bar, with where it ran and its stages' times.
+    let actions = inv["actions"].as_array().unwrap();
+    let executed = actions.iter().filter(|a| a["cached"] == false).count() as u64;
+    assert_eq!(executed, remote, "one record per remotely executed action");
+    for a in actions.iter().filter(|a| a["cached"] == false) {
+        assert!(a["worker"].as_str().is_some_and(|w| !w.is_empty()), "{a}");
+        assert!(
+            a["exec_end_ms"].as_u64() >= a["exec_start_ms"].as_u64(),
+            "{a}"
+        );
+        assert!(a["exec_start_ms"].as_u64().unwrap() > 0, "{a}");
+    }
+
+    // The page: the same targets, the timeline's bars, and the log reachable from the page.
+    let (status, page) = get(&stack, &stack.keys.ci, &format!("/invocation/{INVOCATION}"));
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("//broken:broken_test") && page.contains("tests_failed"));
+    assert_eq!(
+        page.matches("<g class=\"action\"").count(),
+        actions.len(),
+        "one bar per action"
+    );
+    let failing_log = failing["test"]["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o[0] == "test.log")
+        .expect("the failing test's log")[1]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!(
+        "/invocation/{INVOCATION}/output?uri={}",
+        failing_log
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            })
+            .collect::<String>()
+    );
+    assert!(
+        page.contains(&format!("href=\"{path}\">test.log</a>")),
+        "the failing test's log is linked from the page"
+    );
+    let (status, log) = get(&stack, &stack.keys.ci, &path);
+    assert_eq!(status, 200, "{log}");
+    assert!(log.contains("expected 42, got 41"), "{log}");
+
+    // The list shows it to its key; another (non-admin) key sees neither it nor its page.
+    let list = json(&stack, &stack.keys.ci, "/api/v1/invocations?command=test");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["invocation_id"] == INVOCATION),
+        "{list}"
+    );
+    let theirs = json(&stack, &stack.keys.developer, "/api/v1/invocations");
+    assert!(theirs.as_array().unwrap().is_empty(), "{theirs}");
+    let (status, _) = get(
+        &stack,
+        &stack.keys.developer,
+        &format!("/api/v1/invocations/{INVOCATION}"),
+    );
+    assert_eq!(status, 404);
+    let (status, _) = http(stack.http, "GET", "/api/v1/invocations", &[], b"");
+    assert_eq!(status, 401, "no key, no list");
+}
+
+/// Bazel's `build_event_stream.BuildEvent` of a test's summary, wrapped as BES carries it.
+fn bazel_event(label: &str, status: bep::TestStatus) -> bes::BuildEvent {
+    let e = bep::BuildEvent {
+        id: Some(bep::BuildEventId {
+            id: Some(bep::build_event_id::Id::TestSummary(
+                bep::build_event_id::TestSummaryId {
+                    label: label.into(),
+                    configuration: None,
+                },
+            )),
+        }),
+        payload: Some(bep::build_event::Payload::TestSummary(bep::TestSummary {
+            overall_status: status as i32,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    bes::BuildEvent {
+        event_time: None,
+        event: Some(bes::build_event::Event::BazelEvent(prost_types::Any {
+            type_url: "type.googleapis.com/build_event_stream.BuildEvent".into(),
+            value: e.encode_to_vec(),
+        })),
+    }
+}
+
+fn request(inv: &str, seq: i64, event: bes::BuildEvent) -> bes::PublishBuildToolEventStreamRequest {
+    bes::PublishBuildToolEventStreamRequest {
+        ordered_build_event: Some(bes::OrderedBuildEvent {
+            stream_id: Some(bes::StreamId {
+                build_id: "b".into(),
+                invocation_id: inv.into(),
+                component: bes::stream_id::BuildComponent::Tool as i32,
+            }),
+            sequence_number: seq,
+            event: Some(event),
+        }),
+        ..Default::default()
+    }
+}
+
+type Client = bes::publish_build_event_client::PublishBuildEventClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, support::Bearer>,
+>;
+
+/// Streams `requests`; the acknowledged sequence numbers and how the stream ended.
+async fn publish(
+    client: &mut Client,
+    requests: Vec<bes::PublishBuildToolEventStreamRequest>,
+) -> (Vec<i64>, Result<(), tonic::Status>) {
+    let mut acks = Vec::new();
+    let mut responses = match client
+        .publish_build_tool_event_stream(tokio_stream::iter(requests))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return (acks, Err(s)),
+    };
+    loop {
+        match responses.message().await {
+            Ok(Some(a)) => acks.push(a.sequence_number),
+            Ok(None) => return (acks, Ok(())),
+            Err(s) => return (acks, Err(s)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_else() {
+    let stack = Stack::up_with_env(
+        &["--workers", "0", "--shards", "1"],
+        &[("MOTORPOOL_GATEWAY_BES__MAX_EVENTS_PER_INVOCATION", "6")],
+    );
+    let _log = support::LogOnPanic(&stack);
+    let channel = tonic::transport::Channel::from_shared(stack.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let with = |key: &str| -> Client {
+        bes::publish_build_event_client::PublishBuildEventClient::with_interceptor(
+            channel.clone(),
+            support::Bearer::new(key),
+        )
+    };
+    let (mut ci, mut dev) = (with(&stack.keys.ci), with(&stack.keys.developer));
+    let pass = |l: &str| bazel_event(l, bep::TestStatus::Passed);
+    let inv = "0b7e2f3a-1111-4c8e-9a40-5d6c7b8a9f00";
+
+    // In order, with Bazel's retry of events 2 and 3 on a new stream: each kept once.
+    let (acks, end) = publish(
+        &mut ci,
+        (1..=3)
+            .map(|i| request(inv, i, pass(&format!("//t:{i}"))))
+            .collect(),
+    )
+    .await;
+    assert_eq!((acks, end.is_ok()), (vec![1, 2, 3], true));
+    let (acks, end) = publish(
+        &mut ci,
+        (2..=4)
+            .map(|i| request(inv, i, pass(&format!("//t:{i}"))))
+            .collect(),
+    )
+    .await;
+    assert_eq!(
+        (acks, end.is_ok()),
+        (vec![2, 3, 4], true),
+        "duplicates are acknowledged again"
+    );
+
+    // Out of order: what came before is acknowledged, then FAILED_PRECONDITION.
+    let (acks, end) = publish(
+        &mut ci,
+        vec![
+            request(inv, 5, pass("//t:5")),
+            request(inv, 7, pass("//t:7")),
+        ],
+    )
+    .await;
+    assert_eq!(acks, vec![5]);
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("send 6 first"), "{status:?}");
+
+    // Malformed: no stream id, a hostile invocation id, bytes that are no Bazel event.
+    let mut no_stream = request(inv, 6, pass("//t:6"));
+    no_stream.ordered_build_event.as_mut().unwrap().stream_id = None;
+    let garbage = bes::BuildEvent {
+        event_time: None,
+        event: Some(bes::build_event::Event::BazelEvent(prost_types::Any {
+            type_url: "type.googleapis.com/build_event_stream.BuildEvent".into(),
+            value: vec![0xff; 40],
+        })),
+    };
+    for (what, req) in [
+        ("no stream id", no_stream),
+        (
+            "an invocation id that climbs",
+            request("../../etc", 1, pass("//x")),
+        ),
+        ("an event that does not decode", request(inv, 6, garbage)),
+    ] {
+        let (acks, end) = publish(&mut ci, vec![req]).await;
+        let status = end.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+        assert!(acks.is_empty(), "{what}");
+    }
+    // Another key cannot add to this invocation.
+    let (_, end) = publish(&mut dev, vec![request(inv, 6, pass("//t:6"))]).await;
+    assert_eq!(end.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    // Over the cap (6 events): acknowledged, not kept, and the invocation says so.
+    let (acks, end) = publish(
+        &mut ci,
+        (6..=9)
+            .map(|i| {
+                request(
+                    inv,
+                    i,
+                    bazel_event(&format!("//t:{i}"), bep::TestStatus::Failed),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    assert_eq!((acks, end.is_ok()), (vec![6, 7, 8, 9], true));
+
+    let inv_json = tokio::task::spawn_blocking({
+        let (http, key) = (stack.http, stack.keys.ci.clone());
+        move || {
+            let auth = format!("Bearer {key}");
+            http_json(http, &auth, &format!("/api/v1/invocations/{inv}"))
+        }
+    })
+    .await
+    .unwrap();
+    let s = &inv_json["summary"];
+    assert_eq!(s["truncated"], true, "{s}");
+    assert_eq!(s["events"], 9, "{s}");
+    // Nine test summaries were counted, the six kept are listed once each.
+    assert_eq!(
+        (s["tests"].as_u64(), s["tests_failed"].as_u64()),
+        (Some(9), Some(4)),
+        "{s}"
+    );
+    let listed: Vec<&str> = inv_json["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["label"].as_str())
+        .collect();
+    assert_eq!(
+        listed,
+        ["//t:1", "//t:2", "//t:3", "//t:4", "//t:5", "//t:6"]
+    );
+
+    // Still serving.
+    let (acks, end) = publish(
+        &mut ci,
+        vec![request(
+            "0b7e2f3a-2222-4c8e-9a40-5d6c7b8a9f00",
+            1,
+            pass("//u"),
+        )],
+    )
+    .await;
+    assert_eq!((acks, end.is_ok()), (vec![1], true));
+}
+
+fn http_json(addr: std::net::SocketAddr, auth: &str, path: &str) -> Value {
+    let (status, body) = http(addr, "GET", path, &[("Authorization", auth)], b"");
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
