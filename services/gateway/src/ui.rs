@@ -833,6 +833,7 @@ mod tests {
     #[test]
     fn dates_are_utc() {
         assert_eq!(when(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(when(1_796_515_200_000), "2026-12-05 00:00:00 UTC");
+        assert_eq!(when(1_796_428_800_000), "2026-12-05 00:00:00 UTC");
+        assert_eq!(when(951_782_400_000), "2000-02-29 00:00:00 UTC");
     }
 }
