@@ -450,11 +450,64 @@ fn ms(t: &Option<bazel_remote_apis::google::protobuf::Timestamp>) -> u64 {
     })
 }
 
+/// What an action does, read off its command as Bazel's progress messages say it: `(kind,
+/// subject)`, for example `("Compiling", "lib/a.cc")`, `("Linking", "lib/a_test")`,
+/// `("Testing", "lib/a_test")`, else the tool's name and the first output.
+pub fn describe(
+    c: &bazel_remote_apis::build::bazel::remote::execution::v2::Command,
+) -> (String, String) {
+    // Outputs under `bazel-out/<config>/bin/` are named as Bazel names them, from the package.
+    let strip = |p: &str| -> String {
+        match p.find("/bin/") {
+            Some(i) if p.starts_with("bazel-out/") => p[i + 5..].to_string(),
+            _ => p.to_string(),
+        }
+    };
+    let args = &c.arguments;
+    let tool = args
+        .first()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or_default();
+    #[allow(deprecated)] // Bazel 4 fills output_files, later ones output_paths.
+    let first_output = c
+        .output_paths
+        .first()
+        .or(c.output_files.first())
+        .map(|p| strip(p))
+        .unwrap_or_default();
+    if let Some(i) = args.iter().position(|a| a == "-c")
+        && let Some(source) = args.get(i + 1)
+    {
+        return ("Compiling".into(), source.clone());
+    }
+    if tool == "test-setup.sh" {
+        let test = args.get(1).map(|a| strip(a)).unwrap_or(first_output);
+        return ("Testing".into(), test);
+    }
+    // `ar` makes static libraries: Bazel calls that linking too.
+    let linker = [
+        "gcc",
+        "g++",
+        "cc",
+        "c++",
+        "clang",
+        "clang++",
+        "ld",
+        "ar",
+        "cc_wrapper.sh",
+    ];
+    if linker.contains(&tool) {
+        return ("Linking".into(), first_output);
+    }
+    (tool.to_string(), first_output)
+}
+
 /// The platform's record of an operation `invocation` had it run, from its final state.
 pub fn remote_action(
     invocation: &str,
     owner: &str,
     mnemonic: &str,
+    (kind, subject): &(String, String),
     op: &motorpool_messages::exec::Operation,
 ) -> Option<motorpool_messages::bes::RemoteAction> {
     use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
@@ -478,7 +531,12 @@ pub fn remote_action(
         owner: owner.to_string(),
         operation: op.id.clone(),
         action: format!("{}/{}", hex::encode(op.action.hash), op.action.size),
-        mnemonic: mnemonic.to_string(),
+        mnemonic: if mnemonic.is_empty() {
+            kind.clone()
+        } else {
+            mnemonic.to_string()
+        },
+        description: format!("{kind} {subject}").trim().to_string(),
         lane: op.lane.name().to_string(),
         pool: op.pool.to_string(),
         worker: m.worker.clone(),

@@ -277,6 +277,8 @@ struct Steering {
     /// Bazel's invocation id (`RequestMetadata.tool_invocation_id`): what the build-event view
     /// joins the platform's records to.
     invocation: String,
+    /// What the action does (`crate::bes::describe`), once its command is read.
+    what: (String, String),
 }
 
 fn steering(meta: &tonic::metadata::MetadataMap) -> Result<Steering, ApiError> {
@@ -314,6 +316,7 @@ fn steering(meta: &tonic::metadata::MetadataMap) -> Result<Steering, ApiError> {
         api,
         mnemonic: rm.action_mnemonic,
         invocation: rm.tool_invocation_id,
+        what: (String::new(), String::new()),
     })
 }
 
@@ -358,7 +361,7 @@ impl Gateway {
         check_instance(&req.instance_name, &self.config.instance_names)?;
         let f = digest_function(req.digest_function)?;
         let action_digest = digest(f, req.action_digest.as_ref())?;
-        let steer = steering(meta)?;
+        let mut steer = steering(meta)?;
         let instance = req.instance_name.clone();
         let action: re::Action = self
             .read_message(&instance, "action", &action_digest)
@@ -368,6 +371,9 @@ impl Gateway {
         let command: re::Command = self
             .read_message(&instance, "command", &command_digest)
             .await?;
+        if self.bes.is_some() && !steer.invocation.is_empty() {
+            steer.what = crate::bes::describe(&command);
+        }
         // REAPI 2.2 moved the platform to the Action; Bazel 4 sets it on the Command.
         #[allow(deprecated)]
         let platform_msg = action
@@ -480,7 +486,8 @@ impl Gateway {
         if !motorpool_bus::subjects::valid_id(&steer.invocation) {
             return;
         }
-        if let Some(a) = crate::bes::remote_action(&steer.invocation, &who.id, &steer.mnemonic, op)
+        if let Some(a) =
+            crate::bes::remote_action(&steer.invocation, &who.id, &steer.mnemonic, &steer.what, op)
         {
             bes.record(a);
         }

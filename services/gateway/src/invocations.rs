@@ -10,7 +10,7 @@ use motorpool_bus::subjects;
 use motorpool_messages::bes::{BesEvent, InvocationSummary, RemoteAction};
 use motorpool_messages::codec;
 use prost_bep::Message as _;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One event, decoded.
 #[derive(Debug)]
@@ -187,6 +187,62 @@ pub struct Invocation {
     pub tool_logs: Vec<(String, String)>,
     /// Every action the platform executed for the invocation, by start time.
     pub actions: Vec<RemoteAction>,
+    /// Bazel's critical path, longest first as Bazel lists it, each step with the operation of
+    /// the platform's action it was (when it ran here).
+    pub critical_path: Vec<CriticalStep>,
+}
+
+/// One step of Bazel's critical path.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CriticalStep {
+    pub seconds: f64,
+    pub description: String,
+    /// The platform's operation that ran it; empty when Bazel ran it itself.
+    pub operation: String,
+}
+
+/// `Testing //lib:a_test` and `Testing lib/a_test` name the same action.
+fn normalize(description: &str) -> String {
+    let (verb, subject) = description.split_once(' ').unwrap_or(("", description));
+    let subject = match subject.strip_prefix("//") {
+        Some(label) => label.replace(':', "/").trim_start_matches('/').to_string(),
+        None => subject.to_string(),
+    };
+    format!("{verb} {subject}")
+}
+
+/// Bazel's critical path (its `critical path` build tool log), each step matched by its
+/// description to the platform's action that ran it.
+pub fn critical_path(text: &str, actions: &[RemoteAction]) -> Vec<CriticalStep> {
+    let by_description: HashMap<String, &RemoteAction> = actions
+        .iter()
+        .filter(|a| !a.description.is_empty())
+        .map(|a| (normalize(&a.description), a))
+        .collect();
+    parse_critical_path(text)
+        .into_iter()
+        .map(|(seconds, description)| CriticalStep {
+            seconds,
+            operation: by_description
+                .get(&normalize(&description))
+                .map(|a| a.operation.clone())
+                .unwrap_or_default(),
+            description,
+        })
+        .collect()
+}
+
+/// The steps of Bazel's `critical path` build tool log: lines such as
+/// `  0.63s, Remote (78.63% of the time): [...] action 'Testing //lib2:lib2_test'`.
+pub fn parse_critical_path(text: &str) -> Vec<(f64, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let secs = line.trim_start().split('s').next()?.parse::<f64>().ok()?;
+            let start = line.find("action '")? + "action '".len();
+            let end = line[start..].rfind('\'')? + start;
+            Some((secs, line[start..end].to_string()))
+        })
+        .collect()
 }
 
 impl Invocation {
@@ -221,6 +277,13 @@ impl Invocation {
                 && a.done_ms == b.done_ms
         });
         inv.actions = actions;
+        let text = inv
+            .tool_logs
+            .iter()
+            .find(|(name, _)| name == "critical path")
+            .map(|(_, t)| t.as_str())
+            .unwrap_or_default();
+        inv.critical_path = critical_path(text, &inv.actions);
         inv
     }
 
@@ -373,4 +436,45 @@ pub async fn list(
     }
     out.sort_by_key(|s| std::cmp::Reverse(s.started_ms));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_critical_path_is_read_from_bazels_log_and_matched_to_actions() {
+        let text = "Critical Path: 3.36s, Remote (94.68% of the time): [parse: 1.34%]\n  \
+                    0.63s, Remote (78.63% of the time): [queue: 2.07%] action 'Testing //lib2:lib2_test'\n  \
+                    0.00s runfiles for //lib2:lib2_test\n  \
+                    0.27s, Remote (99.63% of the time): [process: 31.60%] action 'Linking lib2/lib2_test'\n  \
+                    0.01s action 'SolibSymlink _solib_k8/liblib0.so'\n";
+        let action = |op: &str, description: &str| RemoteAction {
+            operation: op.into(),
+            description: description.into(),
+            ..Default::default()
+        };
+        let actions = [
+            action("t", "Testing lib2/lib2_test"),
+            action("l", "Linking lib2/lib2_test"),
+            action("c", "Compiling lib2/lib2.cc"),
+        ];
+        let owned: Vec<(f64, String, String)> = critical_path(text, &actions)
+            .into_iter()
+            .map(|s| (s.seconds, s.description, s.operation))
+            .collect();
+        assert_eq!(
+            owned,
+            [
+                (0.63, "Testing //lib2:lib2_test".into(), "t".into()),
+                (0.27, "Linking lib2/lib2_test".into(), "l".into()),
+                // Bazel made the symlink itself: no action of the platform's.
+                (
+                    0.01,
+                    "SolibSymlink _solib_k8/liblib0.so".into(),
+                    String::new()
+                ),
+            ]
+        );
+    }
 }

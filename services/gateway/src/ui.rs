@@ -20,7 +20,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use motorpool_bus::Bus;
 use motorpool_cas_client::Shards;
 use motorpool_messages::bes::{InvocationSummary, RemoteAction};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -477,8 +477,32 @@ async fn invocation_page(
          bars coloured by mnemonic, the dark part the execution, the lighter parts input fetch and output upload; \
          hover a bar for its details. <a href=\"/invocation/{}/timeline.svg\">SVG</a></p>{}",
         esc(&s.invocation_id),
-        timeline(&inv.actions)
+        timeline(&inv.actions, &on_path(&inv))
     );
+    if !inv.critical_path.is_empty() {
+        b.push_str("<h2>Critical path</h2><p>Bazel's, step by step; the steps the platform ran are outlined red on the timeline.</p><table><tr><th>seconds</th><th>action</th><th>ran</th></tr>");
+        for step in &inv.critical_path {
+            let ran = inv
+                .actions
+                .iter()
+                .find(|a| !step.operation.is_empty() && a.operation == step.operation)
+                .map(|a| {
+                    format!(
+                        "on {} (operation <code>{}</code>)",
+                        esc(&a.worker),
+                        esc(&a.operation)
+                    )
+                })
+                .unwrap_or_else(|| "in Bazel".to_string());
+            let _ = write!(
+                b,
+                "<tr><td>{:.2}</td><td>{}</td><td>{ran}</td></tr>",
+                step.seconds,
+                esc(&step.description)
+            );
+        }
+        b.push_str("</table>");
+    }
     b.push_str("<h2>Targets</h2><table><tr><th>target</th><th>kind</th><th>built</th><th>test</th><th>outputs</th></tr>");
     for t in &inv.targets {
         let built = match t.success {
@@ -523,10 +547,8 @@ async fn invocation_page(
     }
     b.push_str("</table>");
     for (name, text) in &inv.tool_logs {
-        if name.contains("critical path")
-            || name.contains("elapsed time")
-            || name.contains("process stats")
-        {
+        // The critical path is its own table, above; the rest is Bazel's text.
+        if name.contains("elapsed time") || name.contains("process stats") {
             let _ = write!(b, "<h2>{}</h2><pre>{}</pre>", esc(name), esc(text));
         }
     }
@@ -545,7 +567,7 @@ async fn timeline_svg(req: HttpRequest, ui: web::Data<Ui>, id: web::Path<String>
     match find(&ui, &who, &id).await {
         Ok(inv) => HttpResponse::Ok()
             .content_type("image/svg+xml")
-            .body(timeline(&inv.actions)),
+            .body(timeline(&inv.actions, &on_path(&inv))),
         Err(r) => r,
     }
 }
@@ -609,6 +631,15 @@ pub fn parse_bytestream(uri: &str) -> Option<(String, motorpool_messages::BlobDi
     Some((instance.to_string(), digest))
 }
 
+/// The operations on the invocation's critical path.
+fn on_path(inv: &Invocation) -> HashSet<&str> {
+    inv.critical_path
+        .iter()
+        .filter(|s| !s.operation.is_empty())
+        .map(|s| s.operation.as_str())
+        .collect()
+}
+
 /// A stable colour per mnemonic.
 fn colour(mnemonic: &str) -> String {
     let h = mnemonic
@@ -639,7 +670,7 @@ fn end_of(a: &RemoteAction) -> u64 {
 
 /// The action timeline as SVG: one row per worker slot (actions packed onto the first slot of
 /// their worker free at their start), cache hits on their own row.
-pub fn timeline(actions: &[RemoteAction]) -> String {
+pub fn timeline(actions: &[RemoteAction], critical: &HashSet<&str>) -> String {
     const W: f64 = 1100.0;
     const LEFT: f64 = 170.0;
     const ROW: f64 = 14.0;
@@ -723,8 +754,19 @@ pub fn timeline(actions: &[RemoteAction]) -> String {
         let row = row_of[&(worker.as_str(), slot)];
         let y = 22.0 + row as f64 * ROW;
         let (s, e) = (start_of(a), end_of(a));
+        let on_path = critical.contains(a.operation.as_str());
         let title = format!(
-            "{mn} on {worker} ({lane} lane, {pool})\naction {action}\nqueue wait {qw} ms · fetch {fe} ms · execute {ex} ms · upload {up} ms\n{cached}exit {code}{attempts}{error}",
+            "{what}{path}\n{mn} on {worker} ({lane} lane, {pool})\naction {action}\nqueue wait {qw} ms · fetch {fe} ms · execute {ex} ms · upload {up} ms\n{cached}exit {code}{attempts}{error}",
+            what = if a.description.is_empty() {
+                "an action"
+            } else {
+                &a.description
+            },
+            path = if on_path {
+                " (on the critical path)"
+            } else {
+                ""
+            },
             mn = if a.mnemonic.is_empty() {
                 "action"
             } else {
@@ -757,7 +799,13 @@ pub fn timeline(actions: &[RemoteAction]) -> String {
         };
         let _ = write!(
             svg,
-            "<g class=\"action\" data-operation=\"{op}\"><title>{title}</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{h:.1}\" fill=\"{fill}\" fill-opacity=\"0.45\"/>",
+            "<g class=\"action{crit}\" data-operation=\"{op}\"><title>{title}</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{h:.1}\" fill=\"{fill}\" fill-opacity=\"0.45\"{stroke}/>",
+            crit = if on_path { " critical" } else { "" },
+            stroke = if on_path {
+                " stroke=\"#cf222e\" stroke-width=\"2\""
+            } else {
+                ""
+            },
             op = esc(&a.operation),
             title = esc(&title),
             x = x(s),
@@ -810,13 +858,15 @@ mod tests {
             action("", 1100, 1100, true),
         ];
         a[0].mnemonic = "<script>alert(1)</script>".into();
-        let svg = timeline(&a);
-        assert_eq!(svg.matches("<g class=\"action\"").count(), 5);
+        let critical: HashSet<&str> = ["w1-1500"].into();
+        let svg = timeline(&a, &critical);
+        assert_eq!(svg.matches("<g class=\"action").count(), 5);
         // w1 needs two slots (the third action reuses the first), w2 one, the cache one.
         assert!(svg.contains(">w1 #2<") && !svg.contains(">w1 #3<"), "{svg}");
         assert!(svg.contains(">w2 #1<") && svg.contains(">cache hits #1<"));
         assert!(!svg.contains("<script>") && svg.contains("&lt;script&gt;"));
-        assert!(timeline(&[]).contains("No action"));
+        assert_eq!(svg.matches("class=\"action critical\"").count(), 1);
+        assert!(timeline(&[], &critical).contains("No action"));
     }
 
     #[test]

@@ -118,18 +118,54 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
     for a in actions.iter().filter(|a| a["cached"] == false) {
         assert!(a["worker"].as_str().is_some_and(|w| !w.is_empty()), "{a}");
         assert!(
+            a["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "{a}"
+        );
+        assert!(
             a["exec_end_ms"].as_u64() >= a["exec_start_ms"].as_u64(),
             "{a}"
         );
         assert!(a["exec_start_ms"].as_u64().unwrap() > 0, "{a}");
     }
 
+    // What each action did, read off its command as Bazel's messages say it.
+    for kind in [
+        "Compiling lib0/lib0.cc",
+        "Linking lib0/liblib0.a",
+        "Testing lib0/lib0_test",
+    ] {
+        assert!(
+            actions.iter().any(|a| a["description"] == kind),
+            "{kind} among {:?}",
+            actions
+                .iter()
+                .map(|a| &a["description"])
+                .collect::<Vec<_>>()
+        );
+    }
+
+    // Bazel's critical path, its steps that ran here matched to their bars.
+    let path = inv["critical_path"].as_array().unwrap();
+    assert!(!path.is_empty(), "{inv}");
+    let matched: Vec<&Value> = path.iter().filter(|s| s["operation"] != "").collect();
+    assert!(
+        matched
+            .iter()
+            .any(|s| s["description"].as_str().unwrap().starts_with("Testing //")),
+        "the test on the critical path ran here: {path:?}"
+    );
+
     // The page: the same targets, the timeline's bars, and the log reachable from the page.
     let (status, page) = get(&stack, &stack.keys.ci, &format!("/invocation/{INVOCATION}"));
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("//broken:broken_test") && page.contains("tests_failed"));
     assert_eq!(
-        page.matches("<g class=\"action\"").count(),
+        page.matches("<g class=\"action critical\"").count(),
+        matched.len(),
+        "the critical path is outlined on the timeline"
+    );
+    assert_eq!(
+        page.matches("<g class=\"action").count(),
         actions.len(),
         "one bar per action"
     );

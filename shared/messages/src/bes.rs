@@ -30,7 +30,12 @@ pub struct RemoteAction {
     pub operation: String,
     /// `<hash>/<size>` of the Action.
     pub action: String,
+    /// The client's mnemonic (`RequestMetadata.action_mnemonic`: `CppCompile`, `TestRunner`,
+    /// ...), or when it sent none the kind read off the command (`Compiling`, ...).
     pub mnemonic: String,
+    /// What the action did, as Bazel's progress messages say it: `Compiling lib/a.cc`,
+    /// `Linking lib/a_test`, `Testing lib/a_test` (read off the command).
+    pub description: String,
     pub lane: String,
     pub pool: String,
     pub worker: String,
