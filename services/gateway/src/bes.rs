@@ -123,12 +123,14 @@ impl Bes {
                 "sequence number {seq}: they start at 1"
             )));
         }
-        let event = ordered
+        let mut event = ordered
             .event
             .ok_or_else(|| Status::invalid_argument(format!("event {seq} is empty")))?;
         // Decoded before anything is kept: an event that is not what it says is refused whole.
         let decoded = invocations::decode(&event)
             .map_err(|e| Status::invalid_argument(format!("event {seq} of {inv}: {e}")))?;
+        // Bazel's command line carries the API key it sends: never kept.
+        invocations::redacted(&mut event, &decoded);
         if !self.following.lock().contains_key(&inv) {
             // First seen here: another gateway, or this one before a restart, may have begun it.
             let before = match self.summaries.get(&inv).await {

@@ -57,6 +57,69 @@ pub fn decode(e: &bes::BuildEvent) -> Result<Decoded, String> {
     })
 }
 
+/// `option` with any secret it carries replaced by `<redacted>`: header values that
+/// authenticate (`--remote_header=authorization=Bearer ...`), and environment variables whose
+/// names say they hold a secret (`--client_env=GITLAB_TOKEN=...`).
+pub fn redact(option: &str) -> String {
+    const SECRET: [&str; 6] = ["TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL"];
+    let Some((name, value)) = option.split_once('=') else {
+        return option.to_string();
+    };
+    let flag = name.trim_start_matches('-');
+    if flag.ends_with("header") {
+        let header = value.split_once('=').map_or(value, |(h, _)| h);
+        let h = header.to_ascii_lowercase();
+        if h == "authorization" || h.contains("key") || h.contains("token") || h.contains("cookie")
+        {
+            return format!("{name}={header}=<redacted>");
+        }
+    }
+    if flag.ends_with("env")
+        && let Some((var, _)) = value.split_once('=')
+        && SECRET.iter().any(|s| var.to_ascii_uppercase().contains(s))
+    {
+        return format!("{name}={var}=<redacted>");
+    }
+    if value.contains("Bearer ") || value.contains("bearer ") {
+        return format!("{name}=<redacted>");
+    }
+    option.to_string()
+}
+
+/// An event as it may be kept: Bazel's command lines with their secrets redacted (the API key
+/// Bazel sends as a `--remote_header` is on them), its structured command lines and the
+/// started event's `options_description` dropped (the same options again, which nothing here
+/// shows). Other events are kept as they came.
+pub fn redacted(event: &mut bes::BuildEvent, decoded: &Decoded) {
+    use bep::build_event::Payload;
+    let Decoded::Bazel(b) = decoded else { return };
+    let mut b = (**b).clone();
+    match &mut b.payload {
+        Some(Payload::UnstructuredCommandLine(c)) => {
+            c.args = c.args.iter().map(|a| redact(a)).collect();
+        }
+        Some(Payload::OptionsParsed(o)) => {
+            for list in [
+                &mut o.startup_options,
+                &mut o.explicit_startup_options,
+                &mut o.cmd_line,
+                &mut o.explicit_cmd_line,
+            ] {
+                *list = list.iter().map(|a| redact(a)).collect();
+            }
+        }
+        Some(Payload::StructuredCommandLine(c)) => {
+            c.sections.clear();
+        }
+        // The whole command line again, shell-quoted.
+        Some(Payload::Started(s)) => s.options_description.clear(),
+        _ => return,
+    }
+    if let Some(bes::build_event::Event::BazelEvent(any)) = &mut event.event {
+        any.value = b.encode_to_vec();
+    }
+}
+
 /// A test status's name, lower case (`passed`, `failed`, `flaky`, ...).
 fn test_status(code: i32) -> String {
     bep::TestStatus::try_from(code)
@@ -120,6 +183,8 @@ impl Fold {
                         "USER" | "user" => s.user = v.clone(),
                         "BRANCH_NAME" | "branch" => s.branch = v.clone(),
                         "COMMIT_SHA" | "commit" => s.commit = v.clone(),
+                        "CI_JOB" => s.ci_job = v.clone(),
+                        "CI_MERGE_REQUEST" => s.merge_request = v.clone(),
                         _ => {}
                     }
                 }
@@ -179,7 +244,7 @@ pub struct Test {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Invocation {
     pub summary: InvocationSummary,
-    pub args: Vec<String>,
+    /// The options given on the command line and in rc files (`explicit_cmd_line`), redacted.
     pub options: Vec<String>,
     pub tool_version: String,
     pub targets: Vec<Target>,
@@ -301,8 +366,9 @@ impl Invocation {
         let label = label.unwrap_or_default();
         match &e.payload {
             Some(Payload::Started(b)) => self.tool_version = b.build_tool_version.clone(),
-            Some(Payload::UnstructuredCommandLine(c)) => self.args = c.args.clone(),
-            Some(Payload::OptionsParsed(o)) => self.options = o.explicit_cmd_line.clone(),
+            Some(Payload::OptionsParsed(o)) => {
+                self.options = o.explicit_cmd_line.iter().map(|a| redact(a)).collect();
+            }
             Some(Payload::Configured(c)) => {
                 let t = target(targets, &label);
                 t.kind = c.target_kind.clone();
@@ -441,6 +507,67 @@ pub async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_on_command_lines_are_redacted() {
+        for (given, kept) in [
+            (
+                "--remote_header=authorization=Bearer mp_123",
+                "--remote_header=authorization=<redacted>",
+            ),
+            (
+                "--remote_header=x-api-key=mp_123",
+                "--remote_header=x-api-key=<redacted>",
+            ),
+            (
+                "--bes_header=Authorization=Bearer x",
+                "--bes_header=Authorization=<redacted>",
+            ),
+            (
+                "--client_env=GITLAB_TOKEN=glpat-1",
+                "--client_env=GITLAB_TOKEN=<redacted>",
+            ),
+            (
+                "--action_env=AWS_SECRET_ACCESS_KEY=abc",
+                "--action_env=AWS_SECRET_ACCESS_KEY=<redacted>",
+            ),
+            ("--some_flag=Bearer abc", "--some_flag=<redacted>"),
+            // What is no secret stays.
+            (
+                "--remote_header=x-motorpool-lane=release",
+                "--remote_header=x-motorpool-lane=release",
+            ),
+            ("--client_env=PATH=/usr/bin", "--client_env=PATH=/usr/bin"),
+            ("--jobs=8", "--jobs=8"),
+            ("//lib:a", "//lib:a"),
+        ] {
+            assert_eq!(redact(given), kept, "{given}");
+        }
+        // A whole event: what is kept of it holds no key.
+        let line = bep::BuildEvent {
+            payload: Some(bep::build_event::Payload::UnstructuredCommandLine(
+                bep::UnstructuredCommandLine {
+                    args: vec![
+                        "test".into(),
+                        "--remote_header=authorization=Bearer mp_secret".into(),
+                    ],
+                },
+            )),
+            ..Default::default()
+        };
+        let mut event = bes::BuildEvent {
+            event_time: None,
+            event: Some(bes::build_event::Event::BazelEvent(prost_types::Any {
+                type_url: "type.googleapis.com/build_event_stream.BuildEvent".into(),
+                value: line.encode_to_vec(),
+            })),
+        };
+        let decoded = decode(&event).unwrap();
+        redacted(&mut event, &decoded);
+        let bytes = prost::Message::encode_to_vec(&event);
+        assert!(!bytes.windows(9).any(|w| w == b"mp_secret"));
+        assert!(bytes.windows(10).any(|w| w == b"<redacted>"));
+    }
 
     #[test]
     fn the_critical_path_is_read_from_bazels_log_and_matched_to_actions() {

@@ -341,7 +341,14 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         }
     });
     let http_tls = tls::http(&config.tls)?;
-    let ui = ui::Ui::new(bes, http_auth, shards.clone(), bus.clone()).await?;
+    let ui = ui::Ui::new(
+        bes,
+        http_auth,
+        shards.clone(),
+        bus.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let (http, http_addr) = http_server(config.http_addr, http_tls, shards, bus, ui)?;
     tracing::info!(%grpc_addr, %http_addr, "Gateway is serving");
     Ok(Started {
@@ -435,7 +442,7 @@ async fn shard_list(shards: actix_web::web::Data<Shards>) -> actix_web::HttpResp
 }
 
 /// The scheduler's queues, asked over the bus; also refreshes the queue gauges on `/metrics`.
-async fn queue_stats(bus: &Bus) -> Result<motorpool_messages::exec::QueueStats, String> {
+pub(crate) async fn queue_stats(bus: &Bus) -> Result<motorpool_messages::exec::QueueStats, String> {
     let stats = bus
         .request_with_timeout(
             &motorpool_bus::subjects::exec::queue_stats(),

@@ -7,6 +7,7 @@
 //! | `/invocation/<id>` (what `--bes_results_url=http://HOST:8080/invocation/` links) | `/api/v1/invocations/<id>` |
 //! | `/invocation/<id>/timeline.svg` | - |
 //! | `/invocation/<id>/output?uri=bytestream://...` (a test log, from the CAS) | - |
+//! | `/queues`: depth per lane and pool over the last hour, workers and their slots, alerts | `/api/v1/queues`, `/api/v1/workers`, `/api/v1/alerts` |
 //!
 //! Callers are identified as at the gRPC port: `Authorization: Bearer <key>` or `x-api-key`,
 //! or, for a browser, the key given once at `/login` and kept in an HttpOnly cookie. A caller
@@ -20,6 +21,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use motorpool_bus::Bus;
 use motorpool_cas_client::Shards;
 use motorpool_messages::bes::{InvocationSummary, RemoteAction};
+use motorpool_messages::exec::{Alert, QueueStats, WorkerInfo};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -32,14 +34,21 @@ pub struct Ui {
     stream: Option<async_nats::jetstream::stream::Stream>,
     auth: Arc<Auth>,
     shards: Shards,
+    bus: Bus,
+    /// The scheduler's queue statistics, sampled every [`SAMPLE_MS`], the last hour of them.
+    history: Arc<parking_lot::Mutex<std::collections::VecDeque<(u64, QueueStats)>>>,
 }
+
+const SAMPLE_MS: u64 = 5_000;
+const HISTORY: usize = 720;
 
 impl Ui {
     pub async fn new(
         bes: Option<Arc<Bes>>,
         auth: Arc<Auth>,
         shards: Shards,
-        _bus: Bus,
+        bus: Bus,
+        shutdown: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Ui> {
         let stream = match &bes {
             Some(b) => Some(
@@ -53,11 +62,31 @@ impl Ui {
             ),
             None => None,
         };
+        let history = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::new()));
+        let (samples, sampler) = (history.clone(), bus.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(SAMPLE_MS));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                if let Ok(stats) = crate::queue_stats(&sampler).await {
+                    let mut h = samples.lock();
+                    h.push_back((motorpool_messages::now_ms(), stats));
+                    while h.len() > HISTORY {
+                        h.pop_front();
+                    }
+                }
+            }
+        });
         Ok(Ui {
             bes,
             stream,
             auth,
             shards,
+            bus,
+            history,
         })
     }
 
@@ -90,7 +119,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/invocation/{id}", web::get().to(invocation_page))
         .route("/invocation/{id}/timeline.svg", web::get().to(timeline_svg))
         .route("/invocation/{id}/output", web::get().to(output))
-        .route("/api/v1/invocations/{id}", web::get().to(invocation_json));
+        .route("/api/v1/invocations/{id}", web::get().to(invocation_json))
+        .route("/queues", web::get().to(queues_page))
+        .route("/api/v1/workers", web::get().to(workers_json))
+        .route("/api/v1/alerts", web::get().to(alerts_json));
 }
 
 fn see_other(to: &str) -> HttpResponse {
@@ -142,7 +174,7 @@ fn page(title: &str, refresh: bool, body: &str) -> HttpResponse {
     };
     HttpResponse::Ok().content_type("text/html; charset=utf-8").body(format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{meta}<title>{} · Motorpool</title><style>{STYLE}</style></head>\
-         <body><nav><a href=\"/invocations\">Invocations</a><a href=\"/api/v1/queues\">Queues (JSON)</a><a href=\"/login\">Key</a></nav>{body}</body></html>",
+         <body><nav><a href=\"/invocations\">Invocations</a><a href=\"/queues\">Queues and workers</a><a href=\"/login\">Key</a></nav>{body}</body></html>",
         esc(title)
     ))
 }
@@ -221,6 +253,7 @@ impl Filter {
                     || s.patterns.iter().any(|p| p.contains(q))
                     || s.branch.contains(q)
                     || s.commit.starts_with(q)
+                    || s.ci_job.starts_with(q)
                     || s.invocation_id.starts_with(q)
             })
     }
@@ -242,7 +275,8 @@ fn summary_json(s: &InvocationSummary) -> serde_json::Value {
     serde_json::json!({
         "invocation_id": s.invocation_id, "build_id": s.build_id, "owner": s.owner,
         "command": s.command, "patterns": s.patterns, "user": s.user, "host": s.host,
-        "branch": s.branch, "commit": s.commit, "status": s.status, "exit_code": s.exit_code,
+        "branch": s.branch, "commit": s.commit, "ci_job": s.ci_job, "merge_request": s.merge_request,
+        "status": s.status, "exit_code": s.exit_code,
         "started_ms": s.started_ms, "finished_ms": s.finished_ms,
         "targets": s.targets, "targets_failed": s.targets_failed, "tests": s.tests,
         "tests_failed": s.tests_failed, "tests_flaky": s.tests_flaky, "events": s.events,
@@ -442,12 +476,12 @@ async fn invocation_page(
     let mut b = String::new();
     let _ = write!(
         b,
-        "<h1>{cmd} <code>{pat}</code></h1><p class=\"{status}\"><b>{status}</b>{trunc} · {dur} · started {started} · Bazel {ver}</p>\
+        "<h1>{cmd} <code>{pat}</code></h1><p class=\"{status}\"><b>{status}</b>{trunc} · {dur} · started {started}{ver}</p>\
          <table><tr><th>invocation</th><td><code>{id}</code></td></tr><tr><th>user</th><td>{user} on {host}</td></tr>\
-         <tr><th>branch / commit</th><td>{branch} <code>{commit}</code></td></tr>\
+         <tr><th>branch / commit</th><td>{branch} <code>{commit}</code></td></tr>{ci}\
          <tr><th>targets</th><td>{targets} ({tfail} failed)</td></tr><tr><th>tests</th><td>{tests} ({tfl} failed, {flaky} flaky)</td></tr>\
          <tr><th>remote actions</th><td>{executed} executed, {hits} found in the cache through Execute</td></tr>\
-         <tr><th>command line</th><td><code>{args}</code></td></tr></table>",
+         <tr><th>command line</th><td><code>bazel {cmd} {pat} {options}</code></td></tr></table>",
         cmd = esc(&s.command),
         pat = esc(&s.patterns.join(" ")),
         status = esc(&s.status),
@@ -458,22 +492,39 @@ async fn invocation_page(
         },
         dur = duration(s, now),
         started = when(s.started_ms),
-        ver = esc(&inv.tool_version),
+        ver = if inv.tool_version.is_empty() {
+            String::new()
+        } else {
+            format!(" · Bazel {}", esc(&inv.tool_version))
+        },
         id = esc(&s.invocation_id),
         user = esc(&s.user),
         host = esc(&s.host),
         branch = esc(&s.branch),
         commit = esc(&s.commit),
+        ci = if s.ci_job.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "<tr><th>CI</th><td>job <code>{}</code>{}</td></tr>",
+                esc(&s.ci_job),
+                if s.merge_request.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of merge request !{}", esc(&s.merge_request))
+                }
+            )
+        },
         targets = s.targets,
         tfail = s.targets_failed,
         tests = s.tests,
         tfl = s.tests_failed,
         flaky = s.tests_flaky,
-        args = esc(&inv.args.join(" ")),
+        options = esc(&inv.options.join(" ")),
     );
     let _ = write!(
         b,
-        "<h2>Timeline</h2><p>Every action the platform ran for this build: one row per worker slot, \
+        "<h2 id=\"timeline\">Timeline</h2><p>Every action the platform ran for this build: one row per worker slot, \
          bars coloured by mnemonic, the dark part the execution, the lighter parts input fetch and output upload; \
          hover a bar for its details. <a href=\"/invocation/{}/timeline.svg\">SVG</a></p>{}",
         esc(&s.invocation_id),
@@ -638,6 +689,225 @@ fn on_path(inv: &Invocation) -> HashSet<&str> {
         .filter(|s| !s.operation.is_empty())
         .map(|s| s.operation.as_str())
         .collect()
+}
+
+/// The workers' registrations.
+async fn workers(bus: &Bus) -> Result<Vec<WorkerInfo>, String> {
+    use futures::StreamExt;
+    let kv = bus
+        .jetstream()
+        .get_key_value(motorpool_bus::subjects::exec::WORKERS_BUCKET)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while let Some(Ok(k)) = keys.next().await {
+        if let Ok(Some(b)) = kv.get(&k).await
+            && let Ok(w) = motorpool_messages::codec::decode::<WorkerInfo>(&b)
+        {
+            out.push(w);
+        }
+    }
+    out.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+    Ok(out)
+}
+
+/// The last `n` alerts raised, newest first.
+async fn alerts(bus: &Bus, n: usize) -> Result<Vec<Alert>, String> {
+    let mut stream = bus
+        .jetstream()
+        .get_stream(motorpool_bus::subjects::ops::ALERTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .clone();
+    let mut out = Vec::new();
+    let mut seq = state.last_sequence;
+    while seq >= state.first_sequence.max(1) && out.len() < n {
+        if let Ok(m) = stream.get_raw_message(seq).await
+            && let Ok(a) = motorpool_messages::codec::decode::<Alert>(&m.payload)
+        {
+            out.push(a);
+        }
+        seq -= 1;
+    }
+    Ok(out)
+}
+
+fn worker_json(w: &WorkerInfo, now: u64) -> serde_json::Value {
+    serde_json::json!({
+        "worker_id": w.worker_id, "pool": w.pool.to_string(), "platform": w.platform,
+        "slots": w.slots, "running": w.running.len(),
+        "operations": w.running.iter().map(|(op, _)| op).collect::<Vec<_>>(),
+        "draining": w.draining, "heartbeat_age_ms": now.saturating_sub(w.heartbeat_at_ms),
+        "started_at_ms": w.started_at_ms,
+    })
+}
+
+async fn workers_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(false, &e);
+    }
+    let now = motorpool_messages::now_ms();
+    match workers(&ui.bus).await {
+        Ok(list) => {
+            HttpResponse::Ok().json(list.iter().map(|w| worker_json(w, now)).collect::<Vec<_>>())
+        }
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
+    }
+}
+
+async fn alerts_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(false, &e);
+    }
+    match alerts(&ui.bus, 100).await {
+        Ok(list) => HttpResponse::Ok().json(
+            list.iter()
+                .map(|a| {
+                    serde_json::json!({"kind": a.kind, "source": a.source, "subject": a.subject_id,
+                        "message": a.message, "at_ms": a.at_ms})
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
+    }
+}
+
+/// Queue depth per `pool/lane` over the samples, as SVG lines.
+pub fn depth_chart(history: &[(u64, QueueStats)]) -> String {
+    const W: f64 = 900.0;
+    const H: f64 = 160.0;
+    const LEFT: f64 = 40.0;
+    if history.len() < 2 {
+        return "<p>Not enough samples yet (one every 5 s).</p>".into();
+    }
+    let t0 = history[0].0;
+    let t1 = history[history.len() - 1].0.max(t0 + 1);
+    let mut series: std::collections::BTreeMap<String, Vec<(u64, u64)>> =
+        std::collections::BTreeMap::new();
+    for (t, s) in history {
+        for (pool, lane, depth) in &s.depth {
+            series
+                .entry(format!("{pool}/{lane}"))
+                .or_default()
+                .push((*t, *depth));
+        }
+    }
+    let max = series
+        .values()
+        .flatten()
+        .map(|(_, d)| *d)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let x = |t: u64| LEFT + (t - t0) as f64 / (t1 - t0) as f64 * W;
+    let y = |d: u64| 10.0 + H - d as f64 / max as f64 * H;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"depth\" width=\"{w:.0}\" height=\"{h:.0}\" font-family=\"sans-serif\" font-size=\"10\">\
+         <text x=\"2\" y=\"14\">{max}</text><text x=\"2\" y=\"{z:.0}\">0</text><line x1=\"{LEFT}\" y1=\"{z:.0}\" x2=\"{r:.0}\" y2=\"{z:.0}\" stroke=\"#ccc\"/>",
+        w = LEFT + W + 160.0,
+        h = H + 30.0,
+        z = 10.0 + H,
+        r = LEFT + W
+    );
+    for (i, (name, points)) in series.iter().enumerate() {
+        let colour = colour(name);
+        let path: Vec<String> = points
+            .iter()
+            .map(|(t, d)| format!("{:.1},{:.1}", x(*t), y(*d)))
+            .collect();
+        let _ = write!(
+            svg,
+            "<polyline class=\"series\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"><title>{}</title></polyline>\
+             <text x=\"{:.0}\" y=\"{}\" fill=\"{colour}\">{}</text>",
+            path.join(" "),
+            esc(name),
+            LEFT + W + 8.0,
+            20 + i * 12,
+            esc(name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+async fn queues_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(true, &e);
+    }
+    let now = motorpool_messages::now_ms();
+    let history: Vec<(u64, QueueStats)> = ui.history.lock().iter().cloned().collect();
+    let mut b = String::from("<h1>Queues and workers</h1>");
+    match crate::queue_stats(&ui.bus).await {
+        Ok(s) => {
+            let _ = write!(
+                b,
+                "<p>{} worker(s), {} action(s) executing, {} free slot(s).</p>\
+                 <table><tr><th>pool</th><th>lane</th><th>queued</th></tr>",
+                s.workers, s.executing, s.free_slots
+            );
+            for (pool, lane, depth) in &s.depth {
+                let _ = write!(
+                    b,
+                    "<tr class=\"queue\"><td>{pool}</td><td>{lane}</td><td>{depth}</td></tr>"
+                );
+            }
+            b.push_str("</table>");
+        }
+        Err(e) => {
+            let _ = write!(b, "<p class=\"failed\">{}</p>", esc(&e));
+        }
+    }
+    let _ = write!(
+        b,
+        "<h2>Depth over the last hour</h2>{}",
+        depth_chart(&history)
+    );
+    b.push_str(
+        "<h2>Workers</h2><table><tr><th>worker</th><th>pool</th><th>platform</th>\
+         <th>slots in use</th><th>last heartbeat</th></tr>",
+    );
+    for w in workers(&ui.bus).await.unwrap_or_default() {
+        let platform: Vec<String> = w.platform.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = write!(
+            b,
+            "<tr class=\"worker\"><td>{}{}</td><td>{}</td><td><code>{}</code></td><td>{} of {}</td><td>{:.1} s ago</td></tr>",
+            esc(&w.worker_id),
+            if w.draining { " (draining)" } else { "" },
+            w.pool,
+            esc(&platform.join(" ")),
+            w.running.len(),
+            w.slots,
+            now.saturating_sub(w.heartbeat_at_ms) as f64 / 1000.0
+        );
+    }
+    b.push_str("</table><h2>Alerts</h2>");
+    match alerts(&ui.bus, 20).await {
+        Ok(list) if list.is_empty() => b.push_str("<p>None raised.</p>"),
+        Ok(list) => {
+            b.push_str("<table><tr><th>when</th><th>kind</th><th>from</th><th>message</th></tr>");
+            for a in list {
+                let _ = write!(
+                    b,
+                    "<tr><td>{}</td><td class=\"failed\">{}</td><td>{}</td><td>{}</td></tr>",
+                    when(a.at_ms),
+                    esc(&a.kind),
+                    esc(&a.source),
+                    esc(&a.message)
+                );
+            }
+            b.push_str("</table>");
+        }
+        Err(e) => {
+            let _ = write!(b, "<p>{}</p>", esc(&e));
+        }
+    }
+    page("Queues and workers", false, &b)
 }
 
 /// A stable colour per mnemonic.

@@ -360,6 +360,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             a.extend(["--tls-certificate".into(), t.ca.display().to_string()]);
         }
         let mut runner = Supervised::new(&name, a);
+        // Each job's build gets its page; the job's log links it.
+        runner.env.push((
+            "MOTORPOOL_RUNNER_BES_RESULTS_URL".into(),
+            format!(
+                "{}://{}/invocation/",
+                if https.is_some() { "https" } else { "http" },
+                args.http_addr
+            ),
+        ));
         if !args.runner_bazel_startup_flags.is_empty() {
             // A list: the configuration's environment layer reads it as TOML.
             runner.env.push((

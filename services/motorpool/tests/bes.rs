@@ -12,6 +12,7 @@ use prost_bep::Message as _;
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use support::Stack;
+use support::browser::Browser;
 use support::ci::{http, remote_processes};
 use support::workspace::{Bazel, Workspace};
 
@@ -159,6 +160,40 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
     let (status, page) = get(&stack, &stack.keys.ci, &format!("/invocation/{INVOCATION}"));
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("//broken:broken_test") && page.contains("tests_failed"));
+    // The key Bazel sent as a header is on its command line: never on a page, nor kept.
+    let key = stack.keys.ci.as_str();
+    assert!(!page.contains(key), "the API key is on the page");
+    assert!(!inv.to_string().contains(key), "the API key is in the JSON");
+    assert!(
+        page.contains("--remote_header=authorization=&lt;redacted&gt;"),
+        "{page}"
+    );
+    let kept = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let admin = stack.bus_as("admin").await;
+        let stream = admin
+            .jetstream()
+            .get_stream(motorpool_bus::subjects::bes::STREAM)
+            .await
+            .unwrap();
+        let mut kept = Vec::new();
+        let mut seq = 1;
+        while let Ok(m) = stream.get_raw_message(seq).await {
+            kept.extend_from_slice(&m.payload);
+            seq += 1;
+        }
+        kept
+    });
+    assert!(
+        kept.len() > 10_000,
+        "the events are kept: {} bytes",
+        kept.len()
+    );
+    if let Some(i) = kept.windows(key.len()).position(|w| w == key.as_bytes()) {
+        panic!(
+            "the API key is in the kept events: {}",
+            String::from_utf8_lossy(&kept[i.saturating_sub(200)..i])
+        );
+    }
     assert_eq!(
         page.matches("<g class=\"action critical\"").count(),
         matched.len(),
@@ -216,6 +251,47 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
     assert_eq!(status, 404);
     let (status, _) = http(stack.http, "GET", "/api/v1/invocations", &[], b"");
     assert_eq!(status, 401, "no key, no list");
+
+    // In a real browser, with JavaScript off, as a developer would: the key given once.
+    let browser = Browser::start();
+    let base = format!("http://{}", stack.http);
+    browser.go(&format!("{base}/invocations"));
+    assert!(browser.url().ends_with("/login"), "{}", browser.url());
+    browser.type_into("input[name=key]", &stack.keys.ci);
+    browser.click("button");
+    assert!(browser.url().ends_with("/invocations"), "{}", browser.url());
+    let text = browser.text();
+    assert!(
+        text.contains("tests_failed") && text.contains("//..."),
+        "{text}"
+    );
+    browser.screenshot("invocations");
+    browser.click(&format!("a[href='/invocation/{INVOCATION}']"));
+    assert_eq!(
+        browser.find_all("svg.timeline g.action").len(),
+        actions.len(),
+        "one bar per action, drawn"
+    );
+    assert_eq!(
+        browser.find_all("svg.timeline g.action.critical").len(),
+        matched.len()
+    );
+    let text = browser.text();
+    assert!(
+        text.contains("//broken:broken_test") && text.contains("Critical path"),
+        "{text}"
+    );
+    browser.screenshot("invocation");
+    browser.go(&format!("{base}/invocation/{INVOCATION}#timeline"));
+    browser.screenshot("invocation-timeline");
+    browser.click("a[href*='/output?uri=']");
+    assert!(
+        browser.text().contains("expected 42, got 41"),
+        "the test log, a click away"
+    );
+    browser.go(&format!("{base}/queues"));
+    assert_eq!(browser.find_all("tr.worker").len(), 2, "{}", browser.text());
+    browser.screenshot("queues");
 }
 
 /// Bazel's `build_event_stream.BuildEvent` of a test's summary, wrapped as BES carries it.

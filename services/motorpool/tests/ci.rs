@@ -90,6 +90,41 @@ fn merge_requests_are_built_on_the_platform_in_warm_workspaces_and_reported_to_t
         cold_remote >= 10,
         "the build ran on the platform: {cold_remote}\n{log1}"
     );
+    // The job's build has its page, linked from the job's log, naming the job and its MR.
+    let link = format!(
+        "Streaming build results to: http://{}/invocation/",
+        stack.http
+    );
+    let invocation = log1
+        .lines()
+        .find_map(|l| l.split(&link).nth(1))
+        .unwrap_or_else(|| panic!("the job's log links its build's page:\n{log1}"))
+        .trim()
+        .to_string();
+    let auth = format!("Bearer {}", stack.keys.admin);
+    let (status, body) = http(
+        stack.http,
+        "GET",
+        &format!("/api/v1/invocations?q={id1}"),
+        &[("Authorization", auth.as_str())],
+        b"",
+    );
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(list[0]["invocation_id"], invocation.as_str(), "{list}");
+    assert_eq!(
+        (
+            &list[0]["ci_job"],
+            &list[0]["merge_request"],
+            &list[0]["commit"]
+        ),
+        (
+            &serde_json::json!(id1),
+            &serde_json::json!("1"),
+            &serde_json::json!(c1)
+        ),
+        "{list}"
+    );
     // The LFS file was fetched, not left as a pointer.
     let workspace = done1["workspace"].as_str().unwrap().to_string();
     let checkout = stack

@@ -3,7 +3,7 @@
 //! runtime. Every command's output goes to the job's log.
 
 use motorpool_config::RunnerConfig;
-use motorpool_messages::ci::CiJob;
+use motorpool_messages::ci::{CiJob, Trigger};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -341,6 +341,40 @@ pub fn rc_file(
         "build --remote_header=x-motorpool-lane={}",
         job.lane.name()
     ));
+    if config.build_events {
+        lines.push(format!("build --bes_backend={}", config.remote_executor));
+        if let Some(url) = &config.bes_results_url {
+            lines.push(format!("build --bes_results_url={url}"));
+        }
+        // What the build's page says of the job: its id, commit, branch and merge request.
+        let branch = match &job.trigger {
+            Trigger::MergeRequest { source_branch, .. } => source_branch.clone(),
+            _ => job
+                .git_ref
+                .strip_prefix("refs/heads/")
+                .unwrap_or(&job.git_ref)
+                .to_string(),
+        };
+        let mut metadata = vec![
+            ("CI_JOB", job.job_id.clone()),
+            ("COMMIT_SHA", job.commit.clone()),
+            ("BRANCH_NAME", branch),
+            ("USER", job.requested_by.clone()),
+        ];
+        if let Trigger::MergeRequest { number, .. } = &job.trigger {
+            metadata.push(("CI_MERGE_REQUEST", number.to_string()));
+        }
+        for (k, v) in metadata {
+            // Only characters a bazelrc line and the page take as they are.
+            let v: String = v
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-_./:@+".contains(*c))
+                .collect();
+            if !v.is_empty() {
+                lines.push(format!("build --build_metadata={k}={v}"));
+            }
+        }
+    }
     if !job.trusted {
         // An untrusted job's local results never reach the shared cache (its key cannot write
         // them anyway); what the platform's workers execute is written by them.

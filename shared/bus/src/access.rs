@@ -223,6 +223,9 @@ impl Role {
                 p.use_stream(bes::STREAM);
                 p.publish(["mp.v1.bes.*.*.*"]);
                 p.write_kv(bes::INVOCATIONS_BUCKET, "*");
+                // The queues page: the workers and the alerts raised.
+                p.read_kv(exec::WORKERS_BUCKET);
+                p.use_stream(ops::ALERTS_STREAM);
                 p.read_kv(cas::REGISTRY_BUCKET);
                 p.publish(shard_requests("*"));
                 p.subscribe([cas::all_news().to_string()]);

@@ -957,6 +957,13 @@ pub struct RunnerConfig {
     pub remote_instance_name: String,
     /// CA for a `grpcs://` endpoint (`--tls_certificate`).
     pub tls_certificate: Option<PathBuf>,
+    /// Stream every job's build events to the platform (`--bes_backend`, the same endpoint),
+    /// with the job, commit, branch and merge request as `--build_metadata`, so each job's
+    /// build has its page. Default true.
+    pub build_events: bool,
+    /// The pages' base, given to Bazel as `--bes_results_url` (the job's log then links its
+    /// build's page), for example `http://gateway:8080/invocation/`. Default: none.
+    pub bes_results_url: Option<String>,
     /// API key file for trusted jobs (pushes to protected branches, tags): its key may write
     /// the action cache.
     pub trusted_key_file: Option<PathBuf>,
@@ -994,6 +1001,8 @@ impl Default for RunnerConfig {
             remote_executor: "grpc://127.0.0.1:8980".into(),
             remote_instance_name: String::new(),
             tls_certificate: None,
+            build_events: true,
+            bes_results_url: None,
             trusted_key_file: None,
             untrusted_key_file: None,
             forges: ForgesConfig::default(),

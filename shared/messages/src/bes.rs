@@ -73,6 +73,10 @@ pub struct InvocationSummary {
     pub host: String,
     pub branch: String,
     pub commit: String,
+    /// The CI job that ran the build, and its merge request (`--build_metadata=CI_JOB=...`,
+    /// `CI_MERGE_REQUEST=...`, as Motorpool's runners set them).
+    pub ci_job: String,
+    pub merge_request: String,
     /// `running`, `succeeded`, `failed`, `interrupted`, ... (Bazel's exit code's name, lower case).
     pub status: String,
     pub exit_code: i32,
