@@ -224,6 +224,14 @@ impl Bes {
             .map_err(|e| Status::unavailable(format!("the event could not be kept: {e}")))
     }
 
+    /// Forgets where a stream of `invocation` was, so that its next event is taken wherever it
+    /// starts (after an event could not be kept).
+    fn forget_position(&self, invocation: &str, component: i32) {
+        if let Some(f) = self.following.lock().get_mut(invocation) {
+            f.last.remove(&component);
+        }
+    }
+
     /// Writes the invocation's summary if it changed and `force` or a second passed since.
     async fn write_summary(&self, inv: &str, force: bool) {
         let summary = {
@@ -298,7 +306,11 @@ impl Bes {
         tokio::spawn(async move {
             let mut pending: FuturesOrdered<AckFuture> = FuturesOrdered::new();
             let mut invocation: Option<String> = None;
-            let mut open = true;
+            // Reading stops at the client's end, a refused event or a broken stream; every event
+            // taken is stored all the same (it was folded and counted as kept), and acknowledged
+            // while the client listens.
+            let (mut open, mut listening) = (true, true);
+            let mut refused: Option<Status> = None;
             loop {
                 tokio::select! {
                     next = input.message(), if open && pending.len() < IN_FLIGHT => {
@@ -312,33 +324,38 @@ impl Bes {
                                     invocation.get_or_insert_with(|| stream.invocation_id.clone());
                                     let me = self.clone();
                                     pending.push_back(Box::pin(async move {
-                                        if let Taken::Store(e) = &taken {
-                                            me.store(e).await?;
+                                        if let Taken::Store(e) = &taken
+                                            && let Err(status) = me.store(e).await
+                                        {
+                                            // Not kept: the resend must be taken, not seen as a duplicate.
+                                            me.forget_position(&e.invocation_id, e.component);
+                                            return Err(status);
                                         }
                                         Ok(ack)
                                     }));
                                 }
                                 Err(status) => {
                                     tracing::warn!(code = ?status.code(), message = status.message(), "Refused a build event");
-                                    // What was taken before it is still acknowledged, then the error.
-                                    while let Some(r) = pending.next().await {
-                                        let _ = tx.send(r).await;
-                                    }
-                                    let _ = tx.send(Err(status)).await;
-                                    break;
+                                    refused = Some(status);
+                                    open = false;
                                 }
                             },
                             Ok(None) => open = false,
                             Err(status) => {
                                 tracing::debug!(%status, "A build event stream broke");
-                                break;
+                                (open, listening) = (false, false);
                             }
                         }
                     }
                     Some(r) = pending.next(), if !pending.is_empty() => {
                         let failed = r.is_err();
-                        if tx.send(r).await.is_err() || failed {
-                            break;
+                        if listening && tx.send(r).await.is_err() {
+                            listening = false;
+                        }
+                        // After an error the client starts again from the first event it has
+                        // no acknowledgement for: later acknowledgements would mislead it.
+                        if failed {
+                            listening = false;
                         }
                         if let Some(inv) = &invocation {
                             self.write_summary(inv, false).await;
@@ -349,6 +366,9 @@ impl Bes {
                 if !open && pending.is_empty() {
                     break;
                 }
+            }
+            if let (Some(status), true) = (refused, listening) {
+                let _ = tx.send(Err(status)).await;
             }
             if let Some(inv) = invocation {
                 self.finish(&inv).await;

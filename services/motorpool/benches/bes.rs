@@ -8,6 +8,8 @@
 //!
 //!   cargo bench -p motorpool --bench bes
 //!   MOTORPOOL_BENCH_REPS=5 MOTORPOOL_BENCH_LIBS=40 cargo bench -p motorpool --bench bes
+//!   MOTORPOOL_BENCH_BES_FLAGS="--bes_upload_mode=fully_async" cargo bench -p motorpool --bench bes
+//!   MOTORPOOL_BENCH_BEP_FILE=1 cargo bench -p motorpool --bench bes   # events to a file instead
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -83,12 +85,24 @@ fn main() {
         "--spawn_strategy=remote".to_string(),
         stack.bazel_auth(&stack.keys.ci),
     ];
+    let bep_file = dir.path().join("bep.bin");
     let with_bes = |mut f: Vec<String>| {
+        if std::env::var("MOTORPOOL_BENCH_BEP_FILE").is_ok() {
+            // Bazel's own share: the same events written to a file, no service at all.
+            f.push(format!("--build_event_binary_file={}", bep_file.display()));
+            return f;
+        }
         f.push(format!("--bes_backend=grpc://{}", stack.grpc));
         f.push(format!(
             "--bes_results_url=http://{}/invocation/",
             stack.http
         ));
+        f.extend(
+            std::env::var("MOTORPOOL_BENCH_BES_FLAGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string),
+        );
         f
     };
     // Warm the cache and the Bazel server.
@@ -227,12 +241,18 @@ fn main() {
 
     let (w, b) = (median(without), median(with));
     println!(
-        "\nBuild Event Service (2 workers, {libs} libraries, {reps} reps, medians; same run)\n"
+        "\nBuild Event Service (2 workers, {libs} libraries, {reps} reps, medians; same run; extra BES flags: {:?})\n",
+        std::env::var("MOTORPOOL_BENCH_BES_FLAGS").unwrap_or_default()
     );
     println!("| measure | value | goal |");
     println!("|---|---|---|");
     println!("| all-hit rebuild without --bes_backend | {w:.2} s | |");
-    println!("| all-hit rebuild with --bes_backend | {b:.2} s | |");
+    let mode = if std::env::var("MOTORPOOL_BENCH_BEP_FILE").is_ok() {
+        "--build_event_binary_file (no service)"
+    } else {
+        "--bes_backend"
+    };
+    println!("| all-hit rebuild with {mode} | {b:.2} s | |");
     println!("| with / without | {:.3}x | under 1.03x |", b / w);
     println!("| events ingested, one stream ({n_events} events) | {ingest_per_s:.0} /s | |");
     println!(

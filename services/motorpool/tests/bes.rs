@@ -513,3 +513,135 @@ fn http_json(addr: std::net::SocketAddr, auth: &str, path: &str) -> Value {
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
 }
+
+/// A TCP proxy to `upstream` that cuts its first connection once `cut_after` bytes went from the
+/// client to the server; later connections pass whole. Returns its address and how many
+/// connections it took.
+fn cutting_proxy(
+    upstream: std::net::SocketAddr,
+    cut_after: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                continue;
+            };
+            let limit = if n == 0 { cut_after } else { usize::MAX };
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_read, mut c_write) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                let mut sent = 0usize;
+                loop {
+                    let n = match c_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if sent + n > limit {
+                        // Cut mid-stream: both ways, at once.
+                        let _ = c_read.shutdown(std::net::Shutdown::Both);
+                        let _ = s_write.shutdown(std::net::Shutdown::Both);
+                        break;
+                    }
+                    sent += n;
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_read, &mut c_write);
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[test]
+fn bazel_resending_over_a_cut_connection_makes_one_complete_invocation() {
+    support::require_bazel();
+    let dir = tempfile::tempdir().unwrap();
+    let ws = Workspace::generate(dir.path(), 3);
+    let stack = Stack::up(&["--workers", "2", "--shards", "0"]);
+    let _log = support::LogOnPanic(&stack);
+    // Build events go through a proxy that breaks the first connection mid-build.
+    let (proxy, connections) = cutting_proxy(stack.grpc, 12_000);
+    let invocation = "7a3c2b1d-0e4f-4a5b-8c6d-9e0f1a2b3c4d";
+    let bazel = Bazel::new(&ws, &dir.path().join("root"));
+    let run = bazel.run(
+        "test",
+        &[
+            "//...".to_string(),
+            format!("--remote_executor=grpc://{}", stack.grpc),
+            format!("--bes_backend=grpc://{proxy}"),
+            format!("--invocation_id={invocation}"),
+            "--spawn_strategy=remote".to_string(),
+            stack.bazel_auth(&stack.keys.ci),
+        ],
+    );
+    let connections = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        connections >= 2,
+        "the first connection was cut and Bazel came back: {connections}\n{}",
+        run.stderr()
+    );
+    let inv = json(
+        &stack,
+        &stack.keys.ci,
+        &format!("/api/v1/invocations/{invocation}"),
+    );
+    let s = &inv["summary"];
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["tests"], 3, "each test counted once: {s}");
+    assert!(s["finished_ms"].as_u64().unwrap() > 0, "{s}");
+    // Each event kept once.
+    let kept = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let admin = stack.bus_as("admin").await;
+        let stream = admin
+            .jetstream()
+            .get_stream(motorpool_bus::subjects::bes::STREAM)
+            .await
+            .unwrap();
+        let subject = motorpool_bus::subjects::bes::event(invocation);
+        let mut kept = Vec::new();
+        let mut seq = 1;
+        while let Ok(m) = stream.get_raw_message(seq).await {
+            if m.subject.as_str() == subject.as_str() {
+                let e: motorpool_messages::bes::BesEvent =
+                    motorpool_messages::codec::decode(&m.payload).unwrap();
+                kept.push((e.component, e.sequence));
+            }
+            seq += 1;
+        }
+        kept
+    });
+    let mut unique = kept.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), kept.len(), "an event kept twice");
+    assert_eq!(kept.len() as u64, s["events"].as_u64().unwrap(), "{s}");
+    let tool: Vec<i64> = unique
+        .iter()
+        .filter(|(c, _)| *c == 3)
+        .map(|(_, q)| *q)
+        .collect();
+    assert_eq!(
+        tool,
+        (1..=tool.len() as i64).collect::<Vec<_>>(),
+        "no event missing"
+    );
+}
