@@ -346,6 +346,7 @@ pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow
         http_auth,
         shards.clone(),
         bus.clone(),
+        config.labels_dir.clone(),
         shutdown.clone(),
     )
     .await?;

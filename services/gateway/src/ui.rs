@@ -8,6 +8,8 @@
 //! | `/invocation/<id>/timeline.svg` | - |
 //! | `/invocation/<id>/output?uri=bytestream://...` (a test log, from the CAS) | - |
 //! | `/queues`: depth per lane and pool over the last hour, workers and their slots, alerts | `/api/v1/queues`, `/api/v1/workers`, `/api/v1/alerts` |
+//! | `/fleet`: each burner's drives with their state and progress, image builds | `/api/v1/drives`, `/api/v1/image-builds` |
+//! | `/labels`: each clip's stages with state, progress, time, output and report picture | `/api/v1/labels` |
 //!
 //! Callers are identified as at the gRPC port: `Authorization: Bearer <key>` or `x-api-key`,
 //! or, for a browser, the key given once at `/login` and kept in an HttpOnly cookie. A caller
@@ -22,6 +24,8 @@ use motorpool_bus::Bus;
 use motorpool_cas_client::Shards;
 use motorpool_messages::bes::{InvocationSummary, RemoteAction};
 use motorpool_messages::exec::{Alert, QueueStats, WorkerInfo};
+use motorpool_messages::fleet::{BuildState, BuildStatus, DriveKind, DriveStatus};
+use motorpool_messages::label::{Stage, StageState, StageStatus};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -35,6 +39,8 @@ pub struct Ui {
     auth: Arc<Auth>,
     shards: Shards,
     bus: Bus,
+    /// The labeling stages' output root, canonical, when this host sees it.
+    labels_dir: Option<std::path::PathBuf>,
     /// The scheduler's queue statistics, sampled every [`SAMPLE_MS`], the last hour of them.
     history: Arc<parking_lot::Mutex<std::collections::VecDeque<(u64, QueueStats)>>>,
 }
@@ -48,8 +54,10 @@ impl Ui {
         auth: Arc<Auth>,
         shards: Shards,
         bus: Bus,
+        labels_dir: Option<std::path::PathBuf>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Ui> {
+        let labels_dir = labels_dir.and_then(|d| std::fs::canonicalize(d).ok());
         let stream = match &bes {
             Some(b) => Some(
                 b.bus()
@@ -86,6 +94,7 @@ impl Ui {
             auth,
             shards,
             bus,
+            labels_dir,
             history,
         })
     }
@@ -122,7 +131,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/v1/invocations/{id}", web::get().to(invocation_json))
         .route("/queues", web::get().to(queues_page))
         .route("/api/v1/workers", web::get().to(workers_json))
-        .route("/api/v1/alerts", web::get().to(alerts_json));
+        .route("/api/v1/alerts", web::get().to(alerts_json))
+        .route("/fleet", web::get().to(fleet_page))
+        .route("/api/v1/drives", web::get().to(drives_json))
+        .route("/api/v1/image-builds", web::get().to(image_builds_json))
+        .route("/labels", web::get().to(labels_page))
+        .route("/api/v1/labels", web::get().to(labels_json))
+        .route("/labels/{id}/report.svg", web::get().to(label_report));
 }
 
 fn see_other(to: &str) -> HttpResponse {
@@ -174,7 +189,7 @@ fn page(title: &str, refresh: bool, body: &str) -> HttpResponse {
     };
     HttpResponse::Ok().content_type("text/html; charset=utf-8").body(format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{meta}<title>{} · Motorpool</title><style>{STYLE}</style></head>\
-         <body><nav><a href=\"/invocations\">Invocations</a><a href=\"/queues\">Queues and workers</a><a href=\"/login\">Key</a></nav>{body}</body></html>",
+         <body><nav><a href=\"/invocations\">Invocations</a><a href=\"/queues\">Queues and workers</a><a href=\"/fleet\">Drive bays</a><a href=\"/labels\">Labels</a><a href=\"/login\">Key</a></nav>{body}</body></html>",
         esc(title)
     ))
 }
@@ -908,6 +923,304 @@ async fn queues_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
         }
     }
     page("Queues and workers", false, &b)
+}
+
+/// Every value of a KV bucket, decoded (those that do not decode are skipped).
+async fn kv_all<T: motorpool_messages::codec::Message + serde::de::DeserializeOwned>(
+    bus: &Bus,
+    bucket: &str,
+) -> Result<Vec<T>, String> {
+    use futures::StreamExt;
+    let kv = bus
+        .jetstream()
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| format!("{bucket}: {e}"))?;
+    let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while let Some(Ok(k)) = keys.next().await {
+        if let Ok(Some(b)) = kv.get(&k).await
+            && let Ok(v) = motorpool_messages::codec::decode::<T>(&b)
+        {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// The drive bays: every burner's drives, newest state first per burner.
+async fn drives(bus: &Bus) -> Result<Vec<DriveStatus>, String> {
+    let mut all: Vec<DriveStatus> =
+        kv_all(bus, motorpool_bus::subjects::fleet::DRIVES_BUCKET).await?;
+    all.sort_by(|a, b| (&a.burner, &a.drive).cmp(&(&b.burner, &b.drive)));
+    Ok(all)
+}
+
+async fn image_builds(bus: &Bus) -> Result<Vec<BuildStatus>, String> {
+    let mut all: Vec<BuildStatus> =
+        kv_all(bus, motorpool_bus::subjects::fleet::BUILDS_BUCKET).await?;
+    all.sort_by_key(|b| std::cmp::Reverse(b.updated_ms));
+    Ok(all)
+}
+
+fn drive_json(d: &DriveStatus) -> serde_json::Value {
+    serde_json::json!({
+        "burner": d.burner, "drive": d.drive, "state": format!("{:?}", d.kind).to_ascii_lowercase(),
+        "image": d.image, "slot": d.slot, "done": d.done, "total": d.total, "reason": d.reason,
+        "updated_ms": d.updated_ms,
+    })
+}
+
+fn build_json(b: &BuildStatus) -> serde_json::Value {
+    let (state, image, detail) = match &b.state {
+        BuildState::Queued => ("queued", "", ""),
+        BuildState::Running { step } => ("running", "", step.as_str()),
+        BuildState::Done { image_id, .. } => ("done", image_id.as_str(), ""),
+        BuildState::Failed { reason } => ("failed", "", reason.as_str()),
+    };
+    serde_json::json!({"job_id": b.job_id, "state": state, "image_id": image, "detail": detail, "updated_ms": b.updated_ms})
+}
+
+async fn drives_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(false, &e);
+    }
+    match drives(&ui.bus).await {
+        Ok(list) => HttpResponse::Ok().json(list.iter().map(drive_json).collect::<Vec<_>>()),
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
+    }
+}
+
+async fn image_builds_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(false, &e);
+    }
+    match image_builds(&ui.bus).await {
+        Ok(list) => HttpResponse::Ok().json(list.iter().map(build_json).collect::<Vec<_>>()),
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
+    }
+}
+
+async fn fleet_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(true, &e);
+    }
+    let list = drives(&ui.bus).await.unwrap_or_default();
+    let busy = list
+        .iter()
+        .any(|d| matches!(d.kind, DriveKind::Burning | DriveKind::Verifying));
+    let mut b = String::from("<h1>Drive bays</h1>");
+    if list.is_empty() {
+        b.push_str("<p>No burner has reported a drive.</p>");
+    }
+    let mut burner = "";
+    for d in &list {
+        if d.burner != burner {
+            if !burner.is_empty() {
+                b.push_str("</table>");
+            }
+            burner = &d.burner;
+            let _ = write!(
+                b,
+                "<h2>{}</h2><table><tr><th>drive</th><th>state</th><th>image</th><th>progress</th><th>since</th></tr>",
+                esc(burner)
+            );
+        }
+        let state = format!("{:?}", d.kind).to_ascii_lowercase();
+        let progress = if d.total > 0 {
+            format!(
+                "<progress value=\"{}\" max=\"{}\"></progress> {:.0}%",
+                d.done,
+                d.total,
+                d.done as f64 * 100.0 / d.total as f64
+            )
+        } else {
+            String::new()
+        };
+        let class = match d.kind {
+            DriveKind::Ready => "passed",
+            DriveKind::Failed | DriveKind::Refused => "failed",
+            _ => "running",
+        };
+        let _ = write!(
+            b,
+            "<tr class=\"drive\"><td><code>{}</code></td><td class=\"{class}\">{state}{}</td><td>{}{}</td><td>{progress}</td><td>{}</td></tr>",
+            esc(&d.drive),
+            if d.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", esc(&d.reason))
+            },
+            esc(&d.image),
+            if d.slot > 0 {
+                format!(" (slot {})", d.slot)
+            } else {
+                String::new()
+            },
+            when(d.updated_ms)
+        );
+    }
+    if !burner.is_empty() {
+        b.push_str("</table>");
+    }
+    b.push_str("<h2>Image builds</h2><table><tr><th>build</th><th>state</th><th>image</th><th>detail</th><th>updated</th></tr>");
+    for build in image_builds(&ui.bus)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .take(50)
+    {
+        let v = build_json(build);
+        let _ = write!(
+            b,
+            "<tr><td><code>{}</code></td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&build.job_id),
+            if v["state"] == "failed" { "failed" } else { "" },
+            esc(v["state"].as_str().unwrap_or_default()),
+            esc(v["image_id"].as_str().unwrap_or_default()),
+            esc(v["detail"].as_str().unwrap_or_default()),
+            when(build.updated_ms)
+        );
+    }
+    b.push_str("</table>");
+    page("Drive bays", busy, &b)
+}
+
+/// Labeling jobs: each clip's stages, newest first.
+async fn label_jobs(bus: &Bus) -> Result<Vec<Vec<StageStatus>>, String> {
+    let all: Vec<StageStatus> = kv_all(bus, motorpool_bus::subjects::label::STATUS_BUCKET).await?;
+    let mut jobs: std::collections::BTreeMap<String, Vec<StageStatus>> = Default::default();
+    for s in all {
+        jobs.entry(s.job_id.clone()).or_default().push(s);
+    }
+    let mut out: Vec<Vec<StageStatus>> = jobs.into_values().collect();
+    for stages in &mut out {
+        stages.sort_by_key(|s| s.stage as u8);
+    }
+    out.sort_by_key(|stages| std::cmp::Reverse(stages.iter().map(|s| s.queued_ms).min()));
+    Ok(out)
+}
+
+fn stage_json(s: &StageStatus) -> serde_json::Value {
+    let (state, done, total, output, cached, reason) = match &s.state {
+        StageState::Queued => ("queued", 0, 0, "", false, ""),
+        StageState::Running { done, total } => ("running", *done, *total, "", false, ""),
+        StageState::Done(o) => ("done", 0, 0, o.dir.as_str(), o.cached, ""),
+        StageState::Failed { reason } => ("failed", 0, 0, "", false, reason.as_str()),
+    };
+    serde_json::json!({
+        "job_id": s.job_id, "clip_id": s.clip_id, "stage": s.stage.to_string(), "lane": s.lane.name(),
+        "state": state, "done": done, "total": total, "output": output, "cached": cached,
+        "reason": reason, "worker": s.worker, "queued_ms": s.queued_ms,
+        "started_ms": s.started_ms, "updated_ms": s.updated_ms,
+    })
+}
+
+async fn labels_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(false, &e);
+    }
+    match label_jobs(&ui.bus).await {
+        Ok(jobs) => HttpResponse::Ok().json(
+            jobs.iter()
+                .map(|stages| stages.iter().map(stage_json).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        ),
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
+    }
+}
+
+async fn labels_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(true, &e);
+    }
+    let jobs = label_jobs(&ui.bus).await.unwrap_or_default();
+    let running = jobs.iter().flatten().any(|s| !s.is_final());
+    let mut b = String::from("<h1>Labels</h1>");
+    if jobs.is_empty() {
+        b.push_str("<p>No clip has been submitted (<code>motorpool label run</code>).</p>");
+    }
+    for stages in jobs.iter().take(100) {
+        let Some(first) = stages.first() else {
+            continue;
+        };
+        let _ = write!(
+            b,
+            "<h2 class=\"clip\">{} <small><code>{}</code>, {} lane</small></h2><table><tr><th>stage</th><th>state</th><th>worker</th><th>took</th><th>output</th></tr>",
+            esc(&first.clip_id),
+            esc(&first.job_id),
+            first.lane
+        );
+        let mut report = None;
+        for s in stages {
+            let v = stage_json(s);
+            let state = match &s.state {
+                StageState::Running { done, total } if *total > 0 => format!(
+                    "running <progress value=\"{done}\" max=\"{total}\"></progress> {done}/{total}"
+                ),
+                StageState::Failed { reason } => format!("failed: {}", esc(reason)),
+                StageState::Done(o) if o.cached => "done (reused)".into(),
+                _ => esc(v["state"].as_str().unwrap_or_default()),
+            };
+            let took = match &s.state {
+                StageState::Done(o) => format!("{:.1} s", o.elapsed_ms as f64 / 1000.0),
+                _ => String::new(),
+            };
+            if let StageState::Done(o) = &s.state
+                && s.stage == Stage::Annotate
+            {
+                report = Some(o.dir.clone());
+            }
+            let _ = write!(
+                b,
+                "<tr class=\"stage\"><td>{}</td><td class=\"{}\">{state}</td><td>{}</td><td>{took}</td><td><code>{}</code></td></tr>",
+                s.stage,
+                esc(v["state"].as_str().unwrap_or_default()),
+                esc(&s.worker),
+                esc(v["output"].as_str().unwrap_or_default())
+            );
+        }
+        b.push_str("</table>");
+        if report.is_some() && ui.labels_dir.is_some() {
+            let _ = write!(
+                b,
+                "<p><a href=\"/labels/{id}/report.svg\"><img class=\"report\" src=\"/labels/{id}/report.svg\" alt=\"the clip's report\" width=\"480\"></a></p>",
+                id = esc(&first.job_id)
+            );
+        }
+    }
+    page("Labels", running, &b)
+}
+
+/// A labeling job's report picture, when its annotate output is under `labels_dir`.
+async fn label_report(req: HttpRequest, ui: web::Data<Ui>, id: web::Path<String>) -> HttpResponse {
+    if let Err(e) = ui.caller(&req) {
+        return unauthenticated(false, &e);
+    }
+    let Some(root) = &ui.labels_dir else {
+        return HttpResponse::NotFound()
+            .body("this gateway does not see the labeling outputs (labels_dir)\n");
+    };
+    let jobs = label_jobs(&ui.bus).await.unwrap_or_default();
+    let dir = jobs.iter().flatten().find_map(|s| match &s.state {
+        StageState::Done(o) if s.job_id == *id && s.stage == Stage::Annotate => Some(o.dir.clone()),
+        _ => None,
+    });
+    let Some(dir) = dir else {
+        return HttpResponse::NotFound().body("no annotated clip of that job\n");
+    };
+    // Only what lies under the labels dir, whatever a status says.
+    let file = std::path::Path::new(&dir).join("report.svg");
+    match std::fs::canonicalize(&file) {
+        Ok(path) if path.starts_with(root) => match std::fs::read(&path) {
+            Ok(bytes) => HttpResponse::Ok()
+                .content_type("image/svg+xml")
+                .insert_header(("content-security-policy", "script-src 'none'"))
+                .body(bytes),
+            Err(e) => HttpResponse::NotFound().body(format!("{e}\n")),
+        },
+        _ => HttpResponse::NotFound().body("the report is not under labels_dir\n"),
+    }
 }
 
 /// A stable colour per mnemonic.

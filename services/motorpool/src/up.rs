@@ -314,6 +314,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ]
         .concat(),
     ));
+    if let Some(gateway) = children.last_mut() {
+        // The labels page shows the stages' report pictures from the shared data dir.
+        gateway.env.push((
+            "MOTORPOOL_GATEWAY_LABELS_DIR".into(),
+            data_dir.join("labels").display().to_string(),
+        ));
+    }
     let projects = webhook_projects(&data_dir)?;
     children.push(Supervised::new(
         "webhook",

@@ -257,9 +257,7 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
     let base = format!("http://{}", stack.http);
     browser.go(&format!("{base}/invocations"));
     assert!(browser.url().ends_with("/login"), "{}", browser.url());
-    browser.type_into("input[name=key]", &stack.keys.ci);
-    browser.click("button");
-    assert!(browser.url().ends_with("/invocations"), "{}", browser.url());
+    browser.login(&base, &stack.keys.ci);
     let text = browser.text();
     assert!(
         text.contains("tests_failed") && text.contains("//..."),

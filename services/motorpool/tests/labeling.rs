@@ -145,6 +145,62 @@ fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
             .contains(&svg[..200])
     );
 
+    // The labels page and its JSON twin: the clip's stages, done, with the picture embedded.
+    let auth = format!("Bearer {}", stack.keys.developer);
+    let get = |path: &str| {
+        support::ci::http(
+            stack.http,
+            "GET",
+            path,
+            &[("Authorization", auth.as_str())],
+            b"",
+        )
+    };
+    let (status, body) = get("/api/v1/labels");
+    assert_eq!(status, 200, "{body}");
+    let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let job = &jobs[0];
+    let states: Vec<(&str, &str)> = job
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["stage"].as_str().unwrap(), s["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("mapping", "done"),
+            ("prelabel", "done"),
+            ("annotate", "done")
+        ],
+        "{job}"
+    );
+    assert_eq!(job[2]["output"], dir.display().to_string());
+    let id = job[0]["job_id"].as_str().unwrap().to_string();
+    let (status, picture) = get(&format!("/labels/{id}/report.svg"));
+    assert_eq!(
+        (status, picture.len()),
+        (200, svg.len()),
+        "the clip's own picture"
+    );
+    let (_, page) = get("/labels");
+    assert!(
+        page.contains(&format!("src=\"/labels/{id}/report.svg\""))
+            && page.contains(job[0]["clip_id"].as_str().unwrap()),
+        "{page}"
+    );
+    let browser = support::browser::Browser::start();
+    browser.login(&format!("http://{}", stack.http), &stack.keys.developer);
+    browser.go(&format!("http://{}/labels", stack.http));
+    assert_eq!(
+        browser.find_all("img.report").len(),
+        1,
+        "{}",
+        browser.text()
+    );
+    assert!(browser.text().contains("annotate"));
+    browser.screenshot("labels");
+
     // The same clip again: every stage reuses its output.
     let again = label_run(&stack, &clip, &[]);
     let out2 = text(&again);

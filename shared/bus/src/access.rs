@@ -223,9 +223,12 @@ impl Role {
                 p.use_stream(bes::STREAM);
                 p.publish(["mp.v1.bes.*.*.*"]);
                 p.write_kv(bes::INVOCATIONS_BUCKET, "*");
-                // The queues page: the workers and the alerts raised.
+                // The pages: workers, alerts, drive bays, image builds, labeling jobs.
                 p.read_kv(exec::WORKERS_BUCKET);
                 p.use_stream(ops::ALERTS_STREAM);
+                p.read_kv(fleet::DRIVES_BUCKET);
+                p.read_kv(fleet::BUILDS_BUCKET);
+                p.read_kv(label::STATUS_BUCKET);
                 p.read_kv(cas::REGISTRY_BUCKET);
                 p.publish(shard_requests("*"));
                 p.subscribe([cas::all_news().to_string()]);

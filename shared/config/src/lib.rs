@@ -138,6 +138,10 @@ pub struct GatewayConfig {
     pub tls: TlsConfig,
     /// The Build Event Service: what is kept of Bazel's build events.
     pub bes: BesConfig,
+    /// Where the labeling stages write their outputs, when this host sees it too (a shared
+    /// volume, or `motorpool up`'s data dir): the labels page then shows each clip's report
+    /// picture. Only files under it are served. Default: none.
+    pub labels_dir: Option<PathBuf>,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -305,6 +309,7 @@ impl Default for GatewayConfig {
             bounds: BoundsConfig::default(),
             tls: TlsConfig::default(),
             bes: BesConfig::default(),
+            labels_dir: None,
             auth: AuthConfig::default(),
             telemetry: TelemetryConfig::default(),
         }

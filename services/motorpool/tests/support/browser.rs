@@ -89,6 +89,23 @@ impl Browser {
         v["value"].clone()
     }
 
+    /// Gives `key` at `base`/login, as a person would, and waits for the invocations list it
+    /// leads to.
+    pub fn login(&self, base: &str, key: &str) {
+        self.go(&format!("{base}/login"));
+        self.type_into("input[name=key]", key);
+        self.click("button");
+        let start = Instant::now();
+        while !self.url().ends_with("/invocations") {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the login led to {}",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn go(&self, url: &str) {
         self.call("POST", "/url", Some(json!({ "url": url })));
     }
