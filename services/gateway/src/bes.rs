@@ -41,6 +41,8 @@ use tonic::{Request, Response, Status};
 const SERVICE: &str = "google.devtools.build.v1.PublishBuildEvent";
 /// Events stored but not yet acknowledged, per stream: JetStream's acknowledgements overlap.
 const IN_FLIGHT: usize = 256;
+/// Invocations followed at once before those quiet for an hour are let go.
+const MAX_FOLLOWING: usize = 10_000;
 
 /// One invocation as this gateway follows it.
 struct Following {
@@ -139,6 +141,12 @@ impl Bes {
             };
             let claimed = self.claims.lock().remove(&inv).map(|(owner, _)| owner);
             let mut following = self.following.lock();
+            if following.len() >= MAX_FOLLOWING {
+                // Invocations whose Bazel went away before the build finished: their summaries
+                // are written; an event of theirs arriving later resumes from it.
+                let now = now_ms();
+                following.retain(|_, f| now < f.written_ms + 3_600_000);
+            }
             following.entry(inv.clone()).or_insert_with(|| Following {
                 owner: before
                     .as_ref()
