@@ -255,6 +255,98 @@ pub struct Invocation {
     /// Bazel's critical path, longest first as Bazel lists it, each step with the operation of
     /// the platform's action it was (when it ran here).
     pub critical_path: Vec<CriticalStep>,
+    /// Bazel's timing profile, when it uploaded one (read from the CAS by the page).
+    pub profile: Option<Profile>,
+}
+
+impl Invocation {
+    /// The `bytestream://` URI of Bazel's timing profile, when its build tool logs name one.
+    pub fn profile_uri(&self) -> Option<&str> {
+        self.tool_logs
+            .iter()
+            .find(|(name, uri)| name == "command.profile.gz" && uri.starts_with("bytestream://"))
+            .map(|(_, uri)| uri.as_str())
+    }
+}
+
+/// Bazel's own timing profile of the invocation (`--experimental_generate_json_trace_profile`
+/// uploads it to the CAS as `command.profile.gz`): every action Bazel processed, local, cached
+/// or remote, on the thread that processed it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Profile {
+    /// `(thread id, name)` of the threads that processed actions.
+    pub threads: Vec<(i64, String)>,
+    pub actions: Vec<ProfiledAction>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ProfiledAction {
+    pub thread: i64,
+    /// Bazel's description: `Compiling lib/a.cc`.
+    pub name: String,
+    /// Microseconds from the profile's start.
+    pub start_us: u64,
+    pub duration_us: u64,
+    /// On Bazel's critical path.
+    pub critical: bool,
+}
+
+/// Reads a gzipped Chrome-trace profile as Bazel writes it.
+pub fn parse_profile(gz: &[u8]) -> Result<Profile, String> {
+    let v: serde_json::Value = serde_json::from_reader(flate2::read::GzDecoder::new(gz))
+        .map_err(|e| format!("not a gzipped JSON profile: {e}"))?;
+    let events = match &v {
+        serde_json::Value::Array(a) => a,
+        v => v["traceEvents"]
+            .as_array()
+            .ok_or("a profile without traceEvents")?,
+    };
+    let critical: std::collections::HashSet<&str> = events
+        .iter()
+        .filter(|e| e["cat"] == "critical path component")
+        .filter_map(|e| e["name"].as_str())
+        .map(|n| {
+            n.strip_prefix("action '")
+                .and_then(|n| n.strip_suffix('\''))
+                .unwrap_or(n)
+        })
+        .collect();
+    let mut actions: Vec<ProfiledAction> = events
+        .iter()
+        .filter(|e| e["cat"] == "action processing" && e["ph"] == "X")
+        .map(|e| {
+            let name = e["name"].as_str().unwrap_or_default().to_string();
+            ProfiledAction {
+                thread: e["tid"].as_i64().unwrap_or_default(),
+                critical: critical.contains(name.as_str()),
+                name,
+                start_us: e["ts"].as_f64().unwrap_or_default().max(0.0) as u64,
+                duration_us: e["dur"].as_f64().unwrap_or_default().max(0.0) as u64,
+            }
+        })
+        .collect();
+    actions.sort_by_key(|a| a.start_us);
+    let used: std::collections::HashSet<i64> = actions.iter().map(|a| a.thread).collect();
+    let mut threads: Vec<(i64, String)> = events
+        .iter()
+        .filter(|e| e["ph"] == "M" && e["name"] == "thread_name")
+        .filter_map(|e| Some((e["tid"].as_i64()?, e["args"]["name"].as_str()?.to_string())))
+        .filter(|(tid, _)| used.contains(tid))
+        .collect();
+    threads.sort();
+    threads.dedup_by_key(|t| t.0);
+    for tid in used {
+        if !threads.iter().any(|t| t.0 == tid) {
+            threads.push((tid, format!("thread {tid}")));
+        }
+    }
+    threads.sort();
+    Ok(Profile { threads, actions })
+}
+
+/// Whether Bazel's `description` of an action and the platform's name the same action.
+pub fn same_action(description: &str, platform: &str) -> bool {
+    normalize(description) == normalize(platform)
 }
 
 /// One step of Bazel's critical path.
@@ -507,6 +599,37 @@ pub async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bazels_profile_gives_its_actions_threads_and_critical_path() {
+        use std::io::Write as _;
+        let trace = serde_json::json!({"traceEvents": [
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": 72, "args": {"name": "skyframe-evaluator 1"}},
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": 9, "args": {"name": "idle"}},
+            {"cat": "action processing", "name": "Compiling lib0/lib0.cc", "ph": "X", "ts": 1000, "dur": 5000, "pid": 1, "tid": 72},
+            {"cat": "action processing", "name": "Linking lib0/liblib0.a", "ph": "X", "ts": 7000, "dur": 900, "pid": 1, "tid": 73},
+            {"cat": "critical path component", "name": "action 'Compiling lib0/lib0.cc'", "ph": "X", "ts": 1000, "dur": 5000, "pid": 1, "tid": 0},
+            {"cat": "general information", "name": "noise", "ph": "X", "ts": 0, "dur": 1, "pid": 1, "tid": 72},
+        ]});
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(trace.to_string().as_bytes()).unwrap();
+        let p = parse_profile(&gz.finish().unwrap()).unwrap();
+        assert_eq!(p.actions.len(), 2);
+        assert!(p.actions[0].critical && !p.actions[1].critical);
+        assert_eq!(
+            p.threads,
+            [
+                (72, "skyframe-evaluator 1".to_string()),
+                (73, "thread 73".to_string())
+            ],
+            "only threads that processed actions, named when Bazel named them"
+        );
+        assert!(parse_profile(b"not gzip").is_err());
+        assert!(same_action(
+            "Testing //lib2:lib2_test",
+            "Testing lib2/lib2_test"
+        ));
+    }
 
     #[test]
     fn secrets_on_command_lines_are_redacted() {

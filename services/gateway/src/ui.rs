@@ -443,11 +443,130 @@ async fn find(ui: &Ui, who: &Identity, id: &str) -> Result<Invocation, HttpRespo
         HttpResponse::NotFound()
             .json(serde_json::json!({"error": format!("no invocation {id} that this key may see")}))
     };
-    match invocations::load(stream, bes.summaries(), id).await {
-        Ok(Some(inv)) if who.owns(&inv.summary.owner) => Ok(inv),
-        Ok(_) => Err(missing()),
-        Err(e) => Err(HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e }))),
+    let mut inv = match invocations::load(stream, bes.summaries(), id).await {
+        Ok(Some(inv)) if who.owns(&inv.summary.owner) => inv,
+        Ok(_) => return Err(missing()),
+        Err(e) => {
+            return Err(HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })));
+        }
+    };
+    // Bazel's own profile, from the CAS, when it uploaded one.
+    if let Some((instance, digest)) = inv.profile_uri().and_then(parse_bytestream)
+        && digest.size <= MAX_PROFILE_BYTES
+    {
+        match ui.shards.read_blob(&instance, &digest).await {
+            Ok(gz) => match invocations::parse_profile(&gz) {
+                Ok(p) => inv.profile = Some(p),
+                Err(error) => {
+                    tracing::debug!(invocation = %id, %error, "Bazel's profile does not read")
+                }
+            },
+            Err(error) => {
+                tracing::debug!(invocation = %id, %error, "Bazel's profile is not in the CAS")
+            }
+        }
     }
+    Ok(inv)
+}
+
+/// Profiles larger than this (compressed) are not drawn.
+const MAX_PROFILE_BYTES: u64 = 64 << 20;
+
+/// Bazel's profile as SVG: one row per Bazel thread that processed actions, each bar an action
+/// as Bazel saw it; solid when the platform ran it (the worker on hover), pale when Bazel ran it
+/// or found it in the cache itself; its critical path outlined.
+pub fn profile_timeline(profile: &invocations::Profile, actions: &[RemoteAction]) -> String {
+    const W: f64 = 1100.0;
+    const LEFT: f64 = 170.0;
+    const ROW: f64 = 14.0;
+    if profile.actions.is_empty() {
+        return "<p>Bazel's profile lists no action.</p>".into();
+    }
+    let t1 = profile
+        .actions
+        .iter()
+        .map(|a| a.start_us + a.duration_us)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let t0 = profile
+        .actions
+        .iter()
+        .map(|a| a.start_us)
+        .min()
+        .unwrap_or(0)
+        .min(t1 - 1);
+    let scale = W / (t1 - t0) as f64;
+    let remote: Vec<&RemoteAction> = actions
+        .iter()
+        .filter(|a| !a.description.is_empty())
+        .collect();
+    let row: HashMap<i64, usize> = profile
+        .threads
+        .iter()
+        .enumerate()
+        .map(|(i, (tid, _))| (*tid, i))
+        .collect();
+    let height = 30.0 + profile.threads.len() as f64 * ROW;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"profile\" width=\"{w:.0}\" height=\"{height:.0}\" font-family=\"sans-serif\">",
+        w = LEFT + W + 10.0
+    );
+    for (i, (_, name)) in profile.threads.iter().enumerate() {
+        let _ = write!(
+            svg,
+            "<text x=\"4\" y=\"{:.1}\" font-size=\"10\">{}</text>",
+            32.0 + i as f64 * ROW,
+            esc(name)
+        );
+    }
+    let _ = write!(
+        svg,
+        "<text x=\"{LEFT}\" y=\"11\" font-size=\"10\">0s</text><text x=\"{:.0}\" y=\"11\" font-size=\"10\" text-anchor=\"end\">{:.1}s</text>",
+        LEFT + W,
+        (t1 - t0) as f64 / 1e6
+    );
+    for a in &profile.actions {
+        let y = 22.0 + row.get(&a.thread).copied().unwrap_or(0) as f64 * ROW;
+        let ran = remote
+            .iter()
+            .find(|r| invocations::same_action(&a.name, &r.description));
+        let kind = a.name.split_whitespace().next().unwrap_or_default();
+        let title = format!(
+            "{}\n{:.3} s{}{}",
+            a.name,
+            a.duration_us as f64 / 1e6,
+            match ran {
+                Some(r) if r.cached => " · found in the platform's cache".to_string(),
+                Some(r) => format!(" · ran on {}", r.worker),
+                None => " · in Bazel (local, or its cache check hit)".to_string(),
+            },
+            if a.critical {
+                " · on the critical path"
+            } else {
+                ""
+            }
+        );
+        let _ = write!(
+            svg,
+            "<g class=\"step{}{}\"><title>{}</title><rect x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\" fill-opacity=\"{}\"{}/></g>",
+            if ran.is_some() { " remote" } else { "" },
+            if a.critical { " critical" } else { "" },
+            esc(&title),
+            LEFT + (a.start_us - t0) as f64 * scale,
+            (a.duration_us as f64 * scale).max(1.0),
+            ROW - 2.0,
+            colour(kind),
+            if ran.is_some() { "1" } else { "0.35" },
+            if a.critical {
+                " stroke=\"#cf222e\" stroke-width=\"2\""
+            } else {
+                ""
+            }
+        );
+    }
+    svg.push_str("</svg>");
+    svg
 }
 
 async fn invocation_json(
@@ -545,6 +664,14 @@ async fn invocation_page(
         esc(&s.invocation_id),
         timeline(&inv.actions, &on_path(&inv))
     );
+    if let Some(profile) = &inv.profile {
+        let _ = write!(
+            b,
+            "<h2 id=\"profile\">Bazel's timeline</h2><p>From Bazel's own profile: every action it processed, on the thread that \
+             processed it; solid bars ran on the platform, pale ones in Bazel or from its cache; its critical path outlined red.</p>{}",
+            profile_timeline(profile, &inv.actions)
+        );
+    }
     if !inv.critical_path.is_empty() {
         b.push_str("<h2>Critical path</h2><p>Bazel's, step by step; the steps the platform ran are outlined red on the timeline.</p><table><tr><th>seconds</th><th>action</th><th>ran</th></tr>");
         for step in &inv.critical_path {

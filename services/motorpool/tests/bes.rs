@@ -65,6 +65,8 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
         "--spawn_strategy=remote".to_string(),
         "--jobs=8".to_string(),
         "--build_metadata=BRANCH_NAME=feature/bes".to_string(),
+        // Bazel's own timing profile, uploaded to the CAS and named in its build tool logs.
+        "--experimental_generate_json_trace_profile".to_string(),
         stack.bazel_auth(&stack.keys.ci),
     ];
     let run = bazel.run_expecting("test", &flags, 3);
@@ -145,6 +147,28 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
         );
     }
 
+    // Bazel's profile, read from the CAS: every action Bazel processed; those the platform ran
+    // are matched to it.
+    // Bazel names a test by its label, the platform by its path: `//lib:a_test`, `lib/a_test`.
+    let path = |name: &str| name.replace("//", "").replace(':', "/");
+    let profiled = inv["profile"]["actions"]
+        .as_array()
+        .expect("Bazel's profile");
+    let on_platform = profiled
+        .iter()
+        .filter(|p| {
+            actions.iter().any(|a| {
+                a["cached"] == false
+                    && path(a["description"].as_str().unwrap()) == path(p["name"].as_str().unwrap())
+            })
+        })
+        .count();
+    assert!(
+        on_platform >= 10 && profiled.len() > on_platform,
+        "{on_platform} of {} profiled actions ran on the platform",
+        profiled.len()
+    );
+
     // Bazel's critical path, its steps that ran here matched to their bars.
     let path = inv["critical_path"].as_array().unwrap();
     assert!(!path.is_empty(), "{inv}");
@@ -160,6 +184,12 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
     let (status, page) = get(&stack, &stack.keys.ci, &format!("/invocation/{INVOCATION}"));
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("//broken:broken_test") && page.contains("tests_failed"));
+    assert_eq!(
+        page.matches("<g class=\"step").count(),
+        profiled.len(),
+        "Bazel's timeline: one bar per action it processed"
+    );
+    assert_eq!(page.matches("<g class=\"step remote").count(), on_platform);
     // The key Bazel sent as a header is on its command line: never on a page, nor kept.
     let key = stack.keys.ci.as_str();
     assert!(!page.contains(key), "the API key is on the page");
@@ -282,6 +312,9 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
     browser.screenshot("invocation");
     browser.go(&format!("{base}/invocation/{INVOCATION}#timeline"));
     browser.screenshot("invocation-timeline");
+    browser.go(&format!("{base}/invocation/{INVOCATION}#profile"));
+    assert_eq!(browser.find_all("svg.profile g.step").len(), profiled.len());
+    browser.screenshot("invocation-profile");
     browser.click("a[href*='/output?uri=']");
     assert!(
         browser.text().contains("expected 42, got 41"),
