@@ -60,6 +60,7 @@ struct Following {
 /// The service's state: the bus, the summaries' bucket and the invocations being streamed.
 pub struct Bes {
     bus: Bus,
+    stream: async_nats::jetstream::stream::Stream,
     summaries: async_nats::jetstream::kv::Store,
     config: BesConfig,
     following: Mutex<HashMap<String, Following>>,
@@ -79,18 +80,64 @@ enum Taken {
 impl Bes {
     pub async fn open(bus: Bus, config: BesConfig) -> Result<Arc<Bes>, BusError> {
         let age = Duration::from_secs(config.retention_days.max(1) * 24 * 3600);
-        bus.ensure_stream(subjects::bes::stream_config(age, config.max_bytes))
+        let stream = bus
+            .ensure_stream(subjects::bes::stream_config(age, config.max_bytes))
             .await?;
         let summaries = bus
             .ensure_kv(subjects::bes::invocations_config(age))
             .await?;
-        Ok(Arc::new(Bes {
+        let bes = Arc::new(Bes {
             bus,
+            stream,
             summaries,
             config,
             following: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
-        }))
+        });
+        // The count bound, swept while the service lives.
+        let weak = Arc::downgrade(&bes);
+        let period = Duration::from_secs(bes.config.sweep_interval_s.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(bes) = weak.upgrade() else { break };
+                match bes.sweep().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "Swept the oldest invocations"),
+                    Err(error) => tracing::warn!(%error, "Cannot sweep invocations"),
+                }
+            }
+        });
+        Ok(bes)
+    }
+
+    /// Removes the oldest invocations beyond `max_invocations`: their events, actions and
+    /// summary. Returns how many.
+    pub async fn sweep(&self) -> Result<usize, String> {
+        let mut all = invocations::list(&self.summaries).await?;
+        if all.len() <= self.config.max_invocations {
+            return Ok(0);
+        }
+        let old = all.split_off(self.config.max_invocations);
+        for s in &old {
+            let id = &s.invocation_id;
+            for subject in [subjects::bes::event(id), subjects::bes::action(id)] {
+                self.stream
+                    .purge()
+                    .filter(subject.as_str())
+                    .await
+                    .map_err(|e| format!("purge {}: {e}", subject.as_str()))?;
+            }
+            self.summaries
+                .purge(id)
+                .await
+                .map_err(|e| format!("purge the summary of {id}: {e}"))?;
+            self.following.lock().remove(id);
+        }
+        metrics::counter!("motorpool_bes_invocations_swept_total").increment(old.len() as u64);
+        Ok(old.len())
     }
 
     pub fn bus(&self) -> &Bus {

@@ -396,7 +396,11 @@ async fn publish(
 async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_else() {
     let stack = Stack::up_with_env(
         &["--workers", "0", "--shards", "1"],
-        &[("MOTORPOOL_GATEWAY_BES__MAX_EVENTS_PER_INVOCATION", "6")],
+        &[
+            ("MOTORPOOL_GATEWAY_BES__MAX_EVENTS_PER_INVOCATION", "6"),
+            ("MOTORPOOL_GATEWAY_BES__MAX_INVOCATIONS", "3"),
+            ("MOTORPOOL_GATEWAY_BES__SWEEP_INTERVAL_S", "1"),
+        ],
     );
     let _log = support::LogOnPanic(&stack);
     let channel = tonic::transport::Channel::from_shared(stack.endpoint())
@@ -526,17 +530,61 @@ async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_el
         ["//t:1", "//t:2", "//t:3", "//t:4", "//t:5", "//t:6"]
     );
 
-    // Still serving.
-    let (acks, end) = publish(
-        &mut ci,
-        vec![request(
-            "0b7e2f3a-2222-4c8e-9a40-5d6c7b8a9f00",
-            1,
-            pass("//u"),
-        )],
-    )
-    .await;
-    assert_eq!((acks, end.is_ok()), (vec![1], true));
+    // Still serving, and the count bound (3) holds: the oldest invocations go whole.
+    for n in 2..=5 {
+        let id = format!("0b7e2f3a-{n:04}-4c8e-9a40-5d6c7b8a9f00");
+        let (acks, end) = publish(&mut ci, vec![request(&id, 1, pass("//u"))]).await;
+        assert_eq!((acks, end.is_ok()), (vec![1], true));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (http_addr, auth) = (stack.http, format!("Bearer {}", stack.keys.ci));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let kept = loop {
+        let (a, p) = (auth.clone(), "/api/v1/invocations".to_string());
+        let list = tokio::task::spawn_blocking(move || http_json(http_addr, &a, &p))
+            .await
+            .unwrap();
+        let ids: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["invocation_id"].as_str().unwrap().to_string())
+            .collect();
+        if ids.len() == 3 || std::time::Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        kept,
+        (3..=5)
+            .rev()
+            .map(|n| format!("0b7e2f3a-{n:04}-4c8e-9a40-5d6c7b8a9f00"))
+            .collect::<Vec<_>>(),
+        "the three newest are kept"
+    );
+    let (a, p) = (auth.clone(), format!("/api/v1/invocations/{inv}"));
+    let (status, _) = tokio::task::spawn_blocking(move || {
+        http(http_addr, "GET", &p, &[("Authorization", a.as_str())], b"")
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 404, "the oldest is gone");
+    let admin = stack.bus_as("admin").await;
+    let mut stream = admin
+        .jetstream()
+        .get_stream(motorpool_bus::subjects::bes::STREAM)
+        .await
+        .unwrap();
+    let subject = motorpool_bus::subjects::bes::event(inv);
+    let left = stream.info().await.unwrap().state.messages;
+    assert!(
+        stream
+            .get_last_raw_message_by_subject(subject.as_str())
+            .await
+            .is_err(),
+        "its events are gone too ({left} messages left)"
+    );
 }
 
 fn http_json(addr: std::net::SocketAddr, auth: &str, path: &str) -> Value {

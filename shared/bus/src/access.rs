@@ -222,6 +222,8 @@ impl Role {
                 // Build events and the invocations they make.
                 p.use_stream(bes::STREAM);
                 p.publish(["mp.v1.bes.*.*.*"]);
+                // The sweep removes the oldest invocations' events past the count kept.
+                p.publish([format!("$JS.API.STREAM.PURGE.{}", bes::STREAM)]);
                 p.write_kv(bes::INVOCATIONS_BUCKET, "*");
                 // The pages: workers, alerts, drive bays, image builds, labeling jobs.
                 p.read_kv(exec::WORKERS_BUCKET);

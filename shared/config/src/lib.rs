@@ -164,6 +164,11 @@ pub struct BesConfig {
     pub max_events_per_invocation: u64,
     /// The same in bytes of event payloads. Default 256 MiB.
     pub max_bytes_per_invocation: u64,
+    /// Invocations kept: beyond this many, the oldest (by start) are removed, events, actions
+    /// and summary, by a sweep every `sweep_interval_s`. Default 10000.
+    pub max_invocations: usize,
+    /// Seconds between sweeps. Default 300.
+    pub sweep_interval_s: u64,
     /// Take build events that come without an API key. Bazel before 5 has no `--bes_header`
     /// and sends its `--remote_header`s only to the cache and executor, so its events carry no
     /// key; such an invocation belongs to the key of the cache or execution calls that name it
@@ -179,6 +184,8 @@ impl Default for BesConfig {
             max_bytes: 4 << 30,
             max_events_per_invocation: 200_000,
             max_bytes_per_invocation: 256 << 20,
+            max_invocations: 10_000,
+            sweep_interval_s: 300,
             keyless: true,
         }
     }
