@@ -512,7 +512,10 @@ async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_el
     .unwrap();
     let s = &inv_json["summary"];
     assert_eq!(s["truncated"], true, "{s}");
-    assert_eq!(s["status"], "running", "no build finished yet: it shows as running");
+    assert_eq!(
+        s["status"], "running",
+        "no build finished yet: it shows as running"
+    );
     assert_eq!(s["events"], 9, "{s}");
     // Nine test summaries were counted, the six kept are listed once each.
     assert_eq!(
