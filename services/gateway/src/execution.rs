@@ -258,12 +258,18 @@ fn stream_from(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// Bazel's invocation id in a call's `RequestMetadata` (empty when it sent none).
-pub fn invocation_of(meta: &tonic::metadata::MetadataMap) -> String {
+/// A call's `RequestMetadata` (Bazel's invocation and action ids, the mnemonic); empty when
+/// it sent none, or none that decodes.
+fn request_metadata(meta: &tonic::metadata::MetadataMap) -> re::RequestMetadata {
     meta.get_bin(REQUEST_METADATA)
         .and_then(|v| v.to_bytes().ok())
         .and_then(|b| re::RequestMetadata::decode(b.as_ref()).ok())
-        .map(|rm| rm.tool_invocation_id)
+        .unwrap_or_default()
+}
+
+/// Bazel's invocation id in a call's `RequestMetadata` (empty when it sent none).
+pub fn invocation_of(meta: &tonic::metadata::MetadataMap) -> String {
+    Some(request_metadata(meta).tool_invocation_id)
         .filter(|id| motorpool_bus::subjects::valid_id(id))
         .unwrap_or_default()
 }
@@ -301,11 +307,7 @@ fn steering(meta: &tonic::metadata::MetadataMap) -> Result<Steering, ApiError> {
             lane_header = Some(lane);
         }
     }
-    let rm = meta
-        .get_bin(REQUEST_METADATA)
-        .and_then(|v| v.to_bytes().ok())
-        .and_then(|b| re::RequestMetadata::decode(b.as_ref()).ok())
-        .unwrap_or_default();
+    let rm = request_metadata(meta);
     let api = text("x-motorpool-trigger").is_some_and(|t| t.eq_ignore_ascii_case("api"));
     let client = text("x-motorpool-client")
         .filter(|c| !c.is_empty())

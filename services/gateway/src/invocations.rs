@@ -581,17 +581,9 @@ pub async fn load(
 pub async fn list(
     summaries: &async_nats::jetstream::kv::Store,
 ) -> Result<Vec<InvocationSummary>, String> {
-    use futures::StreamExt;
-    let mut keys = summaries.keys().await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    while let Some(k) = keys.next().await {
-        let Ok(k) = k else { continue };
-        if let Ok(Some(b)) = summaries.get(&k).await
-            && let Ok(s) = codec::decode::<InvocationSummary>(&b)
-        {
-            out.push(s);
-        }
-    }
+    let mut out: Vec<InvocationSummary> = motorpool_bus::kv_values(summaries)
+        .await
+        .map_err(|e| e.to_string())?;
     out.sort_by_key(|s| std::cmp::Reverse(s.started_ms));
     Ok(out)
 }

@@ -312,8 +312,16 @@ async fn list_json(
         Ok(w) => w,
         Err(e) => return unauthenticated(false, &e),
     };
-    match visible(&ui, &who, &filter).await {
-        Ok(list) => HttpResponse::Ok().json(list.iter().map(summary_json).collect::<Vec<_>>()),
+    twin(visible(&ui, &who, &filter).await, summary_json)
+}
+
+/// A JSON twin's answer: each item as JSON, or 503 with why they could not be read.
+fn twin<T, J: serde::Serialize>(
+    items: Result<Vec<T>, String>,
+    json: impl Fn(&T) -> J,
+) -> HttpResponse {
+    match items {
+        Ok(list) => HttpResponse::Ok().json(list.iter().map(json).collect::<Vec<_>>()),
         Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
     }
 }
@@ -443,14 +451,17 @@ async fn find(ui: &Ui, who: &Identity, id: &str) -> Result<Invocation, HttpRespo
         HttpResponse::NotFound()
             .json(serde_json::json!({"error": format!("no invocation {id} that this key may see")}))
     };
-    let mut inv = match invocations::load(stream, bes.summaries(), id).await {
-        Ok(Some(inv)) if who.owns(&inv.summary.owner) => inv,
-        Ok(_) => return Err(missing()),
-        Err(e) => {
-            return Err(HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })));
-        }
-    };
-    // Bazel's own profile, from the CAS, when it uploaded one.
+    match invocations::load(stream, bes.summaries(), id).await {
+        Ok(Some(inv)) if who.owns(&inv.summary.owner) => Ok(inv),
+        Ok(_) => Err(missing()),
+        Err(e) => Err(HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e }))),
+    }
+}
+
+/// [`find`], with Bazel's own profile read from the CAS when it uploaded one: what the page and
+/// its JSON show, and nothing else needs.
+async fn find_with_profile(ui: &Ui, who: &Identity, id: &str) -> Result<Invocation, HttpResponse> {
+    let mut inv = find(ui, who, id).await?;
     if let Some((instance, digest)) = inv.profile_uri().and_then(parse_bytestream)
         && digest.size <= MAX_PROFILE_BYTES
     {
@@ -578,7 +589,7 @@ async fn invocation_json(
         Ok(w) => w,
         Err(e) => return unauthenticated(false, &e),
     };
-    match find(&ui, &who, &id).await {
+    match find_with_profile(&ui, &who, &id).await {
         Ok(inv) => {
             let (hits, executed) = inv.cache_hits();
             let mut v = serde_json::to_value(&inv).unwrap_or_default();
@@ -600,7 +611,7 @@ async fn invocation_page(
         Ok(w) => w,
         Err(e) => return unauthenticated(true, &e),
     };
-    let inv = match find(&ui, &who, &id).await {
+    let inv = match find_with_profile(&ui, &who, &id).await {
         Ok(i) => i,
         Err(r) => return r,
     };
@@ -835,21 +846,8 @@ fn on_path(inv: &Invocation) -> HashSet<&str> {
 
 /// The workers' registrations.
 async fn workers(bus: &Bus) -> Result<Vec<WorkerInfo>, String> {
-    use futures::StreamExt;
-    let kv = bus
-        .jetstream()
-        .get_key_value(motorpool_bus::subjects::exec::WORKERS_BUCKET)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    while let Some(Ok(k)) = keys.next().await {
-        if let Ok(Some(b)) = kv.get(&k).await
-            && let Ok(w) = motorpool_messages::codec::decode::<WorkerInfo>(&b)
-        {
-            out.push(w);
-        }
-    }
+    let mut out: Vec<WorkerInfo> =
+        kv_all(bus, motorpool_bus::subjects::exec::WORKERS_BUCKET).await?;
     out.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
     Ok(out)
 }
@@ -895,29 +893,17 @@ async fn workers_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
         return unauthenticated(false, &e);
     }
     let now = motorpool_messages::now_ms();
-    match workers(&ui.bus).await {
-        Ok(list) => {
-            HttpResponse::Ok().json(list.iter().map(|w| worker_json(w, now)).collect::<Vec<_>>())
-        }
-        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
-    }
+    twin(workers(&ui.bus).await, |w| worker_json(w, now))
 }
 
 async fn alerts_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
     if let Err(e) = ui.caller(&req) {
         return unauthenticated(false, &e);
     }
-    match alerts(&ui.bus, 100).await {
-        Ok(list) => HttpResponse::Ok().json(
-            list.iter()
-                .map(|a| {
-                    serde_json::json!({"kind": a.kind, "source": a.source, "subject": a.subject_id,
-                        "message": a.message, "at_ms": a.at_ms})
-                })
-                .collect::<Vec<_>>(),
-        ),
-        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
-    }
+    twin(alerts(&ui.bus, 100).await, |a| {
+        serde_json::json!({"kind": a.kind, "source": a.source, "subject": a.subject_id,
+            "message": a.message, "at_ms": a.at_ms})
+    })
 }
 
 /// Queue depth per `pool/lane` over the samples, as SVG lines.
@@ -1053,26 +1039,11 @@ async fn queues_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
 }
 
 /// Every value of a KV bucket, decoded (those that do not decode are skipped).
-async fn kv_all<T: motorpool_messages::codec::Message + serde::de::DeserializeOwned>(
+async fn kv_all<T: motorpool_messages::codec::Message>(
     bus: &Bus,
     bucket: &str,
 ) -> Result<Vec<T>, String> {
-    use futures::StreamExt;
-    let kv = bus
-        .jetstream()
-        .get_key_value(bucket)
-        .await
-        .map_err(|e| format!("{bucket}: {e}"))?;
-    let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    while let Some(Ok(k)) = keys.next().await {
-        if let Ok(Some(b)) = kv.get(&k).await
-            && let Ok(v) = motorpool_messages::codec::decode::<T>(&b)
-        {
-            out.push(v);
-        }
-    }
-    Ok(out)
+    bus.kv_values(bucket).await.map_err(|e| e.to_string())
 }
 
 /// The drive bays: every burner's drives, newest state first per burner.
@@ -1099,33 +1070,26 @@ fn drive_json(d: &DriveStatus) -> serde_json::Value {
 }
 
 fn build_json(b: &BuildStatus) -> serde_json::Value {
-    let (state, image, detail) = match &b.state {
-        BuildState::Queued => ("queued", "", ""),
-        BuildState::Running { step } => ("running", "", step.as_str()),
-        BuildState::Done { image_id, .. } => ("done", image_id.as_str(), ""),
-        BuildState::Failed { reason } => ("failed", "", reason.as_str()),
+    let image = match &b.state {
+        BuildState::Done { image_id, .. } => image_id.as_str(),
+        _ => "",
     };
-    serde_json::json!({"job_id": b.job_id, "state": state, "image_id": image, "detail": detail, "updated_ms": b.updated_ms})
+    serde_json::json!({"job_id": b.job_id, "state": b.state.name(), "image_id": image,
+        "detail": b.state.detail(), "updated_ms": b.updated_ms})
 }
 
 async fn drives_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
     if let Err(e) = ui.caller(&req) {
         return unauthenticated(false, &e);
     }
-    match drives(&ui.bus).await {
-        Ok(list) => HttpResponse::Ok().json(list.iter().map(drive_json).collect::<Vec<_>>()),
-        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
-    }
+    twin(drives(&ui.bus).await, drive_json)
 }
 
 async fn image_builds_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
     if let Err(e) = ui.caller(&req) {
         return unauthenticated(false, &e);
     }
-    match image_builds(&ui.bus).await {
-        Ok(list) => HttpResponse::Ok().json(list.iter().map(build_json).collect::<Vec<_>>()),
-        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
-    }
+    twin(image_builds(&ui.bus).await, build_json)
 }
 
 async fn fleet_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
@@ -1247,14 +1211,9 @@ async fn labels_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
     if let Err(e) = ui.caller(&req) {
         return unauthenticated(false, &e);
     }
-    match label_jobs(&ui.bus).await {
-        Ok(jobs) => HttpResponse::Ok().json(
-            jobs.iter()
-                .map(|stages| stages.iter().map(stage_json).collect::<Vec<_>>())
-                .collect::<Vec<_>>(),
-        ),
-        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
-    }
+    twin(label_jobs(&ui.bus).await, |stages| {
+        stages.iter().map(stage_json).collect::<Vec<_>>()
+    })
 }
 
 async fn labels_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
@@ -1328,11 +1287,26 @@ async fn label_report(req: HttpRequest, ui: web::Data<Ui>, id: web::Path<String>
         return HttpResponse::NotFound()
             .body("this gateway does not see the labeling outputs (labels_dir)\n");
     };
-    let jobs = label_jobs(&ui.bus).await.unwrap_or_default();
-    let dir = jobs.iter().flatten().find_map(|s| match &s.state {
-        StageState::Done(o) if s.job_id == *id && s.stage == Stage::Annotate => Some(o.dir.clone()),
-        _ => None,
-    });
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return HttpResponse::BadRequest().body("not a labeling job id\n");
+    }
+    // The job's annotate status, read by its key.
+    let key = motorpool_bus::subjects::label::status_key(&id, Stage::Annotate);
+    let status = match ui
+        .bus
+        .jetstream()
+        .get_key_value(motorpool_bus::subjects::label::STATUS_BUCKET)
+        .await
+    {
+        Ok(kv) => kv.get(&key).await.ok().flatten(),
+        Err(_) => None,
+    };
+    let dir = status
+        .and_then(|b| motorpool_messages::codec::decode::<StageStatus>(&b).ok())
+        .and_then(|s| match s.state {
+            StageState::Done(o) => Some(o.dir),
+            _ => None,
+        });
     let Some(dir) = dir else {
         return HttpResponse::NotFound().body("no annotated clip of that job\n");
     };

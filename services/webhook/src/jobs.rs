@@ -181,6 +181,38 @@ impl Planned {
     }
 }
 
+/// The `what` at `key`, decoded; `None` when there is none.
+async fn get<M: motorpool_messages::Message>(
+    kv: &async_nats::jetstream::kv::Store,
+    key: &str,
+    what: &str,
+) -> Result<Option<M>, BusError> {
+    let Some(bytes) = kv
+        .get(key)
+        .await
+        .map_err(|e| BusError::JetStream(format!("get {what} {key}: {e}")))?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(codec::decode(&bytes)?))
+}
+
+/// Writes `value` at `key` unless there is a value already: a status written since (by a runner
+/// or a builder) is never undone by a delivery finished again.
+async fn create_once<M: motorpool_messages::Message>(
+    kv: &async_nats::jetstream::kv::Store,
+    key: &str,
+    value: &M,
+    what: &str,
+) -> Result<(), BusError> {
+    use async_nats::jetstream::kv::CreateErrorKind;
+    match kv.create(key, codec::encode(value)?.into()).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(BusError::JetStream(format!("put {what} {key}: {e}"))),
+    }
+}
+
 /// What a submission did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -214,66 +246,29 @@ impl Queue {
 
     /// An image build's status.
     pub async fn build_status(&self, job_id: &str) -> Result<Option<BuildStatus>, BusError> {
-        let Some(bytes) = self
-            .builds
-            .get(job_id)
-            .await
-            .map_err(|e| BusError::JetStream(format!("get build {job_id}: {e}")))?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(codec::decode(&bytes)?))
+        get(&self.builds, job_id, "build").await
     }
 
     /// Records a build as queued unless a builder has written its status already.
     async fn record_build_queued(&self, job: &ImageBuildJob) -> Result<(), BusError> {
-        use async_nats::jetstream::kv::CreateErrorKind;
         let status = BuildStatus {
             job_id: job.job_id.clone(),
             state: BuildState::Queued,
             updated_ms: now_ms(),
         };
-        match self
-            .builds
-            .create(&job.job_id, codec::encode(&status)?.into())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(BusError::JetStream(format!(
-                "put build {}: {e}",
-                job.job_id
-            ))),
-        }
+        create_once(&self.builds, &job.job_id, &status, "build").await
     }
 
     /// A job's status.
     pub async fn status(&self, job_id: &str) -> Result<Option<JobStatus>, BusError> {
-        let Some(bytes) = self
-            .jobs
-            .get(job_id)
-            .await
-            .map_err(|e| BusError::JetStream(format!("get job {job_id}: {e}")))?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(codec::decode(&bytes)?))
+        get(&self.jobs, job_id, "job").await
     }
 
     /// Records a job as queued, unless it has a status already (a half-queued delivery finished
     /// again must not undo what a runner wrote).
     async fn record_queued(&self, job: &CiJob) -> Result<(), BusError> {
-        use async_nats::jetstream::kv::CreateErrorKind;
         let status = JobStatus::queued(job.clone(), now_ms());
-        match self
-            .jobs
-            .create(&job.job_id, codec::encode(&status)?.into())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(BusError::JetStream(format!("put job {}: {e}", job.job_id))),
-        }
+        create_once(&self.jobs, &job.job_id, &status, "job").await
     }
 
     /// Queues what `planned` holds for the delivery `key` unless it was queued before;

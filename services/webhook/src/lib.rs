@@ -336,24 +336,16 @@ fn queued_json(p: &jobs::Planned) -> serde_json::Value {
 
 /// An image build's status as JSON.
 pub fn build_json(s: &BuildStatus) -> serde_json::Value {
-    let mut v = json!({"job_id": s.job_id, "updated_ms": s.updated_ms});
-    match &s.state {
-        BuildState::Queued => v["state"] = "queued".into(),
-        BuildState::Running { step } => {
-            v["state"] = "running".into();
-            v["detail"] = step.as_str().into();
-        }
-        BuildState::Done {
-            image_id, blake3, ..
-        } => {
-            v["state"] = "done".into();
-            v["image_id"] = image_id.as_str().into();
-            v["blake3"] = blake3.as_str().into();
-        }
-        BuildState::Failed { reason } => {
-            v["state"] = "failed".into();
-            v["detail"] = reason.as_str().into();
-        }
+    let mut v = json!({"job_id": s.job_id, "state": s.state.name(), "updated_ms": s.updated_ms});
+    if !s.state.detail().is_empty() {
+        v["detail"] = s.state.detail().into();
+    }
+    if let BuildState::Done {
+        image_id, blake3, ..
+    } = &s.state
+    {
+        v["image_id"] = image_id.as_str().into();
+        v["blake3"] = blake3.as_str().into();
     }
     v
 }

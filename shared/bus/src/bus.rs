@@ -360,6 +360,17 @@ impl Bus {
             .map_err(|e| BusError::JetStream(format!("KV bucket {bucket}: {e}")))
     }
 
+    /// Every value of the KV bucket `bucket` (which must exist), decoded as `M`; values that
+    /// do not decode are skipped.
+    pub async fn kv_values<M: Message>(&self, bucket: &str) -> Result<Vec<M>, BusError> {
+        let kv = self
+            .jetstream
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| BusError::JetStream(format!("KV bucket {bucket}: {e}")))?;
+        kv_values(&kv).await
+    }
+
     /// Creates (or updates to this configuration) a stream.
     pub async fn ensure_stream(
         &self,
@@ -383,6 +394,24 @@ impl Bus {
             message: e.to_string(),
         })
     }
+}
+
+/// Every value of a KV bucket, decoded as `M`; values that do not decode (or vanish while
+/// being listed) are skipped.
+pub async fn kv_values<M: Message>(kv: &jetstream::kv::Store) -> Result<Vec<M>, BusError> {
+    let mut keys = kv
+        .keys()
+        .await
+        .map_err(|e| BusError::JetStream(format!("list keys: {e}")))?;
+    let mut out = Vec::new();
+    while let Some(Ok(k)) = keys.next().await {
+        if let Ok(Some(b)) = kv.get(&k).await
+            && let Ok(v) = codec::decode::<M>(&b)
+        {
+            out.push(v);
+        }
+    }
+    Ok(out)
 }
 
 /// A subscription that yields typed messages; frames that do not decode are logged, counted and

@@ -22,7 +22,7 @@ pub mod server;
 pub mod subjects;
 
 pub use access::{Credentials, Realm, Role};
-pub use bus::{Bus, BusError, TypedSubscriber};
+pub use bus::{Bus, BusError, TypedSubscriber, kv_values};
 pub use lanes::{Delivery, LaneQueue, LaneQueueOptions};
 pub use mailbox::{MailboxOptions, serve, serve_from};
 pub use server::{NatsServer, NatsServerOptions};

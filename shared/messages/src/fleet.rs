@@ -62,6 +62,27 @@ pub enum BuildState {
     },
 }
 
+impl BuildState {
+    /// `queued`, `running`, `done` or `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BuildState::Queued => "queued",
+            BuildState::Running { .. } => "running",
+            BuildState::Done { .. } => "done",
+            BuildState::Failed { .. } => "failed",
+        }
+    }
+
+    /// The step a running build is at, or why it failed; empty otherwise.
+    pub fn detail(&self) -> &str {
+        match self {
+            BuildState::Running { step } => step,
+            BuildState::Failed { reason } => reason,
+            BuildState::Queued | BuildState::Done { .. } => "",
+        }
+    }
+}
+
 /// A build's status (KV bucket `mp_v1_fleet_builds`, key = job id).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildStatus {
