@@ -17,9 +17,9 @@ mod support;
 use bazel_bep::types::build_event_stream as bep;
 use googleapis_tonic_google_devtools_build_v1::google::devtools::build::v1 as bes;
 use motorpool_messages::bes::RemoteAction;
-use prost_bep::Message as _;
 use std::time::Instant;
 use support::Stack;
+use support::bes::{bazel_event, client, publish, request};
 use support::workspace::{Bazel, Workspace};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -34,41 +34,16 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// One test's summary, event `seq` of `inv`.
 fn event(seq: i64, inv: &str) -> bes::PublishBuildToolEventStreamRequest {
-    let e = bep::BuildEvent {
-        id: Some(bep::BuildEventId {
-            id: Some(bep::build_event_id::Id::TestSummary(
-                bep::build_event_id::TestSummaryId {
-                    label: format!("//pkg{}:test_{seq}", seq % 100),
-                    configuration: None,
-                },
-            )),
-        }),
-        payload: Some(bep::build_event::Payload::TestSummary(bep::TestSummary {
-            overall_status: bep::TestStatus::Passed as i32,
-            total_run_count: 1,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    bes::PublishBuildToolEventStreamRequest {
-        ordered_build_event: Some(bes::OrderedBuildEvent {
-            stream_id: Some(bes::StreamId {
-                build_id: "bench".into(),
-                invocation_id: inv.into(),
-                component: bes::stream_id::BuildComponent::Tool as i32,
-            }),
-            sequence_number: seq,
-            event: Some(bes::BuildEvent {
-                event_time: None,
-                event: Some(bes::build_event::Event::BazelEvent(prost_types::Any {
-                    type_url: "type.googleapis.com/build_event_stream.BuildEvent".into(),
-                    value: e.encode_to_vec(),
-                })),
-            }),
-        }),
-        ..Default::default()
-    }
+    request(
+        inv,
+        seq,
+        bazel_event(
+            &format!("//pkg{}:test_{seq}", seq % 100),
+            bep::TestStatus::Passed,
+        ),
+    )
 }
 
 fn main() {
@@ -131,28 +106,13 @@ fn main() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (ingest_per_s, n_events) = rt.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(stack.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut client = bes::publish_build_event_client::PublishBuildEventClient::with_interceptor(
-            channel,
-            support::Bearer::new(&stack.keys.ci),
-        );
+        let mut client = client(&stack, &stack.keys.ci).await;
         let n = env("MOTORPOOL_BENCH_EVENTS", 20_000) as i64;
         let inv = "be7c4a00-0000-4000-8000-000000000001";
         let start = Instant::now();
-        let mut acks = client
-            .publish_build_tool_event_stream(tokio_stream::iter((1..=n).map(|i| event(i, inv))))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut last = 0;
-        while let Some(a) = acks.message().await.unwrap() {
-            last = a.sequence_number;
-        }
-        assert_eq!(last, n, "every event acknowledged");
+        let (acks, end) = publish(&mut client, (1..=n).map(|i| event(i, inv)).collect()).await;
+        end.unwrap();
+        assert_eq!(acks.last(), Some(&n), "every event acknowledged");
         (n as f64 / start.elapsed().as_secs_f64(), n)
     });
 
@@ -160,21 +120,9 @@ fn main() {
     let inv = "be7c4a00-0000-4000-8000-000000000002";
     let actions = 10_000;
     rt.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(stack.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut client = bes::publish_build_event_client::PublishBuildEventClient::with_interceptor(
-            channel,
-            support::Bearer::new(&stack.keys.ci),
-        );
-        let mut acks = client
-            .publish_build_tool_event_stream(tokio_stream::iter((1..=2).map(|i| event(i, inv))))
-            .await
-            .unwrap()
-            .into_inner();
-        while acks.message().await.unwrap().is_some() {}
+        let mut client = client(&stack, &stack.keys.ci).await;
+        let (_, end) = publish(&mut client, (1..=2).map(|i| event(i, inv)).collect()).await;
+        end.unwrap();
         let admin = stack.bus_as("admin").await;
         let t0 = motorpool_messages::now_ms();
         for i in 0..actions {

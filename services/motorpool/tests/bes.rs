@@ -8,29 +8,24 @@ mod support;
 
 use bazel_bep::types::build_event_stream as bep;
 use googleapis_tonic_google_devtools_build_v1::google::devtools::build::v1 as bes;
-use prost_bep::Message as _;
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use support::Stack;
+use support::bes::{bazel_event, client, publish, request};
 use support::browser::Browser;
 use support::ci::{http, remote_processes};
 use support::workspace::{Bazel, Workspace};
 
 const INVOCATION: &str = "5d1e4b5e-8c1f-4e0a-9d7e-3b2a1c0f9e11";
 
-fn get(stack: &Stack, key: &str, path: &str) -> (u16, String) {
+/// `GET path` on the HTTP port at `addr` with `key`.
+fn get(addr: std::net::SocketAddr, key: &str, path: &str) -> (u16, String) {
     let auth = format!("Bearer {key}");
-    http(
-        stack.http,
-        "GET",
-        path,
-        &[("Authorization", auth.as_str())],
-        b"",
-    )
+    http(addr, "GET", path, &[("Authorization", auth.as_str())], b"")
 }
 
-fn json(stack: &Stack, key: &str, path: &str) -> Value {
-    let (status, body) = get(stack, key, path);
+fn json(addr: std::net::SocketAddr, key: &str, path: &str) -> Value {
+    let (status, body) = get(addr, key, path);
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -83,7 +78,7 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
 
     // The JSON twin, as the key that built it sees it.
     let inv = json(
-        &stack,
+        stack.http,
         &stack.keys.ci,
         &format!("/api/v1/invocations/{INVOCATION}"),
     );
@@ -181,7 +176,11 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
     );
 
     // The page: the same targets, the timeline's bars, and the log reachable from the page.
-    let (status, page) = get(&stack, &stack.keys.ci, &format!("/invocation/{INVOCATION}"));
+    let (status, page) = get(
+        stack.http,
+        &stack.keys.ci,
+        &format!("/invocation/{INVOCATION}"),
+    );
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("//broken:broken_test") && page.contains("tests_failed"));
     assert_eq!(
@@ -258,12 +257,16 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
         page.contains(&format!("href=\"{path}\">test.log</a>")),
         "the failing test's log is linked from the page"
     );
-    let (status, log) = get(&stack, &stack.keys.ci, &path);
+    let (status, log) = get(stack.http, &stack.keys.ci, &path);
     assert_eq!(status, 200, "{log}");
     assert!(log.contains("expected 42, got 41"), "{log}");
 
     // The list shows it to its key; another (non-admin) key sees neither it nor its page.
-    let list = json(&stack, &stack.keys.ci, "/api/v1/invocations?command=test");
+    let list = json(
+        stack.http,
+        &stack.keys.ci,
+        "/api/v1/invocations?command=test",
+    );
     assert!(
         list.as_array()
             .unwrap()
@@ -271,10 +274,10 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
             .any(|i| i["invocation_id"] == INVOCATION),
         "{list}"
     );
-    let theirs = json(&stack, &stack.keys.developer, "/api/v1/invocations");
+    let theirs = json(stack.http, &stack.keys.developer, "/api/v1/invocations");
     assert!(theirs.as_array().unwrap().is_empty(), "{theirs}");
     let (status, _) = get(
-        &stack,
+        stack.http,
         &stack.keys.developer,
         &format!("/api/v1/invocations/{INVOCATION}"),
     );
@@ -325,73 +328,6 @@ fn bazel_streams_its_build_and_the_invocation_page_shows_every_target_test_and_a
     browser.screenshot("queues");
 }
 
-/// Bazel's `build_event_stream.BuildEvent` of a test's summary, wrapped as BES carries it.
-fn bazel_event(label: &str, status: bep::TestStatus) -> bes::BuildEvent {
-    let e = bep::BuildEvent {
-        id: Some(bep::BuildEventId {
-            id: Some(bep::build_event_id::Id::TestSummary(
-                bep::build_event_id::TestSummaryId {
-                    label: label.into(),
-                    configuration: None,
-                },
-            )),
-        }),
-        payload: Some(bep::build_event::Payload::TestSummary(bep::TestSummary {
-            overall_status: status as i32,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    bes::BuildEvent {
-        event_time: None,
-        event: Some(bes::build_event::Event::BazelEvent(prost_types::Any {
-            type_url: "type.googleapis.com/build_event_stream.BuildEvent".into(),
-            value: e.encode_to_vec(),
-        })),
-    }
-}
-
-fn request(inv: &str, seq: i64, event: bes::BuildEvent) -> bes::PublishBuildToolEventStreamRequest {
-    bes::PublishBuildToolEventStreamRequest {
-        ordered_build_event: Some(bes::OrderedBuildEvent {
-            stream_id: Some(bes::StreamId {
-                build_id: "b".into(),
-                invocation_id: inv.into(),
-                component: bes::stream_id::BuildComponent::Tool as i32,
-            }),
-            sequence_number: seq,
-            event: Some(event),
-        }),
-        ..Default::default()
-    }
-}
-
-type Client = bes::publish_build_event_client::PublishBuildEventClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, support::Bearer>,
->;
-
-/// Streams `requests`; the acknowledged sequence numbers and how the stream ended.
-async fn publish(
-    client: &mut Client,
-    requests: Vec<bes::PublishBuildToolEventStreamRequest>,
-) -> (Vec<i64>, Result<(), tonic::Status>) {
-    let mut acks = Vec::new();
-    let mut responses = match client
-        .publish_build_tool_event_stream(tokio_stream::iter(requests))
-        .await
-    {
-        Ok(r) => r.into_inner(),
-        Err(s) => return (acks, Err(s)),
-    };
-    loop {
-        match responses.message().await {
-            Ok(Some(a)) => acks.push(a.sequence_number),
-            Ok(None) => return (acks, Ok(())),
-            Err(s) => return (acks, Err(s)),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_else() {
     let stack = Stack::up_with_env(
@@ -403,18 +339,8 @@ async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_el
         ],
     );
     let _log = support::LogOnPanic(&stack);
-    let channel = tonic::transport::Channel::from_shared(stack.endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let with = |key: &str| -> Client {
-        bes::publish_build_event_client::PublishBuildEventClient::with_interceptor(
-            channel.clone(),
-            support::Bearer::new(key),
-        )
-    };
-    let (mut ci, mut dev) = (with(&stack.keys.ci), with(&stack.keys.developer));
+    let mut ci = client(&stack, &stack.keys.ci).await;
+    let mut dev = client(&stack, &stack.keys.developer).await;
     let pass = |l: &str| bazel_event(l, bep::TestStatus::Passed);
     let inv = "0b7e2f3a-1111-4c8e-9a40-5d6c7b8a9f00";
 
@@ -501,12 +427,10 @@ async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_el
     .await;
     assert_eq!((acks, end.is_ok()), (vec![6, 7, 8, 9], true));
 
-    let inv_json = tokio::task::spawn_blocking({
-        let (http, key) = (stack.http, stack.keys.ci.clone());
-        move || {
-            let auth = format!("Bearer {key}");
-            http_json(http, &auth, &format!("/api/v1/invocations/{inv}"))
-        }
+    let (http_addr, key) = (stack.http, stack.keys.ci.clone());
+    let k = key.clone();
+    let inv_json = tokio::task::spawn_blocking(move || {
+        json(http_addr, &k, &format!("/api/v1/invocations/{inv}"))
     })
     .await
     .unwrap();
@@ -541,11 +465,10 @@ async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_el
         assert_eq!((acks, end.is_ok()), (vec![1], true));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let (http_addr, auth) = (stack.http, format!("Bearer {}", stack.keys.ci));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let kept = loop {
-        let (a, p) = (auth.clone(), "/api/v1/invocations".to_string());
-        let list = tokio::task::spawn_blocking(move || http_json(http_addr, &a, &p))
+        let k = key.clone();
+        let list = tokio::task::spawn_blocking(move || json(http_addr, &k, "/api/v1/invocations"))
             .await
             .unwrap();
         let ids: Vec<String> = list
@@ -567,9 +490,8 @@ async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_el
             .collect::<Vec<_>>(),
         "the three newest are kept"
     );
-    let (a, p) = (auth.clone(), format!("/api/v1/invocations/{inv}"));
     let (status, _) = tokio::task::spawn_blocking(move || {
-        http(http_addr, "GET", &p, &[("Authorization", a.as_str())], b"")
+        get(http_addr, &key, &format!("/api/v1/invocations/{inv}"))
     })
     .await
     .unwrap();
@@ -589,12 +511,6 @@ async fn broken_and_hostile_event_streams_get_a_clear_status_and_lose_nothing_el
             .is_err(),
         "its events are gone too ({left} messages left)"
     );
-}
-
-fn http_json(addr: std::net::SocketAddr, auth: &str, path: &str) -> Value {
-    let (status, body) = http(addr, "GET", path, &[("Authorization", auth)], b"");
-    assert_eq!(status, 200, "{path}: {body}");
-    serde_json::from_str(&body).unwrap()
 }
 
 /// A TCP proxy to `upstream` that cuts its first connection once `cut_after` bytes went from the
@@ -683,7 +599,7 @@ fn bazel_resending_over_a_cut_connection_makes_one_complete_invocation() {
         run.stderr()
     );
     let inv = json(
-        &stack,
+        stack.http,
         &stack.keys.ci,
         &format!("/api/v1/invocations/{invocation}"),
     );

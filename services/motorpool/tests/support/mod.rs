@@ -1,6 +1,7 @@
 //! Test support: the real stack as `motorpool up` runs it, gRPC clients, and blob helpers.
 #![allow(dead_code)]
 
+pub mod bes;
 pub mod browser;
 pub mod ci;
 pub mod exec;
