@@ -287,7 +287,7 @@ fn serve_connection<C: DataConnection>(
                     }
                     continue;
                 }
-                match store.open_read(namespace(&instance), &digest, offset, limit) {
+                match store.open_read_or_fetch(namespace(&instance), &digest, offset, limit) {
                     Err(e) => write_frame(&mut writer, &DataReply::Error(e.into()))?,
                     Ok((file, len, _pin)) => {
                         write_frame(&mut writer, &DataReply::ReadReady { len })?;

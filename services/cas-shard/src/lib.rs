@@ -3,11 +3,13 @@
 //! Layout:
 //! - [`store`]: blob files, sled metadata, the in-memory index, LRU eviction, resumable uploads.
 //! - [`data`]: the direct data stream (TCP) that carries large blob bodies to and from gateways.
+//! - [`tier`]: the [`tier::BlobStore`] interface and the object-store tier behind the shards.
 //! - [`run`]: wires the store to the bus: registration and heartbeat in the shard registry, and a
 //!   typed mailbox per request subject (`mp.v1.cas.*.<shard id>`).
 
 pub mod data;
 pub mod store;
+pub mod tier;
 
 use anyhow::Context;
 use motorpool_bus::{Bus, MailboxOptions, serve, subjects};
@@ -184,6 +186,9 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(WireError::internal(format!("shard task failed: {e}"))))
 }
 
+/// How often a shard with an object store behind it records there what it saw used.
+pub const USE_RECORD_EVERY: Duration = Duration::from_secs(600);
+
 /// Opens the store, starts the data stream and the mailboxes, and registers the shard.
 pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow::Result<Shard> {
     let id = resolve_shard_id(config)?;
@@ -191,6 +196,15 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
         Store::open(&config.data_dir, config.capacity_bytes, config.fsync)
             .with_context(|| format!("open the blob store in {}", config.data_dir.display()))?,
     );
+    store
+        .set_action_cache_share(config.action_cache_share)
+        .context("action_cache_share")?;
+    if let Some(tier) = &config.object_store {
+        let tier = tier::ObjectTier::open(tier).context("the object store behind the shard")?;
+        tracing::info!(url = tier.url(), write = ?tier.write(), "Blobs and action results go to the object store too");
+        let through = tier.write() == motorpool_config::TierWrite::Through;
+        store.put_behind(Arc::new(tier), through);
+    }
     let key = motorpool_messages::cas::load_data_key(config.data_key_file.as_deref())
         .map_err(anyhow::Error::msg)?;
     let data_server = data::DataServer::start(config.data_addr, store.clone(), key)
@@ -250,7 +264,7 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
     }
     mailbox!(subjects::cas::find_missing(&id), |s, req: FindMissing| {
         Ok(FindMissingReply {
-            missing: s.find_missing(namespace(&req.instance), &req.digests),
+            missing: reply(s.find_missing_anywhere(namespace(&req.instance), &req.digests))?,
         })
     });
     mailbox!(subjects::cas::batch_write(&id), |s, req: BatchWrite| {
@@ -274,15 +288,16 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
     });
     mailbox!(subjects::cas::batch_read(&id), |s, req: BatchRead| {
         let ns = namespace(&req.instance);
+        s.fetch_missing(ns, &req.digests);
         let blobs = req
             .digests
             .iter()
-            .map(|d| reply(s.read(ns, d, 0, 0)))
+            .map(|d| reply(s.read_or_fetch(ns, d, 0, 0)))
             .collect();
         Ok(BatchReadReply { blobs })
     });
     mailbox!(subjects::cas::read_chunk(&id), |s, req: ReadChunk| {
-        reply(s.read(namespace(&req.instance), &req.digest, req.offset, req.limit))
+        reply(s.read_or_fetch(namespace(&req.instance), &req.digest, req.offset, req.limit))
             .map(|data| ChunkData { data })
     });
     mailbox!(subjects::cas::write_chunk(&id), |s, req: WriteChunk| {
@@ -379,6 +394,42 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
             }
         });
     }
+    // Writes behind, and writes through that failed: the pending list drains every second.
+    {
+        let (store, stop) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            while !stop.is_cancelled() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let s = store.clone();
+                let drained = tokio::task::spawn_blocking(move || {
+                    let mut total = 0;
+                    loop {
+                        match s.drain_behind(256) {
+                            Ok(0) => break Ok(total),
+                            Ok(n) => total += n,
+                            Err(e) => break Err(e),
+                        }
+                    }
+                })
+                .await;
+                if let Ok(Err(error)) = drained {
+                    tracing::warn!(%error, pending = store.behind_pending(), "Cannot write to the object store; trying again");
+                }
+                let s = store.clone();
+                if let Ok(Err(error)) =
+                    tokio::task::spawn_blocking(move || s.record_use(USE_RECORD_EVERY)).await
+                {
+                    tracing::warn!(%error, "Cannot record what was used in the object store; trying again");
+                }
+                metrics::gauge!("motorpool_cas_tier_pending_blobs")
+                    .set(store.behind_pending() as f64);
+            }
+        });
+    }
     tracing::info!(shard = %id, data_addr = %advertise, dir = %config.data_dir.display(), "CAS shard is serving");
     Ok(shard)
 }
@@ -408,6 +459,10 @@ fn record_stats(store: &Store) {
     metrics::gauge!("motorpool_cas_shard_used_bytes").set(s.used_bytes as f64);
     metrics::gauge!("motorpool_cas_shard_capacity_bytes").set(s.capacity_bytes as f64);
     metrics::gauge!("motorpool_cas_shard_blobs").set(s.blob_count as f64);
+    metrics::gauge!("motorpool_cas_shard_action_cache_entries").set(s.action_count as f64);
+    metrics::gauge!("motorpool_cas_shard_action_cache_bytes").set(s.action_bytes as f64);
+    metrics::gauge!("motorpool_cas_shard_action_cache_capacity_bytes")
+        .set(s.action_capacity_bytes as f64);
 }
 
 async fn publish_info(
@@ -451,6 +506,13 @@ impl Shard {
             let _ = t.await;
         }
         self.data_server.stop();
+        // What was used since the last record is recorded now, not lost with the process.
+        let store = self.store.clone();
+        if let Ok(Err(error)) =
+            tokio::task::spawn_blocking(move || store.record_use(Duration::ZERO)).await
+        {
+            tracing::warn!(%error, "Could not record what was used in the object store");
+        }
         let store = self.store.clone();
         if let Ok(Err(error)) = tokio::task::spawn_blocking(move || store.close()).await {
             tracing::warn!(%error, "Could not close the blob store cleanly");

@@ -88,6 +88,7 @@ fn status(burner: &str, drive: &Path, image: &str, s: &DriveState) -> DriveStatu
         total,
         reason,
         updated_ms: now_ms(),
+        images: Vec::new(),
     }
 }
 
@@ -408,7 +409,19 @@ impl Job {
             layout,
             trusted,
         } = self;
-        let _ = tx.send(status(&burner, path, "", &DriveState::Inserted));
+        // Every state carries what the drive holds, read again whenever a burn ends.
+        let held = Mutex::new(crate::burn::images_on(path).unwrap_or_default());
+        let send = |id: &str, s: &DriveState| {
+            let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(s, DriveState::Ready { .. } | DriveState::Failed { .. }) {
+                *held = crate::burn::images_on(path).unwrap_or_default();
+            }
+            let _ = tx.send(DriveStatus {
+                images: held.clone(),
+                ..status(&burner, path, id, s)
+            });
+        };
+        send("", &DriveState::Inserted);
         let mut images = Vec::new();
         let newest = newest_images(&config.store_dir, &config.channel, config.images_per_drive);
         if let Ok(mut m) = loaded.lock() {
@@ -428,7 +441,7 @@ impl Job {
                     }
                     Err(e) => {
                         let reason = format!("image {id} refused, drive untouched: {e}");
-                        let _ = tx.send(status(&burner, path, &id, &DriveState::Failed { reason }));
+                        send(&id, &DriveState::Failed { reason });
                         return;
                     }
                 },
@@ -437,12 +450,10 @@ impl Job {
         }
         if images.is_empty() {
             let reason = format!("no image in channel {}", config.channel);
-            let _ = tx.send(status(&burner, path, "", &DriveState::Failed { reason }));
+            send("", &DriveState::Failed { reason });
             return;
         }
-        burn_drive(path, &images, &layout, &|p, id, s| {
-            let _ = tx.send(status(&burner, p, id, s));
-        });
+        burn_drive(path, &images, &layout, &|_, id, s| send(id, s));
     }
 }
 
@@ -451,15 +462,18 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Re
     if config.drive_source == DriveSource::Bays {
         std::fs::create_dir_all(&config.bays_dir)?;
     }
-    let bus = Bus::connect_service(
-        &config.nats_url,
-        "motorpool-disk-burner",
-        config.nats_nkey_file.as_deref(),
-        config.nats_tls_ca_file.as_deref(),
-        Duration::from_secs(10),
-    )
-    .await?;
-    serve(bus, config, shutdown).await
+    motorpool_telemetry::with_metrics(config.http_addr, async move {
+        let bus = Bus::connect_service(
+            &config.nats_url,
+            "motorpool-disk-burner",
+            config.nats_nkey_file.as_deref(),
+            config.nats_tls_ca_file.as_deref(),
+            Duration::from_secs(10),
+        )
+        .await?;
+        serve(bus, config, shutdown).await
+    })
+    .await
 }
 
 #[cfg(test)]

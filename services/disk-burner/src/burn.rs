@@ -452,6 +452,33 @@ fn clear_record(drive: &Drive, p: &crate::gpt::Partition) -> std::io::Result<()>
 }
 
 /// The record of the slot in partition `p`, when it has a well-formed one.
+/// The images a Motorpool drive holds, by slot, the one the menu boots by default marked. Only reads (no
+/// lock: a burn in progress may be seen half done); a drive that is not ours holds none.
+pub fn images_on(path: &Path) -> Result<Vec<motorpool_messages::fleet::DriveImage>, String> {
+    use std::io::Seek;
+    let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let size = f
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let gpt = match Gpt::read(&mut f, size / SECTOR) {
+        Ok(g) if layout::is_motorpool(&g) => g,
+        Err(GptError::Io(e)) => return Err(format!("{}: {e}", path.display())),
+        Ok(_) | Err(_) => return Ok(Vec::new()),
+    };
+    let chosen = crate::esp::read_default(path, &gpt).ok().flatten();
+    let default = crate::grub::boots_by_default(&gpt, chosen.as_deref());
+    Ok(layout::slots(&gpt)
+        .into_iter()
+        .filter_map(|s| {
+            Some(motorpool_messages::fleet::DriveImage {
+                slot: s.number as u32,
+                default: default == Some(s.number),
+                image: s.image?,
+            })
+        })
+        .collect())
+}
+
 pub fn read_slot_record(drive: &File, p: &crate::gpt::Partition) -> Option<SlotRecord> {
     if p.len() < RECORD {
         return None;

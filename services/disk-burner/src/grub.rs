@@ -9,19 +9,32 @@
 use crate::gpt::Gpt;
 use crate::layout;
 
-/// The master `grub.cfg` for a drive's table. `default` is an image id; `None` boots the most
-/// recently burned image.
-pub fn master_config(gpt: &Gpt, default: Option<&str>) -> String {
+/// The slots that hold an image, the most recently burned first.
+fn filled_newest_first(gpt: &Gpt) -> Vec<layout::Slot> {
     let mut slots: Vec<_> = layout::slots(gpt)
         .into_iter()
         .filter(|s| s.image.is_some())
         .collect();
-    // Newest burn first.
     slots.sort_by_key(|s| std::cmp::Reverse(s.partition.attributes >> 48));
-    let default_entry = default
+    slots
+}
+
+/// The slot the menu boots by default: the one holding `default` (an image id) when the drive
+/// holds it, else the most recently burned.
+pub fn boots_by_default(gpt: &Gpt, default: Option<&str>) -> Option<usize> {
+    let slots = filled_newest_first(gpt);
+    default
         .and_then(|d| slots.iter().find(|s| s.image.as_deref() == Some(d)))
         .or(slots.first())
-        .map(|s| format!("slot-{}", s.number))
+        .map(|s| s.number)
+}
+
+/// The master `grub.cfg` for a drive's table. `default` is an image id; `None` boots the most
+/// recently burned image.
+pub fn master_config(gpt: &Gpt, default: Option<&str>) -> String {
+    let slots = filled_newest_first(gpt);
+    let default_entry = boots_by_default(gpt, default)
+        .map(|n| format!("slot-{n}"))
         .unwrap_or_default();
     let mut cfg = format!(
         "# Motorpool master boot menu for drive {disk}. Written by the disk burner; change the\n\

@@ -183,11 +183,30 @@ fn to_longrunning(op: &Operation) -> lr::Operation {
     }
 }
 
+/// An operation's error as REAPI carries it; an input no shard holds is named in a
+/// `PreconditionFailure` (MISSING), so the client uploads it and executes again.
 fn rpc_status(e: &WireError) -> RpcStatus {
+    let details = e
+        .missing_blob()
+        .map(|d| {
+            let failure = tonic_types::pb::PreconditionFailure {
+                violations: vec![tonic_types::pb::precondition_failure::Violation {
+                    r#type: "MISSING".into(),
+                    subject: motorpool_cas_client::missing_subject(&d),
+                    description: "not in the CAS".into(),
+                }],
+            };
+            bazel_remote_apis::google::protobuf::Any {
+                type_url: "type.googleapis.com/google.rpc.PreconditionFailure".into(),
+                value: failure.encode_to_vec(),
+            }
+        })
+        .into_iter()
+        .collect();
     RpcStatus {
         code: tonic::Status::from(ApiError::from(e.clone())).code() as i32,
         message: e.message.clone(),
-        details: Vec::new(),
+        details,
     }
 }
 
@@ -509,9 +528,9 @@ impl Gateway {
                 .read_blob(instance, d)
                 .await
                 .map_err(|e| match e {
-                    ApiError::NotFound(_) => ApiError::FailedPrecondition(format!(
-                        "the {what} {d} is not in the CAS; upload it before Execute"
-                    )),
+                    ApiError::NotFound(_) => {
+                        ApiError::FailedPrecondition(WireError::missing_input(what, d).message)
+                    }
                     other => other,
                 })?,
         };

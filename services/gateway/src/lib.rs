@@ -464,6 +464,7 @@ pub(crate) async fn queue_stats(bus: &Bus) -> Result<motorpool_messages::exec::Q
 async fn queues(bus: actix_web::web::Data<Bus>) -> actix_web::HttpResponse {
     match queue_stats(&bus).await {
         Ok(s) => actix_web::HttpResponse::Ok().json(serde_json::json!({
+            "scheduler": {"active": s.scheduler, "term": s.term},
             "workers": s.workers,
             "executing": s.executing,
             "free_slots": s.free_slots,

@@ -7,8 +7,8 @@
 //! | `/invocation/<id>` (what `--bes_results_url=http://HOST:8080/invocation/` links) | `/api/v1/invocations/<id>` |
 //! | `/invocation/<id>/timeline.svg` | - |
 //! | `/invocation/<id>/output?uri=bytestream://...` (a test log, from the CAS) | - |
-//! | `/queues`: depth per lane and pool over the last hour, workers and their slots, alerts | `/api/v1/queues`, `/api/v1/workers`, `/api/v1/alerts` |
-//! | `/fleet`: each burner's drives with their state and progress, image builds | `/api/v1/drives`, `/api/v1/image-builds` |
+//! | `/queues`: depth per lane and pool over the last hour, workers with each held job's pipeline stage, alerts | `/api/v1/queues`, `/api/v1/workers`, `/api/v1/alerts` |
+//! | `/fleet`: each burner's drives with their state, progress and the images they hold, image builds | `/api/v1/drives`, `/api/v1/image-builds` |
 //! | `/labels`: each clip's stages with state, progress, time, output and report picture | `/api/v1/labels` |
 //!
 //! Callers are identified as at the gRPC port: `Authorization: Bearer <key>` or `x-api-key`,
@@ -23,8 +23,8 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use motorpool_bus::Bus;
 use motorpool_cas_client::Shards;
 use motorpool_messages::bes::{InvocationSummary, RemoteAction};
-use motorpool_messages::exec::{Alert, QueueStats, WorkerInfo};
-use motorpool_messages::fleet::{BuildState, BuildStatus, DriveKind, DriveStatus};
+use motorpool_messages::exec::{Alert, HeldJob, JobStage, QueueStats, WorkerInfo};
+use motorpool_messages::fleet::{BuildState, BuildStatus, DriveImage, DriveKind, DriveStatus};
 use motorpool_messages::label::{Stage, StageState, StageStatus};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -179,7 +179,9 @@ const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222
 td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
 .succeeded,.passed{color:#1a7f37}.failed,.build_failure,.tests_failed,.failed_to_build,.timeout{color:#cf222e}\
 .running{color:#9a6700}.flaky{color:#bc4c00}code,pre{font:12px ui-monospace,monospace}pre{background:#f6f8fa;padding:.6em;overflow:auto}\
-nav a{margin-right:1em}form.filter input{width:9em}";
+nav a{margin-right:1em}form.filter input{width:9em}\
+span.stage{padding:0 .35em;border-radius:3px;background:#eaeef2;white-space:nowrap}span.stage.executing{background:#dafbe1}\
+span.stage.fetching,span.stage.uploading{background:#ddf4ff}";
 
 fn page(title: &str, refresh: bool, body: &str) -> HttpResponse {
     let meta = if refresh {
@@ -882,7 +884,11 @@ fn worker_json(w: &WorkerInfo, now: u64) -> serde_json::Value {
     serde_json::json!({
         "worker_id": w.worker_id, "pool": w.pool.to_string(), "platform": w.platform,
         "slots": w.slots, "running": w.running.len(),
-        "operations": w.running.iter().map(|(op, _)| op).collect::<Vec<_>>(),
+        "operations": w.running.iter().map(|h| &h.operation_id).collect::<Vec<_>>(),
+        "jobs": w.running.iter().map(|h| serde_json::json!({
+            "operation": h.operation_id, "attempt": h.attempt, "stage": h.stage.name(),
+            "since_ms": h.since_ms,
+        })).collect::<Vec<_>>(),
         "draining": w.draining, "heartbeat_age_ms": now.saturating_sub(w.heartbeat_at_ms),
         "started_at_ms": w.started_at_ms,
     })
@@ -975,9 +981,14 @@ async fn queues_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
         Ok(s) => {
             let _ = write!(
                 b,
-                "<p>{} worker(s), {} action(s) executing, {} free slot(s).</p>\
+                "<p>{} worker(s), {} action(s) executing, {} free slot(s). Active scheduler: \
+                 <span class=\"scheduler\">{}</span> (lease term {}).</p>\
                  <table><tr><th>pool</th><th>lane</th><th>queued</th></tr>",
-                s.workers, s.executing, s.free_slots
+                s.workers,
+                s.executing,
+                s.free_slots,
+                esc(&s.scheduler),
+                s.term
             );
             for (pool, lane, depth) in &s.depth {
                 let _ = write!(
@@ -998,19 +1009,24 @@ async fn queues_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
     );
     b.push_str(
         "<h2>Workers</h2><table><tr><th>worker</th><th>pool</th><th>platform</th>\
-         <th>slots in use</th><th>last heartbeat</th></tr>",
+         <th>executing</th><th>pipeline</th><th>last heartbeat</th></tr>",
     );
     for w in workers(&ui.bus).await.unwrap_or_default() {
         let platform: Vec<String> = w.platform.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let executing = w
+            .running
+            .iter()
+            .filter(|h| h.stage == JobStage::Executing)
+            .count();
         let _ = write!(
             b,
-            "<tr class=\"worker\"><td>{}{}</td><td>{}</td><td><code>{}</code></td><td>{} of {}</td><td>{:.1} s ago</td></tr>",
+            "<tr class=\"worker\"><td>{}{}</td><td>{}</td><td><code>{}</code></td><td>{executing} of {} slot(s)</td><td>{}</td><td>{:.1} s ago</td></tr>",
             esc(&w.worker_id),
             if w.draining { " (draining)" } else { "" },
             w.pool,
             esc(&platform.join(" ")),
-            w.running.len(),
             w.slots,
+            pipeline(&w.running, now),
             now.saturating_sub(w.heartbeat_at_ms) as f64 / 1000.0
         );
     }
@@ -1036,6 +1052,48 @@ async fn queues_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
         }
     }
     page("Queues and workers", false, &b)
+}
+
+/// A worker's held jobs by pipeline stage: a count per stage, and each job with how long it has
+/// been in its stage (a `<details>`, so it opens without JavaScript).
+fn pipeline(jobs: &[HeldJob], now: u64) -> String {
+    if jobs.is_empty() {
+        return "idle".into();
+    }
+    let mut out = String::new();
+    for stage in JobStage::ALL {
+        let n = jobs.iter().filter(|h| h.stage == stage).count();
+        if n > 0 {
+            let _ = write!(
+                out,
+                "<span class=\"stage {0}\">{0} {n}</span> ",
+                stage.name()
+            );
+        }
+    }
+    let _ = write!(
+        out,
+        "<details><summary>{} job(s)</summary><table>",
+        jobs.len()
+    );
+    let mut sorted: Vec<&HeldJob> = jobs.iter().collect();
+    sorted.sort_by_key(|h| (h.stage, h.since_ms));
+    for h in sorted {
+        let _ = write!(
+            out,
+            "<tr class=\"job\"><td><code>{}</code>{}</td><td>{}</td><td>{:.1} s</td></tr>",
+            esc(&h.operation_id),
+            if h.attempt > 1 {
+                format!(" (attempt {})", h.attempt)
+            } else {
+                String::new()
+            },
+            h.stage.name(),
+            now.saturating_sub(h.since_ms) as f64 / 1000.0
+        );
+    }
+    out.push_str("</table></details>");
+    out
 }
 
 /// Every value of a KV bucket, decoded (those that do not decode are skipped).
@@ -1066,6 +1124,9 @@ fn drive_json(d: &DriveStatus) -> serde_json::Value {
         "burner": d.burner, "drive": d.drive, "state": format!("{:?}", d.kind).to_ascii_lowercase(),
         "image": d.image, "slot": d.slot, "done": d.done, "total": d.total, "reason": d.reason,
         "updated_ms": d.updated_ms,
+        "images": d.images.iter().map(|i| serde_json::json!({
+            "slot": i.slot, "image": i.image, "default": i.default,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -1092,6 +1153,25 @@ async fn image_builds_json(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse 
     twin(image_builds(&ui.bus).await, build_json)
 }
 
+/// The images a drive holds, one per line by slot, the default in bold.
+fn held(images: &[DriveImage]) -> String {
+    images
+        .iter()
+        .map(|i| {
+            let name = esc(&i.image);
+            if i.default {
+                format!(
+                    "<span class=\"held\">{}: <b>{name}</b> (default)</span>",
+                    i.slot
+                )
+            } else {
+                format!("<span class=\"held\">{}: {name}</span>", i.slot)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("<br>")
+}
+
 async fn fleet_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
     if let Err(e) = ui.caller(&req) {
         return unauthenticated(true, &e);
@@ -1113,7 +1193,7 @@ async fn fleet_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
             burner = &d.burner;
             let _ = write!(
                 b,
-                "<h2>{}</h2><table><tr><th>drive</th><th>state</th><th>image</th><th>progress</th><th>since</th></tr>",
+                "<h2>{}</h2><table><tr><th>drive</th><th>state</th><th>image</th><th>progress</th><th>holds</th><th>since</th></tr>",
                 esc(burner)
             );
         }
@@ -1135,7 +1215,7 @@ async fn fleet_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
         };
         let _ = write!(
             b,
-            "<tr class=\"drive\"><td><code>{}</code></td><td class=\"{class}\">{state}{}</td><td>{}{}</td><td>{progress}</td><td>{}</td></tr>",
+            "<tr class=\"drive\"><td><code>{}</code></td><td class=\"{class}\">{state}{}</td><td>{}{}</td><td>{progress}</td><td>{}</td><td>{}</td></tr>",
             esc(&d.drive),
             if d.reason.is_empty() {
                 String::new()
@@ -1148,6 +1228,7 @@ async fn fleet_page(req: HttpRequest, ui: web::Data<Ui>) -> HttpResponse {
             } else {
                 String::new()
             },
+            held(&d.images),
             when(d.updated_ms)
         );
     }

@@ -165,13 +165,16 @@ async fn handle(
 /// `motorpool image-builder`: connects and serves until `shutdown`.
 pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.store_dir)?;
-    let bus = Bus::connect_service(
-        &config.nats_url,
-        "motorpool-image-builder",
-        config.nats_nkey_file.as_deref(),
-        config.nats_tls_ca_file.as_deref(),
-        Duration::from_secs(10),
-    )
-    .await?;
-    serve(bus, config, shutdown).await
+    motorpool_telemetry::with_metrics(config.http_addr, async move {
+        let bus = Bus::connect_service(
+            &config.nats_url,
+            "motorpool-image-builder",
+            config.nats_nkey_file.as_deref(),
+            config.nats_tls_ca_file.as_deref(),
+            Duration::from_secs(10),
+        )
+        .await?;
+        serve(bus, config, shutdown).await
+    })
+    .await
 }

@@ -198,7 +198,8 @@ pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
             );
             let file = std::fs::File::open(&drive)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", drive.display()))?;
-            let default = esp::read_default(&drive, &gpt).ok().flatten();
+            let chosen = esp::read_default(&drive, &gpt).ok().flatten();
+            let default = motorpool_disk_burner::grub::boots_by_default(&gpt, chosen.as_deref());
             println!(
                 "{:<5} {:<28} {:>9}  {:<38} {:<16} overlay",
                 "slot", "image", "size", "partuuid", "blake3"
@@ -218,7 +219,7 @@ pub fn main(cmd: DrivesCommand) -> anyhow::Result<()> {
                     s.overlay
                         .map(|o| o.unique_guid.to_string())
                         .unwrap_or_default(),
-                    if s.image.is_some() && s.image == default {
+                    if default == Some(s.number) {
                         "  (default)"
                     } else {
                         ""

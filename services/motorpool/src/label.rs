@@ -344,9 +344,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         eval.threshold_m
     );
     println!(
-        "| clip | slots seen >= 5 frames | raw err mean / p95 (m) | fused err mean / p95 (m) | fused/raw err | raw P / R | fused P / R | frames kept |"
+        "| clip | slots seen >= 5 frames | raw err mean / p95 (m) | fused err mean / p95 (m) | fused/raw err | raw P / R | fused P / R | corner 0 entrance-left (raw / fused) | frames kept |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let (mut raw_all, mut fused_all) = (Quality::default(), Quality::default());
     let mut timing = Vec::new();
     for layout in Layout::ALL {
@@ -421,7 +421,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 .count();
             let kept = verdicts.iter().filter(|v| v.dropped.is_none()).count();
             println!(
-                "| {} | {seen} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {kept}/{} |",
+                "| {} | {seen} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} | {kept}/{} |",
                 clip.id(),
                 rq.mean_error(),
                 rq.p95_error(),
@@ -432,6 +432,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 rq.recall(),
                 fq.precision(),
                 fq.recall(),
+                rq.order_share(),
+                fq.order_share(),
                 verdicts.len()
             );
             raw_all.merge(&rq);
@@ -456,7 +458,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "| **all** | | {:.3} / {:.3} | {:.3} / {:.3} | **{:.2}** (goal <= 0.50) | {:.3} / {:.3} | **{:.3} / {:.3}** (goal >= 0.98) | |",
+        "| **all** | | {:.3} / {:.3} | {:.3} / {:.3} | **{:.2}** (goal <= 0.50) | {:.3} / {:.3} | **{:.3} / {:.3}** (goal >= 0.98) | {:.3} / **{:.3}** (goal >= 0.99) | |",
         raw_all.mean_error(),
         raw_all.p95_error(),
         fused_all.mean_error(),
@@ -466,6 +468,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         raw_all.recall(),
         fused_all.precision(),
         fused_all.recall(),
+        raw_all.order_share(),
+        fused_all.order_share(),
     );
     println!("\n## Speed (one core)\n");
     println!(

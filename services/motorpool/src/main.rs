@@ -18,13 +18,15 @@ mod drives;
 mod image;
 mod keys;
 mod label;
+mod prometheus;
 mod tls;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
 use motorpool_config::{
-    FleetConfig, GatewayConfig, LabelConfig, ReindexerConfig, RunnerConfig, SchedulerConfig,
-    ServiceConfig, ShardConfig, TelemetryConfig, WebhookConfig, WorkerConfig,
+    AlertRelayConfig, AlertSink, AlertSinkKind, FleetConfig, GatewayConfig, LabelConfig,
+    ReindexerConfig, RunnerConfig, SchedulerConfig, ServiceConfig, ShardConfig, TelemetryConfig,
+    WebhookConfig, WorkerConfig,
 };
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -60,6 +62,15 @@ enum Command {
     /// Run the scheduler (lane queues, dispatch, retries, rate limits).
     Scheduler(SchedulerArgs),
     /// Run one worker (execution pipeline + CAS shard).
+    ///
+    /// In a deployment, set at least: --nats-url and --nats-nkey-file (a bus user with the role
+    /// `worker:<id>`), --worker-id (that id, unique among live workers: a second worker with it
+    /// refuses to start), --data-key-file, --data-dir (this worker's only: a second worker given
+    /// it refuses to start; relative paths are taken from the current directory), and, when
+    /// other hosts must reach its CAS shard, --data-addr 0.0.0.0:PORT with --advertise-addr
+    /// HOST:PORT (the address they dial). --platform says what it offers (pool=gpu, cores=16),
+    /// --http-addr serves its /metrics. The sandbox needs root and bubblewrap. Every setting
+    /// also reads from --config (TOML) and MOTORPOOL_WORKER_* variables.
     Worker(WorkerArgs),
     /// Run the reindexer (drops dead registry entries, re-replicates blobs).
     Reindexer(ReindexerArgs),
@@ -86,9 +97,96 @@ enum Command {
     Webhook(WebhookArgs),
     /// Run a CI runner (CI jobs in lane order, in warm workspaces, built on the platform).
     Runner(RunnerArgs),
+    /// Run the alert relay (the platform's alerts to an Alertmanager and chat webhooks).
+    ///
+    /// Sinks come from the configuration file's [[sinks]] entries (kind = "alertmanager",
+    /// "slack" or "feishu"; url; optional kinds = [...]) and from the flags below. Its bus user
+    /// has the role `alert-relay`.
+    AlertRelay(AlertRelayArgs),
     /// The gateway's API keys: add (prints the key once), list, remove.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Sweep the object store behind the CAS shards: keep what was written or used in the last
+    /// --keep-days days and every blob a kept action result references; remove the rest.
+    ///
+    /// Prints what it kept and removed per instance. Run it daily (a cron job, a Kubernetes
+    /// CronJob); --dry-run only reports. Credentials come from the environment as for the shards.
+    SweepObjectStore(SweepArgs),
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// The object store: as the shards' --object-store-url.
+    #[arg(long)]
+    object_store_url: String,
+    /// Keep what was written or used within this many days.
+    #[arg(long, default_value_t = 30)]
+    keep_days: u64,
+    /// Report only; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// A client option (repeat): `endpoint=https://s3.internal:9000`, `region=eu-central-1`.
+    #[arg(long = "option", value_parser = parse_option)]
+    options: Vec<(String, String)>,
+    /// Also write the usage per instance as Prometheus text to this file (for node_exporter's
+    /// textfile collector): `motorpool_object_store_{blobs,bytes}{instance}` as kept, and what
+    /// this sweep removed.
+    #[arg(long)]
+    textfile: Option<PathBuf>,
+}
+
+/// The sweep's report as Prometheus text.
+fn sweep_metrics(report: &motorpool_cas_shard::tier::SweepReport, dry_run: bool) -> String {
+    let mut out = String::new();
+    let series = [
+        (
+            "motorpool_object_store_blobs",
+            "Blobs the object store keeps, per instance, after the last sweep.",
+        ),
+        (
+            "motorpool_object_store_bytes",
+            "Bytes of blobs the object store keeps, per instance, after the last sweep.",
+        ),
+        (
+            "motorpool_object_store_action_results",
+            "Action results the object store keeps, per instance.",
+        ),
+        (
+            "motorpool_object_store_swept_blobs",
+            "Blobs the last sweep removed (or would remove, in a dry run).",
+        ),
+        (
+            "motorpool_object_store_swept_bytes",
+            "Bytes the last sweep removed (or would remove, in a dry run).",
+        ),
+    ];
+    for (i, (name, help)) in series.iter().enumerate() {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (instance, u) in &report.instances {
+            let v = [
+                u.blobs_kept,
+                u.bytes_kept,
+                u.entries_kept,
+                u.blobs_removed,
+                u.bytes_removed,
+            ][i];
+            let instance = instance.replace('\\', "\\\\").replace('"', "\\\"");
+            out.push_str(&format!("{name}{{instance_name=\"{instance}\"}} {v}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "# HELP motorpool_object_store_last_sweep_timestamp_seconds When the last sweep ended.\n\
+         # TYPE motorpool_object_store_last_sweep_timestamp_seconds gauge\n\
+         motorpool_object_store_last_sweep_timestamp_seconds{{dry_run=\"{dry_run}\"}} {}\n",
+        motorpool_messages::now_ms() / 1000
+    ));
+    out
+}
+
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 #[derive(Args, Serialize)]
@@ -152,6 +250,10 @@ struct FleetArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     depot_api_key_file: Option<PathBuf>,
+    /// HTTP address for /metrics and /healthz [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<SocketAddr>,
 }
 
 #[derive(Args, Serialize)]
@@ -171,6 +273,10 @@ struct LabelArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     worker_id: Option<String>,
+    /// HTTP address for /metrics and /healthz [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<SocketAddr>,
 }
 
 #[derive(Args, Serialize)]
@@ -191,6 +297,10 @@ struct ReindexerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_after_ms: Option<u64>,
+    /// HTTP address for /metrics and /healthz [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<SocketAddr>,
 }
 
 #[derive(Args, Serialize)]
@@ -254,6 +364,37 @@ struct RunnerArgs {
 }
 
 #[derive(Args, Serialize)]
+struct AlertRelayArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// An Alertmanager's base URL: alerts are posted to its /api/v2/alerts (repeatable).
+    #[arg(long)]
+    #[serde(skip)]
+    alertmanager_url: Vec<String>,
+    /// A Slack incoming webhook's URL (repeatable).
+    #[arg(long)]
+    #[serde(skip)]
+    slack_webhook_url: Vec<String>,
+    /// A Feishu custom bot's webhook URL (repeatable).
+    #[arg(long)]
+    #[serde(skip)]
+    feishu_webhook_url: Vec<String>,
+    /// Seconds within which the same alert reaches each sink once [default: 600].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dedupe_s: Option<u64>,
+    /// Alerts a chat sink gets per minute; the rest are counted and reported [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chat_per_minute: Option<u32>,
+    /// HTTP address for /metrics and /healthz [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<SocketAddr>,
+}
+
+#[derive(Args, Serialize)]
 struct SchedulerArgs {
     #[command(flatten)]
     #[serde(flatten)]
@@ -270,6 +411,19 @@ struct SchedulerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     aging_step_ms: Option<u64>,
+    /// HTTP address for /metrics and /healthz [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<SocketAddr>,
+    /// This scheduler's name, unique among the schedulers sharing a bus: one is active, the
+    /// others stand by [default: scheduler@<host>].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheduler_id: Option<String>,
+    /// Milliseconds without a lease renewal before a standby takes over [default: 3000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_ms: Option<u64>,
 }
 
 #[derive(Args, Serialize)]
@@ -277,16 +431,21 @@ struct WorkerArgs {
     #[command(flatten)]
     #[serde(flatten)]
     common: Common,
+    #[command(flatten)]
+    #[serde(skip)]
+    tier: TierArgs,
     /// The deployment's data key file (shards serve their data stream only to its holders)
     /// [default: none, an open data stream].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_key_file: Option<PathBuf>,
-    /// Worker id (also its CAS shard id) [default: stored in the data dir].
+    /// Worker id (also its CAS shard id), unique among live workers [default: stored in the
+    /// data dir, made from the host name at first start].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     worker_id: Option<String>,
-    /// Data directory [default: motorpool-data/worker-0].
+    /// Data directory, one worker's only [default: motorpool-data/<worker id>, or
+    /// motorpool-data/worker-0 without --worker-id].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_dir: Option<PathBuf>,
@@ -302,10 +461,24 @@ struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     cas_capacity_bytes: Option<u64>,
+    /// Share of the CAS shard's capacity its action cache may take, above 0, at most 1
+    /// [default: 0.1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cas_action_cache_share: Option<f64>,
     /// Listen address of the worker's CAS data stream [default: 127.0.0.1:0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_addr: Option<SocketAddr>,
+    /// The address other hosts dial for the data stream, HOST:PORT [default: the bound
+    /// address, which only this host can reach when it is 127.0.0.1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advertise_addr: Option<String>,
+    /// HTTP address for /metrics and /healthz [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<SocketAddr>,
     /// The action sandbox: `strict` (needs root and bubblewrap) or `off` (actions run as the
     /// worker's user, with its rights: only for pools whose every action is trusted)
     /// [default: strict].
@@ -439,11 +612,44 @@ impl AuthFlags {
     }
 }
 
+/// The object store behind a CAS shard (a worker's too).
+#[derive(Args, Default)]
+struct TierArgs {
+    /// An object store behind the shard: `s3://bucket/prefix` (S3 or an S3-compatible server:
+    /// set AWS_ENDPOINT), `gs://bucket/prefix`, `az://container/prefix` or `file:///path`.
+    /// Credentials come from the environment (AWS_ACCESS_KEY_ID, ...) [default: none].
+    #[arg(long)]
+    object_store_url: Option<String>,
+    /// When writes reach the object store: `through` (before they are acknowledged) or
+    /// `behind` (soon after) [default: through].
+    #[arg(long, value_parser = ["through", "behind"])]
+    object_store_write: Option<String>,
+}
+
+impl TierArgs {
+    /// Flags over what the file and environment said.
+    fn apply(&self, to: &mut Option<motorpool_config::ObjectStoreConfig>) {
+        if let Some(url) = &self.object_store_url {
+            to.get_or_insert_with(Default::default).url = url.clone();
+        }
+        if let (Some(write), Some(tier)) = (&self.object_store_write, to.as_mut()) {
+            tier.write = if write == "behind" {
+                motorpool_config::TierWrite::Behind
+            } else {
+                motorpool_config::TierWrite::Through
+            };
+        }
+    }
+}
+
 #[derive(Args, Serialize)]
 struct ShardArgs {
     #[command(flatten)]
     #[serde(flatten)]
     common: Common,
+    #[command(flatten)]
+    #[serde(skip)]
+    tier: TierArgs,
     /// The deployment's data key file (shards serve their data stream only to its holders)
     /// [default: none, an open data stream].
     #[arg(long)]
@@ -457,10 +663,15 @@ struct ShardArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_dir: Option<PathBuf>,
-    /// Capacity in bytes before LRU eviction [default: 10 GiB].
+    /// Capacity in bytes (blobs and action-cache entries) before LRU eviction [default: 10 GiB].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     capacity_bytes: Option<u64>,
+    /// Share of the capacity the action cache may take, above 0, at most 1; past it its oldest
+    /// entries go first [default: 0.1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action_cache_share: Option<f64>,
     /// Data-stream listen address [default: 127.0.0.1:0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -523,6 +734,8 @@ fn telemetry(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // One TLS provider for every client that takes the process default (see the function).
+    motorpool_bus::ensure_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
         Command::Up(args) => up::run(args).await,
@@ -532,7 +745,8 @@ async fn main() -> anyhow::Result<()> {
             motorpool_gateway::run(config, shutdown_on_signals()).await
         }
         Command::CasShard(args) => {
-            let config: ShardConfig = load(&args.common, &args)?;
+            let mut config: ShardConfig = load(&args.common, &args)?;
+            args.tier.apply(&mut config.object_store);
             let _telemetry = telemetry("cas-shard", &config.telemetry)?;
             motorpool_cas_shard::run(config, shutdown_on_signals()).await
         }
@@ -581,6 +795,22 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry("disk-burner", &config.telemetry)?;
             motorpool_disk_burner::actor::run(config, shutdown_on_signals()).await
         }
+        Command::AlertRelay(args) => {
+            let mut config: AlertRelayConfig = load(&args.common, &args)?;
+            for (kind, urls) in [
+                (AlertSinkKind::Alertmanager, &args.alertmanager_url),
+                (AlertSinkKind::Slack, &args.slack_webhook_url),
+                (AlertSinkKind::Feishu, &args.feishu_webhook_url),
+            ] {
+                config.sinks.extend(urls.iter().map(|url| AlertSink {
+                    kind,
+                    url: url.clone(),
+                    kinds: Vec::new(),
+                }));
+            }
+            let _telemetry = telemetry("alert-relay", &config.telemetry)?;
+            motorpool_alert_relay::run(config, shutdown_on_signals()).await
+        }
         Command::Webhook(args) => {
             let config: WebhookConfig = load(&args.common, &args)?;
             let _telemetry = telemetry("webhook", &config.telemetry)?;
@@ -594,8 +824,63 @@ async fn main() -> anyhow::Result<()> {
         Command::Drives(cmd) => tokio::task::spawn_blocking(move || drives::main(cmd)).await?,
         Command::Keys(cmd) => keys::main(cmd),
         Command::Image(cmd) => tokio::task::spawn_blocking(move || image::main(cmd)).await?,
+        Command::SweepObjectStore(args) => {
+            let tier = motorpool_cas_shard::tier::ObjectTier::open(
+                &motorpool_config::ObjectStoreConfig {
+                    url: args.object_store_url.clone(),
+                    write: motorpool_config::TierWrite::Through,
+                    options: args.options.iter().cloned().collect(),
+                },
+            )?;
+            let keep = std::time::Duration::from_secs(args.keep_days * 86_400);
+            let dry_run = args.dry_run;
+            let report = tokio::task::spawn_blocking(move || {
+                tier.sweep(keep, motorpool_messages::now_ms(), dry_run)
+            })
+            .await??;
+            if let Some(path) = &args.textfile {
+                // Written whole, then renamed: the collector never reads half a file.
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, sweep_metrics(&report, dry_run))?;
+                std::fs::rename(&tmp, path)?;
+            }
+            println!(
+                "{:<32} {:>12} {:>14} {:>12} {:>14} {:>10} {:>10}",
+                "instance",
+                "blobs kept",
+                "bytes kept",
+                "removed",
+                "bytes removed",
+                "results",
+                "removed"
+            );
+            for (name, u) in &report.instances {
+                println!(
+                    "{:<32} {:>12} {:>14} {:>12} {:>14} {:>10} {:>10}",
+                    if name.is_empty() { "(default)" } else { name },
+                    u.blobs_kept,
+                    u.bytes_kept,
+                    u.blobs_removed,
+                    u.bytes_removed,
+                    u.entries_kept,
+                    u.entries_removed
+                );
+            }
+            println!(
+                "{} use record(s) read, {} old one(s) {}.",
+                report.use_records,
+                report.use_records_removed,
+                if args.dry_run {
+                    "to remove (dry run: nothing removed)"
+                } else {
+                    "removed"
+                }
+            );
+            Ok(())
+        }
         Command::Worker(args) => {
-            let config: WorkerConfig = load(&args.common, &args)?;
+            let mut config: WorkerConfig = load(&args.common, &args)?;
+            args.tier.apply(&mut config.object_store);
             let _telemetry = telemetry("worker", &config.telemetry)?;
             motorpool_worker::run(config, shutdown_on_signals()).await
         }

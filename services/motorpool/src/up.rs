@@ -1,13 +1,16 @@
 //! `motorpool up`: the whole stack on one machine, as child processes under a small supervisor.
 //!
-//! Children: one `nats-server` (JetStream, store under the data dir), N CAS shards, the scheduler,
-//! the reindexer, the three labeling stages (mapping, prelabel, annotate), M workers (each also a
-//! CAS shard), one gateway, the webhook service and the CI runners. A child that exits unexpectedly is restarted
-//! after a short back-off. Ctrl-C (or SIGTERM) stops them in reverse order (gateway, workers,
-//! scheduler, shards), then NATS, each with SIGTERM and a grace period.
+//! Children: one `nats-server` (JetStream, store under the data dir) or, with `--nats-cluster N`,
+//! N routed to each other, N CAS shards, the scheduler (or, with `--schedulers N`, one active and
+//! the others standing by), the reindexer, the three labeling stages
+//! (mapping, prelabel, annotate), M workers (each also a CAS shard), one gateway, the webhook
+//! service, the CI runners and, when a sink is named, the alert relay. A child (or a NATS server)
+//! that exits unexpectedly is restarted after a short back-off. Every service's `/metrics` is
+//! listed for Prometheus under `<data dir>/prometheus`. Ctrl-C (or SIGTERM) stops them in reverse
+//! order (gateway, workers, scheduler, shards), then NATS, each with SIGTERM and a grace period.
 
 use clap::Args;
-use motorpool_bus::{NatsServer, NatsServerOptions, Role};
+use motorpool_bus::{NatsCluster, NatsServer, NatsServerOptions, Role};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -30,9 +33,27 @@ pub struct UpArgs {
     /// HTTP address: /healthz, /readyz, /metrics.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_addr: SocketAddr,
-    /// NATS client port (0 = any free port).
+    /// NATS client port (0 = any free port); with --nats-cluster, the first member's.
     #[arg(long, default_value_t = 4222)]
     nats_port: u16,
+    /// Run NATS as a JetStream cluster of this many servers (3 or more: every stream and KV
+    /// bucket is then kept three times, and the stack rides the loss of a server). `motorpool
+    /// up` restarts a member that dies. Default 1, a single server.
+    #[arg(long, default_value_t = 1)]
+    nats_cluster: usize,
+    /// Schedulers: one is active, the others stand by and take over within a few seconds when
+    /// it dies (`motorpool up` restarts the dead one, which then stands by).
+    #[arg(long, default_value_t = 1)]
+    schedulers: usize,
+    /// An object store behind every CAS shard, workers' included (`s3://bucket/prefix` with
+    /// AWS_ENDPOINT for an S3-compatible server, `gs://`, `az://`, `file:///path`; credentials
+    /// from the environment): blobs and action results are kept there too, and shards that
+    /// lost theirs read them back.
+    #[arg(long)]
+    object_store_url: Option<String>,
+    /// `through` or `behind` (see `motorpool cas-shard --help`).
+    #[arg(long, value_parser = ["through", "behind"], default_value = "through")]
+    object_store_write: String,
     /// Number of dedicated CAS shards (workers hold CAS shards too).
     #[arg(long, default_value_t = 1)]
     shards: usize,
@@ -78,6 +99,21 @@ pub struct UpArgs {
     /// `--host_jvm_args=...`).
     #[arg(long = "runner-bazel-startup-flag", allow_hyphen_values = true)]
     runner_bazel_startup_flags: Vec<String>,
+    /// Where the services without an HTTP port of their own (the scheduler, reindexer, shards,
+    /// workers, labeling stages) serve /metrics and /healthz: this address, then the ports
+    /// above it; port 0 takes any free ports. Every service's address, the gateway's, webhook's
+    /// and runners' included, is listed in `<data dir>/prometheus/targets.json`.
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    metrics_addr: SocketAddr,
+    /// Deliver the platform's alerts to this Alertmanager (its base URL) through an alert relay.
+    #[arg(long)]
+    alertmanager_url: Option<String>,
+    /// Deliver the platform's alerts to this Slack incoming webhook through an alert relay.
+    #[arg(long)]
+    slack_webhook_url: Option<String>,
+    /// Deliver the platform's alerts to this Feishu bot webhook through an alert relay.
+    #[arg(long)]
+    feishu_webhook_url: Option<String>,
     /// Instance name to print in the suggested Bazel flags.
     #[arg(long, default_value = "")]
     instance_name: String,
@@ -138,6 +174,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args.shards + args.workers > 0,
         "the stack needs a CAS: ask for at least one shard or worker"
     );
+    // Alerts go to people when a sink is named.
+    let sinks: Vec<String> = [
+        ("--alertmanager-url", &args.alertmanager_url),
+        ("--slack-webhook-url", &args.slack_webhook_url),
+        ("--feishu-webhook-url", &args.feishu_webhook_url),
+    ]
+    .into_iter()
+    .filter_map(|(flag, url)| url.as_ref().map(|u| [flag.to_string(), u.clone()]))
+    .flatten()
+    .collect();
+    let relay = !sinks.is_empty();
     // Every service is its own bus user, allowed only its own subjects.
     let mut users: Vec<(String, Role)> = (0..args.shards)
         .map(|i| format!("cas-{i}"))
@@ -157,6 +204,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .into_iter()
         .chain(STAGES.map(|s| Role::Stage(s.into())))
         .chain((0..args.runners).map(|i| Role::Runner(format!("runner-{i}"))))
+        .chain(relay.then_some(Role::AlertRelay))
         .map(|r| (r.default_name(), r)),
     );
     let (realm, seeds) = crate::keys::stack_bus(&data_dir, &users)?;
@@ -176,7 +224,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|t| crate::tls::connector(&t.ca))
         .transpose()?;
-    let mut nats = NatsServer::start_with(NatsServerOptions {
+    anyhow::ensure!(
+        args.schedulers >= 1,
+        "--schedulers 0: the stack needs a scheduler"
+    );
+    anyhow::ensure!(
+        args.nats_cluster == 1 || args.nats_cluster >= 3,
+        "--nats-cluster {}: a JetStream cluster needs at least 3 servers (or 1, no cluster)",
+        args.nats_cluster
+    );
+    let options = NatsServerOptions {
         port: args.nats_port,
         store_dir: Some(data_dir.join("nats")),
         log_file: Some(data_dir.join("nats.log")),
@@ -185,8 +242,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .as_ref()
             .map(|t| (t.nats_cert.clone(), t.nats_key.clone())),
         ..Default::default()
-    })?;
-    let nats_url = nats.url();
+    };
+    let mut nats: Vec<NatsServer> = if args.nats_cluster > 1 {
+        NatsCluster::start(args.nats_cluster, options)?.servers
+    } else {
+        vec![NatsServer::start_with(options)?]
+    };
+    let nats_url = nats
+        .iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    wait_for_jetstream(
+        &nats_url,
+        &seeds["admin"],
+        tls.as_ref().map(|t| t.ca.as_path()),
+    )
+    .await?;
     let data_key = crate::keys::stack_data_key(&data_dir)?;
     let bus_args = |name: &str| -> Vec<String> {
         let mut a = vec![
@@ -208,6 +280,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             data_key.display().to_string(),
         ]
     };
+    let tier_args: Vec<String> = match &args.object_store_url {
+        Some(url) => vec![
+            "--object-store-url".into(),
+            url.clone(),
+            "--object-store-write".into(),
+            args.object_store_write.clone(),
+        ],
+        None => Vec::new(),
+    };
     let mut children = Vec::new();
     for i in 0..args.shards {
         children.push(Supervised::new(
@@ -224,14 +305,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     "--capacity-bytes".into(),
                     args.shard_capacity_bytes.to_string(),
                 ],
+                tier_args.clone(),
             ]
             .concat(),
         ));
     }
-    children.push(Supervised::new(
-        "scheduler",
-        [vec!["scheduler".to_string()], bus_args("scheduler")].concat(),
-    ));
+    // Several schedulers share the scheduler's bus user; the lease tells them apart by id.
+    for i in 0..args.schedulers {
+        let name = if args.schedulers == 1 {
+            "scheduler".to_string()
+        } else {
+            format!("scheduler-{i}")
+        };
+        children.push(Supervised::new(
+            &name,
+            [
+                vec!["scheduler".to_string()],
+                bus_args("scheduler"),
+                vec!["--scheduler-id".into(), name.clone()],
+            ]
+            .concat(),
+        ));
+    }
     children.push(Supervised::new(
         "reindexer",
         [
@@ -272,6 +367,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "--cas-capacity-bytes".into(),
             args.shard_capacity_bytes.to_string(),
         ]);
+        a.extend(tier_args.iter().cloned());
         if let Some(n) = args.worker_slots {
             a.extend(["--slots".to_string(), n.to_string()]);
         }
@@ -319,6 +415,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         gateway.env.push((
             "MOTORPOOL_GATEWAY_LABELS_DIR".into(),
             data_dir.join("labels").display().to_string(),
+        ));
+    }
+    if relay {
+        children.push(Supervised::new(
+            "alert-relay",
+            [
+                vec!["alert-relay".to_string()],
+                bus_args("alert-relay"),
+                sinks,
+            ]
+            .concat(),
         ));
     }
     let projects = webhook_projects(&data_dir)?;
@@ -385,6 +492,37 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         children.push(runner);
     }
+    // Every service's /metrics, listed where Prometheus finds them.
+    let mut ports = crate::prometheus::Ports::new(args.metrics_addr);
+    let mut targets = Vec::new();
+    for c in &mut children {
+        let own = c.args.iter().position(|a| a == "--http-addr");
+        let addr = match own.and_then(|i| c.args.get(i + 1)) {
+            Some(a) => a.parse()?,
+            None => {
+                let a = ports.next()?;
+                c.args.extend(["--http-addr".into(), a.to_string()]);
+                a
+            }
+        };
+        targets.push(crate::prometheus::Target {
+            service: c.name.clone(),
+            addr,
+            https: c.name == "gateway" && https.is_some(),
+        });
+    }
+    let prometheus = crate::prometheus::write(
+        &data_dir.join("prometheus"),
+        &targets,
+        tls.as_ref().map(|t| t.ca.as_path()),
+    )?;
+    if nats.len() > 1 {
+        // Every stream and bucket three times, decided here rather than by what each service
+        // sees of a cluster that may still be forming when it connects.
+        for c in &mut children {
+            c.env.push(("MOTORPOOL_NATS_REPLICAS".into(), "3".into()));
+        }
+    }
     for c in &mut children {
         c.spawn()?;
     }
@@ -418,8 +556,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         None => ("grpc", instance),
     };
     println!(
-        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     {http_scheme}://{http}  (builds: /invocations; /readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  Webhooks http://{webhook}/hooks/<project>  (projects: {dir}/webhook/projects.toml)\n  Runners  {runners}  (workspaces: http://{runner_addr}/api/v1/workspaces)\n  workers  {workers}\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nSee each build (its events streamed to the gateway; add to either command):\n  --bes_backend={scheme}://{grpc} --bes_results_url={http_scheme}://{http}/invocation/\n\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
+        "\nMotorpool is up.\n  NATS     {nats_url}  (each service its own nkey user: {dir}/bus/realm.toml)\n  gRPC     {scheme}://{grpc}\n  HTTP     {http_scheme}://{http}  (builds: /invocations; /readyz, /metrics, /api/v1/shards, /api/v1/queues)\n  Webhooks http://{webhook}/hooks/<project>  (projects: {dir}/webhook/projects.toml)\n  Runners  {runners}  (workspaces: http://{runner_addr}/api/v1/workspaces)\n  workers  {workers}\n  Metrics  {n_targets} services' /metrics in {dir}/prometheus/targets.json  (prometheus --config.file={prometheus})\n  data     {dir}\n\nAPI keys (kept in {dir}/credentials.toml, mode 0600; more with `motorpool keys add --keys-file {keys}`):\n  developer  {dev}  (read, write the CAS, execute up to the build lane)\n  ci         {ci}  (also write the action cache; any lane)\n  admin      {admin}  (everything; every caller's operations)\n\nBuild with the remote cache:\n  bazel build //... --remote_cache={scheme}://{grpc}{instance} \\\n      --noremote_upload_local_results   # results come from CI (its key may write them)\n{exec}\nSee each build (its events streamed to the gateway; add to either command):\n  --bes_backend={scheme}://{grpc} --bes_results_url={http_scheme}://{http}/invocation/\n\nLabel a parking clip (BevSlots):\n  motorpool label run <clip-dir> --nats-url {nats_url} --nats-nkey-file {dir}/bus/operator.nk{label_tls}\n\nPress Ctrl-C to stop.\n",
         workers = args.workers,
+        n_targets = targets.len(),
+        prometheus = prometheus.display(),
         label_tls = tls
             .as_ref()
             .map(|t| format!(" --nats-tls-ca-file {}", t.ca.display()))
@@ -462,6 +602,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 supervise(&mut children);
                 realm.reload_if_changed(&mut nats);
+                restart_dead(&mut nats);
             }
         }
     }
@@ -489,21 +630,67 @@ impl RealmWatch {
         std::fs::metadata(path).and_then(|m| m.modified()).ok()
     }
 
-    fn reload_if_changed(&mut self, nats: &mut NatsServer) {
+    fn reload_if_changed(&mut self, nats: &mut [NatsServer]) {
         let now = Self::mtime(&self.path);
         if now == self.seen {
             return;
         }
         self.seen = now;
         match motorpool_bus::Realm::load(&self.path) {
-            Ok(realm) => match nats.reload(realm) {
-                Ok(()) => tracing::info!(realm = %self.path.display(), "Reloaded the bus's users"),
-                Err(error) => tracing::error!(%error, "Cannot reload NATS"),
-            },
+            Ok(realm) => {
+                for server in nats.iter_mut() {
+                    match server.reload(realm.clone()) {
+                        Ok(()) => {
+                            tracing::info!(realm = %self.path.display(), port = server.port(), "Reloaded the bus's users")
+                        }
+                        Err(error) => tracing::error!(%error, "Cannot reload NATS"),
+                    }
+                }
+            }
             // A realm that does not parse keeps the one in force.
             Err(error) => {
                 tracing::error!(%error, "Kept the bus's users: the realm file is invalid")
             }
+        }
+    }
+}
+
+/// Starts again, on its port and store, a NATS server that died (a cluster member killed: the
+/// others carried on meanwhile).
+fn restart_dead(nats: &mut [NatsServer]) {
+    for server in nats.iter_mut() {
+        if server.exited() {
+            tracing::warn!(port = server.port(), "NATS exited; restarting it");
+            if let Err(error) = server.restart() {
+                tracing::error!(%error, "Cannot restart NATS");
+            }
+        }
+    }
+}
+
+/// Waits (up to 30 s) until JetStream answers: a cluster elects its leader after its routes are
+/// up, and the services create their streams at start.
+async fn wait_for_jetstream(
+    url: &str,
+    admin: &std::path::Path,
+    tls_ca: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let bus = motorpool_bus::Bus::connect_service(
+        url,
+        "motorpool-up",
+        Some(admin),
+        tls_ca,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match bus.jetstream().query_account().await {
+            Ok(_) => return Ok(()),
+            Err(error) if Instant::now() > deadline => {
+                anyhow::bail!("JetStream did not answer within 30 s: {error}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
 }
@@ -585,17 +772,18 @@ async fn wait_ready(
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        for c in children.iter_mut() {
-            if let Some(child) = c.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                c.child = None;
+        // A service that exits during start-up is started again (a NATS cluster electing its
+        // leaders can time its first calls out); one that keeps exiting stops the stack.
+        for c in children.iter() {
+            if c.restarts >= 3 {
                 anyhow::bail!(
-                    "{} exited during start-up ({status}); see its log above",
-                    c.name
+                    "{} exited {} times during start-up; see its log above",
+                    c.name,
+                    c.restarts
                 );
             }
         }
+        supervise(children);
         let webhook_up = http_get(webhook, None, "/healthz")
             .await
             .is_some_and(|r| r.starts_with("HTTP/1.1 200"));

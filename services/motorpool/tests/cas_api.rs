@@ -680,12 +680,14 @@ async fn raw_grpc(stack: &Stack, path: &str, body: &[u8]) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn action_cache_never_returns_a_result_whose_blobs_are_gone() {
-    // A 2 MiB shard: writing 3 MiB of other blobs evicts the action's outputs.
+    // A 2 MiB shard: writing 1 MB of other blobs evicts the action's 1.2 MB output, the least
+    // recently used thing it holds (it was last asked for just before the result was written;
+    // the result counts against the capacity too, in the same order, and stays).
     // One shard, no workers: a replica (and the reindexer restoring it) would keep the output.
     let stack = Stack::up(&["--shard-capacity-bytes", "2097152", "--workers", "0"]);
     stack.wait_for_shard_news(1);
     let mut c = stack.clients().await;
-    let out = bytes(1, 100_000);
+    let out = bytes(1, 1_200_000);
     let stdout = b"compiled ok\n".to_vec();
     let (od, sd) = (proto(&sha(&out)), proto(&sha(&stdout)));
     let action = proto(&sha(b"action-1"));
@@ -737,8 +739,8 @@ async fn action_cache_never_returns_a_result_whose_blobs_are_gone() {
         Code::NotFound
     );
 
-    // Fill the shard until the outputs are evicted.
-    for i in 0..30u64 {
+    // Fill the shard until the output is evicted.
+    for i in 0..10u64 {
         let b = bytes(1000 + i, 100_000);
         let d = proto(&sha(&b));
         c.cas

@@ -311,6 +311,16 @@ async fn builds_and_burns_ride_the_bus() {
         (s.kind, s.image.as_str()),
         (DriveKind::Ready, second.as_str())
     );
+    // ... with what the drive holds, read from it: both images, the newest the default.
+    let held: Vec<(u32, &str, bool)> = s
+        .images
+        .iter()
+        .map(|i| (i.slot, i.image.as_str(), i.default))
+        .collect();
+    assert_eq!(
+        held,
+        [(1, first.as_str(), false), (2, second.as_str(), true)]
+    );
 
     // The operator's view of the same states, with the operator's seed file.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_motorpool"))

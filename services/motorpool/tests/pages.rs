@@ -1,11 +1,11 @@
 //! The fleet's page on `motorpool up`: what the burners and image builders report on the bus
-//! (drive states with their progress, image builds) is shown per burner, escaped, with its JSON
-//! twin, in a real browser with JavaScript off.
+//! (drive states with their progress and the images each drive holds, image builds) is shown
+//! per burner, escaped, with its JSON twin, in a real browser with JavaScript off.
 
 mod support;
 
 use motorpool_bus::subjects::fleet;
-use motorpool_messages::fleet::{BuildState, BuildStatus, DriveKind, DriveStatus};
+use motorpool_messages::fleet::{BuildState, BuildStatus, DriveImage, DriveKind, DriveStatus};
 use serde_json::Value;
 use support::Stack;
 use support::browser::Browser;
@@ -30,6 +30,21 @@ async fn the_drive_bays_page_shows_every_burners_drives_and_the_image_builds() {
             total,
             reason: reason.into(),
             updated_ms: now,
+            images: match kind {
+                DriveKind::Refused => Vec::new(),
+                _ => vec![
+                    DriveImage {
+                        slot: 1,
+                        image: "car-v1.9".into(),
+                        default: false,
+                    },
+                    DriveImage {
+                        slot: 2,
+                        image: image.into(),
+                        default: kind == DriveKind::Ready,
+                    },
+                ],
+            },
         };
     for d in [
         drive(
@@ -116,6 +131,19 @@ async fn the_drive_bays_page_shows_every_burners_drives_and_the_image_builds() {
     );
     assert!(page.contains("&lt;script&gt;") && !page.contains("<script>"));
     assert!(page.contains("docker build"), "the image build's step");
+    // What each drive holds, by slot, the default marked.
+    assert_eq!(
+        json[1]["images"],
+        serde_json::json!([
+            {"slot": 1, "image": "car-v1.9", "default": false},
+            {"slot": 2, "image": "car-v2.0", "default": true},
+        ])
+    );
+    assert_eq!(json[2]["images"], serde_json::json!([]), "a refused drive");
+    assert!(
+        page.contains("2: <b>car-v2.0</b> (default)") && page.contains("1: car-v1.9"),
+        "{page}"
+    );
 
     let (base, key) = (
         format!("http://{}", stack.http),
@@ -127,6 +155,11 @@ async fn the_drive_bays_page_shows_every_burners_drives_and_the_image_builds() {
         browser.go(&format!("{base}/fleet"));
         assert_eq!(browser.find_all("tr.drive").len(), 3);
         assert_eq!(browser.find_all("progress").len(), 1);
+        assert_eq!(
+            browser.find_all("span.held").len(),
+            4,
+            "two images on each of two drives"
+        );
         let text = browser.text();
         assert!(text.contains("flexo-2") && text.contains("38%"), "{text}");
         browser.screenshot("fleet");

@@ -175,6 +175,7 @@ async fn blobs_corrupted_on_a_shards_disk_are_never_served_and_come_back_from_a_
         &["--shards", "2", "--workers", "0"],
         &[("MOTORPOOL_REINDEXER_PERIOD_MS", "300")],
     );
+    let _log = support::LogOnPanic(&stack);
     let bus = stack.bus_as("admin").await;
     let mut c = stack.clients().await;
     let large = bytes(7, 5 << 20);

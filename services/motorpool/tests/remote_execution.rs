@@ -158,7 +158,46 @@ async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
     let d = c.upload(&long).await;
     let mut stream = c.start(&d, &[], true).await.unwrap();
     let name = stream.next().await.unwrap().unwrap().name;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile the worker's heartbeat shows the job in its execute stage, and /queues says so.
+    let (http_addr, key) = (stack.http, stack.keys.developer.clone());
+    let op = name.clone();
+    tokio::task::spawn_blocking(move || {
+        let auth = format!("Bearer {key}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let headers = [("Authorization", auth.as_str())];
+            let (status, body) =
+                support::ci::http(http_addr, "GET", "/api/v1/workers", &headers, b"");
+            assert_eq!(status, 200, "{body}");
+            let workers: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let stage = workers
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|w| w["jobs"].as_array().unwrap())
+                .find(|j| j["operation"] == op.as_str())
+                .map(|j| j["stage"].as_str().unwrap().to_string());
+            if stage.as_deref() == Some("executing") {
+                let (_, page) = support::ci::http(http_addr, "GET", "/queues", &headers, b"");
+                assert!(
+                    page.contains("<span class=\"stage executing\">executing 1</span>"),
+                    "{page}"
+                );
+                assert!(
+                    page.contains(&op),
+                    "the job, listed under its worker: {page}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never shown executing: {workers}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await
+    .unwrap();
     c.ops
         .cancel_operation(lr::CancelOperationRequest { name: name.clone() })
         .await
@@ -236,7 +275,18 @@ async fn execution_semantics_dedup_cancel_rate_limits_and_bad_input() {
     let missing = support::sha(b"an action nobody uploaded");
     let e = c.start(&missing, &[], false).await.err().unwrap();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("not in the CAS"), "{}", e.message());
+    assert!(
+        e.message().contains("is missing from the CAS"),
+        "{}",
+        e.message()
+    );
+    // REAPI names the missing blob, so Bazel uploads it and executes again.
+    let failure = tonic_types::StatusExt::get_details_precondition_failure(&e).expect("details");
+    assert_eq!(failure.violations[0].r#type, "MISSING");
+    assert_eq!(
+        failure.violations[0].subject,
+        format!("blobs/{}/{}", missing.hex(), missing.size)
+    );
     let e = c
         .start(&d1, &[("x-motorpool-lane", "urgent")], false)
         .await

@@ -13,13 +13,24 @@
 //!
 //! When a track ends, every observation is judged again against the median of all of them
 //! (further than `outlier_m`: an outlier), and the inliers are fused: a weighted mean of the
-//! corners with weight `confidence * exp(-(t_newest - t) / recency_tau)`. A track becomes a label when it has
-//! `min_hits` inliers and their mean confidence is at least `min_score`. Labels within 0.5 m of
-//! each other (a slot seen again after the car came back) are merged.
+//! corners with weight `confidence * exp(-(t_newest - t) / recency_tau)`. A track becomes a label
+//! when it has `min_hits` inliers, their mean confidence is at least `min_score`, and at least
+//! `min_observed_share` of its frames are real observations rather than filled-in gaps (a few
+//! unrelated bad detections strung together by fill-ins are not a slot). Labels within 0.5 m of
+//! each other (a slot seen again after the car came back) are merged; of two labels that still
+//! overlap by more than `max_overlap` of the smaller one's area, the one with fewer observations
+//! is dropped (`suppressed`): two slots cannot share the ground.
+//!
+//! Each label's corners are then put in canonical order ([`canonical_order`]): the entrance is
+//! the edge facing where the car was when it saw the slot, decided by a vote over the whole track
+//! rather than by whichever corner one detection listed first.
 
-use motorpool_labeling::geom::{Corners, Slot, align, assign, mean_corner_dist};
+use motorpool_labeling::geom::{
+    Corners, Pose, Slot, align, area, assign, canonical_order, mean_corner_dist, overlap_area,
+};
 use motorpool_messages::label::LabelParams;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// One frame's observations, map frame.
 #[derive(Clone, Debug)]
@@ -27,6 +38,8 @@ pub struct FrameObservations {
     pub frame: u32,
     /// Seconds since the clip's first frame.
     pub t_s: f64,
+    /// Where the ego vehicle was and where it headed, map frame.
+    pub ego: Pose,
     pub slots: Vec<Slot>,
 }
 
@@ -83,6 +96,12 @@ pub struct FusionStats {
     pub outliers: usize,
     pub filled: usize,
     pub merged: usize,
+    /// Tracks with enough observations that were mostly filled-in gaps.
+    #[serde(default)]
+    pub sparse: usize,
+    /// Labels dropped for overlapping a better-supported one.
+    #[serde(default)]
+    pub suppressed: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -232,10 +251,19 @@ pub fn fuse(frames: &[FrameObservations], params: &LabelParams) -> Fusion {
             .iter()
             .filter(|p| p.kind == PointKind::Filled)
             .count();
-        if let Some(mut slot) = fused {
-            slot.id = t.id;
-            slot.tracks = vec![t.id];
-            candidates.push(slot);
+        match fused {
+            Some(slot)
+                if (slot.hits as f64)
+                    < params.min_observed_share * (slot.hits + slot.filled) as f64 =>
+            {
+                stats.sparse += 1;
+            }
+            Some(mut slot) => {
+                slot.id = t.id;
+                slot.tracks = vec![t.id];
+                candidates.push(slot);
+            }
+            None => {}
         }
         tracks.push(Track {
             id: t.id,
@@ -244,7 +272,27 @@ pub fn fuse(frames: &[FrameObservations], params: &LabelParams) -> Fusion {
         });
     }
     stats.confirmed_tracks = candidates.len();
-    let labels = merge(candidates, &mut stats);
+    let labels = suppress_overlaps(
+        merge(candidates, &mut stats),
+        params.max_overlap,
+        &mut stats,
+    );
+    // Where the car was whenever a label's tracks observed it.
+    let ego: HashMap<u32, Pose> = frames.iter().map(|f| (f.frame, f.ego)).collect();
+    let labels: Vec<FusedSlot> = labels
+        .into_iter()
+        .map(|mut l| {
+            let seen_from: Vec<Pose> = tracks
+                .iter()
+                .filter(|t| l.tracks.contains(&t.id))
+                .flat_map(|t| &t.points)
+                .filter(|p| p.kind == PointKind::Observed)
+                .filter_map(|p| ego.get(&p.frame).copied())
+                .collect();
+            l.corners = canonical_order(&l.corners, &seen_from);
+            l
+        })
+        .collect();
     for (i, l) in labels.iter().enumerate() {
         for tid in &l.tracks {
             if let Some(t) = tracks.iter_mut().find(|t| t.id == *tid) {
@@ -376,6 +424,30 @@ fn fuse_track(points: &mut [TrackPoint], params: &LabelParams) -> Option<FusedSl
     })
 }
 
+/// Drops every label that overlaps a better-supported one (more observations) by more than
+/// `max_overlap` of the smaller one's area.
+fn suppress_overlaps(
+    mut labels: Vec<FusedSlot>,
+    max_overlap: f64,
+    stats: &mut FusionStats,
+) -> Vec<FusedSlot> {
+    labels.sort_by(|a, b| b.hits.cmp(&a.hits).then(b.score.total_cmp(&a.score)));
+    let mut kept: Vec<FusedSlot> = Vec::with_capacity(labels.len());
+    for l in labels {
+        let clashes = kept.iter().any(|k| {
+            let smaller = area(&k.corners).min(area(&l.corners));
+            smaller > 0.0 && overlap_area(&k.corners, &l.corners) > max_overlap * smaller
+        });
+        if clashes {
+            stats.suppressed += 1;
+        } else {
+            kept.push(l);
+        }
+    }
+    kept.sort_by(|a, b| a.first_frame.cmp(&b.first_frame).then(a.id.cmp(&b.id)));
+    kept
+}
+
 /// Merges labels closer than 0.5 m (the same slot tracked twice), weighting by hits.
 fn merge(mut candidates: Vec<FusedSlot>, stats: &mut FusionStats) -> Vec<FusedSlot> {
     const MERGE_M: f64 = 0.5;
@@ -431,6 +503,12 @@ mod tests {
             .map(|(i, slots)| FrameObservations {
                 frame: i as u32,
                 t_s: i as f64 / 10.0,
+                // Driving along the slots' entrances (y = 0), 3 m in front of them.
+                ego: Pose {
+                    x: -3.0 + 0.3 * i as f64,
+                    y: -3.0,
+                    ..Default::default()
+                },
                 slots,
             })
             .collect()
@@ -496,6 +574,72 @@ mod tests {
         assert_eq!(f.stats.outliers, 1, "{:?}", f.stats);
         assert_eq!(f.labels[0].hits, 29);
         assert!(mean_corner_dist(&f.labels[0].corners, &slot(0.0, 0.0, 1.0).corners) < 1e-9);
+    }
+
+    #[test]
+    fn a_track_strung_from_a_few_bad_detections_by_fill_ins_is_no_label() {
+        // One slot seen throughout; three unrelated detections 1.2 m beside it, four frames
+        // apart, joined into a track by interpolated fill-ins (8 of its 11 frames).
+        let mut obs: Vec<Vec<Slot>> = (0..30).map(|_| vec![slot(0.0, 0.0, 0.9)]).collect();
+        for i in [10, 14, 18] {
+            obs[i].push(slot(1.2, 0.0, 0.8));
+        }
+        let f = fuse(&frames(obs), &params());
+        assert_eq!(f.labels.len(), 1, "{:?}", f.labels);
+        assert_eq!(f.stats.sparse, 1, "{:?}", f.stats);
+        assert!(mean_corner_dist(&f.labels[0].corners, &slot(0.0, 0.0, 1.0).corners) < 1e-9);
+    }
+
+    #[test]
+    fn of_two_overlapping_labels_the_better_supported_one_stays() {
+        // A real slot seen 30 times, and a persistent ghost 1.2 m beside it seen 12 times in a
+        // row (a track of its own: beyond the merge distance, within the gate of nothing).
+        let mut obs: Vec<Vec<Slot>> = (0..30).map(|_| vec![slot(0.0, 0.0, 0.9)]).collect();
+        for o in obs.iter_mut().skip(5).take(12) {
+            o.push(slot(1.2, 0.0, 0.7));
+        }
+        // A neighbour sharing only an edge stays.
+        for o in obs.iter_mut() {
+            o.push(slot(2.5, 0.0, 0.9));
+        }
+        let f = fuse(&frames(obs), &params());
+        assert_eq!(f.stats.suppressed, 1, "{:?}", f.stats);
+        assert_eq!(f.labels.len(), 2, "{:?}", f.labels);
+        for truth in [slot(0.0, 0.0, 1.0), slot(2.5, 0.0, 1.0)] {
+            assert!(
+                f.labels
+                    .iter()
+                    .any(|l| mean_corner_dist(&l.corners, &truth.corners) < 1e-9),
+                "{truth:?} missing"
+            );
+        }
+        // The ghost's track is kept for review, with no label.
+        assert!(
+            f.tracks
+                .iter()
+                .any(|t| t.label.is_none() && t.points.len() >= 12)
+        );
+    }
+
+    #[test]
+    fn a_label_starts_at_its_entrance_left_corner_whatever_its_first_detection_said() {
+        use motorpool_labeling::geom::reverse;
+        // The car drives along y = -3, in front of the slot's entrance (y = 0). The first
+        // detections list the corners rotated, and reversed; most later ones are right.
+        let truth = slot(0.0, 0.0, 1.0).corners;
+        let mut obs: Vec<Vec<Slot>> = (0..20).map(|_| vec![slot(0.0, 0.0, 0.9)]).collect();
+        obs[0][0].corners = rotate(&truth, 2);
+        obs[1][0].corners = reverse(&rotate(&truth, 1));
+        obs[2][0].corners = rotate(&truth, 3);
+        let f = fuse(&frames(obs), &params());
+        assert_eq!(f.labels.len(), 1);
+        let c = f.labels[0].corners;
+        for (got, want) in c.iter().zip(&truth) {
+            assert!(
+                motorpool_labeling::geom::dist(*got, *want) < 1e-9,
+                "{c:?} is not in the order {truth:?}"
+            );
+        }
     }
 
     #[test]

@@ -142,7 +142,8 @@ fn mapping_dir(job: &LabelJob) -> Result<&str, LabelError> {
 
 impl StageWork for Prelabel {
     const STAGE: Stage = Stage::Prelabel;
-    const VERSION: u32 = 1;
+    /// 2: canonical corner order, sparse tracks and overlapping labels dropped.
+    const VERSION: u32 = 2;
 
     fn input_key(&self, job: &LabelJob) -> Result<String, LabelError> {
         let clip = Clip::open(Path::new(&job.clip_dir))?;
@@ -163,6 +164,8 @@ impl StageWork for Prelabel {
                 p.min_score,
                 p.outlier_m,
                 p.recency_tau_s,
+                p.min_observed_share,
+                p.max_overlap,
             ),
         );
         h.file(&clip.dir, "clip.json")
@@ -253,6 +256,7 @@ pub fn observations(clip: &Clip, frames: &[FrameSlots]) -> Vec<FrameObservations
             FrameObservations {
                 frame: fs.index,
                 t_s: (f.t_us - t0) as f64 / 1e6,
+                ego: f.pose,
                 slots: fs
                     .slots
                     .iter()

@@ -39,7 +39,12 @@ pub struct Reindexer {
     shard_registry: kv::Store,
     worker_registry: kv::Store,
     last_sweep: Option<(Instant, BTreeSet<String>)>,
+    /// A shard announced removals (a blob it found corrupt, or evicted) since the last sweep.
+    removals: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How soon after a shard's removals a sweep runs again (at most this often for that reason).
+const AFTER_REMOVALS: Duration = Duration::from_secs(5);
 
 impl Reindexer {
     pub async fn connect(config: ReindexerConfig) -> anyhow::Result<Reindexer> {
@@ -66,6 +71,18 @@ impl Reindexer {
                 .map_err(anyhow::Error::msg)?,
         )
         .with_replicas(config.replicas);
+        let removals = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut news = bus
+            .subscribe::<motorpool_messages::cas::ShardNews>(&subjects::cas::all_news())
+            .await?;
+        let flag = removals.clone();
+        tokio::spawn(async move {
+            while let Some(n) = news.next().await {
+                if !n.blobs.is_empty() && !n.leaving {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
         Ok(Reindexer {
             config,
             bus,
@@ -73,6 +90,7 @@ impl Reindexer {
             shard_registry,
             worker_registry,
             last_sweep: None,
+            removals,
         })
     }
 
@@ -115,12 +133,17 @@ impl Reindexer {
         let due = match &self.last_sweep {
             None => true,
             Some((at, members)) => {
-                *members != live || at.elapsed() >= Duration::from_millis(self.config.sweep_ms)
+                *members != live
+                    || at.elapsed() >= Duration::from_millis(self.config.sweep_ms)
+                    || (at.elapsed() >= AFTER_REMOVALS
+                        && self.removals.load(std::sync::atomic::Ordering::Relaxed))
             }
         };
         if !due || live.is_empty() {
             return Ok(None);
         }
+        self.removals
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let stats = self.sweep().await;
         self.last_sweep = Some((Instant::now(), live));
         Ok(Some(stats))

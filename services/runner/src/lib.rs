@@ -320,6 +320,7 @@ impl Runner {
             at_ms: now_ms(),
         };
         tracing::error!(job = %job_id, %message, "Alert");
+        metrics::counter!("motorpool_alerts_total", "kind" => "ci_retries_exhausted").increment(1);
         if let Err(error) = self
             .bus
             .publish(&subjects::ops::alert("ci_retries_exhausted"), &alert)

@@ -4,6 +4,7 @@
 //! Layout:
 //! - [`queue`]: the lane queues and the pick rule (priority with bounded aging).
 //! - [`limits`]: per-client token buckets for API-triggered executions.
+//! - [`lease`]: which of several schedulers is active (a lease in JetStream KV).
 //! - this file: the actor. One task owns all state and handles one [`Event`] at a time; the
 //!   mailboxes (NATS subjects), the operation watch and the worker heartbeats only turn messages
 //!   into events.
@@ -16,7 +17,13 @@
 //! assignment is recorded before it is sent, and a worker lists the jobs it holds in every
 //! heartbeat, so a job is never run twice: a job recorded on a worker that does not hold it is
 //! requeued only after that worker's heartbeat proves it.
+//!
+//! **High availability.** Any number of schedulers may run; one is active, the others stand by
+//! ([`lease`]). The active one serves the mailboxes and watches the bucket; a standby does
+//! nothing but watch the lease, and when it takes over it starts exactly as a restarted
+//! scheduler does: from the bucket and the workers' heartbeats.
 
+pub mod lease;
 pub mod limits;
 pub mod queue;
 
@@ -24,6 +31,7 @@ use anyhow::Context;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
+use lease::LeaseSettings;
 use limits::TokenBuckets;
 use motorpool_bus::{Bus, MailboxOptions, serve_from, subjects};
 use motorpool_config::SchedulerConfig;
@@ -96,6 +104,9 @@ struct Actor {
     buckets: TokenBuckets,
     events: mpsc::Sender<Event>,
     started: Instant,
+    /// This scheduler's id and the term of the lease it works under.
+    holder: String,
+    term: u64,
 }
 
 /// A started scheduler.
@@ -109,7 +120,8 @@ impl Started {
     }
 }
 
-/// Connects, sets up the buckets and mailboxes, and runs until `shutdown` fires.
+/// Connects and sets up the buckets; then, until `shutdown` fires, stands by until this
+/// scheduler holds the lease and works while it holds it.
 pub async fn start(
     config: SchedulerConfig,
     shutdown: CancellationToken,
@@ -130,6 +142,86 @@ pub async fn start(
     bus.ensure_stream(subjects::ops::alerts_stream_config())
         .await
         .context("alerts stream")?;
+    let lease_kv = bus
+        .ensure_kv(subjects::exec::lease_config())
+        .await
+        .context("scheduler lease bucket")?;
+    let me = LeaseSettings {
+        holder: config.scheduler_id(),
+        instance: format!("{:016x}", rand::random::<u64>()),
+        lease: Duration::from_millis(config.lease_ms.max(300)),
+    };
+    metrics::gauge!("motorpool_scheduler_active").set(0.0);
+    let task = tokio::spawn(async move {
+        loop {
+            let Some(mut held) = lease::acquire(&lease_kv, &me, &shutdown).await else {
+                break;
+            };
+            let took = Instant::now();
+            let term = shutdown.child_token();
+            let actor = match activate(
+                bus.clone(),
+                kv.clone(),
+                config.clone(),
+                (me.holder.clone(), held.term),
+                term.clone(),
+            )
+            .await
+            {
+                Ok(actor) => actor,
+                Err(error) => {
+                    // Let a standby try; this one tries again after a lease.
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "Cannot start scheduling; letting the lease go"
+                    );
+                    term.cancel();
+                    lease::release(&lease_kv, &held).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(me.lease) => continue,
+                    }
+                }
+            };
+            metrics::gauge!("motorpool_scheduler_active").set(1.0);
+            metrics::gauge!("motorpool_scheduler_lease_term").set(held.term as f64);
+            match (&held.previous, held.waited) {
+                (Some(previous), Some(waited)) => {
+                    metrics::counter!("motorpool_scheduler_takeovers_total").increment(1);
+                    tracing::warn!(id = %me.holder, term = held.term, %previous, silent_for = ?waited, ready_in = ?took.elapsed(), "Took over as the active scheduler: the last one stopped renewing its lease");
+                }
+                (previous, _) => {
+                    tracing::info!(id = %me.holder, term = held.term, previous = previous.as_deref().unwrap_or("none"), ready_in = ?took.elapsed(), "Active scheduler");
+                }
+            }
+            let lost = lease::hold(&lease_kv, &me, &mut held, &shutdown).await;
+            term.cancel();
+            let _ = actor.await;
+            metrics::gauge!("motorpool_scheduler_active").set(0.0);
+            match lost {
+                lease::Lost::Stopped => {
+                    lease::release(&lease_kv, &held).await;
+                    break;
+                }
+                lost => {
+                    tracing::warn!(id = %me.holder, ?lost, "No longer the active scheduler; standing by");
+                }
+            }
+        }
+        tracing::info!("Scheduler stopped");
+    });
+    Ok(Started { task })
+}
+
+/// Starts the actor with its mailboxes, heartbeat subscription and operations watch, all of
+/// which end when `shutdown` fires.
+async fn activate(
+    bus: Bus,
+    kv: kv::Store,
+    config: SchedulerConfig,
+    (holder, term): (String, u64),
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
     let (tx, rx) = mpsc::channel(4096);
     let group = || MailboxOptions {
         queue_group: Some(subjects::exec::SCHEDULER_GROUP.into()),
@@ -260,24 +352,19 @@ pub async fn start(
         workers: HashMap::new(),
         events: tx,
         started: Instant::now(),
+        holder,
+        term,
     };
-    let task = tokio::spawn(actor.run(rx, shutdown));
-    tracing::info!("Scheduler is running");
-    Ok(Started { task })
+    Ok(tokio::spawn(actor.run(rx, shutdown)))
 }
 
 /// Runs a scheduler until `shutdown` fires (the `motorpool scheduler` command).
 pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let http = config
-        .http_addr
-        .map(motorpool_telemetry::serve_metrics)
-        .transpose()?;
-    let started = start(config, shutdown.clone()).await?;
-    started.join().await;
-    if let Some(h) = http {
-        h.stop(true).await;
-    }
-    Ok(())
+    motorpool_telemetry::with_metrics(config.http_addr, async move {
+        start(config, shutdown.clone()).await?.join().await;
+        Ok(())
+    })
+    .await
 }
 
 fn dedup_key(op: &Operation) -> Option<(String, BlobDigest)> {
@@ -302,7 +389,6 @@ impl Actor {
             }
             self.dispatch().await;
         }
-        tracing::info!("Scheduler stopped");
     }
 
     async fn handle(&mut self, ev: Event) {
@@ -383,6 +469,8 @@ impl Actor {
             executing: self.executions.len() as u64,
             workers: self.workers.len() as u64,
             free_slots: free,
+            scheduler: self.holder.clone(),
+            term: self.term,
         }
     }
 
@@ -408,7 +496,9 @@ impl Actor {
         let id = op.id.clone();
         match &op.state {
             OpState::Completed(_) => {
-                // Completed elsewhere (another scheduler): forget it.
+                // Completed elsewhere (another scheduler), or by this one before its watch
+                // caught up: forget it, running or queued.
+                self.executions.remove(&id);
                 if let Some(t) = self.ops.remove(&id) {
                     self.queues.remove(t.op.pool, t.op.lane, &id);
                 }
@@ -491,31 +581,63 @@ impl Actor {
                 return false;
             }
         };
-        match self.kv.update(id, Bytes::from(frame), t.revision).await {
-            Ok(revision) => {
-                if op.is_done() {
-                    self.ops.remove(id);
-                } else {
-                    t.op = op;
-                    t.revision = revision;
+        // A write the bus could not confirm (a timeout, a stream electing its leader while a
+        // NATS server is lost) is tried again against the same revision: it lands once, or the
+        // record moved. Only a moved record is left to the watch.
+        let revision = t.revision;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut pause = Duration::from_millis(100);
+        let error = loop {
+            match self
+                .kv
+                .update(id, Bytes::from(frame.clone()), revision)
+                .await
+            {
+                Ok(revision) => {
+                    self.stored(id, op, revision);
+                    return true;
                 }
-                true
-            }
-            Err(error) => {
-                tracing::warn!(op = %id, %error, "Operation record changed under the scheduler");
-                // Re-read it: the watch brings the new state too, but do not act on a stale one.
-                if let Ok(Some(e)) = self.kv.entry(id).await
-                    && let Ok(fresh) = codec::decode::<Operation>(&e.value)
+                Err(error)
+                    if error.kind()
+                        != async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision
+                        && tokio::time::Instant::now() < deadline =>
                 {
-                    if fresh.is_done() {
-                        self.ops.remove(id);
-                    } else if let Some(t) = self.ops.get_mut(id) {
-                        t.op = fresh;
-                        t.revision = e.revision;
-                    }
+                    tracing::debug!(op = %id, %error, "Operation write not confirmed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                false
+                Err(error) => break error,
             }
+        };
+        // Re-read it: the watch brings the new state too, but do not act on a stale one. A
+        // write that landed although its answer was lost reads back as ours.
+        if let Ok(Some(e)) = self.kv.entry(id).await
+            && let Ok(fresh) = codec::decode::<Operation>(&e.value)
+        {
+            if fresh == op {
+                self.stored(id, op, e.revision);
+                return true;
+            }
+            tracing::warn!(op = %id, %error, "Operation record changed under the scheduler");
+            if fresh.is_done() {
+                self.ops.remove(id);
+            } else if let Some(t) = self.ops.get_mut(id) {
+                t.op = fresh;
+                t.revision = e.revision;
+            }
+        } else {
+            tracing::warn!(op = %id, %error, "Operation record could not be written or read back");
+        }
+        false
+    }
+
+    /// Records what was stored for `id` at `revision`.
+    fn stored(&mut self, id: &str, op: Operation, revision: u64) {
+        if op.is_done() {
+            self.ops.remove(id);
+        } else if let Some(t) = self.ops.get_mut(id) {
+            t.op = op;
+            t.revision = revision;
         }
     }
 
@@ -548,6 +670,12 @@ impl Actor {
 
     /// Back into the queue; `attempt_back` when the attempt did not really happen.
     async fn requeue(&mut self, id: &str, failure: Option<String>, attempt_back: bool) {
+        // A retry after a failure waits a little, longer each time (0.5 s, 1 s, 2 s, at most
+        // 5 s): what failed (a shard, the bus failing over) gets the time to come back.
+        let not_before = failure.as_ref().map(|_| {
+            let attempts = self.ops.get(id).map_or(1, |t| t.op.attempts.max(1));
+            now_ms() + (500u64 << (attempts - 1).min(4)).min(5_000)
+        });
         let ok = self
             .write(id, |op| {
                 if attempt_back {
@@ -555,6 +683,9 @@ impl Actor {
                 }
                 if let Some(f) = failure {
                     op.failures.push(f);
+                }
+                if let Some(t) = not_before {
+                    op.not_before_ms = op.not_before_ms.max(t);
                 }
                 op.state = OpState::Queued { follows: None };
             })
@@ -613,12 +744,31 @@ impl Actor {
         }
     }
 
-    async fn on_done(&mut self, done: JobDone) -> Result<Ack, WireError> {
-        let current = self
-            .executions
+    /// Whether `done` reports the attempt this scheduler has running on its worker.
+    fn reports_current(&self, done: &JobDone) -> bool {
+        self.executions
             .get(&done.operation_id)
-            .is_some_and(|e| e.worker == done.worker && e.attempt == done.attempt);
-        if !current {
+            .is_some_and(|e| e.worker == done.worker && e.attempt == done.attempt)
+    }
+
+    async fn on_done(&mut self, done: JobDone) -> Result<Ack, WireError> {
+        if !self.reports_current(&done) {
+            // A scheduler that just started or took over may hear a report before its watch
+            // has delivered the operation's record: the record decides, not memory. Were the
+            // report dropped as stale, the worker would forget the job, and the record, still
+            // saying it runs there, would send it to run a second time.
+            let entry = self.kv.entry(&done.operation_id).await.map_err(|e| {
+                WireError::new(ErrorCode::Unavailable, format!("read the operation: {e}"))
+            })?;
+            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put)
+                && let Ok(op) = codec::decode::<Operation>(&entry.value)
+                && matches!(&op.state, OpState::Executing { worker, .. } if *worker == done.worker)
+                && op.attempts == done.attempt
+            {
+                self.on_op(op, entry.revision).await;
+            }
+        }
+        if !self.reports_current(&done) {
             // A late report of an attempt that was given up on: nothing to do.
             tracing::debug!(op = %done.operation_id, worker = %done.worker, "Stale job report");
             return Ok(Ack);
@@ -733,7 +883,7 @@ impl Actor {
                     && !info
                         .running
                         .iter()
-                        .any(|(r, a)| r == *op && *a == e.attempt)
+                        .any(|h| h.operation_id == **op && h.attempt == e.attempt)
             })
             .map(|(op, _)| op.clone())
             .collect();
@@ -756,10 +906,13 @@ impl Actor {
 
     async fn tick(&mut self) {
         let timeout = Duration::from_millis(self.config.worker_timeout_ms);
+        // Silence counts only while this scheduler was connected to hear it: after its own
+        // reconnection (a NATS server lost), workers get a full timeout to be heard again.
+        let heard_for = self.bus.connected_for();
         let gone: Vec<String> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.seen.elapsed() > timeout)
+            .filter(|(_, w)| w.seen.elapsed().min(heard_for) > timeout)
             .map(|(id, _)| id.clone())
             .collect();
         for w in &gone {
@@ -874,12 +1027,15 @@ impl Actor {
             {
                 Ok(AssignReply { accepted: true, .. }) => return,
                 Ok(AssignReply { reason, .. }) => reason,
-                // No reply: the worker may or may not hold it. Its heartbeat will tell.
-                Err(motorpool_bus::BusError::Timeout { .. }) => {
-                    tracing::warn!(op = %id, %worker, "No answer to an assignment; the worker's heartbeat will tell");
+                // Nobody listens there: the worker did not get it.
+                Err(e @ motorpool_bus::BusError::NoResponders { .. }) => e.to_string(),
+                // No reply (a timeout, a connection lost while the bus fails over): the worker
+                // may or may not hold it. Its heartbeat will tell; sending it elsewhere now could
+                // run it twice.
+                Err(error) => {
+                    tracing::warn!(op = %id, %worker, %error, "No answer to an assignment; the worker's heartbeat will tell");
                     return;
                 }
-                Err(e) => e.to_string(),
             };
             let _ = events
                 .send(Event::AssignFailed {

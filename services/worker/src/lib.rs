@@ -114,8 +114,26 @@ impl Services {
     }
 
     /// Reads blobs whole: from the local shard when it has them, else from the cluster. A blob
-    /// no live shard holds is the client's to upload again (FAILED_PRECONDITION).
+    /// no live shard holds is the client's to upload again (FAILED_PRECONDITION), once a second
+    /// look a few heartbeats later agrees: while the bus fails over, shards that hold it may
+    /// miss a heartbeat and look gone for a moment.
     pub async fn read_many(
+        &self,
+        instance: &str,
+        digests: &[BlobDigest],
+    ) -> Result<Vec<Vec<u8>>, JobError> {
+        match self.read_many_once(instance, digests).await {
+            Err(JobError::Action(e)) if e.code == ErrorCode::FailedPrecondition => {
+                tracing::info!(%instance, error = %e.message, "An input looks missing; looking again");
+                tokio::time::sleep(Duration::from_millis(3 * self.config.heartbeat_ms.max(100)))
+                    .await;
+                self.read_many_once(instance, digests).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_many_once(
         &self,
         instance: &str,
         digests: &[BlobDigest],
@@ -196,10 +214,7 @@ impl Services {
 
 fn missing_or_infra(d: &BlobDigest, e: WireError) -> JobError {
     if e.code == ErrorCode::NotFound {
-        JobError::action(
-            ErrorCode::FailedPrecondition,
-            format!("input blob {d} is missing from the CAS; upload it and execute again"),
-        )
+        JobError::Action(WireError::missing_input("input blob", d))
     } else {
         JobError::infra(format!("read input {d}: {e}"))
     }
@@ -229,8 +244,8 @@ fn timestamp(t: SystemTime) -> Option<bazel_remote_apis::google::protobuf::Times
 /// The worker's shared state.
 struct Worker {
     svc: Services,
-    /// Jobs held (any stage, until the scheduler acknowledged their end): id -> (attempt, cancel).
-    held: Mutex<HashMap<String, (u32, CancellationToken)>>,
+    /// Jobs held (any stage, until the scheduler acknowledged their end), by operation id.
+    held: Mutex<HashMap<String, Held>>,
     /// Action digests being executed here, to never run one twice at once.
     running_actions: Mutex<HashMap<(String, BlobDigest), Arc<Semaphore>>>,
     slots: u32,
@@ -238,11 +253,15 @@ struct Worker {
     platform: Vec<(String, String)>,
     started_at_ms: u64,
     draining: std::sync::atomic::AtomicBool,
+    /// The data dir's token, in every heartbeat.
+    instance: String,
 }
 
 /// A started worker.
 pub struct Started {
     pub worker_id: String,
+    /// The data dir's lock, held while the worker runs.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     shard: motorpool_cas_shard::Shard,
     shard_shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -270,20 +289,39 @@ impl Started {
 }
 
 /// Starts the worker's CAS shard, pipeline, mailboxes and heartbeat.
-pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
+pub async fn start(
+    mut config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Started> {
+    if let Some(id) = &config.worker_id {
+        anyhow::ensure!(
+            subjects::valid_id(id),
+            "worker id {id:?} must be 1-64 letters, digits, '-' or '_'"
+        );
+    }
+    // Absolute from here on: actions are handed paths inside it, whatever their working dir.
+    let data_dir = config.data_dir();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("create the data dir {}", data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&data_dir)?;
+    let lock = lock_data_dir(&data_dir)?;
+    let instance = data_dir_token(&data_dir)?;
+    config.data_dir = Some(data_dir.clone());
     let shard_config = ShardConfig {
         nats_url: config.nats_url.clone(),
         nats_nkey_file: config.nats_nkey_file.clone(),
         nats_tls_ca_file: config.nats_tls_ca_file.clone(),
         data_key_file: config.data_key_file.clone(),
         shard_id: config.worker_id.clone(),
-        data_dir: config.data_dir.join("cas"),
+        data_dir: data_dir.join("cas"),
         capacity_bytes: config.cas_capacity_bytes,
+        action_cache_share: config.cas_action_cache_share,
         data_addr: config.data_addr,
         advertise_addr: config.advertise_addr.clone(),
         heartbeat_ms: config.heartbeat_ms,
         fsync: false,
         http_addr: None,
+        object_store: config.object_store.clone(),
         telemetry: config.telemetry.clone(),
     };
     std::fs::create_dir_all(&shard_config.data_dir)
@@ -293,9 +331,6 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         shard_id: Some(id.clone()),
         ..shard_config
     };
-    // The shard stops on its own token, after the pipeline has drained.
-    let shard_shutdown = CancellationToken::new();
-    let shard = motorpool_cas_shard::start(&shard_config, shard_shutdown.clone()).await?;
     let bus = Bus::connect_service(
         &config.nats_url,
         &format!("worker-{id}"),
@@ -304,6 +339,11 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         Duration::from_secs(30),
     )
     .await?;
+    let registry = bus.ensure_kv(subjects::exec::workers_config()).await?;
+    refuse_a_live_namesake(&registry, &id, &instance, config.heartbeat_ms).await?;
+    // The shard stops on its own token, after the pipeline has drained.
+    let shard_shutdown = CancellationToken::new();
+    let shard = motorpool_cas_shard::start(&shard_config, shard_shutdown.clone()).await?;
     let shards = Shards::watch(
         bus.clone(),
         Duration::from_secs(30),
@@ -315,7 +355,6 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         motorpool_messages::cas::load_data_key(config.data_key_file.as_deref())
             .map_err(anyhow::Error::msg)?,
     );
-    let registry = bus.ensure_kv(subjects::exec::workers_config()).await?;
     let scratch = scratch_dir(&config, &id)?;
     let exec_dir = scratch.join("exec");
     if exec_dir.exists() {
@@ -385,6 +424,7 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         platform,
         started_at_ms: now_ms(),
         draining: Default::default(),
+        instance,
     });
 
     // The pipeline: fetch -> execute -> report, each with a bounded queue in front.
@@ -445,9 +485,9 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     let mut stops = bus.subscribe::<Cancel>(&subjects::exec::stop(&id)).await?;
     tasks.push(tokio::spawn(async move {
         while let Some(c) = stops.next().await {
-            if let Some((_, token)) = w.held.lock().get(&c.operation_id) {
+            if let Some(h) = w.held.lock().get(&c.operation_id) {
                 tracing::info!(op = %c.operation_id, "Stopping a cancelled job");
-                token.cancel();
+                h.cancel.cancel();
             }
         }
     }));
@@ -476,11 +516,91 @@ pub async fn start(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     tracing::info!(worker = %id, slots, pool = %pool, "Worker is running");
     Ok(Started {
         worker_id: id,
+        _lock: lock,
         shard,
         shard_shutdown,
         tasks,
         worker,
     })
+}
+
+/// Takes the data dir for this process: two workers never share one (their CAS, input cache and
+/// exec dirs would trample each other). The lock goes with the process, however it ends.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("worker.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(l) => l,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "the data dir {} is in use by another worker (pid {}): give each worker its own \
+                 --data-dir",
+                dir.display(),
+                holder.trim()
+            );
+        }
+        Err((_, e)) => anyhow::bail!("lock {}: {e}", path.display()),
+    };
+    lock.set_len(0)?;
+    lock.rewind()?;
+    write!(lock, "{}", std::process::id())?;
+    Ok(lock)
+}
+
+/// The data dir's token (made at its first use): what the registry entry of a worker on this
+/// data dir carries.
+fn data_dir_token(dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join("worker-instance");
+    if let Ok(t) = std::fs::read_to_string(&path)
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_string());
+    }
+    let token = format!("{:032x}", rand::random::<u128>());
+    std::fs::write(&path, &token).with_context(|| format!("write {}", path.display()))?;
+    Ok(token)
+}
+
+/// Refuses to start as `id` while another live worker holds it: its registry entry is still
+/// being refreshed. An entry whose heartbeat is old, or that stops changing (this worker's own
+/// previous run, killed and restarted at once), is taken over.
+async fn refuse_a_live_namesake(
+    registry: &async_nats::jetstream::kv::Store,
+    id: &str,
+    instance: &str,
+    heartbeat_ms: u64,
+) -> anyhow::Result<()> {
+    let period = heartbeat_ms.max(100);
+    let Some(first) = registry.entry(id).await? else {
+        return Ok(());
+    };
+    let Ok(info) = motorpool_messages::decode::<WorkerInfo>(&first.value) else {
+        return Ok(());
+    };
+    // Our own data dir's entry: its writer is dead, since we hold the data dir's lock.
+    if info.instance == instance || now_ms().saturating_sub(info.heartbeat_at_ms) > 3 * period {
+        return Ok(());
+    }
+    tokio::time::sleep(Duration::from_millis(3 * period)).await;
+    let again = registry.entry(id).await?;
+    if again.is_some_and(|e| e.revision != first.revision) {
+        anyhow::bail!(
+            "worker id {id} is in use: a live worker with it (started {} s ago) still sends \
+             heartbeats; give each worker its own --worker-id",
+            now_ms().saturating_sub(info.started_at_ms) / 1000
+        );
+    }
+    Ok(())
 }
 
 /// Where exec roots and the input cache live (absolute: actions are handed paths inside it). In
@@ -496,7 +616,7 @@ fn scratch_dir(config: &WorkerConfig, id: &str) -> anyhow::Result<PathBuf> {
     if let Some(dir) = &config.scratch_dir {
         return absolute(dir);
     }
-    let data = absolute(&config.data_dir)?;
+    let data = absolute(&config.data_dir())?;
     if config.sandbox.mode == motorpool_config::SandboxMode::Off {
         return Ok(data);
     }
@@ -553,7 +673,7 @@ async fn open_sandbox(
         return Ok(None);
     };
     for (dir, mode) in [
-        (config.data_dir.join("cas"), 0o700),
+        (config.data_dir().join("cas"), 0o700),
         (scratch.join("cache"), 0o700),
         (exec_dir.clone(), 0o711),
     ] {
@@ -603,16 +723,11 @@ async fn open_sandbox(
 
 /// Runs a worker until `shutdown` fires (the `motorpool worker` command).
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let http = config
-        .http_addr
-        .map(motorpool_telemetry::serve_metrics)
-        .transpose()?;
-    let started = start(config, shutdown.clone()).await?;
-    started.join(shutdown).await;
-    if let Some(h) = http {
-        h.stop(true).await;
-    }
-    Ok(())
+    motorpool_telemetry::with_metrics(config.http_addr, async move {
+        start(config, shutdown.clone()).await?.join(shutdown).await;
+        Ok(())
+    })
+    .await
 }
 
 /// One pipeline stage: takes a job only when `concurrency` allows and the next stage's queue has a
@@ -671,15 +786,36 @@ pub(crate) fn make_writable_and_remove(dir: &std::path::Path) -> std::io::Result
     }
 }
 
+/// A job the worker holds: its attempt, how to cancel it, and its pipeline stage.
+struct Held {
+    attempt: u32,
+    cancel: CancellationToken,
+    stage: JobStage,
+    since_ms: u64,
+}
+
 impl Worker {
+    /// Records that `job` entered `stage` (shown in the heartbeat and the queues page).
+    fn enter(&self, job: &Job, stage: JobStage) {
+        if let Some(h) = self.held.lock().get_mut(&job.op.id) {
+            h.stage = stage;
+            h.since_ms = now_ms();
+        }
+    }
+
     fn info(&self) -> WorkerInfo {
-        let mut running: Vec<(String, u32)> = self
+        let mut running: Vec<HeldJob> = self
             .held
             .lock()
             .iter()
-            .map(|(id, (a, _))| (id.clone(), *a))
+            .map(|(id, h)| HeldJob {
+                operation_id: id.clone(),
+                attempt: h.attempt,
+                stage: h.stage,
+                since_ms: h.since_ms,
+            })
             .collect();
-        running.sort();
+        running.sort_by(|a, b| a.operation_id.cmp(&b.operation_id));
         WorkerInfo {
             worker_id: self.svc.worker_id.clone(),
             pool: self.pool,
@@ -689,6 +825,7 @@ impl Worker {
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
+            instance: self.instance.clone(),
         }
     }
 
@@ -718,7 +855,15 @@ impl Worker {
             return refuse("the input-fetch queue is full".into());
         };
         let cancel = CancellationToken::new();
-        held.insert(op.id.clone(), (op.attempts, cancel.clone()));
+        held.insert(
+            op.id.clone(),
+            Held {
+                attempt: op.attempts,
+                cancel: cancel.clone(),
+                stage: JobStage::Accepted,
+                since_ms: now_ms(),
+            },
+        );
         let now = SystemTime::now();
         let meta = re::ExecutedActionMetadata {
             worker: self.svc.worker_id.clone(),
@@ -748,10 +893,12 @@ impl Worker {
 
     /// Stage 2, input fetch.
     async fn fetch(&self, mut job: Job) -> Option<Job> {
+        self.enter(&job, JobStage::Fetching);
         job.meta.input_fetch_start_timestamp = timestamp(SystemTime::now());
         match self.prepare(&mut job).await {
             Ok(()) => {
                 job.meta.input_fetch_completed_timestamp = timestamp(SystemTime::now());
+                self.enter(&job, JobStage::Ready);
                 Some(job)
             }
             Err(e) => {
@@ -845,6 +992,7 @@ impl Worker {
                 .next_cgroup
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
+        self.enter(&job, JobStage::Executing);
         job.meta.execution_start_timestamp = timestamp(SystemTime::now());
         let spec = run::RunSpec {
             command: &job.command,
@@ -881,6 +1029,7 @@ impl Worker {
 
     /// Stage 4, report.
     async fn report(&self, mut job: Job) {
+        self.enter(&job, JobStage::Uploading);
         job.meta.output_upload_start_timestamp = timestamp(SystemTime::now());
         let r = self.collect_and_upload(&mut job).await;
         self.finish(job, r).await;
@@ -982,6 +1131,7 @@ impl Worker {
             worker: self.svc.worker_id.clone(),
             result,
         };
+        self.enter(&job, JobStage::Reporting);
         let mut backoff = Duration::from_millis(50);
         let give_up = tokio::time::Instant::now() + Duration::from_secs(600);
         loop {
@@ -996,7 +1146,7 @@ impl Worker {
                 .await
             {
                 Ok(Ack) => break,
-                Err(BusError::Remote(error)) => {
+                Err(BusError::Remote(error)) if error.code != ErrorCode::Unavailable => {
                     // The scheduler answered and refused: asking again changes nothing.
                     tracing::error!(op = %done.operation_id, %error, "The scheduler refused a job report");
                     break;

@@ -47,6 +47,8 @@ pub enum Role {
     Runner(String),
     /// A person's command line: submits label and image jobs, reads statuses and alerts.
     Operator,
+    /// The alert relay: reads the alerts stream, delivers alerts to people's sinks.
+    AlertRelay,
     /// Everything (debugging, tests, migrations).
     Admin,
 }
@@ -55,7 +57,7 @@ pub enum Role {
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     #[error(
-        "unknown bus role {0:?}: gateway, scheduler, reindexer, worker:<id>, shard:<id>, stage:<mapping|prelabel|annotate>, image-builder, burner:<id>, webhook, runner:<id>, operator or admin"
+        "unknown bus role {0:?}: gateway, scheduler, reindexer, worker:<id>, shard:<id>, stage:<mapping|prelabel|annotate>, image-builder, burner:<id>, webhook, runner:<id>, operator, alert-relay or admin"
     )]
     UnknownRole(String),
     #[error("bus role {role}: {id:?} is not an id (letters, digits, - and _; at most 64)")]
@@ -100,6 +102,7 @@ impl FromStr for Role {
             "image-builder" => Role::ImageBuilder,
             "webhook" => Role::Webhook,
             "operator" => Role::Operator,
+            "alert-relay" => Role::AlertRelay,
             "admin" => Role::Admin,
             "worker" => Role::Worker(id_of(kind)?),
             "shard" => Role::Shard(id_of(kind)?),
@@ -127,6 +130,7 @@ impl fmt::Display for Role {
             Role::ImageBuilder => f.write_str("image-builder"),
             Role::Webhook => f.write_str("webhook"),
             Role::Operator => f.write_str("operator"),
+            Role::AlertRelay => f.write_str("alert-relay"),
             Role::Admin => f.write_str("admin"),
             Role::Worker(id) => write!(f, "worker:{id}"),
             Role::Shard(id) => write!(f, "shard:{id}"),
@@ -242,6 +246,7 @@ impl Role {
             }
             Role::Scheduler => {
                 p.write_kv(exec::OPERATIONS_BUCKET, "*");
+                p.write_kv(exec::LEASE_BUCKET, exec::LEASE_KEY);
                 p.read_kv(exec::WORKERS_BUCKET);
                 p.use_stream(ops::ALERTS_STREAM);
                 p.publish([
@@ -262,6 +267,8 @@ impl Role {
                 p.write_kv(cas::REGISTRY_BUCKET, "*");
                 p.write_kv(exec::WORKERS_BUCKET, "*");
                 p.publish(shard_requests("*"));
+                // A shard's removals (a blob found corrupt) call for a sweep soon.
+                p.subscribe([cas::all_news().to_string()]);
             }
             Role::Shard(id) => shard(&mut p, id),
             Role::Worker(id) => {
@@ -311,6 +318,9 @@ impl Role {
                 p.write_kv(fleet::DRIVES_BUCKET, &format!("{id}.*"));
                 p.read_kv(fleet::BUILDS_BUCKET);
                 p.publish([fleet::drive_state(id).to_string()]);
+            }
+            Role::AlertRelay => {
+                p.use_stream(ops::ALERTS_STREAM);
             }
             Role::Operator => {
                 p.use_stream(label::JOBS_STREAM);

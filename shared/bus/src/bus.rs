@@ -7,6 +7,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use motorpool_messages::{CodecError, Message, Request, WireError, codec};
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What can go wrong talking on the bus.
@@ -63,6 +64,10 @@ pub struct Bus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     request_timeout: Duration,
+    /// Copies JetStream keeps of each stream and KV bucket this connection creates.
+    replicas: usize,
+    /// When the connection was last (re)established.
+    connected_at: Arc<parking_lot::Mutex<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -114,8 +119,18 @@ impl Bus {
         tls_ca_file: Option<&std::path::Path>,
         request_timeout: Duration,
     ) -> Result<Bus, BusError> {
+        ensure_crypto_provider();
+        let connected_at = Arc::new(parking_lot::Mutex::new(std::time::Instant::now()));
         let options = || {
-            let mut o = async_nats::ConnectOptions::new();
+            let at = connected_at.clone();
+            let mut o = async_nats::ConnectOptions::new().event_callback(move |event| {
+                let at = at.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        *at.lock() = std::time::Instant::now();
+                    }
+                }
+            });
             if let Some(c) = creds {
                 o = o
                     .nkey(c.seed().to_string())
@@ -129,8 +144,10 @@ impl Bus {
                 .connection_timeout(Duration::from_secs(5))
         };
         // One try first: a server that refuses these credentials is an answer, not a reason to
-        // keep trying; a server not up yet is tried again below.
-        let client = match options().connect(url).await {
+        // keep trying; a server not up yet is tried again below. Several servers (a cluster)
+        // are given comma-separated; the client also learns the rest from the server.
+        let servers = server_addrs(url)?;
+        let client = match options().connect(&servers[..]).await {
             Ok(client) => client,
             Err(source)
                 if matches!(
@@ -145,24 +162,40 @@ impl Bus {
                     source,
                 });
             }
-            Err(_) => Self::connect_retrying(url, options()).await?,
+            Err(_) => Self::connect_retrying(url, &servers, options()).await?,
         };
         let jetstream = jetstream::new(client.clone());
+        let replicas = replicas(&client, servers.len())?;
         Ok(Bus {
             client,
             jetstream,
             request_timeout,
+            replicas,
+            connected_at,
         })
+    }
+
+    /// How long this connection has been up since it was last (re)established. What others
+    /// sent while it was down (heartbeats) never arrived: silence from before is no evidence.
+    pub fn connected_for(&self) -> Duration {
+        self.connected_at.lock().elapsed()
+    }
+
+    /// How many copies JetStream keeps of what this connection creates: `MOTORPOOL_NATS_REPLICAS`
+    /// when set, else 3 in a cluster of three or more servers and 1 on one server.
+    pub fn replicas(&self) -> usize {
+        self.replicas
     }
 
     /// Connects, trying again in the background until the server answers (bounded: 10 s).
     async fn connect_retrying(
         url: &str,
+        servers: &[async_nats::ServerAddr],
         options: async_nats::ConnectOptions,
     ) -> Result<async_nats::Client, BusError> {
         let client = options
             .retry_on_initial_connect()
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(|source| BusError::Connect {
                 url: url.to_string(),
@@ -348,16 +381,32 @@ impl Bus {
         })
     }
 
-    /// Creates (or updates to this configuration) a KV bucket.
+    /// Creates (or updates to this configuration) a KV bucket, with [`Bus::replicas`] copies
+    /// unless the configuration asks for more than one itself.
     pub async fn ensure_kv(
         &self,
-        config: jetstream::kv::Config,
+        mut config: jetstream::kv::Config,
     ) -> Result<jetstream::kv::Store, BusError> {
+        if config.num_replicas <= 1 {
+            config.num_replicas = self.replicas;
+        }
+        config.num_replicas = config
+            .num_replicas
+            .max(self.replicas_of(&format!("KV_{}", config.bucket)).await);
         let bucket = config.bucket.clone();
-        self.jetstream
-            .create_or_update_key_value(config)
+        settle(|| self.jetstream.create_or_update_key_value(config.clone()))
             .await
             .map_err(|e| BusError::JetStream(format!("KV bucket {bucket}: {e}")))
+    }
+
+    /// The replica count of an existing stream (0 when it does not exist or cannot be asked):
+    /// set-up never lowers it, whatever a service that connected while the cluster was forming
+    /// believed.
+    async fn replicas_of(&self, stream: &str) -> usize {
+        match self.jetstream.get_stream(stream).await {
+            Ok(s) => s.cached_info().config.num_replicas,
+            Err(_) => 0,
+        }
     }
 
     /// Every value of the KV bucket `bucket` (which must exist), decoded as `M`; values that
@@ -371,14 +420,20 @@ impl Bus {
         kv_values(&kv).await
     }
 
-    /// Creates (or updates to this configuration) a stream.
+    /// Creates (or updates to this configuration) a stream, with [`Bus::replicas`] copies unless
+    /// the configuration asks for more than one itself.
     pub async fn ensure_stream(
         &self,
-        config: jetstream::stream::Config,
+        mut config: jetstream::stream::Config,
     ) -> Result<jetstream::stream::Stream, BusError> {
+        if config.num_replicas <= 1 {
+            config.num_replicas = self.replicas;
+        }
+        config.num_replicas = config
+            .num_replicas
+            .max(self.replicas_of(&config.name).await);
         let name = config.name.clone();
-        self.jetstream
-            .create_or_update_stream(config)
+        settle(|| self.jetstream.create_or_update_stream(config.clone()))
             .await
             .map_err(|e| BusError::JetStream(format!("stream {name}: {e}")))?;
         self.jetstream
@@ -394,6 +449,93 @@ impl Bus {
             message: e.to_string(),
         })
     }
+}
+
+/// Runs a JetStream set-up call until it answers, for up to 30 s: a cluster that is electing
+/// leaders (just started, or a server lost) times out or says it is unavailable meanwhile.
+pub(crate) async fn settle<
+    T,
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+>(
+    call: impl Fn() -> F,
+) -> Result<T, E> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Err(e)
+                if tokio::time::Instant::now() < deadline && {
+                    let text = e.to_string();
+                    text.contains("timed out")
+                        || text.contains("temporarily unavailable")
+                        || text.contains("no responders")
+                } =>
+            {
+                tracing::debug!(error = %e, "JetStream not ready; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The servers of a comma-separated URL list (`nats://a:4222,nats://b:4222`).
+fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| BusError::Request {
+                    subject: String::new(),
+                    message: format!("NATS URL {u:?}: {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err(BusError::Request {
+                    subject: String::new(),
+                    message: "no NATS URL given".into(),
+                })
+            } else {
+                Ok(v)
+            }
+        })
+}
+
+/// The replica count for what a connection creates: `MOTORPOOL_NATS_REPLICAS`, else 3 when the
+/// cluster has three or more servers (counting the URLs this connection was `given` and the
+/// peers the server named when it connected), else 1.
+///
+/// The server's count alone is not enough: a member whose routes are not up yet names no peers,
+/// and a service started beside its cluster would create one-copy streams for good.
+fn replicas(client: &async_nats::Client, given: usize) -> Result<usize, BusError> {
+    if let Ok(v) = std::env::var("MOTORPOOL_NATS_REPLICAS") {
+        return v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=5).contains(n))
+            .ok_or_else(|| BusError::Request {
+                subject: String::new(),
+                message: format!("MOTORPOOL_NATS_REPLICAS={v:?}: must be 1 to 5"),
+            });
+    }
+    let info = client.server_info();
+    let servers = info.connect_urls.len().max(given);
+    if servers < 3 && info.cluster.is_some() {
+        tracing::warn!(
+            cluster = ?info.cluster,
+            servers,
+            "Connected to a clustered NATS server that names fewer than three servers: streams \
+             and buckets created now get one copy. Give every member's URL, or set \
+             MOTORPOOL_NATS_REPLICAS"
+        );
+    }
+    Ok(if servers >= 3 { 3 } else { 1 })
 }
 
 /// Every value of a KV bucket, decoded as `M`; values that do not decode (or vanish while
@@ -447,4 +589,17 @@ impl<M: Message> TypedSubscriber<M> {
 /// The last `.`-separated token of a subject.
 pub(crate) fn last_token(subject: &str) -> &str {
     subject.rsplit('.').next().unwrap_or(subject)
+}
+
+/// Makes `ring` the process's default TLS provider unless one is set. The NATS client builds its
+/// TLS configuration from the process default, and rustls has none of its own once two
+/// providers are compiled in (the object-store client brings `aws-lc-rs` beside the `ring` the
+/// platform uses everywhere else).
+pub fn ensure_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    });
 }

@@ -127,20 +127,18 @@ impl<M: Message> LaneQueue<M> {
         let mut tasks = Vec::new();
         for lane in Lane::ALL {
             let durable = (options.consumer)(lane);
-            let consumer: jetstream::consumer::PullConsumer = stream
-                .get_or_create_consumer(
-                    &durable,
-                    pull::Config {
-                        durable_name: Some(durable.clone()),
-                        filter_subject: (options.subject)(lane).to_string(),
-                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                        ack_wait: options.ack_wait,
-                        max_deliver: options.max_deliver,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| BusError::JetStream(format!("consumer {durable}: {e}")))?;
+            let config = pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: (options.subject)(lane).to_string(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: options.ack_wait,
+                max_deliver: options.max_deliver,
+                ..Default::default()
+            };
+            let consumer: jetstream::consumer::PullConsumer =
+                crate::bus::settle(|| stream.get_or_create_consumer(&durable, config.clone()))
+                    .await
+                    .map_err(|e| BusError::JetStream(format!("consumer {durable}: {e}")))?;
             let (tx, rx) = mpsc::channel(1);
             receivers.push((lane, rx));
             tasks.push(tokio::spawn(fetch_lane::<M>(

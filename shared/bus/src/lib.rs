@@ -22,8 +22,8 @@ pub mod server;
 pub mod subjects;
 
 pub use access::{Credentials, Realm, Role};
-pub use bus::{Bus, BusError, TypedSubscriber, kv_values};
+pub use bus::{Bus, BusError, TypedSubscriber, ensure_crypto_provider, kv_values};
 pub use lanes::{Delivery, LaneQueue, LaneQueueOptions};
 pub use mailbox::{MailboxOptions, serve, serve_from};
-pub use server::{NatsServer, NatsServerOptions};
+pub use server::{ClusterMember, NatsCluster, NatsServer, NatsServerOptions};
 pub use subjects::Subject;

@@ -27,6 +27,17 @@ pub struct NatsServerOptions {
     pub realm: Option<crate::Realm>,
     /// PEM certificate and key: clients must speak TLS (`tls://` URLs).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// A member of a JetStream cluster (see [`NatsCluster`]).
+    pub cluster: Option<ClusterMember>,
+}
+
+/// This server's place in a cluster: its name, and the route ports (on 127.0.0.1) of every
+/// member, its own among them.
+#[derive(Clone, Debug)]
+pub struct ClusterMember {
+    pub server_name: String,
+    pub route_port: u16,
+    pub routes: Vec<u16>,
 }
 
 impl Default for NatsServerOptions {
@@ -38,6 +49,7 @@ impl Default for NatsServerOptions {
             log_file: None,
             realm: None,
             tls: None,
+            cluster: None,
         }
     }
 }
@@ -139,6 +151,20 @@ impl NatsServer {
                 key.display().to_string()
             )?;
         }
+        if let Some(c) = &self.options.cluster {
+            writeln!(f, "server_name: {:?}", c.server_name)?;
+            let routes: Vec<String> = c
+                .routes
+                .iter()
+                .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                .collect();
+            writeln!(
+                f,
+                "cluster {{ name: \"motorpool\", listen: \"127.0.0.1:{}\", routes: [{}] }}",
+                c.route_port,
+                routes.join(", ")
+            )?;
+        }
         if let Some(realm) = &self.options.realm {
             f.write_all(realm.server_config().as_bytes())?;
         }
@@ -155,6 +181,7 @@ impl NatsServer {
             let status = Command::new("kill")
                 .arg("-HUP")
                 .arg(child.id().to_string())
+                .stderr(Stdio::null())
                 .status()?;
             if !status.success() {
                 return Err(ServerError::Io(std::io::Error::other(format!(
@@ -246,6 +273,19 @@ impl NatsServer {
         }
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process has exited (it is not restarted by itself).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
     /// Kills the server at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -262,6 +302,98 @@ impl NatsServer {
     }
 }
 
+/// A JetStream cluster of `nats-server`s on one machine (for `motorpool up --nats-cluster N` and
+/// tests): every member routes to every other, each with its own store under `store_dir`.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` members from `base` (its port and store dir are per member: free ports, and
+    /// `<store_dir>/n<i>` when a store dir is given) and waits until JetStream answers.
+    pub fn start(n: usize, base: NatsServerOptions) -> Result<NatsCluster, ServerError> {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let mut servers = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let options = NatsServerOptions {
+                port: if i == 0 { base.port } else { 0 },
+                store_dir: base.store_dir.as_ref().map(|d| d.join(format!("n{i}"))),
+                log_file: base
+                    .log_file
+                    .as_ref()
+                    .map(|l| l.with_extension(format!("n{i}.log"))),
+                cluster: Some(ClusterMember {
+                    server_name: format!("n{i}"),
+                    route_port: *route,
+                    routes: routes.clone(),
+                }),
+                ..base.clone()
+            };
+            servers.push(NatsServer::start_with(options)?);
+        }
+        let cluster = NatsCluster { servers };
+        cluster.wait_formed(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// Waits until every member names all `n` servers to its clients (its routes are up), so
+    /// that a client connecting next learns the cluster's size and creates three copies.
+    fn wait_formed(&self, limit: Duration) -> Result<(), ServerError> {
+        let start = Instant::now();
+        let n = self.servers.len();
+        for server in &self.servers {
+            loop {
+                let named = announced_servers(server.port);
+                if named >= n {
+                    break;
+                }
+                if start.elapsed() > limit {
+                    return Err(ServerError::NotReady {
+                        port: server.port,
+                        waited: start.elapsed(),
+                        log: format!(
+                            " (its routes are not up: it names {named} of the cluster's {n} servers)"
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every member's client URL, comma-separated (what services take as `nats_url`).
+    pub fn url(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// How many servers the one on `port` names to a connecting client (the `connect_urls` of the
+/// INFO line it sends first, itself among them); 0 when it cannot be asked.
+fn announced_servers(port: u16) -> usize {
+    use std::io::BufRead;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    if std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .is_err()
+    {
+        return 0;
+    }
+    line.strip_prefix("INFO ")
+        .and_then(|json| serde_json::from_str::<async_nats::ServerInfo>(json.trim()).ok())
+        .map_or(0, |info| info.connect_urls.len())
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
@@ -276,6 +408,7 @@ pub fn terminate(child: &mut Child, grace: Duration) {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
+        .stderr(Stdio::null())
         .status();
     let start = Instant::now();
     while start.elapsed() < grace {

@@ -185,6 +185,19 @@ pub mod exec {
         }
     }
 
+    /// The scheduler lease: one record (key [`LEASE_KEY`], value `SchedulerLease`) naming the
+    /// active scheduler. Three revisions are kept, so an operator can see the last takeovers.
+    pub const LEASE_BUCKET: &str = "mp_v1_exec_scheduler_lease";
+    pub const LEASE_KEY: &str = "active";
+
+    pub fn lease_config() -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: LEASE_BUCKET.to_string(),
+            history: 3,
+            ..Default::default()
+        }
+    }
+
     /// The worker registry: a JetStream KV bucket, key = worker id, value = `WorkerInfo`.
     pub const WORKERS_BUCKET: &str = "mp_v1_exec_workers";
 

@@ -394,3 +394,100 @@ async fn lane_queues_hand_out_release_first_then_fifo_and_redeliver_dropped_jobs
     let mut stream = stream;
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
 }
+
+/// A three-node JetStream cluster: what a connection creates is kept three times, and a client
+/// given every member's URL keeps working (KV writes and reads, requests) while the node it
+/// talks to is killed and another restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_keeps_kv_and_requests_through_a_node_killed_and_one_restarted() {
+    let mut cluster =
+        motorpool_bus::NatsCluster::start(3, motorpool_bus::NatsServerOptions::default()).unwrap();
+    let bus = Bus::connect(&cluster.url(), "test", Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(bus.replicas(), 3, "{:?}", bus.client().server_info());
+    let config = async_nats::jetstream::kv::Config {
+        bucket: "cluster_test".into(),
+        history: 1,
+        ..Default::default()
+    };
+    // The cluster elects its JetStream leader after the routes are up: ask until it answers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let kv = loop {
+        match bus.ensure_kv(config.clone()).await {
+            Ok(kv) => break kv,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no JetStream in the cluster: {e}"),
+        }
+    };
+    let info = bus
+        .jetstream()
+        .get_stream("KV_cluster_test")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.num_replicas, 3);
+    // A responder on its own connection, as a service would have.
+    let answer = Bus::connect(&cluster.url(), "answer", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let subject = subjects::cas::find_missing("s1");
+    let _served = serve(
+        &answer,
+        subject.clone(),
+        MailboxOptions::default(),
+        CancellationToken::new(),
+        |req: FindMissing| async move {
+            Ok::<_, WireError>(FindMissingReply {
+                missing: (0..req.digests.len() as u32).collect(),
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let mut writes = 0u32;
+    // Kill the node this client is on (the first URL), then bring it back while writing.
+    cluster.servers[0].kill();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut restarted = false;
+    while writes < 40 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{writes} writes in 60 s"
+        );
+        if writes == 20 && !restarted {
+            cluster.servers[1].kill();
+            cluster.servers[0].restart().unwrap();
+            restarted = true;
+        }
+        let put = kv
+            .put(format!("k{writes}"), writes.to_string().into())
+            .await;
+        let asked = bus
+            .request_with_timeout(
+                &subject,
+                &FindMissing {
+                    instance: String::new(),
+                    digests: vec![],
+                },
+                Duration::from_secs(2),
+            )
+            .await;
+        if put.is_ok() && asked.is_ok() {
+            writes += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    cluster.servers[1].restart().unwrap();
+    for i in 0..40u32 {
+        let v = kv.get(format!("k{i}")).await.unwrap().expect("kept");
+        assert_eq!(v, i.to_string().as_bytes());
+    }
+}

@@ -1,7 +1,7 @@
 //! The one error type of CAS calls and the gRPC front; it maps once to `tonic::Status`.
 
 use motorpool_bus::BusError;
-use motorpool_messages::{ErrorCode, WireError};
+use motorpool_messages::{BlobDigest, ErrorCode, WireError};
 use tonic::{Code, Status};
 
 /// Every error a gateway handler can return.
@@ -83,8 +83,30 @@ impl From<ApiError> for Status {
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
         };
-        Status::new(code, e.to_string())
+        let message = e.to_string();
+        if let ApiError::FailedPrecondition(m) = &e
+            && let Some(d) = WireError::new(ErrorCode::FailedPrecondition, m.clone()).missing_blob()
+        {
+            let details = tonic_types::ErrorDetails::with_precondition_failure_violation(
+                "MISSING",
+                missing_subject(&d),
+                "not in the CAS",
+            );
+            return <Status as tonic_types::StatusExt>::with_error_details(code, message, details);
+        }
+        Status::new(code, message)
     }
+}
+
+/// REAPI's way of saying which blob an execution lacks: a `PreconditionFailure` whose violation
+/// has type `MISSING` and this subject, `blobs/{hash}/{size}` (`blobs/blake3/{hash}/{size}` for
+/// BLAKE3). Bazel answers it by uploading the blob and executing again.
+pub fn missing_subject(d: &BlobDigest) -> String {
+    let function = match d.function {
+        motorpool_messages::DigestFunction::Sha256 => String::new(),
+        f => format!("{}/", f.name()),
+    };
+    format!("blobs/{function}{}/{}", d.hex(), d.size)
 }
 
 impl From<ApiError> for WireError {

@@ -12,5 +12,5 @@ mod error;
 pub mod proto;
 mod shards;
 
-pub use error::ApiError;
+pub use error::{ApiError, missing_subject};
 pub use shards::{BlobReader, BlobTransport, Placement, ShardRef, Shards, WriteData};

@@ -187,15 +187,22 @@ impl Shards {
     }
 
     fn live_refs(&self) -> Vec<(Live, ShardRef)> {
+        self.refs_within(1)
+    }
+
+    /// Shards heard from within `n` liveness windows. Silence counts only while this
+    /// connection was up to hear (after a reconnection every shard gets a full window).
+    fn refs_within(&self, n: u32) -> Vec<(Live, ShardRef)> {
         let now = motorpool_messages::now_ms();
+        let window = self.liveness * n;
+        let heard_for = self.bus.connected_for();
         self.live
             .read()
             .values()
             .filter(|l| {
                 !l.info.draining
-                    && l.seen.elapsed() < self.liveness
-                    && now.saturating_sub(l.info.heartbeat_at_ms)
-                        < 2 * self.liveness.as_millis() as u64
+                    && l.seen.elapsed().min(heard_for) < window
+                    && now.saturating_sub(l.info.heartbeat_at_ms) < 2 * window.as_millis() as u64
             })
             .map(|l| {
                 (
@@ -226,14 +233,39 @@ impl Shards {
         self.placement().ranked(d)
     }
 
-    fn require_live(&self) -> Result<Placement, ApiError> {
-        let p = self.placement();
-        if p.shards.is_empty() {
+    /// The placement over live shards. With none (while the bus fails over, the registry's
+    /// watch can stall and every shard look silent at once), waits up to a liveness window for
+    /// one to be heard again, then places over the shards heard from within six windows: a
+    /// shard that is really gone then fails its calls, and the next in rank is asked. Only with
+    /// none of those either: UNAVAILABLE.
+    async fn require_live(&self) -> Result<Placement, ApiError> {
+        let deadline = tokio::time::Instant::now() + self.liveness;
+        loop {
+            let p = self.placement();
+            if !p.shards.is_empty() {
+                return Ok(p);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut shards: Vec<(u64, ShardRef)> = self
+            .refs_within(6)
+            .into_iter()
+            .map(|(l, r)| (l.weight_key, r))
+            .collect();
+        if shards.is_empty() {
             return Err(ApiError::Unavailable(
                 "no CAS shard is registered and alive".into(),
             ));
         }
-        Ok(p)
+        tracing::warn!(
+            shards = shards.len(),
+            "No shard heard from lately; placing over the ones heard from recently"
+        );
+        shards.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        Ok(Placement { shards })
     }
 
     /// Largest number of blob bytes per bus message (the server's payload limit, less framing).
@@ -250,7 +282,7 @@ impl Shards {
         instance: &str,
         digests: &[BlobDigest],
     ) -> Result<Vec<bool>, ApiError> {
-        let placement = self.require_live()?;
+        let placement = self.require_live().await?;
         let mut missing = vec![true; digests.len()];
         // First round: each digest at its owner.
         let mut owners = vec![usize::MAX; digests.len()];
@@ -383,7 +415,7 @@ impl Shards {
         instance: &str,
         blobs: Vec<BlobPut>,
     ) -> Result<Vec<Option<WireError>>, ApiError> {
-        let placement = self.require_live()?;
+        let placement = self.require_live().await?;
         let n = blobs.len();
         let mut groups: HashMap<String, (ShardRef, Vec<(usize, BlobPut)>)> = HashMap::new();
         let mut first_rank = 0;
@@ -507,7 +539,7 @@ impl Shards {
         instance: &str,
         digests: &[BlobDigest],
     ) -> Result<Vec<Result<Vec<u8>, WireError>>, ApiError> {
-        let placement = self.require_live()?;
+        let placement = self.require_live().await?;
         let mut out: Vec<Result<Vec<u8>, WireError>> = digests
             .iter()
             .map(|d| Err(WireError::not_found(format!("blob {d} not found"))))
@@ -586,7 +618,7 @@ impl Shards {
         offset: u64,
         limit: u64,
     ) -> Result<BlobReader, ApiError> {
-        let placement = self.require_live()?;
+        let placement = self.require_live().await?;
         let mut last = ApiError::NotFound(format!("blob {d} not found on any live shard"));
         for shard in placement.ranked(d) {
             let r = match self.transport {
@@ -766,7 +798,7 @@ impl Shards {
     where
         S: futures::Stream<Item = Result<WriteData, ApiError>> + Unpin,
     {
-        let placement = self.require_live()?;
+        let placement = self.require_live().await?;
         let targets = self.targets(&placement, d);
         if targets.len() == 1 {
             return self
@@ -825,7 +857,7 @@ impl Shards {
             self.write_blob(instance, d, data.to_vec()).await?;
             return Ok(d.size);
         }
-        let placement = self.require_live()?;
+        let placement = self.require_live().await?;
         let targets = self.targets(&placement, d);
         let puts = targets
             .iter()
@@ -1114,7 +1146,7 @@ impl Shards {
         d: &BlobDigest,
         upload_id: &str,
     ) -> Result<(u64, bool), ApiError> {
-        let shard = self.require_live()?.owner(d).clone();
+        let shard = self.require_live().await?.owner(d).clone();
         let req = QueryWrite {
             instance: instance.to_string(),
             digest: *d,
@@ -1133,7 +1165,7 @@ impl Shards {
         instance: &str,
         action: &BlobDigest,
     ) -> Result<Option<Vec<u8>>, ApiError> {
-        for shard in self.require_live()?.ranked(action) {
+        for shard in self.require_live().await?.ranked(action) {
             let req = AcGet {
                 instance: instance.to_string(),
                 action: *action,
@@ -1161,7 +1193,7 @@ impl Shards {
         action: &BlobDigest,
         result: Vec<u8>,
     ) -> Result<(), ApiError> {
-        let placement = self.require_live()?;
+        let placement = self.require_live().await?;
         let targets = self.targets(&placement, action);
         let puts = targets.iter().map(|shard| {
             let req = AcPut {
@@ -1235,7 +1267,7 @@ impl Shards {
 
     /// Removes an ActionResult from every live shard.
     pub async fn ac_delete(&self, instance: &str, action: &BlobDigest) -> Result<(), ApiError> {
-        for (_, shard) in self.require_live()?.shards {
+        for (_, shard) in self.require_live().await?.shards {
             let req = AcDelete {
                 instance: instance.to_string(),
                 action: *action,

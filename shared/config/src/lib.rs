@@ -356,8 +356,12 @@ pub struct ShardConfig {
     pub shard_id: Option<String>,
     /// Directory of blob files and the sled metadata. Default `./motorpool-data/cas-0`.
     pub data_dir: PathBuf,
-    /// Bytes of blob data kept before least-recently-used blobs are evicted. Default 10 GiB.
+    /// Bytes of blob data and action-cache entries kept before the least recently used are
+    /// evicted. Default 10 GiB.
     pub capacity_bytes: u64,
+    /// The share of `capacity_bytes` the action cache may take (above 0, at most 1); past it its
+    /// oldest entries are evicted first. Default 0.1.
+    pub action_cache_share: f64,
     /// Listen address of the direct data stream for large blobs. Default `127.0.0.1:0` (any port).
     pub data_addr: SocketAddr,
     /// Address other services dial for the data stream when it differs from the bound one (a
@@ -371,8 +375,48 @@ pub struct ShardConfig {
     pub fsync: bool,
     /// Optional HTTP address for this shard's `/metrics` and `/healthz`. Default: none.
     pub http_addr: Option<SocketAddr>,
+    /// An object store behind this shard (`[object_store]`): blobs and action-cache entries are
+    /// written to it too, and read back from it when this shard does not hold them. Default:
+    /// none, the shard's disk is all there is.
+    pub object_store: Option<ObjectStoreConfig>,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
+}
+
+/// The object-store tier behind the CAS shards (ADR 0017): one bucket shared by every shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObjectStoreConfig {
+    /// Where: `s3://bucket/prefix` (or any S3-compatible server: set `endpoint`),
+    /// `gs://bucket/prefix`, `az://container/prefix`, or `file:///path` (a shared file system).
+    pub url: String,
+    /// `through`: a write is acknowledged once the bucket holds it too. `behind`: once the
+    /// shard's disk holds it; the shard uploads it soon after (the blobs still to upload are
+    /// remembered across restarts). Default `through`.
+    pub write: TierWrite,
+    /// Options of the store's client, by the names `object_store` gives them (for S3:
+    /// `endpoint`, `region`, `allow_http`, `access_key_id`, `secret_access_key`, ...). The
+    /// usual environment variables (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT`, ...) are read too;
+    /// keep secrets there rather than in a file.
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for ObjectStoreConfig {
+    fn default() -> Self {
+        ObjectStoreConfig {
+            url: String::new(),
+            write: TierWrite::Through,
+            options: Default::default(),
+        }
+    }
+}
+
+/// When a write reaches the object store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierWrite {
+    Through,
+    Behind,
 }
 
 impl Default for ShardConfig {
@@ -385,11 +429,13 @@ impl Default for ShardConfig {
             shard_id: None,
             data_dir: PathBuf::from("motorpool-data/cas-0"),
             capacity_bytes: 10 * 1024 * 1024 * 1024,
+            action_cache_share: 0.1,
             data_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise_addr: None,
             heartbeat_ms: 1000,
             fsync: false,
             http_addr: None,
+            object_store: None,
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -433,8 +479,26 @@ pub struct SchedulerConfig {
     /// Optional HTTP address for the scheduler's `/metrics` and `/healthz`. Default: none (the
     /// gateway's `/metrics` and `/api/v1/queues` show the queue depths anyway).
     pub http_addr: Option<SocketAddr>,
+    /// This scheduler's name in the lease that picks the active one of several schedulers,
+    /// unique among them. Default: `scheduler@<host>`.
+    pub scheduler_id: Option<String>,
+    /// The lease (milliseconds): a standby takes over when the active scheduler has not renewed
+    /// it for this long. The active one renews it every third of it. Default 3000.
+    pub lease_ms: u64,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
+}
+
+impl SchedulerConfig {
+    /// [`SchedulerConfig::scheduler_id`], or the default made from the host's name.
+    pub fn scheduler_id(&self) -> String {
+        self.scheduler_id.clone().unwrap_or_else(|| {
+            let host = hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("scheduler@{host}")
+        })
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -451,6 +515,8 @@ impl Default for SchedulerConfig {
             api_burst: 4.0,
             api_max_wait_ms: 60_000,
             http_addr: None,
+            scheduler_id: None,
+            lease_ms: 3000,
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -531,12 +597,15 @@ pub struct WorkerConfig {
     /// The deployment's data key (64 hex digits; `motorpool up` makes `bus/data.key`): shards
     /// serve their direct data stream only to peers that prove they hold it. None: open.
     pub data_key_file: Option<PathBuf>,
-    /// Worker id (also its CAS shard's id). Default: stored in `data_dir/shard-id`, created at
-    /// first start from the host name and a random suffix.
+    /// Worker id (also its CAS shard's id), unique among the deployment's live workers: a worker
+    /// whose id another live worker holds refuses to start. Default: stored in
+    /// `data_dir/cas/shard-id`, created at first start from the host name and a random suffix.
     pub worker_id: Option<String>,
     /// Directory of the worker's CAS shard (`cas/`), input cache (`cache/`) and exec dirs
-    /// (`exec/`). Default `./motorpool-data/worker-0`.
-    pub data_dir: PathBuf,
+    /// (`exec/`), one worker's only: a second worker given it refuses to start. Relative paths
+    /// are taken from the directory the worker starts in. Default `./motorpool-data/<worker
+    /// id>` with a worker id, else `./motorpool-data/worker-0`.
+    pub data_dir: Option<PathBuf>,
     /// Where exec roots (`exec/`) and the input cache (`cache/`) live; emptied at start. Default:
     /// the data dir, unless the sandbox user cannot reach it (a parent directory without `o+x`,
     /// as a 0700 home is): then `/var/tmp/motorpool/<worker id>-<data dir hash>`.
@@ -561,6 +630,11 @@ pub struct WorkerConfig {
     pub max_timeout_ms: u64,
     /// Bytes of the worker's CAS shard before LRU eviction. Default 10 GiB.
     pub cas_capacity_bytes: u64,
+    /// The share of the shard's capacity its action cache may take, as a shard's
+    /// `action_cache_share`. Default 0.1.
+    pub cas_action_cache_share: f64,
+    /// The object store behind the worker's CAS shard, as a shard's `[object_store]`.
+    pub object_store: Option<ObjectStoreConfig>,
     /// Bytes of the local input cache (hard-link source) before eviction. Default 4 GiB.
     pub input_cache_bytes: u64,
     /// Listen address of the CAS shard's data stream. Default `127.0.0.1:0`.
@@ -657,7 +731,7 @@ impl Default for WorkerConfig {
             nats_tls_ca_file: None,
             data_key_file: None,
             worker_id: None,
-            data_dir: PathBuf::from("motorpool-data/worker-0"),
+            data_dir: None,
             scratch_dir: None,
             slots: None,
             fetch_concurrency: 4,
@@ -667,6 +741,8 @@ impl Default for WorkerConfig {
             default_timeout_ms: 900_000,
             max_timeout_ms: 3_600_000,
             cas_capacity_bytes: 10 * 1024 * 1024 * 1024,
+            cas_action_cache_share: 0.1,
+            object_store: None,
             input_cache_bytes: 4 * 1024 * 1024 * 1024,
             data_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise_addr: None,
@@ -674,6 +750,17 @@ impl Default for WorkerConfig {
             http_addr: None,
             sandbox: SandboxConfig::default(),
             telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The data dir as configured, or its default (see `data_dir`); relative as given.
+    pub fn data_dir(&self) -> PathBuf {
+        match (&self.data_dir, &self.worker_id) {
+            (Some(d), _) => d.clone(),
+            (None, Some(id)) => PathBuf::from("motorpool-data").join(id),
+            (None, None) => PathBuf::from("motorpool-data/worker-0"),
         }
     }
 }
@@ -711,6 +798,8 @@ pub struct LabelConfig {
     /// Milliseconds a taken clip may go without a keep-alive before it is redelivered to another
     /// instance (the holder died). Default 120000.
     pub ack_wait_ms: u64,
+    /// HTTP address for the stage's `/metrics` and `/healthz`. Default: none.
+    pub http_addr: Option<SocketAddr>,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -726,6 +815,7 @@ impl Default for LabelConfig {
             concurrency: 1,
             aging_step_ms: 10_000,
             ack_wait_ms: 120_000,
+            http_addr: None,
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -827,6 +917,8 @@ pub struct FleetConfig {
     pub trusted_keys_file: Option<PathBuf>,
     /// Milliseconds of waiting that raise a queued build one lane. Default 10000.
     pub aging_step_ms: u64,
+    /// HTTP address for the service's `/metrics` and `/healthz`. Default: none.
+    pub http_addr: Option<SocketAddr>,
     /// Logging, tracing, metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -861,6 +953,7 @@ impl Default for FleetConfig {
             depot_instance: String::new(),
             depot_sync_s: 60,
             aging_step_ms: 10_000,
+            http_addr: None,
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -1028,6 +1121,73 @@ impl ServiceConfig for RunnerConfig {
     const ENV_PREFIX: &'static str = "MOTORPOOL_RUNNER_";
 }
 
+/// `motorpool alert-relay`: delivers the platform's alerts (the `MP_V1_ALERTS` stream) to the
+/// places people look: an Alertmanager, a chat room's webhook.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertRelayConfig {
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// The nkey seed file this service connects to NATS with (`motorpool keys bus add --role
+    /// alert-relay`); none = connect without credentials, for a bus that lets anyone in.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// PEM CA of a NATS that speaks TLS. None: plain, unless the URL is `tls://`.
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Where alerts go (`[[sinks]]`); at least one.
+    pub sinks: Vec<AlertSink>,
+    /// Seconds within which an alert of the same kind about the same thing (a worker, an
+    /// operation, a CI job) reaches each sink once. Default 600.
+    pub dedupe_s: u64,
+    /// Alerts a chat sink gets per minute; the rest are counted, and the count goes out with
+    /// the next message (Alertmanager groups and throttles by itself). Default 10.
+    pub chat_per_minute: u32,
+    /// HTTP address for `/metrics` and `/healthz`. Default: none.
+    pub http_addr: Option<SocketAddr>,
+    /// Logging, tracing, metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for AlertRelayConfig {
+    fn default() -> Self {
+        AlertRelayConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
+            sinks: Vec::new(),
+            dedupe_s: 600,
+            chat_per_minute: 10,
+            http_addr: None,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig for AlertRelayConfig {
+    const ENV_PREFIX: &'static str = "MOTORPOOL_ALERT_RELAY_";
+}
+
+/// One place alerts go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertSink {
+    /// `alertmanager` (its base URL: alerts are posted to `/api/v2/alerts`), `slack` (an
+    /// incoming webhook: `{"text": ...}`) or `feishu` (a custom bot's webhook: `{"msg_type":
+    /// "text", ...}`).
+    pub kind: AlertSinkKind,
+    pub url: String,
+    /// Only alerts of these kinds (`retries_exhausted`, `worker_lost`, ...). Default: every kind.
+    #[serde(default)]
+    pub kinds: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertSinkKind {
+    Alertmanager,
+    Slack,
+    Feishu,
+}
+
 /// The forges a runner reports commit statuses to. A forge left unset gets no statuses.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1153,5 +1313,10 @@ mod tests {
         assert_eq!(runner.runner_id, "ci-1");
         assert_eq!(runner.max_attempts, 3);
         assert!(runner.forges.gitlab.is_some() && runner.forges.github.is_some());
+        let relay: AlertRelayConfig =
+            load(Some(&dir.join("alert-relay.toml")), &Flags::default()).unwrap();
+        assert_eq!(relay.sinks.len(), 3);
+        assert_eq!(relay.sinks[0].kind, AlertSinkKind::Alertmanager);
+        assert_eq!(relay.sinks[2].kinds, ["ci_retries_exhausted"]);
     }
 }

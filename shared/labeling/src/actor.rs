@@ -399,6 +399,11 @@ pub async fn run_service<W: StageWork>(
     });
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| LabelError::io(format!("label store {}", config.data_dir.display()), e))?;
+    let http = config
+        .http_addr
+        .map(motorpool_telemetry::serve_metrics)
+        .transpose()
+        .map_err(|e| LabelError::Internal(e.to_string()))?;
     let bus = Bus::connect_service(
         &config.nats_url,
         &format!("motorpool-{stage}"),
@@ -408,7 +413,7 @@ pub async fn run_service<W: StageWork>(
     )
     .await
     .map_err(|e| LabelError::Bus(e.to_string()))?;
-    serve_stage(
+    let served = serve_stage(
         bus,
         Arc::new(work),
         StageOptions {
@@ -421,5 +426,9 @@ pub async fn run_service<W: StageWork>(
         shutdown,
     )
     .await
-    .map_err(|e| LabelError::Bus(e.to_string()))
+    .map_err(|e| LabelError::Bus(e.to_string()));
+    if let Some(h) = http {
+        h.stop(true).await;
+    }
+    served
 }

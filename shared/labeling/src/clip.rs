@@ -13,7 +13,9 @@
 //!
 //! Frames are numbered 0, 1, 2, ... without gaps and their timestamps strictly increase. A
 //! slots file may leave a frame out (the model had no result for it) but may not name a frame
-//! the clip does not have.
+//! the clip does not have. A detection's four corners go around the slot in either direction,
+//! starting anywhere (models disagree on both): the pipeline aligns them, and its labels come in
+//! the canonical order (`geom::canonical_order`). Ground truth is in the canonical order.
 
 use crate::geom::{Pose, Slot};
 use serde::{Deserialize, Serialize};

@@ -44,6 +44,9 @@ pub struct Quality {
     pub fn_: usize,
     /// Per-corner errors of pairs assigned within 1 m, metres.
     pub corner_errors: Vec<f64>,
+    /// True positives whose corners come in the truth's order (corner 0 the entrance-left one,
+    /// counter-clockwise): what a reviewer's keypoint names rely on.
+    pub in_order: usize,
 }
 
 impl Quality {
@@ -62,7 +65,12 @@ impl Quality {
     pub fn p95_error(&self) -> f64 {
         percentile(&self.corner_errors, 0.95)
     }
+    /// The share of true positives in the truth's corner order.
+    pub fn order_share(&self) -> f64 {
+        ratio(self.in_order, self.tp)
+    }
     pub fn merge(&mut self, other: &Quality) {
+        self.in_order += other.in_order;
         self.tp += other.tp;
         self.fp += other.fp;
         self.fn_ += other.fn_;
@@ -149,6 +157,9 @@ pub fn evaluate(truth: &GroundTruth, predictions: &[Vec<Slot>], opts: &EvalOptio
             gt_matched[*g] = true;
             if gt[*g].1 {
                 q.tp += 1;
+                if align(&gt[*g].0, &preds[*p].corners).0 == preds[*p].corners {
+                    q.in_order += 1;
+                }
             }
         }
         for (p, m) in pred_matched.iter().enumerate() {

@@ -1,8 +1,11 @@
 //! Planar geometry of parking slots: poses, corner sets, distances and assignment.
 //!
 //! A slot is four corners in order around its outline, the first two on the entrance line.
-//! Detectors do not always agree on which corner comes first, so every comparison aligns the
-//! corner order first ([`align`]: the cyclic shift with the smallest mean distance).
+//! Detectors do not always agree on which corner comes first, nor which way round they go, so
+//! every comparison aligns the corner order first ([`align`]: the cyclic shift, either way round,
+//! with the smallest mean distance). A label's own order is canonical ([`canonical_order`]):
+//! entrance left, entrance right, far right, far left, as seen from the aisle facing into the
+//! slot; counter-clockwise in the map frame.
 
 use serde::{Deserialize, Serialize};
 
@@ -91,18 +94,130 @@ pub fn corner_dists(a: &Corners, b: &Corners) -> [f64; 4] {
     std::array::from_fn(|i| dist(a[i], b[i]))
 }
 
-/// Aligns `c` to `reference`: the cyclic shift of `c` with the smallest mean corner distance,
-/// and that distance.
+/// `c` the other way round, keeping its first corner first.
+pub fn reverse(c: &Corners) -> Corners {
+    [c[0], c[3], c[2], c[1]]
+}
+
+/// Aligns `c` to `reference`: the order of `c` (a cyclic shift, either way round) with the
+/// smallest mean corner distance, and that distance.
 pub fn align(reference: &Corners, c: &Corners) -> (Corners, f64) {
     let mut best = (*c, f64::INFINITY);
-    for shift in 0..4 {
-        let r = rotate(c, shift);
-        let d = corner_dists(reference, &r).iter().sum::<f64>() / 4.0;
-        if d < best.1 {
-            best = (r, d);
+    for order in [*c, reverse(c)] {
+        for shift in 0..4 {
+            let r = rotate(&order, shift);
+            let d = corner_dists(reference, &r).iter().sum::<f64>() / 4.0;
+            if d < best.1 {
+                best = (r, d);
+            }
         }
     }
     best
+}
+
+/// Twice the signed area of the outline: positive when the corners go counter-clockwise.
+pub fn signed_area2(c: &[P2]) -> f64 {
+    (0..c.len())
+        .map(|i| {
+            let (a, b) = (c[i], c[(i + 1) % c.len()]);
+            a[0] * b[1] - b[0] * a[1]
+        })
+        .sum()
+}
+
+/// The area of a slot's outline, m^2.
+pub fn area(c: &Corners) -> f64 {
+    signed_area2(c).abs() / 2.0
+}
+
+/// The area two slots share, m^2 (each taken as a convex outline: Sutherland-Hodgman clipping).
+pub fn overlap_area(a: &Corners, b: &Corners) -> f64 {
+    let ccw = |c: &Corners| {
+        if signed_area2(c) < 0.0 {
+            reverse(c)
+        } else {
+            *c
+        }
+    };
+    let (a, b) = (ccw(a), ccw(b));
+    let mut poly: Vec<P2> = a.to_vec();
+    for i in 0..4 {
+        let (p, q) = (b[i], b[(i + 1) % 4]);
+        // Left of the edge p->q (inside, for a counter-clockwise outline).
+        let side = |x: P2| (q[0] - p[0]) * (x[1] - p[1]) - (q[1] - p[1]) * (x[0] - p[0]);
+        let input = std::mem::take(&mut poly);
+        for j in 0..input.len() {
+            let (cur, next) = (input[j], input[(j + 1) % input.len()]);
+            let (sc, sn) = (side(cur), side(next));
+            if sc >= 0.0 {
+                poly.push(cur);
+            }
+            if (sc >= 0.0) != (sn >= 0.0) {
+                let t = sc / (sc - sn);
+                poly.push([
+                    cur[0] + t * (next[0] - cur[0]),
+                    cur[1] + t * (next[1] - cur[1]),
+                ]);
+            }
+        }
+        if poly.len() < 3 {
+            return 0.0;
+        }
+    }
+    signed_area2(&poly).abs() / 2.0
+}
+
+/// The slot's corners in canonical order: counter-clockwise, and starting with the entrance
+/// corner on the left as seen from the aisle facing into the slot. The entrance is the edge that
+/// faces the aisle, found from `seen_from`, the ego poses the slot was observed from (map frame):
+/// each of the five poses closest to the slot votes. A pose stands on the aisle and heads along
+/// it, so the point of the aisle in front of the slot is the foot of the slot's centre on the
+/// line through the pose along its heading, and the pose votes for the edge whose outward normal
+/// points most directly at that point. This holds where the car passed in front of the slot and
+/// where it only saw it from down the aisle. With no pose, only the winding is fixed.
+pub fn canonical_order(c: &Corners, seen_from: &[Pose]) -> Corners {
+    const VOTERS: usize = 5;
+    let c = if signed_area2(c) < 0.0 {
+        reverse(c)
+    } else {
+        *c
+    };
+    if seen_from.is_empty() {
+        return c;
+    }
+    let m = centre(&c);
+    let mut near: Vec<&Pose> = seen_from.iter().collect();
+    near.sort_by(|a, b| dist([a.x, a.y], m).total_cmp(&dist([b.x, b.y], m)));
+    near.truncate(VOTERS);
+    // Edge k's outward unit normal (right of a -> b on a counter-clockwise outline).
+    let normal = |k: usize| {
+        let (a, b) = (c[k], c[(k + 1) % 4]);
+        let (dx, dy) = (b[0] - a[0], b[1] - a[1]);
+        let len = (dx * dx + dy * dy).sqrt().max(1e-9);
+        [dy / len, -dx / len]
+    };
+    let mut votes = [0u32; 4];
+    for pose in near {
+        let (h, p) = ([pose.yaw.cos(), pose.yaw.sin()], [pose.x, pose.y]);
+        let along = (m[0] - p[0]) * h[0] + (m[1] - p[1]) * h[1];
+        let aisle = [p[0] + along * h[0], p[1] + along * h[1]];
+        // A car standing in the slot's line of sight along its own heading: face the car.
+        let towards = if dist(aisle, m) > 0.5 { aisle } else { p };
+        let v = [towards[0] - m[0], towards[1] - m[1]];
+        let edge = (0..4)
+            .max_by(|&i, &j| {
+                let (ni, nj) = (normal(i), normal(j));
+                (ni[0] * v[0] + ni[1] * v[1]).total_cmp(&(nj[0] * v[0] + nj[1] * v[1]))
+            })
+            .unwrap_or(0);
+        votes[edge] += 1;
+    }
+    // The first of the most voted edges: its first corner, counter-clockwise, is the entrance's
+    // left one (the outline runs left to right along the entrance seen from outside).
+    let entrance = (0..4)
+        .max_by_key(|&i| (votes[i], std::cmp::Reverse(i)))
+        .unwrap_or(0);
+    rotate(&c, entrance)
 }
 
 /// Mean corner distance after alignment.
@@ -222,6 +337,76 @@ mod tests {
         c[2][1] -= 0.1;
         assert!((max_corner_dist(&a, &c) - 0.3).abs() < 1e-12);
         assert!(two_closest_corners(&a, &c) < 1e-12);
+    }
+
+    #[test]
+    fn alignment_undoes_a_reversed_winding_too() {
+        let a = sq(0.0, 0.0);
+        let b = reverse(&rotate(&a, 1));
+        assert!(mean_corner_dist(&a, &b) < 1e-12);
+        assert_eq!(align(&a, &b).0, a);
+    }
+
+    #[test]
+    fn overlap_is_the_shared_area_whatever_the_winding() {
+        let a = sq(0.0, 0.0);
+        assert!((area(&a) - 12.5).abs() < 1e-12);
+        assert!((overlap_area(&a, &a) - 12.5).abs() < 1e-9);
+        // Shifted 1.2 m sideways: 1.3 m x 5 m shared, either way round.
+        let b = reverse(&sq(1.2, 0.0));
+        assert!((overlap_area(&a, &b) - 6.5).abs() < 1e-9);
+        assert!((overlap_area(&b, &a) - 6.5).abs() < 1e-9);
+        // Neighbours share an edge, no area; a slot far away shares nothing.
+        assert!(overlap_area(&a, &sq(2.5, 0.0)).abs() < 1e-9);
+        assert_eq!(overlap_area(&a, &sq(20.0, 0.0)), 0.0);
+        // A slot rotated 45 degrees about its centre.
+        let (s, c) = std::f64::consts::FRAC_PI_4.sin_cos();
+        let m = centre(&a);
+        let r = a.map(|p| {
+            let (x, y) = (p[0] - m[0], p[1] - m[1]);
+            [m[0] + c * x - s * y, m[1] + s * x + c * y]
+        });
+        let shared = overlap_area(&a, &r);
+        assert!(shared > 5.0 && shared < 12.5, "{shared}");
+    }
+
+    #[test]
+    fn the_canonical_order_starts_at_the_entrance_left_corner_seen_from_the_aisle() {
+        // Slots on both sides of an aisle along x (y = 0): left ones open towards -y, right
+        // ones towards +y. The car drives along the aisle.
+        let drive: Vec<Pose> = (0..100)
+            .map(|i| Pose {
+                x: -10.0 + 0.3 * i as f64,
+                ..Default::default()
+            })
+            .collect();
+        let left = [[0.0, 3.5], [2.5, 3.5], [2.5, 8.8], [0.0, 8.8]];
+        let right = [[2.5, -3.5], [0.0, -3.5], [0.0, -8.8], [2.5, -8.8]];
+        for truth in [left, right] {
+            for shift in 0..4 {
+                for detected in [rotate(&truth, shift), reverse(&rotate(&truth, shift))] {
+                    let c = canonical_order(&detected, &drive);
+                    assert_eq!(c, truth, "from {detected:?}");
+                }
+            }
+        }
+        // A parallel slot: its long side is on the aisle.
+        let parallel = [[6.0, -3.0], [0.0, -3.0], [0.0, -5.5], [6.0, -5.5]];
+        assert!(signed_area2(&parallel) > 0.0);
+        for shift in 0..4 {
+            assert_eq!(canonical_order(&rotate(&parallel, shift), &drive), parallel);
+        }
+        // Seen only from far down the aisle (the car stopped 15 m before it), still the aisle side.
+        let far: Vec<Pose> = (0..20)
+            .map(|i| Pose {
+                x: -25.0 + 0.3 * i as f64,
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(canonical_order(&rotate(&left, 1), &far), left);
+        assert_eq!(canonical_order(&reverse(&right), &far), right);
+        // Without positions, only the winding is fixed.
+        assert!(signed_area2(&canonical_order(&reverse(&left), &[])) > 0.0);
     }
 
     #[test]

@@ -156,14 +156,24 @@ pub fn lot(layout: Layout, x0: f64, x1: f64) -> Vec<Corners> {
         let mut x = x0;
         while x + width + dx.abs() <= x1 {
             let y = side * aisle;
-            // Entrance corners on the aisle first, then the far ones; counter-clockwise on the
-            // left side, mirrored on the right.
-            let c: Corners = [
-                [x, y],
-                [x + width, y],
-                [x + width + dx, y + side * dy],
-                [x + dx, y + side * dy],
-            ];
+            // The canonical order (`geom::canonical_order`): entrance left, entrance right, far
+            // right, far left, as seen from the aisle facing into the slot (counter-clockwise).
+            let (entrance, far) = ([x, x + width], [x + dx, x + width + dx]);
+            let c: Corners = if side > 0.0 {
+                [
+                    [entrance[0], y],
+                    [entrance[1], y],
+                    [far[1], y + dy],
+                    [far[0], y + dy],
+                ]
+            } else {
+                [
+                    [entrance[1], y],
+                    [entrance[0], y],
+                    [far[0], y - dy],
+                    [far[1], y - dy],
+                ]
+            };
             slots.push(c);
             x += width;
         }

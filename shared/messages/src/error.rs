@@ -46,7 +46,38 @@ impl WireError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
     }
+
+    /// FAILED_PRECONDITION for a blob an execution needs that no shard holds: the client must
+    /// upload it and execute again. The gateway tells REAPI clients which blob in a
+    /// `PreconditionFailure` (see [`WireError::missing_blob`]), which Bazel answers by uploading
+    /// it and executing again.
+    pub fn missing_input(what: &str, d: &crate::BlobDigest) -> Self {
+        Self::new(
+            ErrorCode::FailedPrecondition,
+            format!("{what} {d}{MISSING}; upload it and execute again"),
+        )
+    }
+
+    /// The blob a [`WireError::missing_input`] error names.
+    pub fn missing_blob(&self) -> Option<crate::BlobDigest> {
+        if self.code != ErrorCode::FailedPrecondition {
+            return None;
+        }
+        let (before, _) = self.message.split_once(MISSING)?;
+        let digest = before.rsplit(' ').next()?;
+        let (function, rest) = digest.split_once(':')?;
+        let (hash, size) = rest.split_once('/')?;
+        crate::BlobDigest::parse(
+            crate::DigestFunction::from_name(function)?,
+            hash,
+            size.parse().ok()?,
+        )
+        .ok()
+    }
 }
+
+/// What follows the digest in a [`WireError::missing_input`] message.
+const MISSING: &str = " is missing from the CAS";
 
 impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -55,3 +86,20 @@ impl fmt::Display for WireError {
 }
 
 impl std::error::Error for WireError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_input_names_its_blob_and_nothing_else_does() {
+        let d = crate::DigestFunction::Sha256.digest_of(b"input");
+        let e = WireError::missing_input("input blob", &d);
+        assert_eq!(e.code, ErrorCode::FailedPrecondition);
+        assert_eq!(e.missing_blob(), Some(d));
+        let other = WireError::new(ErrorCode::FailedPrecondition, format!("blob {d} is late"));
+        assert_eq!(other.missing_blob(), None);
+        let not_precondition = WireError::not_found(e.message.clone());
+        assert_eq!(not_precondition.missing_blob(), None);
+    }
+}

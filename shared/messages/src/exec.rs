@@ -187,14 +187,65 @@ pub struct WorkerInfo {
     pub platform: Vec<(String, String)>,
     /// Jobs it runs at once.
     pub slots: u32,
-    /// `(operation id, attempt)` of every job it holds, in any stage.
-    pub running: Vec<(String, u32)>,
+    /// Every job it holds, in any stage, by operation id.
+    pub running: Vec<HeldJob>,
     pub started_at_ms: u64,
     pub heartbeat_at_ms: u64,
     /// Leaving: takes no new work.
     pub draining: bool,
+    /// Names the worker's data dir (a random token kept there): a worker restarted on the same
+    /// data dir knows the registry entry it finds is its own predecessor's.
+    pub instance: String,
 }
-message!(WorkerInfo, 201, 1);
+message!(WorkerInfo, 201, 2);
+
+/// A job a worker holds, from its assignment until the scheduler acknowledged its end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldJob {
+    pub operation_id: String,
+    pub attempt: u32,
+    pub stage: JobStage,
+    /// When it entered the stage (the worker's clock).
+    pub since_ms: u64,
+}
+
+/// Where a held job is in the worker's pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum JobStage {
+    /// Accepted, waiting for the input-fetch stage.
+    Accepted,
+    /// Reading the action and materialising its input tree.
+    Fetching,
+    /// Inputs in place, waiting for an execution slot (or for the same action already running).
+    Ready,
+    Executing,
+    /// Collecting outputs, uploading them and the action result.
+    Uploading,
+    /// Ended; its report waits for the scheduler's acknowledgement.
+    Reporting,
+}
+
+impl JobStage {
+    pub const ALL: [JobStage; 6] = [
+        JobStage::Accepted,
+        JobStage::Fetching,
+        JobStage::Ready,
+        JobStage::Executing,
+        JobStage::Uploading,
+        JobStage::Reporting,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobStage::Accepted => "accepted",
+            JobStage::Fetching => "fetching",
+            JobStage::Ready => "ready",
+            JobStage::Executing => "executing",
+            JobStage::Uploading => "uploading",
+            JobStage::Reporting => "reporting",
+        }
+    }
+}
 
 /// The scheduler hands a job to a worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,12 +314,35 @@ pub struct QueueStats {
     pub executing: u64,
     pub workers: u64,
     pub free_slots: u64,
+    /// The active scheduler that answered (its `--scheduler-id`) and its lease term.
+    pub scheduler: String,
+    pub term: u64,
 }
-message!(QueueStats, 208, 1);
+message!(QueueStats, 208, 2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetQueueStats;
 message!(GetQueueStats, 209, 1, reply = QueueStats);
+
+/// Which scheduler is active: the single record of the scheduler lease bucket. The holder
+/// renews it (a compare-and-set write) every third of the lease; a standby that sees the same
+/// revision for a whole lease, or a released one, takes it with the next term.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulerLease {
+    /// The holder's `--scheduler-id`.
+    pub holder: String,
+    /// A random token per process: a scheduler restarted under the same id is another holder.
+    pub instance: String,
+    /// Raised by one at every change of holder.
+    pub term: u64,
+    /// When the holder took it, and when it last renewed it (the holder's clock; shown to
+    /// people, never compared across hosts).
+    pub since_ms: u64,
+    pub renewed_ms: u64,
+    /// Let go on a clean stop: a standby takes it at once.
+    pub released: bool,
+}
+message!(SchedulerLease, 212, 1);
 
 /// May this API client start an execution now? Asked by the gateway before it queues an
 /// API-triggered operation; the scheduler keeps one token bucket per client.

@@ -145,5 +145,17 @@ pub struct DriveStatus {
     /// Why it was refused or failed.
     pub reason: String,
     pub updated_ms: u64,
+    /// The images the drive holds, by slot, as last read from it (empty for a drive that is not
+    /// ours or is gone).
+    pub images: Vec<DriveImage>,
 }
-message!(DriveStatus, 402, 1);
+message!(DriveStatus, 402, 2);
+
+/// An image a drive holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveImage {
+    pub slot: u32,
+    pub image: String,
+    /// The boot menu's default.
+    pub default: bool,
+}

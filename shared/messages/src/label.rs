@@ -78,6 +78,12 @@ pub struct LabelParams {
     pub max_missed: u32,
     /// Observations a track needs to become a label. Default 3.
     pub min_hits: u32,
+    /// The share of a track's frames (observed and filled-in gaps) that must be real
+    /// observations for it to become a label. Default 0.5.
+    pub min_observed_share: f64,
+    /// Two labels overlapping by more than this share of the smaller one's area are one slot:
+    /// the one with fewer observations is dropped. Default 0.25.
+    pub max_overlap: f64,
     /// Mean confidence a track needs to become a label. Default 0.5.
     pub min_score: f64,
     /// An observation further than this from its track's estimate is an outlier, metres.
@@ -92,8 +98,14 @@ pub struct LabelParams {
     /// AVM and BevSlots slots match when the mean of their two closest corner pairs is under
     /// this, metres. Default 0.5.
     pub avm_match_m: f64,
-    /// A frame with more unmatched AVM slots than this is dropped. Default 1.
-    pub avm_max_unmatched: u32,
+    /// A frame is dropped when more than this share of its AVM slots match no label, or more
+    /// than this share of its labels inside `avm_range_m` match no AVM slot. Default 0.35.
+    pub avm_max_unmatched_share: f64,
+    /// A frame is dropped unless at least this many of its labels match an AVM slot. Default 1.
+    pub avm_min_matched: u32,
+    /// Half-width of the square around the ego vehicle in which the AVM model sees every slot,
+    /// metres: a label there that AVM does not see is suspect. Default 5.
+    pub avm_range_m: f64,
 }
 
 impl Default for LabelParams {
@@ -106,12 +118,16 @@ impl Default for LabelParams {
             gate_m: 1.0,
             max_missed: 5,
             min_hits: 3,
+            min_observed_share: 0.5,
+            max_overlap: 0.25,
             min_score: 0.5,
             outlier_m: 0.45,
             recency_tau_s: 20.0,
             visible_m: 10.0,
             avm_match_m: 0.5,
-            avm_max_unmatched: 1,
+            avm_max_unmatched_share: 0.35,
+            avm_min_matched: 1,
+            avm_range_m: 5.0,
         }
     }
 }
@@ -144,7 +160,7 @@ pub struct LabelJob {
     /// Outputs of the stages done so far, in order.
     pub outputs: Vec<StageOutput>,
 }
-message!(LabelJob, 300, 1);
+message!(LabelJob, 300, 2);
 
 impl LabelJob {
     /// The output of an earlier stage.

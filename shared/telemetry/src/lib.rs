@@ -121,6 +121,20 @@ pub async fn metrics_handler() -> actix_web::HttpResponse {
         .body(prometheus().render())
 }
 
+/// Runs `work` while serving `/metrics` and `/healthz` on `addr` (when set), for a service
+/// without an HTTP API of its own; a port that cannot be bound fails before `work` starts.
+pub async fn with_metrics<T>(
+    addr: Option<std::net::SocketAddr>,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let http = addr.map(serve_metrics).transpose()?;
+    let out = work.await;
+    if let Some(h) = http {
+        h.stop(true).await;
+    }
+    out
+}
+
 /// Serves `/metrics` and `/healthz` on `addr` for a service without an HTTP API of its own.
 pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<actix_web::dev::ServerHandle> {
     use actix_web::{App, HttpResponse, HttpServer, web};

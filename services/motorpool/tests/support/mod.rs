@@ -136,6 +136,7 @@ impl Stack {
                 .arg(webhook.to_string())
                 .arg("--runner-addr")
                 .arg(runner.to_string())
+                .args(["--metrics-addr", "127.0.0.1:0"])
                 .args(extra)
                 .env("RUST_LOG", "warn")
                 .envs(env.iter().copied())
@@ -208,6 +209,19 @@ impl Stack {
     /// `--remote_header` for Bazel, with `key`.
     pub fn bazel_auth(&self, key: &str) -> String {
         format!("--remote_header=authorization=Bearer {key}")
+    }
+
+    /// Bazel's flags for building `//...` with every action executed on this stack, under
+    /// `instance`, as CI (whose key may write the action cache).
+    pub fn remote_build_flags(&self, instance: &str) -> Vec<String> {
+        vec![
+            "//...".to_string(),
+            format!("--remote_executor=grpc://{}", self.grpc),
+            format!("--remote_instance_name={instance}"),
+            "--spawn_strategy=remote".to_string(),
+            "--jobs=8".to_string(),
+            self.bazel_auth(&self.keys.ci),
+        ]
     }
 
     /// A channel that accepts HTTP/2 frames of up to `max_frame` bytes (16 KiB, the protocol's
@@ -453,6 +467,62 @@ impl Stack {
         None
     }
 
+    /// The pids of `motorpool up`'s children whose command is `program` (the NATS cluster's
+    /// `nats-server`s), in start order.
+    pub fn children_running(&self, program: &str) -> Vec<u32> {
+        let Some(up) = self.child.as_ref().map(Child::id) else {
+            return Vec::new();
+        };
+        let mut out: Vec<u32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let argv0 = cmd.split(|b| *b == 0).next().unwrap_or_default();
+                ppid == Some(up) && Path::new(&*String::from_utf8_lossy(argv0)).ends_with(program)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A metric summed over the services whose name starts with `service`, scraped from the
+    /// `/metrics` addresses `motorpool up` lists for Prometheus. `series` is a metric name
+    /// (every series of it counts) or one series with its labels.
+    pub fn metric_sum(&self, service: &str, series: &str) -> f64 {
+        let targets: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.dir.path().join("data/prometheus/targets.json")).unwrap(),
+        )
+        .unwrap();
+        targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| {
+                t["labels"]["service"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(service)
+            })
+            .map(|t| {
+                let addr = t["targets"][0].as_str().unwrap().parse().unwrap();
+                let text = ci::http(addr, "GET", "/metrics", &[], b"").1;
+                text.lines()
+                    .filter(|l| l.starts_with(series))
+                    .filter(|l| l[series.len()..].starts_with(['{', ' ']))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>()
+            })
+            .sum()
+    }
+
     /// SIGKILLs the child matching `words`; `motorpool up` restarts it.
     pub fn kill9(&self, words: &[&str]) -> u32 {
         let pid = self
@@ -668,6 +738,15 @@ pub async fn bs_read(
 }
 
 /// Fails the test, saying how to get it, when Bazel is not installed.
+/// Held by a test that times what a whole stack does under a real build (a process killed
+/// mid-build, a takeover): on two cores, two of them at once starve each other's stacks of CPU
+/// and measure the machine, not the platform. Tests of one binary take it in turn.
+pub fn one_stack_build_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn require_bazel() {
     assert!(
         which("bazel").is_some(),
