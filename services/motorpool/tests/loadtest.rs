@@ -68,7 +68,7 @@ fn k6_webhook_load_test_queues_every_signed_event() {
         "[[project]]\nname = \"av/monorepo\"\nforge = \"github\"\nsecret_file = \"gh.secret\"\n",
     )
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    support::ci::wait_for_project(&stack, "av/monorepo");
     // A smoke run: a modest rate and a loose latency bound on a shared CI machine; the
     // figures at the full rate are in ADR 0011.
     let text = k6(

@@ -293,5 +293,24 @@ pub fn write_projects_with(stack: &Stack, ws: &Workspace, targets: &[&str], extr
         ),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1500)); // the webhook re-reads its projects
+    wait_for_project(stack, "av/monorepo");
+    wait_for_project(stack, "av/mirror");
+}
+
+/// Waits (up to 30 s) until the webhook, which re-reads its projects file once a second, knows
+/// `project`: an unsigned probe gets 401 from a known project and 404 from an unknown one.
+pub fn wait_for_project(stack: &Stack, project: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http(stack.webhook, "POST", &format!("/hooks/{project}"), &[], b"");
+        if status != 404 {
+            assert_eq!(status, 401, "an unsigned probe of {project}: {body}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook never loaded project {project}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
