@@ -367,6 +367,12 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
     .await
 }
 
+fn is_cancelled(o: &Outcome) -> bool {
+    o.error
+        .as_ref()
+        .is_some_and(|e| e.code == ErrorCode::Cancelled)
+}
+
 fn dedup_key(op: &Operation) -> Option<(String, BlobDigest)> {
     (!op.do_not_cache).then(|| (op.instance.clone(), op.action))
 }
@@ -495,12 +501,18 @@ impl Actor {
         }
         let id = op.id.clone();
         match &op.state {
-            OpState::Completed(_) => {
-                // Completed elsewhere (another scheduler), or by this one before its watch
-                // caught up: forget it, running or queued.
+            OpState::Completed(outcome) => {
+                // Completed elsewhere (a scheduler that lost its lease right after), or by this
+                // one before its watch caught up: forget it, running or queued.
                 self.executions.remove(&id);
                 if let Some(t) = self.ops.remove(&id) {
                     self.queues.remove(t.op.pool, t.op.lane, &id);
+                }
+                // Operations that followed it share its result. A cancelled one keeps them: they
+                // wait for its run (still going for them) or take its place (`promote_follower`).
+                if !is_cancelled(outcome) && self.followers.contains_key(&id) {
+                    self.release_primary(&id);
+                    self.complete_followers(&id, outcome).await;
                 }
             }
             OpState::Executing { worker, since_ms } => {
@@ -525,6 +537,19 @@ impl Actor {
                 let key = dedup_key(&op);
                 self.ops.insert(id.clone(), Tracked { op, revision });
                 if known {
+                    return;
+                }
+                // A follower replayed before the operation it follows (the watch gives records
+                // in the order of their last change; the primary changed later, when it was
+                // dispatched): its record, not memory, says whether the run it waits for goes
+                // on. Taken for a primary, it would run the same action a second time.
+                if let Some(p) = follows.as_ref().filter(|p| **p != id)
+                    && !self.ops.contains_key(p)
+                    && let Some(outcome) = self.replay_primary(p).await
+                {
+                    let mut o = outcome;
+                    o.message = format!("shared the execution of operation {p}. {}", o.message);
+                    self.complete(&id, o).await;
                     return;
                 }
                 // Follow an identical operation that is queued or running.
@@ -641,6 +666,30 @@ impl Actor {
         }
     }
 
+    /// The record of `primary`, which a follower names but this scheduler has not yet heard of,
+    /// read now and taken in: its outcome when it already completed (not cancelled) for the
+    /// follower to share. A primary that is gone, cancelled or unreadable leaves the follower to
+    /// run on its own.
+    async fn replay_primary(&mut self, primary: &str) -> Option<Outcome> {
+        let entry = match self.kv.entry(primary).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => e,
+            Ok(_) => return None,
+            Err(error) => {
+                tracing::warn!(op = %primary, %error, "Cannot read a followed operation");
+                return None;
+            }
+        };
+        let op = codec::decode::<Operation>(&entry.value).ok()?;
+        match &op.state {
+            OpState::Completed(o) if !is_cancelled(o) => Some(o.clone()),
+            OpState::Completed(_) => None,
+            _ => {
+                Box::pin(self.on_op(op, entry.revision)).await;
+                None
+            }
+        }
+    }
+
     /// Completes an operation and every operation that follows it.
     async fn complete(&mut self, id: &str, outcome: Outcome) {
         if let Some(t) = self.ops.get(id) {
@@ -657,6 +706,11 @@ impl Actor {
                 .await;
         }
         self.release_primary(id);
+        self.complete_followers(id, &outcome).await;
+    }
+
+    /// Completes the operations that follow `id` with its outcome.
+    async fn complete_followers(&mut self, id: &str, outcome: &Outcome) {
         for f in self.followers.remove(id).unwrap_or_default() {
             let mut o = outcome.clone();
             o.message = format!("shared the execution of operation {id}. {}", o.message);

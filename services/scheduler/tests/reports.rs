@@ -1,11 +1,15 @@
-//! A scheduler that has just started (or taken over from a dead one) hears workers' job reports
-//! before its watch has read the operations bucket: the record, not its memory, decides whether
-//! a report is current, so a finished job is completed once and never sent to run again.
+//! A scheduler that has just started (or taken over from a dead one) rebuilds its state from
+//! the operations bucket while workers already talk to it: the records, not its memory, decide,
+//! so a finished job is completed once and nothing is sent to run a second time.
 
-use motorpool_bus::{Bus, BusError, NatsServer, subjects};
+use motorpool_bus::{Bus, BusError, MailboxOptions, NatsServer, serve, subjects};
 use motorpool_config::SchedulerConfig;
-use motorpool_messages::exec::{Ack, JobDone, JobResult, Lane, OpState, Operation, Outcome, Pool};
+use motorpool_messages::exec::{
+    Ack, Assign, AssignReply, HeldJob, JobDone, JobResult, JobStage, Lane, OpState, Operation,
+    Outcome, Pool, WorkerInfo,
+};
 use motorpool_messages::{DigestFunction, decode, encode, now_ms};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -79,11 +83,27 @@ async fn a_report_heard_before_the_record_is_read_completes_the_job_once() {
     };
     let scheduler = tokio::spawn(motorpool_scheduler::run(config, shutdown.clone()));
     // The worker reports as soon as a scheduler answers, as it does after a takeover.
+    report(&bus, &id, "ran once").await;
+    // Completed with the worker's outcome at once, not left running to be retried when the
+    // worker no longer lists it.
+    let op = settled(&ops, &id).await;
+    match &op.state {
+        OpState::Completed(outcome) => assert_eq!(outcome.message, "ran once"),
+        other => panic!("the reported job is {other:?}, not completed"),
+    }
+    assert_eq!(op.attempts, 1);
+    assert!(op.failures.is_empty(), "{:?}", op.failures);
+    shutdown.cancel();
+    scheduler.await.unwrap().unwrap();
+}
+
+/// Sends w1's report that attempt 1 of `id` finished, until a scheduler acknowledges it.
+async fn report(bus: &Bus, id: &str, message: &str) {
     let done = JobDone {
-        operation_id: id.clone(),
+        operation_id: id.to_string(),
         attempt: 1,
         worker: "w1".into(),
-        result: JobResult::Finished(finished("ran once")),
+        result: JobResult::Finished(finished(message)),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -95,30 +115,168 @@ async fn a_report_heard_before_the_record_is_read_completes_the_job_once() {
             )
             .await
         {
-            Ok(Ack) => break,
+            Ok(Ack) => return,
             Err(BusError::NoResponders { .. }) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(5)).await
             }
             Err(e) => panic!("the report was not taken: {e}"),
         }
     }
-    let answered = Instant::now();
-    // Completed with the worker's outcome at once, not left running to be retried when the
-    // worker no longer lists it.
-    let op = loop {
-        let entry = ops.get(&id).await.unwrap().unwrap();
+}
+
+/// The record of `id` once it completed, or as it is after 4 s.
+async fn settled(ops: &async_nats::jetstream::kv::Store, id: &str) -> Operation {
+    let since = Instant::now();
+    loop {
+        let entry = ops.get(id).await.unwrap().unwrap();
         let op: Operation = decode(&entry).unwrap();
-        if op.is_done() || answered.elapsed() > Duration::from_secs(4) {
-            break op;
+        if op.is_done() || since.elapsed() > Duration::from_secs(4) {
+            return op;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    match &op.state {
-        OpState::Completed(outcome) => assert_eq!(outcome.message, "ran once"),
-        other => panic!("the reported job is {other:?}, not completed"),
     }
-    assert_eq!(op.attempts, 1);
-    assert!(op.failures.is_empty(), "{:?}", op.failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_replayed_before_their_primary_share_its_run_and_are_never_run_again() {
+    let server = NatsServer::start().unwrap();
+    let bus = Bus::connect(&server.url(), "worker-w1", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ops = bus
+        .ensure_kv(subjects::exec::operations_config())
+        .await
+        .unwrap();
+    let put = |op: Operation| {
+        let ops = ops.clone();
+        async move {
+            ops.put(&op.id, encode(&op).unwrap().into()).await.unwrap();
+        }
+    };
+    // What a dead scheduler left: `b` follows `a`, which was dispatched after `b` began to
+    // follow it, so the watch replays `b` first; `c` follows `d`, which completed (its
+    // followers' writes never happened).
+    let (a, b, c, d) = (
+        "a".repeat(32),
+        "b".repeat(32),
+        "c".repeat(32),
+        "d".repeat(32),
+    );
+    put(operation(a.clone(), OpState::Queued { follows: None }, 0)).await;
+    let mut follower = operation(
+        b.clone(),
+        OpState::Queued {
+            follows: Some(a.clone()),
+        },
+        0,
+    );
+    follower.action = DigestFunction::Sha256.digest_of(a.as_bytes());
+    put(follower).await;
+    let executing = OpState::Executing {
+        worker: "w1".into(),
+        since_ms: now_ms(),
+    };
+    put(operation(a.clone(), executing, 1)).await;
+    let mut follower = operation(
+        c.clone(),
+        OpState::Queued {
+            follows: Some(d.clone()),
+        },
+        0,
+    );
+    follower.action = DigestFunction::Sha256.digest_of(d.as_bytes());
+    put(follower).await;
+    put(operation(
+        d.clone(),
+        OpState::Completed(finished("d ran")),
+        1,
+    ))
+    .await;
+
+    // Worker w1, running `a`, with room for more: whatever is assigned to it is recorded.
+    let assigned = Arc::new(Mutex::new(Vec::<String>::new()));
+    let shutdown = CancellationToken::new();
+    let seen = assigned.clone();
+    serve(
+        &bus,
+        subjects::exec::assign("w1"),
+        MailboxOptions::default(),
+        shutdown.clone(),
+        move |req: Assign| {
+            seen.lock().unwrap().push(req.operation.id);
+            async {
+                Ok(AssignReply {
+                    accepted: true,
+                    reason: String::new(),
+                })
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let beats = {
+        let (bus, a, stop) = (bus.clone(), a.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let info = WorkerInfo {
+                    worker_id: "w1".into(),
+                    pool: Pool::Cpu,
+                    platform: Vec::new(),
+                    slots: 4,
+                    running: vec![HeldJob {
+                        operation_id: a.clone(),
+                        attempt: 1,
+                        stage: JobStage::Executing,
+                        since_ms: now_ms(),
+                    }],
+                    started_at_ms: 0,
+                    heartbeat_at_ms: now_ms(),
+                    draining: false,
+                    instance: "w1".into(),
+                };
+                let _ = bus.publish(&subjects::exec::heartbeat("w1"), &info).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let config = SchedulerConfig {
+        nats_url: server.url(),
+        scheduler_id: Some("s1".into()),
+        ..Default::default()
+    };
+    let scheduler = tokio::spawn(motorpool_scheduler::run(config, shutdown.clone()));
+
+    // `c` shares `d`'s result as soon as the scheduler has read them.
+    let op = settled(&ops, &c).await;
+    match &op.state {
+        OpState::Completed(o) => assert!(
+            o.message
+                .contains(&format!("shared the execution of operation {d}. d ran")),
+            "{}",
+            o.message
+        ),
+        other => panic!("the follower of a completed operation is {other:?}"),
+    }
+    // `b` waits for `a`'s run: a second of heartbeats with free slots, and nothing assigned.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    report(&bus, &a, "a ran").await;
+    let op = settled(&ops, &b).await;
+    match &op.state {
+        OpState::Completed(o) => assert!(
+            o.message
+                .contains(&format!("shared the execution of operation {a}. a ran")),
+            "{}",
+            o.message
+        ),
+        other => panic!("the follower of a running operation is {other:?}"),
+    }
+    assert_eq!(op.attempts, 0, "the follower never ran itself");
+    assert!(
+        assigned.lock().unwrap().is_empty(),
+        "followers were sent to run again: {:?}",
+        assigned.lock().unwrap()
+    );
     shutdown.cancel();
+    beats.await.unwrap();
     scheduler.await.unwrap().unwrap();
 }
