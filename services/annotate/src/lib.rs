@@ -18,6 +18,7 @@
 
 pub mod formats;
 pub mod report;
+pub mod review;
 
 use motorpool_config::LabelConfig;
 use motorpool_labeling::clip::{Clip, FrameMeta};
@@ -231,7 +232,7 @@ fn stage_dir(job: &LabelJob, stage: Stage) -> Result<&Path, LabelError> {
 impl StageWork for Annotate {
     const STAGE: Stage = Stage::Annotate;
     /// 2: the AVM check in shares, both ways.
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
 
     fn input_key(&self, job: &LabelJob) -> Result<String, LabelError> {
         let clip = Clip::open(Path::new(&job.clip_dir))?;
@@ -295,21 +296,19 @@ impl StageWork for Annotate {
             .map_err(|e| LabelError::Input(format!("clip {}: BEV raster: {e}", clip.id())))?;
 
         let stats = stats(&clip, &fused.fusion, &bevslots, &avm, &verdicts);
-        formats::write_frames(
-            &clip,
-            &raster,
-            &verdicts,
-            job.params.visible_m,
-            out,
-            progress,
-        )?;
-        formats::write_labels(
-            &clip,
-            &verdicts,
-            job.params.visible_m,
-            raster.meta.resolution_m,
-            out,
-        )?;
+        let geometry =
+            formats::ImageGeometry::review(job.params.visible_m, raster.meta.resolution_m);
+        formats::write_frames(&clip, &raster, &verdicts, geometry, out, progress)?;
+        // Label Studio's tasks name images where this output will be, not in `out` (a temporary
+        // sibling renamed into place when the stage commits).
+        let key = format!("v{}-{}", Self::VERSION, self.input_key(job)?);
+        let dir = out.with_file_name(&key);
+        let rel = format!("{}/{}/{key}", clip.id(), Stage::Annotate.name());
+        let place = formats::Placement {
+            dir: &dir,
+            rel: &rel,
+        };
+        formats::write_labels(&clip, &verdicts, geometry, &place, out)?;
         let dropped: Vec<&FrameVerdict> = verdicts.iter().filter(|v| v.dropped.is_some()).collect();
         let write = |name: &str, bytes: Vec<u8>| {
             std::fs::write(out.join(name), bytes)

@@ -33,6 +33,24 @@ pub enum LabelCommand {
     Synth(SynthArgs),
     /// Print the quality and speed table on synthetic clips.
     Bench(BenchArgs),
+    /// Read reviewers' corrections (a Label Studio or COCO/CVAT export) of a clip's labels as a
+    /// new label version, and print how they differ from the machine's.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("export").required(true).args(["label_studio", "coco"])))]
+pub struct ImportArgs {
+    /// The machine labels reviewed: the annotate output `label run` printed
+    /// (`<store>/<clip>/annotate/v<version>-<hash>`).
+    labels: PathBuf,
+    /// Label Studio's JSON export of the project made from its `label_studio.json`.
+    #[arg(long)]
+    label_studio: Option<PathBuf>,
+    /// A COCO keypoints export (CVAT's "COCO Keypoints 1.0", `.json` or `.zip`) of the task made
+    /// from its `cvat_coco_keypoints.zip`.
+    #[arg(long)]
+    coco: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,8 +74,20 @@ impl From<LaneArg> for Lane {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The clip directory (format in shared/labeling/src/clip.rs).
-    clip: PathBuf,
+    /// Clips to label: a clip directory (it holds `clip.json`), or a lot directory whose
+    /// subdirectories are clips. The format is in docs/labeling.md.
+    #[arg(required_unless_present = "list")]
+    clips: Vec<PathBuf>,
+    /// A file naming clip directories, one a line (relative to the file; `#` starts a comment).
+    #[arg(long)]
+    list: Option<PathBuf>,
+    /// A lot's settings file (TOML; the names of the settings below, without `--`, with `_`
+    /// for `-`). Flags given here win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Write the batch summary (one entry a clip: status, counts, output or reason) as JSON here.
+    #[arg(long)]
+    summary: Option<PathBuf>,
     /// A running stack's NATS; without it the pipeline runs in this process.
     #[arg(long, env = "MOTORPOOL_NATS_URL")]
     nats_url: Option<String>,
@@ -80,9 +110,195 @@ pub struct RunArgs {
     /// Score threshold for --model.
     #[arg(long, default_value_t = 0.5)]
     score_threshold: f64,
-    /// Half-width of the labeled square around the car, metres.
-    #[arg(long)]
+    #[command(flatten)]
+    settings: LabelSettings,
+}
+
+/// The settings of a labeling run a lot may tune, each a flag and a key of the `--config` file.
+/// Whatever is given neither way keeps its default; every output's `manifest.json` records the
+/// settings it was made with, and they are part of its version key.
+#[derive(Args, Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelSettings {
+    /// Mapping: voxel edge for downsampling the local map, metres [default: 0.1].
+    #[arg(long, help_heading = "Labeling settings")]
+    voxel_m: Option<f64>,
+    /// Mapping: BEV raster resolution, metres per pixel [default: 0.1].
+    #[arg(long, help_heading = "Labeling settings")]
+    raster_m: Option<f64>,
+    /// Fusion: largest mean corner distance for a detection to join a track, metres [default: 1.0].
+    #[arg(long, help_heading = "Labeling settings")]
+    gate_m: Option<f64>,
+    /// Fusion: frames without a match that end a track [default: 5].
+    #[arg(long, help_heading = "Labeling settings")]
+    max_missed: Option<u32>,
+    /// Fusion: detections a track needs to become a label [default: 3].
+    #[arg(long, help_heading = "Labeling settings")]
+    min_hits: Option<u32>,
+    /// Fusion: share of a track's frames that must be real detections, not filled-in gaps
+    /// [default: 0.5].
+    #[arg(long, help_heading = "Labeling settings")]
+    min_observed_share: Option<f64>,
+    /// Fusion: labels overlapping by more than this share of the smaller one are one slot (the
+    /// less supported one goes) [default: 0.25].
+    #[arg(long, help_heading = "Labeling settings")]
+    max_overlap: Option<f64>,
+    /// Fusion: mean confidence a track needs to become a label [default: 0.5].
+    #[arg(long, help_heading = "Labeling settings")]
+    min_score: Option<f64>,
+    /// Fusion: a detection further than this from its track's estimate is an outlier, metres
+    /// [default: 0.45].
+    #[arg(long, help_heading = "Labeling settings")]
+    outlier_m: Option<f64>,
+    /// Fusion: time constant of the recency weight, seconds [default: 20].
+    #[arg(long, help_heading = "Labeling settings")]
+    recency_tau_s: Option<f64>,
+    /// Annotate: half-width of the labeled square around the car, metres [default: 10].
+    #[arg(long, help_heading = "Labeling settings")]
     visible_m: Option<f64>,
+    /// AVM: an AVM slot and a label match under this mean corner distance, metres [default: 0.5].
+    #[arg(long, help_heading = "Labeling settings")]
+    avm_match_m: Option<f64>,
+    /// AVM: a frame is dropped when more than this share of its AVM slots, or of its labels in
+    /// AVM range, match nothing [default: 0.35].
+    #[arg(long, help_heading = "Labeling settings")]
+    avm_max_unmatched_share: Option<f64>,
+    /// AVM: a frame is dropped unless this many of its labels match an AVM slot [default: 1].
+    #[arg(long, help_heading = "Labeling settings")]
+    avm_min_matched: Option<u32>,
+    /// AVM: half-width of the square in which AVM sees every slot, metres [default: 5].
+    #[arg(long, help_heading = "Labeling settings")]
+    avm_range_m: Option<f64>,
+}
+
+impl LabelSettings {
+    /// Reads a lot's settings file; unknown keys are refused (a typo would silently keep a
+    /// default).
+    fn from_file(path: &Path) -> anyhow::Result<LabelSettings> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("cannot read the settings file {}: {e}", path.display())
+        })?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("the settings file {} is not valid: {e}", path.display()))
+    }
+
+    /// `self` with what `over` sets put over it.
+    fn overlaid(self, over: &LabelSettings) -> LabelSettings {
+        macro_rules! pick {
+            ($($f:ident),*) => { LabelSettings { $($f: over.$f.or(self.$f)),* } };
+        }
+        pick!(
+            voxel_m,
+            raster_m,
+            gate_m,
+            max_missed,
+            min_hits,
+            min_observed_share,
+            max_overlap,
+            min_score,
+            outlier_m,
+            recency_tau_s,
+            visible_m,
+            avm_match_m,
+            avm_max_unmatched_share,
+            avm_min_matched,
+            avm_range_m
+        )
+    }
+
+    /// Sets what is given on `p`.
+    fn apply(&self, p: &mut LabelParams) {
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = self.$f { p.$f = v; })* };
+        }
+        set!(
+            voxel_m,
+            raster_m,
+            gate_m,
+            max_missed,
+            min_hits,
+            min_observed_share,
+            max_overlap,
+            min_score,
+            outlier_m,
+            recency_tau_s,
+            visible_m,
+            avm_match_m,
+            avm_max_unmatched_share,
+            avm_min_matched,
+            avm_range_m
+        );
+    }
+}
+
+impl RunArgs {
+    /// The run's settings: defaults, then the `--config` file, then the flags; checked.
+    fn params(&self) -> anyhow::Result<LabelParams> {
+        let file = match &self.config {
+            Some(path) => LabelSettings::from_file(path)?,
+            None => LabelSettings::default(),
+        };
+        let mut params = LabelParams::default();
+        file.overlaid(&self.settings).apply(&mut params);
+        if let Some(model) = &self.model {
+            params.bevslots = DetectorSource::Onnx {
+                model: std::fs::canonicalize(model)
+                    .map_err(|e| anyhow::anyhow!("the model {}: {e}", model.display()))?
+                    .display()
+                    .to_string(),
+                score_threshold: self.score_threshold,
+            };
+        }
+        params
+            .check()
+            .map_err(|e| anyhow::anyhow!("the labeling settings: {e}"))?;
+        Ok(params)
+    }
+
+    /// Every clip directory named: on the command line (a lot directory stands for its clips)
+    /// and in `--list`, in that order, each once.
+    fn clip_dirs(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let mut named = Vec::new();
+        for c in &self.clips {
+            named.extend(expand_lot(c)?);
+        }
+        if let Some(list) = &self.list {
+            let text = std::fs::read_to_string(list).map_err(|e| {
+                anyhow::anyhow!("cannot read the clip list {}: {e}", list.display())
+            })?;
+            let base = list.parent().unwrap_or(Path::new("."));
+            for line in text.lines() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if !line.is_empty() {
+                    named.push(base.join(line));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        named.retain(|c| seen.insert(std::fs::canonicalize(c).unwrap_or_else(|_| c.clone())));
+        anyhow::ensure!(!named.is_empty(), "no clips to label: the list names none");
+        Ok(named)
+    }
+}
+
+/// A clip directory as itself; a lot directory (no `clip.json`, subdirectories that have one) as
+/// its clips, sorted by name.
+fn expand_lot(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !dir.is_dir() || dir.join("clip.json").exists() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let mut clips: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("clip.json").is_file())
+        .collect();
+    clips.sort();
+    anyhow::ensure!(
+        !clips.is_empty(),
+        "{} is neither a clip (no clip.json) nor a lot of clips (no subdirectory has one)",
+        dir.display()
+    );
+    Ok(clips)
 }
 
 #[derive(Args)]
@@ -139,22 +355,132 @@ pub async fn main(cmd: LabelCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LabelCommand::Bench(a) => tokio::task::spawn_blocking(move || bench(a)).await?,
+        LabelCommand::Import(a) => import(a),
     }
 }
 
+fn import(a: ImportArgs) -> anyhow::Result<()> {
+    use motorpool_annotate::review::{Source, import};
+    let (source, export) = match (&a.label_studio, &a.coco) {
+        (Some(e), _) => (Source::LabelStudio, e),
+        (_, Some(e)) => (Source::Coco, e),
+        _ => unreachable!("clap requires one"),
+    };
+    let r = import(&a.labels, export, source).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let s = &r.summary;
+    println!(
+        "{} the review of clip {} ({} export): {} frames reviewed, {} not",
+        if r.cached {
+            "Found (imported before)"
+        } else {
+            "Imported"
+        },
+        r.clip_id,
+        source.name(),
+        s.frames_reviewed,
+        s.frames_not_reviewed
+    );
+    println!(
+        "  slots    {} unchanged, {} moved (mean {:.3} m, p95 {:.3} m, max {:.3} m), {} in another corner order, {} added, {} deleted{}",
+        s.unchanged,
+        s.moved,
+        s.moved_mean_m,
+        s.moved_p95_m,
+        s.moved_max_m,
+        s.reordered,
+        s.added,
+        s.deleted,
+        if s.ignored > 0 {
+            format!(", {} shapes of fewer than 3 points left out", s.ignored)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  version  {}  (labels.json, diff.json, review.json)",
+        r.dir.display()
+    );
+    Ok(())
+}
+
+/// How one clip of a run ended.
+#[derive(serde::Serialize)]
+struct ClipSummary {
+    clip: String,
+    clip_id: Option<String>,
+    /// `labeled`, `failed` (a stage failed) or `refused` (not queued: the clip is malformed).
+    status: &'static str,
+    /// The labels' directory (annotate's output), when labeled.
+    output: Option<String>,
+    /// Why it failed or was refused.
+    reason: Option<String>,
+    /// The annotate stage's `stats.json`, when labeled.
+    stats: Option<serde_json::Value>,
+}
+
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    let mut params = LabelParams::default();
-    if let Some(model) = &a.model {
-        params.bevslots = DetectorSource::Onnx {
-            model: std::fs::canonicalize(model)?.display().to_string(),
-            score_threshold: a.score_threshold,
-        };
+    let params = a.params()?;
+    let clip_dirs = a.clip_dirs()?;
+    // Check every clip before anything starts: a malformed clip is reported at once. Alone, it
+    // is the run's error; in a batch, it is skipped and the others are labeled.
+    let mut summary = Vec::new();
+    let mut good = Vec::new();
+    let batch = clip_dirs.len() > 1;
+    for dir in clip_dirs {
+        match Clip::open(&dir) {
+            Ok(_) => good.push(dir),
+            Err(e) if !batch => return Err(e.into()),
+            Err(e) => summary.push(refused(&dir, e.to_string())),
+        }
     }
-    if let Some(v) = a.visible_m {
-        params.visible_m = v;
+    for s in &summary {
+        eprintln!(
+            "Refused clip {}: {}",
+            s.clip,
+            s.reason.as_deref().unwrap_or("")
+        );
     }
-    // Check the clip before anything starts: a malformed clip is reported at once.
-    Clip::open(&a.clip)?;
+    if !good.is_empty() {
+        labeled(&a, params, &good, batch, &mut summary).await?;
+    }
+    if batch {
+        print_summary(&summary);
+    }
+    if let Some(path) = &a.summary {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .map_err(|e| anyhow::anyhow!("cannot write the summary {}: {e}", path.display()))?;
+    }
+    let failed = summary.iter().filter(|s| s.status != "labeled").count();
+    match (failed, summary.len()) {
+        (0, _) => Ok(()),
+        (1, 1) => Err(anyhow::anyhow!(
+            "{}",
+            summary[0].reason.clone().unwrap_or_default()
+        )),
+        (f, n) => Err(anyhow::anyhow!("{f} of {n} clips were not labeled")),
+    }
+}
+
+fn refused(dir: &Path, reason: String) -> ClipSummary {
+    ClipSummary {
+        clip: dir.display().to_string(),
+        clip_id: None,
+        status: "refused",
+        output: None,
+        reason: Some(reason),
+        stats: None,
+    }
+}
+
+/// Queues `clips` (checked) on a running stack or an in-process pipeline, shows their progress
+/// and adds how each ended to `summary`.
+async fn labeled(
+    a: &RunArgs,
+    params: LabelParams,
+    clips: &[PathBuf],
+    batch: bool,
+    summary: &mut Vec<ClipSummary>,
+) -> anyhow::Result<()> {
     let (_server, url, nkey, local) = match &a.nats_url {
         Some(url) => (None, url.clone(), a.nats_nkey_file.clone(), None),
         None => {
@@ -202,31 +528,83 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(10),
     )
     .await?;
-    let job = submit(&bus, &a.clip, a.lane.into(), params).await?;
-    println!(
-        "Queued clip {} as job {} in the {} lane",
-        job.clip_id, job.job_id, job.lane
-    );
-    let tty = std::io::stderr().is_terminal();
-    let mut shown = ShowProgress::default();
-    let started = std::sync::atomic::AtomicBool::new(false);
-    let watching = watch(&bus, &job.job_id, |s| {
-        if !matches!(s.state, StageState::Queued) {
-            started.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut jobs = Vec::new();
+    for dir in clips {
+        match submit(&bus, dir, a.lane.into(), params.clone()).await {
+            Ok(job) => {
+                println!(
+                    "Queued clip {} as job {} in the {} lane",
+                    job.clip_id, job.job_id, job.lane
+                );
+                jobs.push((dir, job));
+            }
+            Err(e) if !batch => return Err(e.into()),
+            Err(e) => summary.push(refused(dir, e.to_string())),
         }
-        shown.show(s, tty)
-    });
-    // A stack without the labeling stages would leave the job queued without a word: say so.
+    }
+    let tty = std::io::stderr().is_terminal() && !batch;
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let finished = std::sync::atomic::AtomicUsize::new(0);
+    let total = jobs.len();
+    let watching = futures::future::join_all(jobs.iter().map(|(dir, job)| {
+        let (started, finished, bus) = (&started, &finished, &bus);
+        async move {
+            let mut shown = ShowProgress::default();
+            let r = watch(bus, &job.job_id, |s| {
+                if !matches!(s.state, StageState::Queued) {
+                    started.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if batch {
+                    // One line a stage that ends, named by its clip: a batch's lines interleave.
+                    if let StageState::Done(_) | StageState::Failed { .. } = s.state {
+                        eprintln!("{}: {}", job.clip_id, shown.line(s));
+                    }
+                } else {
+                    shown.show(s, tty)
+                }
+            })
+            .await;
+            let n = finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let row = clip_summary(dir, &job.clip_id, r);
+            if let Some(stats) = &row.stats {
+                println!(
+                    "Labeled clip {}: {} fused slots, {} of {} frames kept ({} dropped: {}), {} labels written",
+                    job.clip_id,
+                    stats["slots"],
+                    stats["frames_kept"],
+                    stats["frames"],
+                    stats["frames"].as_u64().unwrap_or(0)
+                        - stats["frames_kept"].as_u64().unwrap_or(0),
+                    stats["frames_dropped"],
+                    stats["label_instances"],
+                );
+                let out = row.output.as_deref().unwrap_or("");
+                println!("  labels   {out}/coco_keypoints.json, {out}/label_studio.json");
+                println!("  picture  {out}/report.html");
+            } else {
+                eprintln!(
+                    "Clip {} was not labeled: {}",
+                    job.clip_id,
+                    row.reason.as_deref().unwrap_or("")
+                );
+            }
+            if batch {
+                eprintln!("[{n}/{total} clips done]");
+            }
+            row
+        }
+    }));
+    // A stack without the labeling stages would leave the jobs queued without a word: say so.
     let hint = async {
         tokio::time::sleep(Duration::from_secs(15)).await;
         if !started.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!(
-                "\nNo mapping stage has taken the job after 15 s; it stays queued (nothing is lost). Is `motorpool up` or `motorpool mapping --nats-url {url}` running?"
+                "\nNo mapping stage has taken a job after 15 s; they stay queued (nothing is lost). Is `motorpool up` or `motorpool mapping --nats-url {url}` running?"
             );
         }
         std::future::pending::<()>().await
     };
-    let result = tokio::select! {
+    let rows = tokio::select! {
         r = watching => r,
         _ = hint => unreachable!("the hint never finishes"),
     };
@@ -239,25 +617,65 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             let _ = t.await;
         }
     }
-    let out = result?;
-    let stats_path = Path::new(&out.dir).join("stats.json");
-    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats_path)?)?;
-    println!(
-        "Labeled clip {}: {} fused slots, {} of {} frames kept ({} dropped: {}), {} labels written",
-        job.clip_id,
-        stats["slots"],
-        stats["frames_kept"],
-        stats["frames"],
-        stats["frames"].as_u64().unwrap_or(0) - stats["frames_kept"].as_u64().unwrap_or(0),
-        stats["frames_dropped"],
-        stats["label_instances"],
-    );
-    println!(
-        "  labels   {}/coco_keypoints.json, {}/label_studio.json",
-        out.dir, out.dir
-    );
-    println!("  picture  {}/report.html", out.dir);
+    summary.extend(rows);
     Ok(())
+}
+
+/// How a watched job ended, with annotate's statistics when it was labeled.
+fn clip_summary(
+    dir: &Path,
+    clip_id: &str,
+    r: Result<motorpool_messages::label::StageOutput, motorpool_labeling::LabelError>,
+) -> ClipSummary {
+    let stats = |out: &str| -> Result<serde_json::Value, String> {
+        let path = Path::new(out).join("stats.json");
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let (status, output, reason, stats) = match r {
+        Ok(out) => match stats(&out.dir) {
+            Ok(s) => ("labeled", Some(out.dir), None, Some(s)),
+            Err(e) => ("failed", Some(out.dir), Some(e), None),
+        },
+        Err(e) => ("failed", None, Some(e.to_string()), None),
+    };
+    ClipSummary {
+        clip: dir.display().to_string(),
+        clip_id: Some(clip_id.to_string()),
+        status,
+        output,
+        reason,
+        stats,
+    }
+}
+
+/// The batch summary table, on stdout.
+fn print_summary(rows: &[ClipSummary]) {
+    let labeled = rows.iter().filter(|r| r.status == "labeled").count();
+    println!("\n{labeled} of {} clips labeled\n", rows.len());
+    println!("| clip | status | slots | frames kept | labels | output or reason |");
+    println!("|---|---|---:|---:|---:|---|");
+    for r in rows {
+        let n = |k: &str| r.stats.as_ref().map_or(String::new(), |s| s[k].to_string());
+        let kept = r.stats.as_ref().map_or(String::new(), |s| {
+            format!("{} / {}", s["frames_kept"], s["frames"])
+        });
+        let tail = r
+            .output
+            .as_deref()
+            .filter(|_| r.status == "labeled")
+            .or(r.reason.as_deref())
+            .unwrap_or("")
+            .replace('|', "\\|")
+            .replace('\n', " ");
+        println!(
+            "| {} | {} | {} | {kept} | {} | {tail} |",
+            r.clip_id.as_deref().unwrap_or(&r.clip),
+            r.status,
+            n("slots"),
+            n("label_instances"),
+        );
+    }
 }
 
 #[derive(Default)]
@@ -266,8 +684,9 @@ struct ShowProgress {
 }
 
 impl ShowProgress {
-    fn show(&mut self, s: &StageStatus, tty: bool) {
-        let line = match &s.state {
+    /// What `s` says, on one line.
+    fn line(&self, s: &StageStatus) -> String {
+        match &s.state {
             StageState::Queued => format!("{:<9} queued", s.stage.name()),
             StageState::Running { done, total } => {
                 let width = 30usize;
@@ -295,7 +714,11 @@ impl ShowProgress {
                 o.dir
             ),
             StageState::Failed { reason } => format!("{:<9} FAILED: {reason}", s.stage.name()),
-        };
+        }
+    }
+
+    fn show(&mut self, s: &StageStatus, tty: bool) {
+        let line = self.line(s);
         let key = (s.stage, line.clone());
         if self.last.as_ref() == Some(&key) {
             return;

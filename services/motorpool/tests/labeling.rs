@@ -218,7 +218,11 @@ fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
     assert_ne!(dir3, dir);
     assert!(dir.join("manifest.json").is_file() && dir3.join("manifest.json").is_file());
     let w3 = json(&dir3.join("coco_keypoints.json"))["images"][0]["width"].as_u64();
-    assert_eq!(w3, Some(140), "7 m at 0.1 m/px");
+    assert_eq!(
+        w3,
+        Some(560),
+        "7 m at 0.025 m/px (4 px a 0.1 m raster cell)"
+    );
 
     // A malformed detections file fails the prelabel stage, naming the clip and the frame.
     let bad = synth_clip(clips.path(), 8, 40);
@@ -281,5 +285,116 @@ fn label_run_without_a_stack_runs_the_pipeline_in_process_and_refuses_bad_clips(
     assert!(
         out.contains("clip synth-parallel-s3, frame 10: frame 10 is missing"),
         "{out}"
+    );
+}
+
+#[test]
+fn a_lot_is_labeled_in_one_run_with_its_settings_recorded_and_bad_clips_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lot = dir.path().join("lot-b");
+    synth_clip(&lot, 4, 40);
+    synth_clip(&lot, 5, 40);
+    // A clip whose manifest lost frame 10: refused with its reason, the others go on.
+    let bad = synth_clip(&lot, 6, 30);
+    let manifest = bad.join("clip.json");
+    let mut v = json(&manifest);
+    v["frames"].as_array_mut().unwrap().remove(10);
+    std::fs::write(&manifest, serde_json::to_vec(&v).unwrap()).unwrap();
+    let settings = dir.path().join("lot-b.toml");
+    std::fs::write(
+        &settings,
+        "min_hits = 4\nmax_overlap = 0.3\navm_range_m = 4.5\n",
+    )
+    .unwrap();
+    let label = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_motorpool"))
+            .args(["label", "run"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path().join("labels"))
+            .env_remove("MOTORPOOL_NATS_URL")
+            .output()
+            .unwrap()
+    };
+    let summary = dir.path().join("summary.json");
+    let lot_arg = lot.display().to_string();
+    let (settings_arg, summary_arg) = (
+        settings.display().to_string(),
+        summary.display().to_string(),
+    );
+    let run = label(&[
+        &lot_arg,
+        "--config",
+        &settings_arg,
+        "--max-overlap",
+        "0.2",
+        "--summary",
+        &summary_arg,
+    ]);
+    let out = text(&run);
+    assert!(!run.status.success(), "one clip was refused: {out}");
+    assert!(out.contains("1 of 3 clips were not labeled"), "{out}");
+    assert!(out.contains("2 of 3 clips labeled"), "{out}");
+    assert!(out.contains("[2/2 clips done]"), "{out}");
+    let rows = json(&summary);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let status = |id: &str| {
+        rows.iter()
+            .find(|r| r["clip"].as_str().unwrap().ends_with(id))
+            .unwrap_or_else(|| panic!("no row for {id}: {rows:?}"))
+    };
+    let refused = status("synth-angled-s6");
+    assert_eq!(refused["status"], "refused");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("frame 10: frame 10 is missing"),
+        "{refused}"
+    );
+    for id in ["synth-angled-s4", "synth-angled-s5"] {
+        let row = status(id);
+        assert_eq!(row["status"], "labeled", "{row}");
+        assert!(row["stats"]["slots"].as_u64().unwrap() > 0, "{row}");
+        // The settings in force: the file's, the flag over the file's, the defaults.
+        let out = Path::new(row["output"].as_str().unwrap());
+        let params = &json(&out.join("manifest.json"))["params"];
+        assert_eq!(params["min_hits"], 4, "{params}");
+        assert_eq!(params["max_overlap"], 0.2, "{params}");
+        assert_eq!(params["avm_range_m"], 4.5, "{params}");
+        assert_eq!(params["gate_m"], 1.0, "{params}");
+    }
+
+    // Settings that cannot be right are refused before anything is queued.
+    std::fs::write(&settings, "min_hit = 4\n").unwrap();
+    let run = label(&[&lot_arg, "--config", &settings_arg]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("unknown field `min_hit`"),
+        "{}",
+        text(&run)
+    );
+    assert!(!text(&run).contains("Queued clip"), "{}", text(&run));
+    let run = label(&[&lot_arg, "--min-observed-share", "1.5"]);
+    assert!(
+        text(&run).contains("min_observed_share is a share and must lie in 0..=1, not 1.5"),
+        "{}",
+        text(&run)
+    );
+    // A list names clips relative to itself; a directory holding no clip says so.
+    let list = dir.path().join("tonight.txt");
+    std::fs::write(&list, "# tonight\nlot-b/synth-angled-s4   # the first\n\n").unwrap();
+    let list_arg = list.display().to_string();
+    let run = label(&["--list", &list_arg]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains("Labeled clip synth-angled-s4"));
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = label(&[&empty.display().to_string()]);
+    assert!(
+        text(&run).contains("is neither a clip (no clip.json) nor a lot of clips"),
+        "{}",
+        text(&run)
     );
 }

@@ -85,6 +85,9 @@ pub fn run_once<W: StageWork>(
     progress: &Progress,
 ) -> Result<StageOutput, LabelError> {
     let started = Instant::now();
+    job.params.check().map_err(|e| {
+        LabelError::Input(format!("clip {}: the labeling settings: {e}", job.clip_id))
+    })?;
     let key = work.input_key(job)?;
     let dir = store::output_dir(data_dir, &job.clip_id, W::STAGE, W::VERSION, &key);
     let output = |cached: bool, elapsed_ms: u64| StageOutput {
@@ -118,6 +121,7 @@ pub fn run_once<W: StageWork>(
         created_ms: now_ms(),
         elapsed_ms,
         files: vec![],
+        params: Some(job.params.clone()),
     };
     let fresh = store::commit(&tmp, &dir, &manifest)
         .map_err(|e| LabelError::io(format!("commit {}", dir.display()), e))?;
@@ -311,6 +315,9 @@ pub async fn submit(
     let dir = std::fs::canonicalize(clip_dir)
         .map_err(|e| LabelError::io(format!("clip directory {}", clip_dir.display()), e))?;
     let clip = Clip::open(&dir)?;
+    params.check().map_err(|e| {
+        LabelError::Input(format!("clip {}: the labeling settings: {e}", clip.id()))
+    })?;
     bus.ensure_stream(subjects::label::jobs_stream_config())
         .await
         .map_err(|e| LabelError::Bus(e.to_string()))?;

@@ -26,6 +26,10 @@ pub struct OutputManifest {
     pub elapsed_ms: u64,
     /// Files and their sizes, relative to the directory.
     pub files: Vec<(String, u64)>,
+    /// The job's settings (every fusion and AVM knob) this output was made with; absent in
+    /// outputs written before they were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<motorpool_messages::label::LabelParams>,
 }
 
 /// Builds an input hash.
@@ -170,6 +174,7 @@ mod tests {
             created_ms: 0,
             elapsed_ms: 0,
             files: vec![],
+            params: None,
         };
         let tmp1 = dir.path().join("tmp1");
         std::fs::create_dir_all(&tmp1).unwrap();

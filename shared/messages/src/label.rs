@@ -132,6 +132,71 @@ impl Default for LabelParams {
     }
 }
 
+impl LabelParams {
+    /// Why these settings cannot label anything, naming the first one out of range: lengths and
+    /// times are finite and positive, shares lie in 0..=1, counts are at least 1 (`avm_min_matched`
+    /// may be 0: no AVM match required).
+    pub fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("voxel_m", self.voxel_m),
+            ("raster_m", self.raster_m),
+            ("gate_m", self.gate_m),
+            ("outlier_m", self.outlier_m),
+            ("recency_tau_s", self.recency_tau_s),
+            ("visible_m", self.visible_m),
+            ("avm_match_m", self.avm_match_m),
+            ("avm_range_m", self.avm_range_m),
+        ];
+        for (name, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!(
+                    "{name} must be a positive number of metres or seconds, not {v}"
+                ));
+            }
+        }
+        let shares = [
+            ("min_observed_share", self.min_observed_share),
+            ("max_overlap", self.max_overlap),
+            ("min_score", self.min_score),
+            ("avm_max_unmatched_share", self.avm_max_unmatched_share),
+        ];
+        for (name, v) in shares {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{name} is a share and must lie in 0..=1, not {v}"));
+            }
+        }
+        for (name, v) in [("max_missed", self.max_missed), ("min_hits", self.min_hits)] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        // A raster of more than 16k pixels a side, or a voxel grid finer than the raster's
+        // hundredth, is a typo, not a setting: it would take the stage's memory.
+        if self.visible_m / self.raster_m > 8192.0 {
+            return Err(format!(
+                "visible_m / raster_m = {} pixels a side is too many (at most 8192)",
+                self.visible_m / self.raster_m
+            ));
+        }
+        if self.voxel_m < self.raster_m / 100.0 {
+            return Err(format!(
+                "voxel_m {} is under a hundredth of raster_m {}",
+                self.voxel_m, self.raster_m
+            ));
+        }
+        if let DetectorSource::Onnx {
+            score_threshold, ..
+        } = &self.bevslots
+            && !(0.0..=1.0).contains(score_threshold)
+        {
+            return Err(format!(
+                "the model's score threshold must lie in 0..=1, not {score_threshold}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a stage produced: a versioned directory keyed by the stage's version and input hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageOutput {

@@ -302,7 +302,13 @@ pub fn write_projects_with(stack: &Stack, ws: &Workspace, targets: &[&str], extr
 pub fn wait_for_project(stack: &Stack, project: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, body) = http(stack.webhook, "POST", &format!("/hooks/{project}"), &[], b"");
+        let (status, body) = http(
+            stack.webhook,
+            "POST",
+            &format!("/hooks/{project}"),
+            &[],
+            b"",
+        );
         if status != 404 {
             assert_eq!(status, 401, "an unsigned probe of {project}: {body}");
             return;
