@@ -84,3 +84,71 @@ fn k6_webhook_load_test_queues_every_signed_event() {
     );
     assert!(text.contains("motorpool_ci_jobs_queued"), "{text}");
 }
+
+/// The value k6 printed for a counter: `name....: <value> <rate>/s`.
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            let rest = l.trim_start().strip_prefix(name)?;
+            rest.trim_start_matches(['.', ':', ' '])
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[test]
+fn k6_reapi_load_test_streams_blobs_reads_results_and_executes() {
+    assert!(
+        support::which("k6").is_some(),
+        "k6 is required (scripts/setup --test)"
+    );
+    let stack = Stack::up(&["--workers", "2"]);
+    // A smoke run on a shared CI machine: loose latency bounds; docs/capacity.md has the figures.
+    let text = k6(
+        "reapi.js",
+        &[
+            format!("TARGET={}", stack.grpc),
+            format!("KEY={}", stack.keys.developer),
+            "VUS=2".into(),
+            "DURATION=5s".into(),
+            "P95_BYTESTREAM_MS=3000".into(),
+            "P95_GET_ACTION_RESULT_MS=1000".into(),
+            "P95_EXECUTE_MS=10000".into(),
+        ],
+    );
+    assert!(counter(&text, "motorpool_bytestream_bytes") > 0, "{text}");
+    // Every action k6 saw executed ran on a worker (cache hits aside, there are none: each
+    // command line is new), and the action cache answered.
+    let executed = counter(&text, "motorpool_actions_executed");
+    assert!(executed > 0, "{text}");
+    let ran = stack.metric_sum("worker-", "motorpool_worker_jobs_total") as u64;
+    assert!(
+        ran >= executed,
+        "{ran} jobs on workers for {executed} executions"
+    );
+    assert!(text.contains("GetActionResult finds the result"), "{text}");
+}
+
+#[test]
+fn k6_api_load_test_reads_every_page_as_json() {
+    assert!(
+        support::which("k6").is_some(),
+        "k6 is required (scripts/setup --test)"
+    );
+    // No burner, no image build, no label yet: every page still answers (empty lists).
+    let stack = Stack::up(&["--workers", "1"]);
+    let text = k6(
+        "api.js",
+        &[
+            format!("TARGET=http://{}", stack.http),
+            format!("KEY={}", stack.keys.developer),
+            "RATE=40".into(),
+            "DURATION=5s".into(),
+            "P95_MS=500".into(),
+        ],
+    );
+    assert!(text.contains("answered 200"), "{text}");
+}

@@ -409,14 +409,25 @@ impl Bus {
         }
     }
 
-    /// Every value of the KV bucket `bucket` (which must exist), decoded as `M`; values that
-    /// do not decode are skipped.
+    /// Every value of the KV bucket `bucket`, decoded as `M`; values that do not decode are
+    /// skipped. A bucket no service has made yet (no burner ever ran, say) holds nothing.
     pub async fn kv_values<M: Message>(&self, bucket: &str) -> Result<Vec<M>, BusError> {
-        let kv = self
-            .jetstream
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| BusError::JetStream(format!("KV bucket {bucket}: {e}")))?;
+        use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
+        let kv = match self.jetstream.get_key_value(bucket).await {
+            Ok(kv) => kv,
+            Err(e) => {
+                let missing = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<GetStreamError>())
+                    .is_some_and(|s| {
+                        matches!(s.kind(), GetStreamErrorKind::JetStream(j)
+                            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+                    });
+                if missing {
+                    return Ok(Vec::new());
+                }
+                return Err(BusError::JetStream(format!("KV bucket {bucket}: {e}")));
+            }
+        };
         kv_values(&kv).await
     }
 

@@ -239,6 +239,46 @@ async fn queue_groups_split_work_and_timeouts_are_reported() {
 }
 
 #[tokio::test]
+async fn a_bucket_no_service_made_yet_reads_as_empty_and_other_failures_still_fail() {
+    let server = NatsServer::start().unwrap();
+    let bus = bus(&server).await;
+    let none: Vec<ShardInfo> = bus.kv_values("never_made").await.unwrap();
+    assert!(none.is_empty());
+    bus.ensure_kv(async_nats::jetstream::kv::Config {
+        bucket: "made".into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .put(
+        "s1",
+        motorpool_messages::codec::encode(&ShardInfo {
+            shard_id: "s1".into(),
+            data_addr: "127.0.0.1:1".into(),
+            capacity_bytes: 1,
+            used_bytes: 0,
+            blob_count: 0,
+            started_at_ms: 1,
+            heartbeat_at_ms: 2,
+            draining: false,
+        })
+        .unwrap()
+        .into(),
+    )
+    .await
+    .unwrap();
+    let one: Vec<ShardInfo> = bus.kv_values("made").await.unwrap();
+    assert_eq!(one.len(), 1);
+    // A name that cannot be a bucket is an error, not an empty list.
+    assert!(
+        bus.kv_values::<ShardInfo>("no spaces allowed")
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
 async fn broadcast_and_kv_survive_a_server_restart() {
     let mut server = NatsServer::start().unwrap();
     let bus = bus(&server).await;
