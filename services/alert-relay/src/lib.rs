@@ -22,6 +22,7 @@
 //! never dropped silently: the count (by kind) goes out with the next message, or on its own
 //! once the minute has passed.
 
+pub mod metric_names;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::StreamExt;
 use motorpool_bus::{Bus, subjects};
@@ -181,7 +182,7 @@ impl Relay {
                 Verdict::Held => "held",
                 Verdict::Failed(_) => "failed",
             };
-            metrics::counter!("motorpool_alert_relay_alerts_total", "sink" => sink.name(), "outcome" => outcome)
+            metrics::counter!(crate::metric_names::ALERT_RELAY_ALERTS_TOTAL, "sink" => sink.name(), "outcome" => outcome)
                 .increment(1);
             out.push(verdict);
         }
@@ -385,7 +386,7 @@ pub async fn serve(
                     Ok(a) => a,
                     Err(error) => {
                         tracing::warn!(subject = %msg.subject, %error, "Not an alert; dropped");
-                        metrics::counter!("motorpool_alert_relay_malformed_total").increment(1);
+                        metrics::counter!(crate::metric_names::ALERT_RELAY_MALFORMED_TOTAL).increment(1);
                         let _ = msg.ack_with(AckKind::Term).await;
                         continue;
                     }

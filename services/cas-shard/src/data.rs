@@ -179,7 +179,7 @@ impl Place {
             open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        metrics::gauge!("motorpool_cas_data_open_connections").set(n as f64);
+        metrics::gauge!(crate::metric_names::CAS_DATA_OPEN_CONNECTIONS).set(n as f64);
         Some(Place(open.clone()))
     }
 }
@@ -187,7 +187,7 @@ impl Place {
 impl Drop for Place {
     fn drop(&mut self) {
         let n = self.0.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::gauge!("motorpool_cas_data_open_connections").set(n as f64);
+        metrics::gauge!(crate::metric_names::CAS_DATA_OPEN_CONNECTIONS).set(n as f64);
     }
 }
 
@@ -209,7 +209,8 @@ fn accept_loop<C: DataConnection, A>(
                 }
                 let Ok((mut conn, _)) = conn else { continue };
                 let Some(place) = Place::take(&open) else {
-                    metrics::counter!("motorpool_cas_data_refused_connections_total").increment(1);
+                    metrics::counter!(crate::metric_names::CAS_DATA_REFUSED_CONNECTIONS_TOTAL)
+                        .increment(1);
                     let _ = conn.tune();
                     let busy = WireError::new(
                         motorpool_messages::ErrorCode::ResourceExhausted,
@@ -256,7 +257,7 @@ fn serve_connection<C: DataConnection>(
         None => return Ok(()),
     };
     if !proven {
-        metrics::counter!("motorpool_cas_data_unauthenticated_total").increment(1);
+        metrics::counter!(crate::metric_names::CAS_DATA_UNAUTHENTICATED_TOTAL).increment(1);
         let e = WireError::new(
             motorpool_messages::ErrorCode::PermissionDenied,
             "the data stream serves only peers that hold the deployment's data key",
@@ -292,7 +293,8 @@ fn serve_connection<C: DataConnection>(
                     Ok((file, len, _pin)) => {
                         write_frame(&mut writer, &DataReply::ReadReady { len })?;
                         let sent = send_file(&writer, &file, len)?;
-                        metrics::counter!("motorpool_cas_shard_read_bytes_total").increment(sent);
+                        metrics::counter!(crate::metric_names::CAS_SHARD_READ_BYTES_TOTAL)
+                            .increment(sent);
                         if sent != len {
                             return Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
@@ -317,7 +319,7 @@ fn serve_connection<C: DataConnection>(
                 let ns = store.namespace_of(&instance);
                 let reply = match store.put(ns, &digest, &data) {
                     Ok(()) => {
-                        metrics::counter!("motorpool_cas_shard_written_bytes_total")
+                        metrics::counter!(crate::metric_names::CAS_SHARD_WRITTEN_BYTES_TOTAL)
                             .increment(digest.size);
                         DataReply::Committed { size: digest.size }
                     }
@@ -364,7 +366,7 @@ fn serve_connection<C: DataConnection>(
                     },
                     &|buf| batches.put(buf),
                 );
-                metrics::counter!("motorpool_cas_shard_written_bytes_total")
+                metrics::counter!(crate::metric_names::CAS_SHARD_WRITTEN_BYTES_TOTAL)
                     .increment(upload.committed() - before);
                 let outcome = match appended {
                     // The stream ended without its finishing chunk: keep the upload for resumption.

@@ -8,6 +8,7 @@
 //!   typed mailbox per request subject (`mp.v1.cas.*.<shard id>`).
 
 pub mod data;
+pub mod metric_names;
 pub mod store;
 pub mod tier;
 
@@ -425,7 +426,7 @@ pub async fn start(config: &ShardConfig, shutdown: CancellationToken) -> anyhow:
                 {
                     tracing::warn!(%error, "Cannot record what was used in the object store; trying again");
                 }
-                metrics::gauge!("motorpool_cas_tier_pending_blobs")
+                metrics::gauge!(crate::metric_names::CAS_TIER_PENDING_BLOBS)
                     .set(store.behind_pending() as f64);
             }
         });
@@ -456,12 +457,12 @@ fn shard_info(
 
 fn record_stats(store: &Store) {
     let s = store.stats();
-    metrics::gauge!("motorpool_cas_shard_used_bytes").set(s.used_bytes as f64);
-    metrics::gauge!("motorpool_cas_shard_capacity_bytes").set(s.capacity_bytes as f64);
-    metrics::gauge!("motorpool_cas_shard_blobs").set(s.blob_count as f64);
-    metrics::gauge!("motorpool_cas_shard_action_cache_entries").set(s.action_count as f64);
-    metrics::gauge!("motorpool_cas_shard_action_cache_bytes").set(s.action_bytes as f64);
-    metrics::gauge!("motorpool_cas_shard_action_cache_capacity_bytes")
+    metrics::gauge!(crate::metric_names::CAS_SHARD_USED_BYTES).set(s.used_bytes as f64);
+    metrics::gauge!(crate::metric_names::CAS_SHARD_CAPACITY_BYTES).set(s.capacity_bytes as f64);
+    metrics::gauge!(crate::metric_names::CAS_SHARD_BLOBS).set(s.blob_count as f64);
+    metrics::gauge!(crate::metric_names::CAS_SHARD_ACTION_CACHE_ENTRIES).set(s.action_count as f64);
+    metrics::gauge!(crate::metric_names::CAS_SHARD_ACTION_CACHE_BYTES).set(s.action_bytes as f64);
+    metrics::gauge!(crate::metric_names::CAS_SHARD_ACTION_CACHE_CAPACITY_BYTES)
         .set(s.action_capacity_bytes as f64);
 }
 

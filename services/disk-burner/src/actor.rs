@@ -187,7 +187,8 @@ pub async fn serve(
                 }
                 for k in DriveKind::ALL {
                     let n = kinds.values().filter(|v| **v == k).count();
-                    metrics::gauge!("motorpool_fleet_drives", "state" => k.name()).set(n as f64);
+                    metrics::gauge!(crate::metric_names::FLEET_DRIVES, "state" => k.name())
+                        .set(n as f64);
                 }
                 if let Ok(bytes) = codec::encode(&s) {
                     let _ = kv.put(&key, bytes.into()).await;
@@ -330,9 +331,9 @@ async fn spawn_depot_sync(
                     Ok(images) => {
                         for f in images.iter().filter(|f| !f.present) {
                             tracing::info!(image = %f.id, fetched = f.fetched, reused = f.reused, data = f.mapped, "Fetched an image from the depot");
-                            metrics::counter!("motorpool_fleet_depot_bytes_total", "how" => "fetched")
+                            metrics::counter!(crate::metric_names::FLEET_DEPOT_BYTES_TOTAL, "how" => "fetched")
                                 .increment(f.fetched);
-                            metrics::counter!("motorpool_fleet_depot_bytes_total", "how" => "reused")
+                            metrics::counter!(crate::metric_names::FLEET_DEPOT_BYTES_TOTAL, "how" => "reused")
                                 .increment(f.reused);
                         }
                     }

@@ -28,5 +28,6 @@ pub mod grub;
 pub mod image;
 pub mod layout;
 pub mod leds;
+pub mod metric_names;
 pub mod sign;
 pub mod source;

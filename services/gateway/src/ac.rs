@@ -81,14 +81,14 @@ impl Gateway {
         if let Some(bytes) = self.hits.get(&req.instance_name, &action)
             && let Ok(mut result) = re::ActionResult::decode(bytes)
         {
-            metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "hit")
+            metrics::counter!(crate::metric_names::GATEWAY_ACTION_CACHE_TOTAL, "outcome" => "hit")
                 .increment(1);
             self.inline(&req, f, &mut result).await?;
             return Ok(result);
         }
         let ticket = self.hits.ticket();
         let Some(bytes) = self.shards.ac_get(&req.instance_name, &action).await? else {
-            metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "miss")
+            metrics::counter!(crate::metric_names::GATEWAY_ACTION_CACHE_TOTAL, "outcome" => "miss")
                 .increment(1);
             return Err(ApiError::NotFound(format!("no action result for {action}")));
         };
@@ -104,7 +104,7 @@ impl Gateway {
         };
         let (refs, missing) = self.missing_of(&req.instance_name, f, &result).await?;
         if !missing.is_empty() {
-            metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "incomplete")
+            metrics::counter!(crate::metric_names::GATEWAY_ACTION_CACHE_TOTAL, "outcome" => "incomplete")
                 .increment(1);
             tracing::info!(%action, missing = missing.len(), first = %missing[0], "Action result references evicted blobs; answering NOT_FOUND");
             return Err(ApiError::NotFound(format!(
@@ -113,7 +113,8 @@ impl Gateway {
                 missing[0]
             )));
         }
-        metrics::counter!("motorpool_gateway_action_cache_total", "outcome" => "hit").increment(1);
+        metrics::counter!(crate::metric_names::GATEWAY_ACTION_CACHE_TOTAL, "outcome" => "hit")
+            .increment(1);
         self.remember(ticket, &req.instance_name, &action, bytes.into(), &refs);
         self.inline(&req, f, &mut result).await?;
         Ok(result)

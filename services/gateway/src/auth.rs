@@ -433,7 +433,7 @@ where
                 Box::pin(self.inner.call(req))
             }
             Err(e) => {
-                metrics::counter!("motorpool_gateway_auth_refused_total").increment(1);
+                metrics::counter!(crate::metric_names::GATEWAY_AUTH_REFUSED_TOTAL).increment(1);
                 let status = tonic::Status::from(e);
                 Box::pin(async move { Ok(status.into_http()) })
             }

@@ -136,7 +136,8 @@ impl Bes {
                 .map_err(|e| format!("purge the summary of {id}: {e}"))?;
             self.following.lock().remove(id);
         }
-        metrics::counter!("motorpool_bes_invocations_swept_total").increment(old.len() as u64);
+        metrics::counter!(crate::metric_names::BES_INVOCATIONS_SWEPT_TOTAL)
+            .increment(old.len() as u64);
         Ok(old.len())
     }
 
@@ -223,7 +224,7 @@ impl Bes {
         let last = f.last.get(&stream.component).copied();
         match last {
             Some(l) if seq <= l => {
-                metrics::counter!("motorpool_bes_events_total", "outcome" => "duplicate")
+                metrics::counter!(crate::metric_names::BES_EVENTS_TOTAL, "outcome" => "duplicate")
                     .increment(1);
                 return Ok((Taken::Ack, stream, seq));
             }
@@ -253,10 +254,11 @@ impl Bes {
             || f.bytes > self.config.max_bytes_per_invocation;
         if over {
             f.fold.summary.truncated = true;
-            metrics::counter!("motorpool_bes_events_total", "outcome" => "over_cap").increment(1);
+            metrics::counter!(crate::metric_names::BES_EVENTS_TOTAL, "outcome" => "over_cap")
+                .increment(1);
             return Ok((Taken::Ack, stream, seq));
         }
-        metrics::counter!("motorpool_bes_events_total", "outcome" => "kept").increment(1);
+        metrics::counter!(crate::metric_names::BES_EVENTS_TOTAL, "outcome" => "kept").increment(1);
         Ok((
             Taken::Store(BesEvent {
                 invocation_id: inv,

@@ -45,10 +45,10 @@ impl Connections {
         let n = self.open.fetch_add(1, Ordering::AcqRel) + 1;
         if n > self.limit + OVER_LIMIT_GRACE {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            metrics::counter!("motorpool_gateway_connections_refused_total").increment(1);
+            metrics::counter!(crate::metric_names::GATEWAY_CONNECTIONS_REFUSED_TOTAL).increment(1);
             return None;
         }
-        metrics::gauge!("motorpool_gateway_connections").set(n as f64);
+        metrics::gauge!(crate::metric_names::GATEWAY_CONNECTIONS).set(n as f64);
         Some(Counted {
             stream,
             over: (n > self.limit).then_some(self.limit),
@@ -68,7 +68,7 @@ pub struct Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         let n = self.connections.open.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::gauge!("motorpool_gateway_connections").set(n as f64);
+        metrics::gauge!(crate::metric_names::GATEWAY_CONNECTIONS).set(n as f64);
     }
 }
 
@@ -160,7 +160,8 @@ impl http_body::Body for IdleBody {
             }
             Poll::Pending => match this.timer.as_mut().poll(cx) {
                 Poll::Ready(()) => {
-                    metrics::counter!("motorpool_gateway_idle_requests_total").increment(1);
+                    metrics::counter!(crate::metric_names::GATEWAY_IDLE_REQUESTS_TOTAL)
+                        .increment(1);
                     Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
                         "the request sent nothing for {:?} (the gateway's bounds.idle_timeout_ms)",
                         this.idle

@@ -64,7 +64,7 @@ impl Gateway {
         {
             // The whole blob in one message, as clients send small blobs: one round trip to
             // each replica instead of a resumable upload session.
-            metrics::counter!("motorpool_gateway_bytestream_written_bytes_total")
+            metrics::counter!(crate::metric_names::GATEWAY_BYTESTREAM_WRITTEN_BYTES_TOTAL)
                 .increment(res.digest.size);
             let committed = self
                 .shards
@@ -80,7 +80,8 @@ impl Gateway {
         // Each message must continue exactly where the previous one ended; resource names after
         // the first may be empty or must repeat the first.
         let mut expected = start + first.data.len() as u64;
-        let bytes_in = metrics::counter!("motorpool_gateway_bytestream_written_bytes_total");
+        let bytes_in =
+            metrics::counter!(crate::metric_names::GATEWAY_BYTESTREAM_WRITTEN_BYTES_TOTAL);
         bytes_in.increment(first.data.len() as u64);
         let first_item = Ok(WriteData {
             data: first.data,
@@ -162,7 +163,7 @@ impl Gateway {
                 req.read_offset, res.digest
             )));
         }
-        let bytes_out = metrics::counter!("motorpool_gateway_bytestream_read_bytes_total");
+        let bytes_out = metrics::counter!(crate::metric_names::GATEWAY_BYTESTREAM_READ_BYTES_TOTAL);
         // A small blob this gateway wrote or served lately is answered from its memory.
         if let Some(data) = self.recent.blob(&res.instance, &res.digest) {
             let start = req.read_offset as usize;
@@ -172,7 +173,8 @@ impl Gateway {
             };
             let piece = data[start..end].to_vec();
             bytes_out.increment(piece.len() as u64);
-            metrics::counter!("motorpool_gateway_bytestream_reads_from_memory_total").increment(1);
+            metrics::counter!(crate::metric_names::GATEWAY_BYTESTREAM_READS_FROM_MEMORY_TOTAL)
+                .increment(1);
             let (tx, rx) = tokio::sync::mpsc::channel(2);
             let _ = tx.try_send(Piece::Data(piece));
             let _ = tx.try_send(Piece::End);

@@ -457,7 +457,7 @@ impl Gateway {
                         cached: true,
                         message: String::new(),
                     });
-                    metrics::counter!("motorpool_gateway_executions_total", "lane" => lane.name(), "outcome" => "cached").increment(1);
+                    metrics::counter!(crate::metric_names::GATEWAY_EXECUTIONS_TOTAL, "lane" => lane.name(), "outcome" => "cached").increment(1);
                     self.record_for_invocation(&steer, &who, &op);
                     let (_tx, rx) = mpsc::channel(1);
                     return Ok(stream_from(op, rx, None));
@@ -491,7 +491,7 @@ impl Gateway {
                 "cannot queue the operation: {e}"
             )));
         }
-        metrics::counter!("motorpool_gateway_executions_total", "lane" => lane.name(), "outcome" => "queued").increment(1);
+        metrics::counter!(crate::metric_names::GATEWAY_EXECUTIONS_TOTAL, "lane" => lane.name(), "outcome" => "queued").increment(1);
         tracing::debug!(op = %op.id, action = %op.action, %lane, pool = %op.pool, "Queued an execution");
         let gateway = self.clone();
         let remember = move |done: &Operation| {

@@ -279,7 +279,8 @@ impl Hits {
         e.used = true;
         let result = e.result.clone();
         drop(st);
-        metrics::counter!("motorpool_gateway_remembered_results_served_total").increment(1);
+        metrics::counter!(crate::metric_names::GATEWAY_REMEMBERED_RESULTS_SERVED_TOTAL)
+            .increment(1);
         Some(result)
     }
 
@@ -324,7 +325,8 @@ impl Hits {
         let mut st = self.state.lock();
         self.check_connection(&mut st);
         if st.changes != ticket.changes || st.connects != ticket.connects {
-            metrics::counter!("motorpool_gateway_remembered_results_skipped_total").increment(1);
+            metrics::counter!(crate::metric_names::GATEWAY_REMEMBERED_RESULTS_SKIPPED_TOTAL)
+                .increment(1);
             return;
         }
         if let Some(old) = st.ids.get(instance).and_then(|m| m.get(action)).copied() {
@@ -375,7 +377,8 @@ impl Hits {
             let State { order, entries, .. } = &mut *st;
             order.retain(|id| entries.contains_key(id));
         }
-        metrics::gauge!("motorpool_gateway_remembered_results").set(st.entries.len() as f64);
+        metrics::gauge!(crate::metric_names::GATEWAY_REMEMBERED_RESULTS)
+            .set(st.entries.len() as f64);
     }
 
     /// True when news has come from every one of these shards (the live ones): only then can a
@@ -401,7 +404,8 @@ impl Hits {
         let mut st = self.state.lock();
         if st.drop_hash(hash) > 0 {
             st.changes += 1;
-            metrics::gauge!("motorpool_gateway_remembered_results").set(st.entries.len() as f64);
+            metrics::gauge!(crate::metric_names::GATEWAY_REMEMBERED_RESULTS)
+                .set(st.entries.len() as f64);
         }
     }
 
@@ -427,7 +431,7 @@ impl Hits {
         if news.leaving {
             st.shards.remove(&news.shard_id);
             flushed(&mut st, Flush::Leaving);
-            metrics::gauge!("motorpool_gateway_shards_heard").set(st.shards.len() as f64);
+            metrics::gauge!(crate::metric_names::GATEWAY_SHARDS_HEARD).set(st.shards.len() as f64);
             return;
         }
         st.shards.insert(
@@ -438,7 +442,7 @@ impl Hits {
                 at: now,
             },
         );
-        metrics::gauge!("motorpool_gateway_shards_heard").set(st.shards.len() as f64);
+        metrics::gauge!(crate::metric_names::GATEWAY_SHARDS_HEARD).set(st.shards.len() as f64);
         if removal {
             st.changes += 1;
             let dropped: usize = news
@@ -448,9 +452,9 @@ impl Hits {
                 .map(|h| st.drop_hash(h))
                 .sum();
             if dropped > 0 {
-                metrics::counter!("motorpool_gateway_remembered_results_dropped_total")
+                metrics::counter!(crate::metric_names::GATEWAY_REMEMBERED_RESULTS_DROPPED_TOTAL)
                     .increment(dropped as u64);
-                metrics::gauge!("motorpool_gateway_remembered_results")
+                metrics::gauge!(crate::metric_names::GATEWAY_REMEMBERED_RESULTS)
                     .set(st.entries.len() as f64);
             }
         }
@@ -464,7 +468,7 @@ impl Hits {
             .retain(|_, h| now.duration_since(h.at) <= self.quiet);
         if st.shards.len() < before {
             flushed(&mut st, Flush::Silent);
-            metrics::gauge!("motorpool_gateway_shards_heard").set(st.shards.len() as f64);
+            metrics::gauge!(crate::metric_names::GATEWAY_SHARDS_HEARD).set(st.shards.len() as f64);
         }
     }
 }
@@ -472,9 +476,9 @@ impl Hits {
 fn flushed(st: &mut State, why: Flush) {
     let n = st.entries.len();
     st.clear();
-    metrics::counter!("motorpool_gateway_remembered_results_flushes_total", "reason" => why.label())
+    metrics::counter!(crate::metric_names::GATEWAY_REMEMBERED_RESULTS_FLUSHES_TOTAL, "reason" => why.label())
         .increment(1);
-    metrics::gauge!("motorpool_gateway_remembered_results").set(0.0);
+    metrics::gauge!(crate::metric_names::GATEWAY_REMEMBERED_RESULTS).set(0.0);
     if n > 0 {
         tracing::info!(
             reason = why.label(),

@@ -31,6 +31,7 @@ pub mod execution;
 pub mod find_missing;
 pub mod hits;
 pub mod invocations;
+pub mod metric_names;
 pub mod recent;
 pub mod resource;
 pub mod tls;
@@ -93,9 +94,9 @@ pub(crate) async fn observe<T>(
     if let Err(s) = &result {
         tracing::debug!(method, code = %code, message = s.message(), "Request failed");
     }
-    metrics::counter!("motorpool_gateway_requests_total", "method" => method, "code" => code)
+    metrics::counter!(crate::metric_names::GATEWAY_REQUESTS_TOTAL, "method" => method, "code" => code)
         .increment(1);
-    metrics::histogram!("motorpool_gateway_request_duration_seconds", "method" => method)
+    metrics::histogram!(crate::metric_names::GATEWAY_REQUEST_DURATION_SECONDS, "method" => method)
         .record(start.elapsed().as_secs_f64());
     result.map(Response::new)
 }
@@ -406,11 +407,11 @@ async fn metrics(
 ) -> actix_web::HttpResponse {
     let _ = queue_stats(&bus).await;
     let live = shards.live();
-    metrics::gauge!("motorpool_gateway_live_shards").set(live.len() as f64);
+    metrics::gauge!(crate::metric_names::GATEWAY_LIVE_SHARDS).set(live.len() as f64);
     for s in &live {
-        metrics::gauge!("motorpool_cas_used_bytes", "shard" => s.shard_id.clone())
+        metrics::gauge!(crate::metric_names::CAS_USED_BYTES, "shard" => s.shard_id.clone())
             .set(s.used_bytes as f64);
-        metrics::gauge!("motorpool_cas_blobs", "shard" => s.shard_id.clone())
+        metrics::gauge!(crate::metric_names::CAS_BLOBS, "shard" => s.shard_id.clone())
             .set(s.blob_count as f64);
     }
     motorpool_telemetry::metrics_handler().await
@@ -453,11 +454,11 @@ pub(crate) async fn queue_stats(bus: &Bus) -> Result<motorpool_messages::exec::Q
         .await
         .map_err(|e| format!("no answer from a scheduler: {e}"))?;
     for (pool, lane, depth) in &stats.depth {
-        metrics::gauge!("motorpool_queue_depth", "pool" => pool.name(), "lane" => lane.name())
+        metrics::gauge!(crate::metric_names::QUEUE_DEPTH, "pool" => pool.name(), "lane" => lane.name())
             .set(*depth as f64);
     }
-    metrics::gauge!("motorpool_executing").set(stats.executing as f64);
-    metrics::gauge!("motorpool_workers").set(stats.workers as f64);
+    metrics::gauge!(crate::metric_names::EXECUTING).set(stats.executing as f64);
+    metrics::gauge!(crate::metric_names::WORKERS).set(stats.workers as f64);
     Ok(stats)
 }
 

@@ -116,7 +116,8 @@ async fn handle(
     let _ = steps.await;
     match result {
         Ok(built) => {
-            metrics::counter!("motorpool_fleet_builds_total", "result" => "done").increment(1);
+            metrics::counter!(crate::metric_names::FLEET_BUILDS_TOTAL, "result" => "done")
+                .increment(1);
             put(
                 &kv,
                 &job.job_id,
@@ -131,7 +132,8 @@ async fn handle(
         }
         Err(error) if error.is_infrastructure() && delivery.delivered < MAX_DELIVER => {
             // Git or Docker could not be reached: not the build's fault, so it is tried again.
-            metrics::counter!("motorpool_fleet_builds_total", "result" => "retried").increment(1);
+            metrics::counter!(crate::metric_names::FLEET_BUILDS_TOTAL, "result" => "retried")
+                .increment(1);
             tracing::warn!(job = %job.job_id, %error, attempt = delivery.delivered, "An image build could not reach its tools; retrying");
             put(
                 &kv,
@@ -147,7 +149,8 @@ async fn handle(
             let _ = delivery.nak(Duration::from_secs(RETRY_S)).await;
         }
         Err(error) => {
-            metrics::counter!("motorpool_fleet_builds_total", "result" => "failed").increment(1);
+            metrics::counter!(crate::metric_names::FLEET_BUILDS_TOTAL, "result" => "failed")
+                .increment(1);
             tracing::warn!(job = %job.job_id, %error, "An image build failed");
             put(
                 &kv,

@@ -27,6 +27,7 @@
 //! Images are vehicle-agnostic: nothing of a car (identity, keys, calibration) is an input.
 
 pub mod actor;
+pub mod metric_names;
 pub mod testing;
 
 use motorpool_disk_burner::image::{Image, ImageManifest, valid_id};

@@ -729,7 +729,26 @@ fn telemetry(
     service: &'static str,
     config: &TelemetryConfig,
 ) -> anyhow::Result<motorpool_telemetry::Telemetry> {
-    motorpool_telemetry::init(service, config)
+    let telemetry = motorpool_telemetry::init(service, config)?;
+    describe_metrics();
+    Ok(telemetry)
+}
+
+/// Gives every metric its help text on `/metrics` (each crate names its metrics in one module).
+fn describe_metrics() {
+    motorpool_alert_relay::metric_names::describe();
+    motorpool_bus::metric_names::describe();
+    motorpool_cas_client::metric_names::describe();
+    motorpool_cas_shard::metric_names::describe();
+    motorpool_disk_burner::metric_names::describe();
+    motorpool_gateway::metric_names::describe();
+    motorpool_image_builder::metric_names::describe();
+    motorpool_labeling::metric_names::describe();
+    motorpool_reindexer::metric_names::describe();
+    motorpool_runner::metric_names::describe();
+    motorpool_scheduler::metric_names::describe();
+    motorpool_webhook::metric_names::describe();
+    motorpool_worker::metric_names::describe();
 }
 
 #[tokio::main]

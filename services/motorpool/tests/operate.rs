@@ -110,6 +110,20 @@ fn the_alert_rules_pass_promtool_and_prometheus_scrapes_every_service() {
         });
         assert!(get(*addr, "/metrics").is_some(), "{service}'s /metrics");
     }
+    // Metrics come with their help text: the scheduler's and a worker's, once recorded.
+    for (service, metric) in [
+        ("scheduler", "motorpool_scheduler_active"),
+        ("worker-0", "motorpool_bus_sent_bytes_total"),
+    ] {
+        let addr = listed.iter().find(|(s, _)| s == service).unwrap().1;
+        let text = wait_for(30, &format!("{service}'s {metric}"), || {
+            get(addr, "/metrics").filter(|t| t.contains(&format!("\n{metric}")))
+        });
+        assert!(
+            text.contains(&format!("# HELP {metric} ")),
+            "{service} serves {metric} without its help text:\n{text}"
+        );
+    }
 
     // A real Prometheus with the configuration `motorpool up` wrote.
     let web = free_addr();

@@ -11,6 +11,7 @@
 //! Everything it does is idempotent: deleting a deleted entry and copying a blob a shard already
 //! holds change nothing, so two reindexers at once do no harm (they only share the work twice).
 
+pub mod metric_names;
 use anyhow::Context;
 use async_nats::jetstream::kv;
 use futures::StreamExt;
@@ -118,7 +119,7 @@ impl Reindexer {
                 if heartbeat.map_or(true, |h| h < cutoff) {
                     store.delete(&key).await?;
                     tracing::warn!(id = %key, registry = if is_shard { "shards" } else { "workers" }, "Dropped the entry of a dead member");
-                    metrics::counter!("motorpool_reindexer_dropped_total").increment(1);
+                    metrics::counter!(crate::metric_names::REINDEXER_DROPPED_TOTAL).increment(1);
                     dropped.push(key);
                 }
             }
@@ -186,8 +187,8 @@ impl Reindexer {
                 }
             }
         }
-        metrics::counter!("motorpool_reindexer_copies_total").increment(stats.copies);
-        metrics::histogram!("motorpool_reindexer_sweep_seconds")
+        metrics::counter!(crate::metric_names::REINDEXER_COPIES_TOTAL).increment(stats.copies);
+        metrics::histogram!(crate::metric_names::REINDEXER_SWEEP_SECONDS)
             .record(started.elapsed().as_secs_f64());
         tracing::info!(
             shards = sources.len(),

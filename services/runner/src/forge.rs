@@ -126,7 +126,7 @@ impl Forges {
                 "unreachable"
             }
         };
-        metrics::counter!("motorpool_runner_forge_statuses_total", "forge" => job.forge.name(), "outcome" => outcome)
+        metrics::counter!(crate::metric_names::RUNNER_FORGE_STATUSES_TOTAL, "forge" => job.forge.name(), "outcome" => outcome)
             .increment(1);
     }
 }

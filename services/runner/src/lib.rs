@@ -14,6 +14,7 @@
 //! `?offset=N` for what came after byte N), `/metrics`, `/healthz`.
 
 pub mod forge;
+pub mod metric_names;
 pub mod pool;
 pub mod work;
 
@@ -241,7 +242,7 @@ impl Runner {
         let outcome = self.attempt(&d, &mut status).await;
         match outcome {
             Ok(()) => {
-                metrics::counter!("motorpool_runner_jobs_total", "outcome" => "succeeded")
+                metrics::counter!(crate::metric_names::RUNNER_JOBS_TOTAL, "outcome" => "succeeded")
                     .increment(1);
                 self.finish(
                     &mut status,
@@ -253,7 +254,7 @@ impl Runner {
                 let _ = d.ack().await;
             }
             Err(StepError::Result(reason)) => {
-                metrics::counter!("motorpool_runner_jobs_total", "outcome" => "failed")
+                metrics::counter!(crate::metric_names::RUNNER_JOBS_TOTAL, "outcome" => "failed")
                     .increment(1);
                 self.finish(
                     &mut status,
@@ -267,14 +268,14 @@ impl Runner {
                 let _ = d.ack().await;
             }
             Err(StepError::Infrastructure(reason)) if attempt < self.config.max_attempts => {
-                metrics::counter!("motorpool_runner_jobs_total", "outcome" => "retried")
+                metrics::counter!(crate::metric_names::RUNNER_JOBS_TOTAL, "outcome" => "retried")
                     .increment(1);
                 tracing::warn!(job = %job.job_id, attempt, %reason, "An infrastructure failure; the job runs again");
                 self.put(&mut status, JobState::Queued).await;
                 let _ = d.nak(Duration::from_secs(2u64.pow(attempt.min(5)))).await;
             }
             Err(StepError::Infrastructure(reason)) => {
-                metrics::counter!("motorpool_runner_jobs_total", "outcome" => "gave_up")
+                metrics::counter!(crate::metric_names::RUNNER_JOBS_TOTAL, "outcome" => "gave_up")
                     .increment(1);
                 let message = format!(
                     "CI job {} ({} {} of {} at {}) failed {attempt} times on infrastructure: {reason}",
@@ -320,7 +321,8 @@ impl Runner {
             at_ms: now_ms(),
         };
         tracing::error!(job = %job_id, %message, "Alert");
-        metrics::counter!("motorpool_alerts_total", "kind" => "ci_retries_exhausted").increment(1);
+        metrics::counter!(crate::metric_names::ALERTS_TOTAL, "kind" => "ci_retries_exhausted")
+            .increment(1);
         if let Err(error) = self
             .bus
             .publish(&subjects::ops::alert("ci_retries_exhausted"), &alert)

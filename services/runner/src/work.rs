@@ -220,7 +220,7 @@ pub fn prepare(
         "workspace: {bytes} bytes, over the {} allowed; cleaning",
         config.max_workspace_bytes
     ));
-    metrics::counter!("motorpool_runner_workspace_cleanings_total").increment(1);
+    metrics::counter!(crate::metric_names::RUNNER_WORKSPACE_CLEANINGS_TOTAL).increment(1);
     if src.join(".git").exists() {
         let _ = run(log, bazel(config, ws).arg("clean"), "bazel clean");
         bytes = disk_bytes(ws);

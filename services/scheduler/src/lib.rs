@@ -25,6 +25,7 @@
 
 pub mod lease;
 pub mod limits;
+pub mod metric_names;
 pub mod queue;
 
 use anyhow::Context;
@@ -151,7 +152,7 @@ pub async fn start(
         instance: format!("{:016x}", rand::random::<u64>()),
         lease: Duration::from_millis(config.lease_ms.max(300)),
     };
-    metrics::gauge!("motorpool_scheduler_active").set(0.0);
+    metrics::gauge!(crate::metric_names::SCHEDULER_ACTIVE).set(0.0);
     let task = tokio::spawn(async move {
         loop {
             let Some(mut held) = lease::acquire(&lease_kv, &me, &shutdown).await else {
@@ -183,11 +184,11 @@ pub async fn start(
                     }
                 }
             };
-            metrics::gauge!("motorpool_scheduler_active").set(1.0);
-            metrics::gauge!("motorpool_scheduler_lease_term").set(held.term as f64);
+            metrics::gauge!(crate::metric_names::SCHEDULER_ACTIVE).set(1.0);
+            metrics::gauge!(crate::metric_names::SCHEDULER_LEASE_TERM).set(held.term as f64);
             match (&held.previous, held.waited) {
                 (Some(previous), Some(waited)) => {
-                    metrics::counter!("motorpool_scheduler_takeovers_total").increment(1);
+                    metrics::counter!(crate::metric_names::SCHEDULER_TAKEOVERS_TOTAL).increment(1);
                     tracing::warn!(id = %me.holder, term = held.term, %previous, silent_for = ?waited, ready_in = ?took.elapsed(), "Took over as the active scheduler: the last one stopped renewing its lease");
                 }
                 (previous, _) => {
@@ -197,7 +198,7 @@ pub async fn start(
             let lost = lease::hold(&lease_kv, &me, &mut held, &shutdown).await;
             term.cancel();
             let _ = actor.await;
-            metrics::gauge!("motorpool_scheduler_active").set(0.0);
+            metrics::gauge!(crate::metric_names::SCHEDULER_ACTIVE).set(0.0);
             match lost {
                 lease::Lost::Stopped => {
                     lease::release(&lease_kv, &held).await;
@@ -410,7 +411,8 @@ impl Actor {
                     self.on_done(done).await
                 } else {
                     tracing::warn!(op = %done.operation_id, %sender, claimed = %done.worker, "Refused a job report sent in another worker's name");
-                    metrics::counter!("motorpool_scheduler_forged_reports_total").increment(1);
+                    metrics::counter!(crate::metric_names::SCHEDULER_FORGED_REPORTS_TOTAL)
+                        .increment(1);
                     Err(WireError::new(
                         ErrorCode::PermissionDenied,
                         format!(
@@ -431,7 +433,8 @@ impl Actor {
                     .admit(&client, now_ms(), self.config.api_max_wait_ms)
                     .map(|not_before_ms| Admission { not_before_ms });
                 if r.is_err() {
-                    metrics::counter!("motorpool_scheduler_rate_limited_total").increment(1);
+                    metrics::counter!(crate::metric_names::SCHEDULER_RATE_LIMITED_TOTAL)
+                        .increment(1);
                 }
                 let _ = reply.send(r);
             }
@@ -559,7 +562,8 @@ impl Actor {
                         .entry(p.clone())
                         .or_default()
                         .push(id.clone());
-                    metrics::counter!("motorpool_scheduler_deduplicated_total").increment(1);
+                    metrics::counter!(crate::metric_names::SCHEDULER_DEDUPLICATED_TOTAL)
+                        .increment(1);
                     if follows.as_deref() != Some(p.as_str()) {
                         let p2 = p.clone();
                         self.write(&id, |op| {
@@ -699,7 +703,7 @@ impl Actor {
                 Some(e) if e.code == ErrorCode::Cancelled => "cancelled",
                 Some(_) => "error",
             };
-            metrics::counter!("motorpool_scheduler_completed_total", "status" => status)
+            metrics::counter!(crate::metric_names::SCHEDULER_COMPLETED_TOTAL, "status" => status)
                 .increment(1);
             let o = outcome.clone();
             self.write(id, move |op| op.state = OpState::Completed(o))
@@ -760,7 +764,8 @@ impl Actor {
             return;
         };
         let attempts = t.op.attempts;
-        metrics::counter!("motorpool_scheduler_infrastructure_failures_total").increment(1);
+        metrics::counter!(crate::metric_names::SCHEDULER_INFRASTRUCTURE_FAILURES_TOTAL)
+            .increment(1);
         if attempts >= self.config.max_attempts {
             let mut failures = t.op.failures.clone();
             failures.push(reason);
@@ -778,14 +783,15 @@ impl Actor {
             self.complete(id, outcome).await;
         } else {
             tracing::warn!(op = %id, attempt = attempts, %reason, "Retrying after an infrastructure failure");
-            metrics::counter!("motorpool_scheduler_retries_total").increment(1);
+            metrics::counter!(crate::metric_names::SCHEDULER_RETRIES_TOTAL).increment(1);
             self.requeue(id, Some(reason), false).await;
         }
     }
 
     async fn alert(&self, kind: &str, subject_id: &str, message: &str) {
         tracing::error!(alert = kind, id = subject_id, "{message}");
-        metrics::counter!("motorpool_alerts_total", "kind" => kind.to_string()).increment(1);
+        metrics::counter!(crate::metric_names::ALERTS_TOTAL, "kind" => kind.to_string())
+            .increment(1);
         let alert = Alert {
             kind: kind.into(),
             source: "scheduler".into(),
@@ -994,13 +1000,13 @@ impl Actor {
         }
         for pool in Pool::ALL {
             for lane in Lane::ALL {
-                metrics::gauge!("motorpool_scheduler_queue_depth", "pool" => pool.name(), "lane" => lane.name())
+                metrics::gauge!(crate::metric_names::SCHEDULER_QUEUE_DEPTH, "pool" => pool.name(), "lane" => lane.name())
                     .set(self.queues.depth(pool, lane) as f64);
             }
         }
-        metrics::gauge!("motorpool_scheduler_executing").set(self.executions.len() as f64);
+        metrics::gauge!(crate::metric_names::SCHEDULER_EXECUTING).set(self.executions.len() as f64);
         self.buckets.prune(now_ms());
-        metrics::gauge!("motorpool_scheduler_workers").set(self.workers.len() as f64);
+        metrics::gauge!(crate::metric_names::SCHEDULER_WORKERS).set(self.workers.len() as f64);
     }
 
     /// Fills free worker slots from the queues.
@@ -1049,9 +1055,9 @@ impl Actor {
                     continue;
                 };
                 let op = t.op.clone();
-                metrics::counter!("motorpool_scheduler_dispatched_total", "lane" => op.lane.name(), "pool" => op.pool.name())
+                metrics::counter!(crate::metric_names::SCHEDULER_DISPATCHED_TOTAL, "lane" => op.lane.name(), "pool" => op.pool.name())
                     .increment(1);
-                metrics::histogram!("motorpool_scheduler_queue_wait_seconds", "lane" => op.lane.name())
+                metrics::histogram!(crate::metric_names::SCHEDULER_QUEUE_WAIT_SECONDS, "lane" => op.lane.name())
                     .record(since.saturating_sub(op.queued_ms) as f64 / 1000.0);
                 self.executions.insert(
                     id.clone(),

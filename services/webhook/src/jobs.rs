@@ -315,7 +315,7 @@ impl Queue {
             self.bus
                 .enqueue_once(&ci::run(job.lane), job, &job.job_id)
                 .await?;
-            metrics::counter!("motorpool_ci_jobs_queued_total", "lane" => job.lane.name(), "kind" => job.kind.name())
+            metrics::counter!(crate::metric_names::CI_JOBS_QUEUED_TOTAL, "lane" => job.lane.name(), "kind" => job.kind.name())
                 .increment(1);
         }
         for image in images {
@@ -323,7 +323,7 @@ impl Queue {
             self.bus
                 .enqueue_once(&fleet::build(image.lane), image, &image.job_id)
                 .await?;
-            metrics::counter!("motorpool_ci_images_queued_total", "lane" => image.lane.name())
+            metrics::counter!(crate::metric_names::CI_IMAGES_QUEUED_TOTAL, "lane" => image.lane.name())
                 .increment(1);
         }
         self.deliveries
@@ -387,7 +387,8 @@ impl Queue {
                         .await
                         .is_ok()
                     {
-                        metrics::counter!("motorpool_ci_jobs_superseded_total").increment(1);
+                        metrics::counter!(crate::metric_names::CI_JOBS_SUPERSEDED_TOTAL)
+                            .increment(1);
                     }
                 }
             }

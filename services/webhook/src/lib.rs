@@ -25,6 +25,7 @@
 mod api;
 pub mod events;
 pub mod jobs;
+pub mod metric_names;
 pub mod projects;
 
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -204,7 +205,7 @@ fn answer(
     outcome: &'static str,
     body: serde_json::Value,
 ) -> HttpResponse {
-    metrics::counter!("motorpool_webhook_events_total", "forge" => forge.to_string(), "outcome" => outcome)
+    metrics::counter!(crate::metric_names::WEBHOOK_EVENTS_TOTAL, "forge" => forge.to_string(), "outcome" => outcome)
         .increment(1);
     HttpResponse::build(status).json(body)
 }

@@ -377,10 +377,13 @@ pub async fn materialize(
         let mode = if *executable { 0o555 } else { 0o444 };
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     }
-    metrics::counter!("motorpool_worker_input_files_total").increment(file_count as u64);
-    metrics::counter!("motorpool_worker_input_fetched_total").increment(missing.len() as u64);
-    metrics::counter!("motorpool_worker_input_entries_kept_total").increment(placed.kept as u64);
-    metrics::counter!("motorpool_worker_input_entries_made_total").increment(placed.made as u64);
+    metrics::counter!(crate::metric_names::WORKER_INPUT_FILES_TOTAL).increment(file_count as u64);
+    metrics::counter!(crate::metric_names::WORKER_INPUT_FETCHED_TOTAL)
+        .increment(missing.len() as u64);
+    metrics::counter!(crate::metric_names::WORKER_INPUT_ENTRIES_KEPT_TOTAL)
+        .increment(placed.kept as u64);
+    metrics::counter!(crate::metric_names::WORKER_INPUT_ENTRIES_MADE_TOTAL)
+        .increment(placed.made as u64);
     Ok(())
 }
 

@@ -16,6 +16,7 @@
 //! `JobDone`, so a scheduler never mistakes a finished job for a lost one.
 
 pub mod inputs;
+pub mod metric_names;
 pub mod outputs;
 pub mod run;
 pub mod sandbox;
@@ -196,7 +197,7 @@ impl Services {
             .filter(|(d, _)| fetched.contains(*d))
         {
             if let Err(e) = motorpool_cas_shard::store::verify(d, b) {
-                metrics::counter!("motorpool_worker_corrupt_inputs_total").increment(1);
+                metrics::counter!(crate::metric_names::WORKER_CORRUPT_INPUTS_TOTAL).increment(1);
                 return Err(JobError::infra(format!("input {d} arrived corrupt: {e}")));
             }
         }
@@ -1115,7 +1116,8 @@ impl Worker {
             }),
             Err(JobError::Infra(m)) => {
                 tracing::warn!(op = %job.op.id, error = %m, "Job failed for an infrastructure reason");
-                metrics::counter!("motorpool_worker_infrastructure_failures_total").increment(1);
+                metrics::counter!(crate::metric_names::WORKER_INFRASTRUCTURE_FAILURES_TOTAL)
+                    .increment(1);
                 JobResult::Infrastructure(m)
             }
         };
@@ -1124,7 +1126,7 @@ impl Worker {
             JobResult::Finished(_) => "error",
             JobResult::Infrastructure(_) => "infrastructure",
         };
-        metrics::counter!("motorpool_worker_jobs_total", "result" => kind).increment(1);
+        metrics::counter!(crate::metric_names::WORKER_JOBS_TOTAL, "result" => kind).increment(1);
         let done = JobDone {
             operation_id: job.op.id.clone(),
             attempt: job.op.attempts,

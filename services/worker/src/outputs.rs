@@ -339,8 +339,8 @@ pub async fn upload(svc: &Services, instance: &str, uploads: Uploads) -> Result<
             return Err(JobError::infra(format!("upload output {d}: {e}")));
         }
     }
-    metrics::counter!("motorpool_worker_uploaded_blobs_total").increment(count);
-    metrics::counter!("motorpool_worker_uploaded_bytes_total").increment(bytes);
+    metrics::counter!(crate::metric_names::WORKER_UPLOADED_BLOBS_TOTAL).increment(count);
+    metrics::counter!(crate::metric_names::WORKER_UPLOADED_BYTES_TOTAL).increment(bytes);
     Ok(())
 }
 

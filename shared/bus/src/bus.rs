@@ -248,7 +248,8 @@ impl Bus {
         subject: String,
         payload: Bytes,
     ) -> Result<(), BusError> {
-        metrics::counter!("motorpool_bus_sent_bytes_total").increment(payload.len() as u64);
+        metrics::counter!(crate::metric_names::BUS_SENT_BYTES_TOTAL)
+            .increment(payload.len() as u64);
         self.client
             .publish(subject.clone(), payload)
             .await
@@ -318,7 +319,8 @@ impl Bus {
         timeout: Duration,
     ) -> Result<R::Reply, BusError> {
         let payload = Bytes::from(codec::encode(req)?);
-        metrics::counter!("motorpool_bus_sent_bytes_total").increment(payload.len() as u64);
+        metrics::counter!(crate::metric_names::BUS_SENT_BYTES_TOTAL)
+            .increment(payload.len() as u64);
         let request = async_nats::Request::new()
             .payload(payload)
             .timeout(Some(timeout));
@@ -341,7 +343,7 @@ impl Bus {
                     },
                 }
             })?;
-        metrics::counter!("motorpool_bus_received_bytes_total")
+        metrics::counter!(crate::metric_names::BUS_RECEIVED_BYTES_TOTAL)
             .increment(reply.payload.len() as u64);
         codec::decode::<Result<R::Reply, WireError>>(&reply.payload)?.map_err(BusError::Remote)
     }
@@ -588,7 +590,7 @@ impl<M: Message> TypedSubscriber<M> {
             match codec::decode::<M>(&msg.payload) {
                 Ok(m) => return Some((last_token(&msg.subject).to_string(), m)),
                 Err(error) => {
-                    metrics::counter!("motorpool_bus_malformed_total", "message" => M::NAME)
+                    metrics::counter!(crate::metric_names::BUS_MALFORMED_TOTAL, "message" => M::NAME)
                         .increment(1);
                     tracing::warn!(subject = %msg.subject, %error, "Dropped a malformed message");
                 }

@@ -338,7 +338,7 @@ async fn fetch_lane<M: Message>(
             let msg = match codec::decode::<M>(&raw.payload) {
                 Ok(m) => m,
                 Err(error) => {
-                    metrics::counter!("motorpool_bus_malformed_total", "message" => M::NAME)
+                    metrics::counter!(crate::metric_names::BUS_MALFORMED_TOTAL, "message" => M::NAME)
                         .increment(1);
                     tracing::warn!(%lane, %error, "Dropped a malformed job");
                     let _ = raw.ack_with(AckKind::Term).await;

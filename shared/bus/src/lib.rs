@@ -18,6 +18,7 @@ pub mod access;
 mod bus;
 pub mod lanes;
 mod mailbox;
+pub mod metric_names;
 pub mod server;
 pub mod subjects;
 

@@ -91,7 +91,7 @@ where
                         handler(sender, req).await
                     }
                     Err(e) => {
-                        metrics::counter!("motorpool_bus_malformed_total", "message" => R::NAME)
+                        metrics::counter!(crate::metric_names::BUS_MALFORMED_TOTAL, "message" => R::NAME)
                             .increment(1);
                         Err(WireError::invalid(e.to_string()))
                     }

@@ -9,6 +9,7 @@
 //!   `tonic::Status` and to the bus's `WireError`.
 
 mod error;
+pub mod metric_names;
 pub mod proto;
 mod shards;
 

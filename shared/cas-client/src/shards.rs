@@ -681,11 +681,11 @@ impl Shards {
 
     async fn dial_raw(&self, shard: &ShardRef) -> Result<DataStream, ApiError> {
         if let Some(local) = dial_local(&shard.addr) {
-            metrics::counter!("motorpool_cas_data_connections_total", "transport" => "unix")
+            metrics::counter!(crate::metric_names::CAS_DATA_CONNECTIONS_TOTAL, "transport" => "unix")
                 .increment(1);
             return Ok(DataStream::Unix(local));
         }
-        metrics::counter!("motorpool_cas_data_connections_total", "transport" => "tcp")
+        metrics::counter!(crate::metric_names::CAS_DATA_CONNECTIONS_TOTAL, "transport" => "tcp")
             .increment(1);
         let c = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&shard.addr))
             .await
@@ -1370,7 +1370,7 @@ fn committed_somewhere(
                 if first_err.is_none() {
                     first_err = Some(e);
                 } else {
-                    metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
+                    metrics::counter!(crate::metric_names::CAS_UNDER_REPLICATED_TOTAL).increment(1);
                     tracing::warn!(blob = %d, shard = %t.id, "A replica missed a write");
                 }
             }
@@ -1379,7 +1379,7 @@ fn committed_somewhere(
     match (size, first_err) {
         (Some(n), None) => Ok(n),
         (Some(n), Some(e)) => {
-            metrics::counter!("motorpool_cas_under_replicated_total").increment(1);
+            metrics::counter!(crate::metric_names::CAS_UNDER_REPLICATED_TOTAL).increment(1);
             tracing::warn!(blob = %d, error = %e, "A replica missed a write");
             Ok(n)
         }

@@ -234,7 +234,7 @@ async fn handle<W: StageWork>(
     done.cancel();
     let _ = reporter.await;
     record.updated_ms = now_ms();
-    metrics::histogram!("motorpool_label_stage_seconds", "stage" => stage.name())
+    metrics::histogram!(crate::metric_names::LABEL_STAGE_SECONDS, "stage" => stage.name())
         .record((record.updated_ms - started_ms) as f64 / 1000.0);
 
     let output = match result {
@@ -242,7 +242,7 @@ async fn handle<W: StageWork>(
         Err(error) => {
             let retry = error.is_retryable() && delivery.delivered < 3;
             tracing::warn!(%stage, job = %job.job_id, clip = %job.clip_id, %error, retry, "A clip failed");
-            metrics::counter!("motorpool_label_failures_total", "stage" => stage.name())
+            metrics::counter!(crate::metric_names::LABEL_FAILURES_TOTAL, "stage" => stage.name())
                 .increment(1);
             if retry {
                 record.state = StageState::Queued;

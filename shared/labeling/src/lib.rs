@@ -15,6 +15,7 @@ pub mod actor;
 pub mod clip;
 pub mod eval;
 pub mod geom;
+pub mod metric_names;
 pub mod raster;
 pub mod store;
 pub mod synth;

@@ -126,7 +126,7 @@ impl Store {
             let _ = self.ac_used.remove(&k[..]);
         }
         self.removed([], keys.iter().map(ac_hash).collect());
-        metrics::counter!("motorpool_cas_shard_action_cache_evictions_total")
+        metrics::counter!(crate::metric_names::CAS_SHARD_ACTION_CACHE_EVICTIONS_TOTAL)
             .increment(keys.len() as u64);
     }
 

@@ -20,8 +20,8 @@ pub(super) enum Origin {
 /// Counts a read of the store behind: found (with its bytes) or not.
 pub(super) fn tier_read(found: bool, bytes: u64) {
     let result = if found { "hit" } else { "miss" };
-    metrics::counter!("motorpool_cas_tier_reads_total", "result" => result).increment(1);
-    metrics::counter!("motorpool_cas_tier_read_bytes_total").increment(bytes);
+    metrics::counter!(crate::metric_names::CAS_TIER_READS_TOTAL, "result" => result).increment(1);
+    metrics::counter!(crate::metric_names::CAS_TIER_READ_BYTES_TOTAL).increment(bytes);
 }
 
 /// The file store is a [`BlobStore`] too: tools and tests treat every store alike.
@@ -120,10 +120,12 @@ impl Store {
         let mut first_error = None;
         let mut done = |key: &Key, size: u64, written: Result<(), StoreError>| {
             let result = if written.is_ok() { "ok" } else { "failed" };
-            metrics::counter!("motorpool_cas_tier_writes_total", "result" => result).increment(1);
+            metrics::counter!(crate::metric_names::CAS_TIER_WRITES_TOTAL, "result" => result)
+                .increment(1);
             match written {
                 Ok(()) => {
-                    metrics::counter!("motorpool_cas_tier_written_bytes_total").increment(size);
+                    metrics::counter!(crate::metric_names::CAS_TIER_WRITTEN_BYTES_TOTAL)
+                        .increment(size);
                     self.behind_pending.remove(&key.bytes()[..])?;
                 }
                 Err(e) => {
@@ -143,7 +145,7 @@ impl Store {
             match self.pin(key.ns, &d) {
                 Err(StoreError::NotFound(_)) => {
                     tracing::warn!(digest = %d, "A blob was evicted before it was written to the object store");
-                    metrics::counter!("motorpool_cas_tier_writes_total", "result" => "lost")
+                    metrics::counter!(crate::metric_names::CAS_TIER_WRITES_TOTAL, "result" => "lost")
                         .increment(1);
                     self.behind_pending.remove(&key.bytes()[..])?;
                 }
@@ -313,7 +315,7 @@ impl Store {
                 return Ok(false);
             }
             verify(d, &data).map_err(|e| {
-                metrics::counter!("motorpool_cas_tier_corrupt_blobs_total").increment(1);
+                metrics::counter!(crate::metric_names::CAS_TIER_CORRUPT_BLOBS_TOTAL).increment(1);
                 StoreError::Behind(format!("the object store's copy of {d} is bad: {e}"))
             })?;
             self.put_verified_from(ns, d, &data, Origin::Behind)?;
@@ -336,7 +338,7 @@ impl Store {
             sink.file.flush().map_err(io_err(format!("write {d}")))?;
             let got = sink.hasher.finish();
             if sink.len != d.size || got.hash != d.hash {
-                metrics::counter!("motorpool_cas_tier_corrupt_blobs_total").increment(1);
+                metrics::counter!(crate::metric_names::CAS_TIER_CORRUPT_BLOBS_TOTAL).increment(1);
                 return Err(StoreError::Behind(format!(
                     "the object store's copy of {d} is bad: {} bytes hashing to {}",
                     sink.len,

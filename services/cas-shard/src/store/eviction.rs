@@ -223,7 +223,7 @@ impl Store {
             let _ = put_meta(&self.blobs, dropped.iter().map(|k| (k, None)));
             let _ = fs::remove_file(self.pack_path(id));
         }
-        metrics::counter!("motorpool_cas_shard_evictions_total").increment(evicted);
+        metrics::counter!(crate::metric_names::CAS_SHARD_EVICTIONS_TOTAL).increment(evicted);
         if evicted > 0 {
             tracing::debug!(evicted, "Evicted least-recently-used blobs");
         }

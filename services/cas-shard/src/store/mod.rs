@@ -528,7 +528,8 @@ impl Store {
             idx.used += e.size;
         }
         drop(idx);
-        metrics::counter!("motorpool_cas_shard_blobs_written_total").increment(items.len() as u64);
+        metrics::counter!(crate::metric_names::CAS_SHARD_BLOBS_WRITTEN_TOTAL)
+            .increment(items.len() as u64);
         let behind = match (origin, self.behind.get()) {
             (Origin::Client, Some(b)) if b.through => {
                 self.write_behind(items.iter().map(|i| (i.0, i.1)))

@@ -148,13 +148,13 @@ impl Store {
         if let Some(e) = self.index.lock().map.get_mut(&pin.key) {
             e.verified = stamp;
         }
-        metrics::counter!("motorpool_cas_shard_verified_bytes_total").increment(pin.size);
+        metrics::counter!(crate::metric_names::CAS_SHARD_VERIFIED_BYTES_TOTAL).increment(pin.size);
         Ok(())
     }
 
     /// Removes a blob whose bytes are not what its digest says.
     pub(super) fn drop_corrupt(&self, key: &Key, d: &BlobDigest) {
-        metrics::counter!("motorpool_cas_shard_corrupt_blobs_total").increment(1);
+        metrics::counter!(crate::metric_names::CAS_SHARD_CORRUPT_BLOBS_TOTAL).increment(1);
         tracing::error!(blob = %d, "A stored blob does not hash to its digest: dropped from this shard");
         let pack = {
             let mut idx = self.index.lock();
