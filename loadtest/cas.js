@@ -15,6 +15,8 @@ const TARGET = __ENV.TARGET || '127.0.0.1:8980';
 const BLOBS = parseInt(__ENV.BLOBS || '100');
 const BLOB_BYTES = parseInt(__ENV.BLOB_BYTES || '2048');
 const INSTANCE = __ENV.INSTANCE || 'loadtest';
+// Blobs differ from run to run, so a second run against the same stack uploads new ones too.
+const RUN = __ENV.RUN_ID || String(Date.now());
 // An API key with the read and write-cas roles (`motorpool up` prints its developer key).
 const PARAMS = __ENV.KEY ? { metadata: { authorization: `Bearer ${__ENV.KEY}` } } : {};
 
@@ -35,7 +37,7 @@ const roundTrip = new Trend('motorpool_cas_round_trip', true);
 
 function blob(vu, iter, i) {
   // Unique content per VU, iteration and index, padded to BLOB_BYTES.
-  const head = `vu=${vu} iter=${iter} i=${i} `;
+  const head = `run=${RUN} vu=${vu} iter=${iter} i=${i} `;
   return head + 'x'.repeat(Math.max(0, BLOB_BYTES - head.length));
 }
 

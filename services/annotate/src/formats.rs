@@ -169,31 +169,57 @@ pub fn write_frames(
     let mut pixels = vec![0u8; (size * size) as usize];
     let mut labeled = vec![0u8; (size * size) as usize];
     let half = size as f64 / 2.0;
+    // Each raster cell's grey, for the picture and for the palette of its labeled copy, once.
+    let grey: Vec<u8> = raster
+        .intensity
+        .iter()
+        .map(|i| (i * 255.0).round() as u8)
+        .collect();
+    let grey_indexed: Vec<u8> = raster
+        .intensity
+        .iter()
+        .map(|i| (i * (GREYS - 1) as f32).round() as u8)
+        .collect();
+    let meta = &raster.meta;
+    let (w, h) = (meta.width as i64, meta.height as i64);
+    let bottom = meta.origin_y - meta.height as f64 * meta.resolution_m;
+    // A map point in raster cells: column from the left edge, row from the bottom edge.
+    let cells = |p: [f64; 2]| {
+        [
+            (p[0] - meta.origin_x) / meta.resolution_m,
+            (p[1] - bottom) / meta.resolution_m,
+        ]
+    };
     for v in verdicts {
         progress.advance(1);
         if v.dropped.is_some() {
             continue;
         }
         let pose = clip.frames()[v.frame as usize].pose;
-        // Pixel (c, r) is ego point ((half - r - 0.5) px_m, (half - c - 0.5) px_m): the map
-        // point moves by a fixed step along a row and down the rows.
+        // Pixel (c, r) is ego point ((half - r - 0.5) px_m, (half - c - 0.5) px_m): in raster
+        // cells it moves by a fixed step along a row and down the rows.
         let (sin, cos) = pose.yaw.sin_cos();
-        let origin = pose.to_map([(half - 0.5) * px_m, (half - 0.5) * px_m]);
-        let (col_step, row_step) = ([sin * px_m, -cos * px_m], [-cos * px_m, -sin * px_m]);
+        let scale = px_m / meta.resolution_m;
+        let origin = cells(pose.to_map([(half - 0.5) * px_m, (half - 0.5) * px_m]));
+        let (col_step, row_step) = ([sin * scale, -cos * scale], [-cos * scale, -sin * scale]);
         for r in 0..size {
-            let row = [
+            let mut p = [
                 origin[0] + row_step[0] * r as f64,
                 origin[1] + row_step[1] * r as f64,
             ];
             let base = (r * size) as usize;
-            for c in 0..size {
-                let p = [
-                    row[0] + col_step[0] * c as f64,
-                    row[1] + col_step[1] * c as f64,
-                ];
-                let i = raster.intensity_at(p);
-                pixels[base + c as usize] = (i * 255.0).round() as u8;
-                labeled[base + c as usize] = (i * (GREYS - 1) as f32).round() as u8;
+            for c in 0..size as usize {
+                let (u, b) = (p[0].floor() as i64, p[1].floor() as i64);
+                let (g, gi) = if (0..w).contains(&u) && (0..h).contains(&b) {
+                    let i = ((h - 1 - b) * w + u) as usize;
+                    (grey[i], grey_indexed[i])
+                } else {
+                    (0, 0)
+                };
+                pixels[base + c] = g;
+                labeled[base + c] = gi;
+                p[0] += col_step[0];
+                p[1] += col_step[1];
             }
         }
         let width = ((size as f64 / 400.0).round() as i64).max(1) + 1;

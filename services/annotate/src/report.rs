@@ -124,7 +124,7 @@ pub fn html(stats: &ClipStats, verdicts: &[FrameVerdict], svg: &str) -> String {
         r#"<!doctype html><html><head><meta charset="utf-8"><title>Labels of clip {id}</title>
 <style>body{{font-family:sans-serif;margin:1.5em;background:#fafafa}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#eee}}.pic{{overflow:auto;max-width:100%;border:1px solid #ccc}}</style>
 </head><body><h1>Clip {id}</h1>
-<p>Label files: <a href="coco_keypoints.json">COCO keypoints</a> (CVAT), <a href="label_studio.json">Label Studio predictions</a>, <a href="stats.json">statistics</a>, <a href="dropped_frames.json">dropped frames</a>.</p>
+<p>Label files: <a href="coco_keypoints.json">COCO keypoints</a> and <a href="cvat_coco_keypoints.zip">its CVAT package</a>, <a href="label_studio.json">Label Studio tasks</a> with <a href="label_studio_config.xml">their labeling config</a>, <a href="stats.json">statistics</a>, <a href="dropped_frames.json">dropped frames</a>. Review images in <a href="frames/">frames/</a>, with the labels drawn in <a href="frames_labeled/">frames_labeled/</a>.</p>
 <table><tr><th>frames</th><th>kept</th><th>dropped</th><th>fused slots</th><th>raw detections</th><th>tracks</th><th>confirmed</th><th>outliers</th><th>gap frames filled</th><th>AVM matched</th><th>AVM unmatched</th><th>labels written</th></tr>
 <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>
 "#,
