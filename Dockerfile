@@ -1,5 +1,6 @@
 # The motorpool image: one binary that runs any service (`motorpool gateway`, `motorpool cas-shard`, ...).
-# Standard bases for users who can pull; see docs/ARCHITECTURE.md for building offline.
+# Standard bases (rust, debian) for users who can pull them; building it on a machine that cannot
+# reach a registry is not provided yet: `motorpool up` runs the same services without Docker.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
