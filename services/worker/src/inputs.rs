@@ -35,6 +35,8 @@ pub struct InputCache {
     dir: PathBuf,
     capacity: u64,
     state: Mutex<CacheState>,
+    /// Numbers each insert's temporary file: jobs fetching at once may insert the same blob.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -56,6 +58,7 @@ impl InputCache {
             dir,
             capacity,
             state: Mutex::default(),
+            seq: Default::default(),
         })
     }
 
@@ -89,7 +92,14 @@ impl InputCache {
     ) -> std::io::Result<(PathBuf, u64)> {
         let name = Self::name(d, executable);
         let path = self.dir.join(&name);
-        let tmp = self.dir.join(format!(".{name}.{}", std::process::id()));
+        // A temporary name of this insert's own: two jobs inserting the same blob at once each
+        // write, seal and rename their own file (the second rename replaces the first, same
+        // bytes). With one name per process, one job's rename took the other's file from under
+        // it ("input cache: No such file or directory", an infrastructure failure and a retry).
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!(".{name}.{}.{seq}", std::process::id()));
         std::fs::write(&tmp, data)?;
         let mode = if executable { 0o555 } else { 0o444 };
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
@@ -548,6 +558,37 @@ mod tests {
                 (p.clone(), what)
             })
             .collect()
+    }
+
+    #[test]
+    fn jobs_inserting_the_same_blob_at_once_all_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache =
+            std::sync::Arc::new(InputCache::open(dir.path().join("cache"), 1 << 30).unwrap());
+        let body = vec![7u8; 64 * 1024];
+        let d = DigestFunction::Sha256.digest_of(&body);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (cache, body) = (cache.clone(), body.clone());
+                std::thread::spawn(move || {
+                    (0..300)
+                        .map(|_| cache.insert(&d, false, &body).map(|(p, _)| p))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for t in threads {
+            for r in t.join().unwrap() {
+                let path = r.expect("every insert of the blob succeeds");
+                assert_eq!(std::fs::read(&path).unwrap(), body);
+            }
+        }
+        // No temporary file is left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [InputCache::name(&d, false)]);
     }
 
     #[test]
