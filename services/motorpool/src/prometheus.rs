@@ -22,18 +22,31 @@ pub struct Target {
 pub struct Ports {
     base: SocketAddr,
     next: u16,
+    /// Ports handed out: with port 0, the system may offer a port again once its probe is closed,
+    /// and two services given one address would leave one unscraped and the other scraped under
+    /// both names.
+    given: std::collections::HashSet<u16>,
 }
 
 impl Ports {
     pub fn new(base: SocketAddr) -> Ports {
-        Ports { base, next: 0 }
+        Ports {
+            base,
+            next: 0,
+            given: Default::default(),
+        }
     }
 
     pub fn next(&mut self) -> anyhow::Result<SocketAddr> {
         if self.base.port() == 0 {
-            return Ok(
-                std::net::TcpListener::bind(SocketAddr::new(self.base.ip(), 0))?.local_addr()?,
-            );
+            for _ in 0..1000 {
+                let addr = std::net::TcpListener::bind(SocketAddr::new(self.base.ip(), 0))?
+                    .local_addr()?;
+                if self.given.insert(addr.port()) {
+                    return Ok(addr);
+                }
+            }
+            anyhow::bail!("no free metrics port that was not handed out already");
         }
         loop {
             let port = self
@@ -101,6 +114,10 @@ mod tests {
         assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
         let mut any = Ports::new("127.0.0.1:0".parse().unwrap());
         assert_ne!(any.next().unwrap().port(), 0);
+        // Any free ports, but never one twice (the system may offer a closed probe's port again).
+        let many: std::collections::HashSet<u16> =
+            (0..1000).map(|_| any.next().unwrap().port()).collect();
+        assert_eq!(many.len(), 1000);
         let mut top = Ports::new("127.0.0.1:65535".parse().unwrap());
         top.next().unwrap();
         assert!(top.next().is_err(), "no port above 65535");
