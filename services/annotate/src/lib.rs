@@ -267,7 +267,13 @@ impl StageWork for Annotate {
         Ok(h.finish())
     }
 
-    fn run(&self, job: &LabelJob, out: &Path, progress: &Progress) -> Result<(), LabelError> {
+    fn run(
+        &self,
+        job: &LabelJob,
+        out: &Path,
+        dir: &Path,
+        progress: &Progress,
+    ) -> Result<(), LabelError> {
         let clip = Clip::open(Path::new(&job.clip_dir))?;
         let mapping = stage_dir(job, Stage::Mapping)?;
         let prelabel = stage_dir(job, Stage::Prelabel)?;
@@ -301,13 +307,9 @@ impl StageWork for Annotate {
         formats::write_frames(&clip, &raster, &verdicts, geometry, out, progress)?;
         // Label Studio's tasks name images where this output will be, not in `out` (a temporary
         // sibling renamed into place when the stage commits).
-        let key = format!("v{}-{}", Self::VERSION, self.input_key(job)?);
-        let dir = out.with_file_name(&key);
-        let rel = format!("{}/{}/{key}", clip.id(), Stage::Annotate.name());
-        let place = formats::Placement {
-            dir: &dir,
-            rel: &rel,
-        };
+        let version = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let rel = format!("{}/{}/{version}", clip.id(), Stage::Annotate.name());
+        let place = formats::Placement { dir, rel: &rel };
         formats::write_labels(&clip, &verdicts, geometry, &place, out)?;
         let dropped: Vec<&FrameVerdict> = verdicts.iter().filter(|v| v.dropped.is_some()).collect();
         let write = |name: &str, bytes: Vec<u8>| {

@@ -56,7 +56,13 @@ impl StageWork for Mapping {
         Ok(h.finish())
     }
 
-    fn run(&self, job: &LabelJob, out: &Path, progress: &Progress) -> Result<(), LabelError> {
+    fn run(
+        &self,
+        job: &LabelJob,
+        out: &Path,
+        _dir: &Path,
+        progress: &Progress,
+    ) -> Result<(), LabelError> {
         let p = &job.params;
         if !(p.voxel_m > 0.0 && p.raster_m > 0.0) {
             return Err(LabelError::Input(format!(

@@ -175,7 +175,13 @@ impl StageWork for Prelabel {
         Ok(h.finish())
     }
 
-    fn run(&self, job: &LabelJob, out: &Path, progress: &Progress) -> Result<(), LabelError> {
+    fn run(
+        &self,
+        job: &LabelJob,
+        out: &Path,
+        _dir: &Path,
+        progress: &Progress,
+    ) -> Result<(), LabelError> {
         let clip = Clip::open(Path::new(&job.clip_dir))?;
         let mapping = Path::new(mapping_dir(job)?);
         let n = clip.frames().len();

@@ -57,8 +57,15 @@ pub trait StageWork: Send + Sync + 'static {
     const VERSION: u32;
     /// A hash of everything the output depends on.
     fn input_key(&self, job: &LabelJob) -> Result<String, LabelError>;
-    /// Writes the output into `out`, an empty directory.
-    fn run(&self, job: &LabelJob, out: &Path, progress: &Progress) -> Result<(), LabelError>;
+    /// Writes the output into `out`, an empty directory; `dir` is where it will be once
+    /// committed (for outputs that name their own files, such as Label Studio's image URLs).
+    fn run(
+        &self,
+        job: &LabelJob,
+        out: &Path,
+        dir: &Path,
+        progress: &Progress,
+    ) -> Result<(), LabelError>;
 }
 
 /// How a stage actor runs.
@@ -107,7 +114,7 @@ pub fn run_once<W: StageWork>(
     ));
     std::fs::create_dir_all(&tmp)
         .map_err(|e| LabelError::io(format!("create {}", tmp.display()), e))?;
-    if let Err(e) = work.run(job, &tmp, progress) {
+    if let Err(e) = work.run(job, &tmp, &dir, progress) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
