@@ -182,30 +182,6 @@ impl LabelSettings {
             .map_err(|e| anyhow::anyhow!("the settings file {} is not valid: {e}", path.display()))
     }
 
-    /// `self` with what `over` sets put over it.
-    fn overlaid(self, over: &LabelSettings) -> LabelSettings {
-        macro_rules! pick {
-            ($($f:ident),*) => { LabelSettings { $($f: over.$f.or(self.$f)),* } };
-        }
-        pick!(
-            voxel_m,
-            raster_m,
-            gate_m,
-            max_missed,
-            min_hits,
-            min_observed_share,
-            max_overlap,
-            min_score,
-            outlier_m,
-            recency_tau_s,
-            visible_m,
-            avm_match_m,
-            avm_max_unmatched_share,
-            avm_min_matched,
-            avm_range_m
-        )
-    }
-
     /// Sets what is given on `p`.
     fn apply(&self, p: &mut LabelParams) {
         macro_rules! set {
@@ -239,7 +215,8 @@ impl RunArgs {
             None => LabelSettings::default(),
         };
         let mut params = LabelParams::default();
-        file.overlaid(&self.settings).apply(&mut params);
+        file.apply(&mut params);
+        self.settings.apply(&mut params);
         if let Some(model) = &self.model {
             params.bevslots = DetectorSource::Onnx {
                 model: std::fs::canonicalize(model)
