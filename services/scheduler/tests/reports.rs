@@ -45,8 +45,8 @@ fn finished(message: &str) -> Outcome {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_report_heard_before_the_record_is_read_completes_the_job_once() {
+/// A nats-server, a connection as worker w1 and the operations bucket.
+async fn operations_bucket() -> (NatsServer, Bus, async_nats::jetstream::kv::Store) {
     let server = NatsServer::start().unwrap();
     let bus = Bus::connect(&server.url(), "worker-w1", Duration::from_secs(5))
         .await
@@ -55,6 +55,25 @@ async fn a_report_heard_before_the_record_is_read_completes_the_job_once() {
         .ensure_kv(subjects::exec::operations_config())
         .await
         .unwrap();
+    (server, bus, ops)
+}
+
+/// Scheduler s1 on `server`, until `shutdown`.
+fn start_scheduler(
+    server: &NatsServer,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let config = SchedulerConfig {
+        nats_url: server.url(),
+        scheduler_id: Some("s1".into()),
+        ..Default::default()
+    };
+    tokio::spawn(motorpool_scheduler::run(config, shutdown.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_heard_before_the_record_is_read_completes_the_job_once() {
+    let (server, bus, ops) = operations_bucket().await;
     // Thousands of finished operations ahead of the running one: the scheduler's watch is still
     // reading them when the report arrives.
     for i in 0..3000 {
@@ -76,12 +95,7 @@ async fn a_report_heard_before_the_record_is_read_completes_the_job_once() {
         .unwrap();
 
     let shutdown = CancellationToken::new();
-    let config = SchedulerConfig {
-        nats_url: server.url(),
-        scheduler_id: Some("s1".into()),
-        ..Default::default()
-    };
-    let scheduler = tokio::spawn(motorpool_scheduler::run(config, shutdown.clone()));
+    let scheduler = start_scheduler(&server, &shutdown);
     // The worker reports as soon as a scheduler answers, as it does after a takeover.
     report(&bus, &id, "ran once").await;
     // Completed with the worker's outcome at once, not left running to be retried when the
@@ -139,14 +153,7 @@ async fn settled(ops: &async_nats::jetstream::kv::Store, id: &str) -> Operation 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_replayed_before_their_primary_share_its_run_and_are_never_run_again() {
-    let server = NatsServer::start().unwrap();
-    let bus = Bus::connect(&server.url(), "worker-w1", Duration::from_secs(5))
-        .await
-        .unwrap();
-    let ops = bus
-        .ensure_kv(subjects::exec::operations_config())
-        .await
-        .unwrap();
+    let (server, bus, ops) = operations_bucket().await;
     let put = |op: Operation| {
         let ops = ops.clone();
         async move {
@@ -239,12 +246,7 @@ async fn followers_replayed_before_their_primary_share_its_run_and_are_never_run
             }
         })
     };
-    let config = SchedulerConfig {
-        nats_url: server.url(),
-        scheduler_id: Some("s1".into()),
-        ..Default::default()
-    };
-    let scheduler = tokio::spawn(motorpool_scheduler::run(config, shutdown.clone()));
+    let scheduler = start_scheduler(&server, &shutdown);
 
     // `c` shares `d`'s result as soon as the scheduler has read them.
     let op = settled(&ops, &c).await;

@@ -12,6 +12,20 @@ async fn bus(server: &NatsServer) -> Bus {
         .unwrap()
 }
 
+/// A shard's heartbeat, for the tests that need some message.
+fn shard_info(id: &str) -> ShardInfo {
+    ShardInfo {
+        shard_id: id.into(),
+        data_addr: "127.0.0.1:1".into(),
+        capacity_bytes: 1,
+        used_bytes: 0,
+        blob_count: 0,
+        started_at_ms: 1,
+        heartbeat_at_ms: 2,
+        draining: false,
+    }
+}
+
 /// A labeling job for the lane-queue tests.
 fn label_job(
     id: &str,
@@ -253,18 +267,9 @@ async fn a_bucket_no_service_made_yet_reads_as_empty_and_other_failures_still_fa
     .unwrap()
     .put(
         "s1",
-        motorpool_messages::codec::encode(&ShardInfo {
-            shard_id: "s1".into(),
-            data_addr: "127.0.0.1:1".into(),
-            capacity_bytes: 1,
-            used_bytes: 0,
-            blob_count: 0,
-            started_at_ms: 1,
-            heartbeat_at_ms: 2,
-            draining: false,
-        })
-        .unwrap()
-        .into(),
+        motorpool_messages::codec::encode(&shard_info("s1"))
+            .unwrap()
+            .into(),
     )
     .await
     .unwrap();
@@ -307,16 +312,7 @@ async fn broadcast_and_kv_survive_a_server_restart() {
         .subscribe::<ShardInfo>(&subjects::cas::all_heartbeats())
         .await
         .unwrap();
-    let info = ShardInfo {
-        shard_id: "s9".into(),
-        data_addr: "127.0.0.1:1".into(),
-        capacity_bytes: 1,
-        used_bytes: 0,
-        blob_count: 0,
-        started_at_ms: 1,
-        heartbeat_at_ms: 2,
-        draining: false,
-    };
+    let info = shard_info("s9");
     bus.publish(&subjects::cas::heartbeat("s9"), &info)
         .await
         .unwrap();
