@@ -119,6 +119,9 @@ fn burn_drive(
 ) {
     for img in images {
         let id = img.manifest.id.clone();
+        // Each burn starts a trace of its own (when traces are exported).
+        let _span =
+            tracing::info_span!("fleet.burn", drive = %drive.display(), image = %id).entered();
         let r = burn(drive, img, layout, &|p, s| report(p, &id, s));
         if !matches!(r.state, DriveState::Ready { .. }) {
             return;

@@ -435,6 +435,7 @@ impl Gateway {
             failures: Vec::new(),
             state: OpState::Queued { follows: None },
             queued_ms: now,
+            trace: motorpool_bus::trace::traceparent(),
         };
         // A miss this gateway answered a moment ago stands for the lookup (see `recent`).
         if !req.skip_cache_lookup
@@ -810,6 +811,7 @@ mod tests {
                 message: "gave up".into(),
             }),
             queued_ms: 0,
+            trace: String::new(),
         };
         let lro = to_longrunning(&op);
         assert!(lro.done);

@@ -80,13 +80,32 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// Runs a handler, counts it by method and status code, and times it.
+/// Runs a handler in its span (where a trace starts: what it asks of other services over the bus
+/// joins it), counts it by method and status code, and times it.
 pub(crate) async fn observe<T>(
     method: &'static str,
     fut: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<Response<T>, Status> {
     let start = Instant::now();
-    let result = fut.await.map_err(Status::from);
+    let span = tracing::info_span!(
+        "gateway.rpc",
+        otel.name = method,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let result = tracing::Instrument::instrument(fut, span.clone())
+        .await
+        .map_err(Status::from);
+    span.record(
+        "rpc.grpc.status_code",
+        result.as_ref().map_or_else(|s| s.code() as i64, |_| 0),
+    );
+    if result.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
     let code = match &result {
         Ok(_) => "OK".to_string(),
         Err(s) => format!("{:?}", s.code()),

@@ -12,8 +12,12 @@
 //!   build costs beyond the local one, and whose cost it is: "without the platform's CPU" is the
 //!   ratio a platform that cost nothing would reach with this Bazel.
 //!
+//! - Tracing: the scheduling overhead with no trace export, with OTLP export sampling 10% of
+//!   traces, and sampling all of them, on three stacks in turn.
+//!
 //! `cargo bench -p motorpool --bench exec` (`MOTORPOOL_BENCH_QUICK=1` for a short run,
-//! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows, `MOTORPOOL_BENCH_ONLY=bazel` for only them,
+//! `MOTORPOOL_BENCH_BAZEL=0` to skip the Bazel rows, `MOTORPOOL_BENCH_ONLY=bazel` or `=tracing`
+//! for only those rows,
 //! `MOTORPOOL_BENCH_SLOTS=N` for N action slots per worker, `MOTORPOOL_BENCH_RE_FLAGS="..."` for
 //! extra Bazel flags on the remote build, `MOTORPOOL_BENCH_METRICS=1` for the gateway's latency
 //! per method after the Bazel builds).
@@ -150,7 +154,8 @@ fn main() {
         .build()
         .unwrap();
     let mut rows: Vec<[String; 3]> = Vec::new();
-    {
+    let only_tracing = std::env::var("MOTORPOOL_BENCH_ONLY").is_ok_and(|v| v == "tracing");
+    if !only_tracing {
         let mut up = vec!["--workers", "2", "--shards", "0"];
         if let Some(n) = &slots {
             up.extend(["--worker-slots", n.as_str()]);
@@ -240,10 +245,108 @@ fn main() {
         }
         drop(stack);
     }
+    if std::env::var("MOTORPOOL_BENCH_ONLY").map_or(true, |v| v == "tracing") {
+        rows.extend(tracing_rows(&rt, n / 2));
+    }
     println!("\n| measure | median | goal |\n|---|---|---|");
     for [a, b, c] in rows {
         println!("| {a} | {b} | {c} |");
     }
+}
+
+/// Execute to completed minus the action's own run, in ms, for an action already uploaded.
+async fn overhead_of(c: &mut ExecClient, d: &motorpool_messages::BlobDigest) -> f64 {
+    let t = Instant::now();
+    let f = follow(c.start(d, &[], true).await.unwrap()).await.unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    let m = f.result().execution_metadata.clone().unwrap();
+    let run = secs(&m.execution_completed_timestamp) - secs(&m.execution_start_timestamp);
+    (wall - run) * 1000.0
+}
+
+/// What tracing costs each action: three stacks side by side (no export; OTLP export with 10%
+/// of traces sampled; with every trace sampled) to a receiver in this process, the same `n`
+/// trivial actions run on each in turn, one at a time, so drift in the machine's load falls on
+/// all three alike.
+fn tracing_rows(rt: &tokio::runtime::Runtime, n: usize) -> Vec<[String; 3]> {
+    let receiver = rt.block_on(support::otlp::Receiver::start());
+    let endpoint = receiver.endpoint();
+    let up = ["--workers", "1", "--shards", "0"];
+    let exporting = |sampler: &'static str, arg: &'static str| {
+        let mut env = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_TRACES_SAMPLER", sampler),
+        ];
+        if !arg.is_empty() {
+            env.push(("OTEL_TRACES_SAMPLER_ARG", arg));
+        }
+        Stack::up_with_env(&up, &env)
+    };
+    let stacks = [
+        ("no trace export", Stack::up(&up)),
+        (
+            "traces exported, 10% sampled",
+            exporting("parentbased_traceidratio", "0.1"),
+        ),
+        (
+            "traces exported, all sampled",
+            exporting("parentbased_always_on", ""),
+        ),
+    ];
+    let mut overheads: Vec<Vec<f64>> = vec![Vec::new(); stacks.len()];
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        let mut digests = Vec::new();
+        for (_, stack) in &stacks {
+            let mut c = ExecClient::connect(stack, "bench").await;
+            for i in 0..20 {
+                c.run(&trivial(3_000_000 + i), &[]).await;
+            }
+            let mut ds = Vec::new();
+            for i in 0..n {
+                ds.push(c.upload(&trivial(4_000_000 + i)).await);
+            }
+            clients.push(c);
+            digests.push(ds);
+        }
+        // Action i on every stack, then action i + 1.
+        for round in 0..n {
+            for ((c, ds), out) in clients.iter_mut().zip(&digests).zip(&mut overheads) {
+                out.push(overhead_of(c, &ds[round]).await);
+            }
+        }
+    });
+    let names: Vec<&str> = stacks.iter().map(|(name, _)| *name).collect();
+    drop(stacks);
+    let base = percentile(&mut overheads[0].clone(), 0.5);
+    let mut rows = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let p50 = percentile(&mut overheads[k], 0.5);
+        let extra = if k == 0 {
+            String::new()
+        } else {
+            format!(" ({:+.2} ms)", p50 - base)
+        };
+        rows.push([
+            format!("scheduling overhead per action, {n} sequential, {name} (p50)"),
+            format!("{p50:.2} ms{extra}"),
+            if k == 1 {
+                "< +0.5 ms".into()
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    rows.push([
+        "spans received by the OTLP receiver".into(),
+        format!(
+            "{} in {} exports",
+            receiver.spans().len(),
+            receiver.requests()
+        ),
+        String::new(),
+    ]);
+    rows
 }
 
 /// Local and cold remote-execution builds of the workspace, `reps` of each, alternating: their

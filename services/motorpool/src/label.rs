@@ -98,6 +98,11 @@ pub struct RunArgs {
     /// PEM CA of that NATS, where it speaks TLS.
     #[arg(long, env = "MOTORPOOL_NATS_TLS_CA_FILE")]
     nats_tls_ca_file: Option<PathBuf>,
+    /// With --nats-url: the directory the stack's stages see as their `--clips-dir` (compose's
+    /// `./clips`, a shared volume's mount here). Clips must lie under it and are named to the
+    /// stages relative to it [default: none: by their absolute path, for stages on this host].
+    #[arg(long, requires = "nats_url")]
+    clips_root: Option<PathBuf>,
     /// Priority lane.
     #[arg(long, value_enum, default_value = "build")]
     lane: LaneArg,
@@ -391,7 +396,7 @@ struct ClipSummary {
     output: Option<String>,
     /// Why it failed or was refused.
     reason: Option<String>,
-    /// The annotate stage's `stats.json`, when labeled.
+    /// The annotate stage's `stats.json`, when labeled and its output is on this host.
     stats: Option<serde_json::Value>,
 }
 
@@ -473,6 +478,7 @@ async fn labeled(
                 concurrency: 1,
                 aging_step_ms: 10_000,
                 ack_wait: Duration::from_secs(120),
+                clips_dir: None,
             };
             let tasks = vec![
                 tokio::spawn(serve_stage(
@@ -507,7 +513,15 @@ async fn labeled(
     .await?;
     let mut jobs = Vec::new();
     for dir in clips {
-        match submit(&bus, dir, a.lane.into(), params.clone()).await {
+        match submit(
+            &bus,
+            dir,
+            a.clips_root.as_deref(),
+            a.lane.into(),
+            params.clone(),
+        )
+        .await
+        {
             Ok(job) => {
                 println!(
                     "Queued clip {} as job {} in the {} lane",
@@ -610,6 +624,9 @@ fn clip_summary(
         serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
     };
     let (status, output, reason, stats) = match r {
+        // Labeled by stages elsewhere (containers, other hosts): the output is in their label
+        // store, which this host may not see; the statistics are read where it does.
+        Ok(out) if !Path::new(&out.dir).exists() => ("labeled", Some(out.dir), None, None),
         Ok(out) => match stats(&out.dir) {
             Ok(s) => ("labeled", Some(out.dir), None, Some(s)),
             Err(e) => ("failed", Some(out.dir), Some(e), None),

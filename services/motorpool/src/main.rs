@@ -265,6 +265,11 @@ struct LabelArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_dir: Option<PathBuf>,
+    /// Where this stage sees the clips that `label run --clips-root` names relative to that
+    /// root (a container's mount, a shared volume) [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clips_dir: Option<PathBuf>,
     /// Clips worked on at once [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

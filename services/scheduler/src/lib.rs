@@ -34,7 +34,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use lease::LeaseSettings;
 use limits::TokenBuckets;
-use motorpool_bus::{Bus, MailboxOptions, serve_from, subjects};
+use motorpool_bus::{Bus, MailboxOptions, serve_from, subjects, trace};
 use motorpool_config::SchedulerConfig;
 use motorpool_messages::exec::*;
 use motorpool_messages::{BlobDigest, ErrorCode, WireError, codec, now_ms};
@@ -538,10 +538,18 @@ impl Actor {
                 let known = self.ops.contains_key(&id);
                 let follows = follows.clone();
                 let key = dedup_key(&op);
+                let parent = trace::from_traceparent(&op.trace);
+                let lane = op.lane;
                 self.ops.insert(id.clone(), Tracked { op, revision });
                 if known {
                     return;
                 }
+                // From the moment this scheduler hears of it to where it waits: queued,
+                // following another, or completed from a finished run.
+                let _heard = trace::child_of(
+                    parent,
+                    || tracing::info_span!("scheduler.queue", op = %id, lane = lane.name()),
+                );
                 // A follower replayed before the operation it follows (the watch gives records
                 // in the order of their last change; the primary changed later, when it was
                 // dispatched): its record, not memory, says whether the run it waits for goes
@@ -1077,7 +1085,18 @@ impl Actor {
         let bus = self.bus.clone();
         let events = self.events.clone();
         let timeout = Duration::from_millis(self.config.assign_timeout_ms);
-        tokio::spawn(async move {
+        let span = trace::child_of(trace::from_traceparent(&op.trace), || {
+            tracing::info_span!(
+                "scheduler.dispatch",
+                op = %op.id,
+                worker = %worker,
+                attempt = op.attempts,
+                lane = op.lane.name(),
+                pool = op.pool.name(),
+                queue_wait_ms = now_ms().saturating_sub(op.queued_ms),
+            )
+        });
+        let assign = async move {
             let id = op.id.clone();
             let attempt = op.attempts;
             let req = Assign { operation: op };
@@ -1105,6 +1124,7 @@ impl Actor {
                     reason,
                 })
                 .await;
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(assign, span));
     }
 }

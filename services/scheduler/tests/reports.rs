@@ -33,6 +33,7 @@ fn operation(id: String, state: OpState, attempts: u32) -> Operation {
         failures: Vec::new(),
         state,
         queued_ms: now_ms(),
+        trace: String::new(),
     }
 }
 

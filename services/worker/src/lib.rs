@@ -232,6 +232,18 @@ struct Job {
     run: Option<run::RunOutcome>,
     stdout: PathBuf,
     stderr: PathBuf,
+    /// The job's span in the trace of the Execute call behind it, if that call has one.
+    span: tracing::Span,
+}
+
+impl Job {
+    /// A span for one of the job's stages, under the job's; none outside a trace.
+    fn stage_span(&self, stage: &'static str) -> tracing::Span {
+        if self.span.is_none() {
+            return tracing::Span::none();
+        }
+        tracing::info_span!(parent: &self.span, "worker.stage", otel.name = stage, op = %self.op.id)
+    }
 }
 
 fn timestamp(t: SystemTime) -> Option<bazel_remote_apis::google::protobuf::Timestamp> {
@@ -875,7 +887,19 @@ impl Worker {
             ..Default::default()
         };
         let dir = self.svc.take_exec_dir();
+        // Inside the Assign request's span when the scheduler sent one with the trace.
+        let span = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "worker.job",
+                op = %op.id,
+                attempt = op.attempts,
+                worker = %self.svc.worker_id,
+            )
+        };
         slot.send(Job {
+            span,
             stdout: dir.join("stdout"),
             stderr: dir.join("stderr"),
             exec_root: dir.join("root"),
@@ -893,7 +917,12 @@ impl Worker {
     }
 
     /// Stage 2, input fetch.
-    async fn fetch(&self, mut job: Job) -> Option<Job> {
+    async fn fetch(&self, job: Job) -> Option<Job> {
+        let span = job.stage_span("worker.fetch");
+        tracing::Instrument::instrument(self.fetch_in_span(job), span).await
+    }
+
+    async fn fetch_in_span(&self, mut job: Job) -> Option<Job> {
         self.enter(&job, JobStage::Fetching);
         job.meta.input_fetch_start_timestamp = timestamp(SystemTime::now());
         match self.prepare(&mut job).await {
@@ -961,7 +990,12 @@ impl Worker {
     }
 
     /// Stage 3, execute.
-    async fn execute(&self, mut job: Job) -> Option<Job> {
+    async fn execute(&self, job: Job) -> Option<Job> {
+        let span = job.stage_span("worker.execute");
+        tracing::Instrument::instrument(self.execute_in_span(job), span).await
+    }
+
+    async fn execute_in_span(&self, mut job: Job) -> Option<Job> {
         let key = (job.op.instance.clone(), job.op.action);
         let gate = self
             .running_actions
@@ -1030,10 +1064,12 @@ impl Worker {
 
     /// Stage 4, report.
     async fn report(&self, mut job: Job) {
+        let span = job.stage_span("worker.upload");
         self.enter(&job, JobStage::Uploading);
         job.meta.output_upload_start_timestamp = timestamp(SystemTime::now());
-        let r = self.collect_and_upload(&mut job).await;
-        self.finish(job, r).await;
+        let r = tracing::Instrument::instrument(self.collect_and_upload(&mut job), span).await;
+        let span = job.stage_span("worker.report");
+        tracing::Instrument::instrument(self.finish(job, r), span).await;
     }
 
     async fn collect_and_upload(&self, job: &mut Job) -> Result<Outcome, JobError> {

@@ -250,13 +250,18 @@ impl Bus {
     ) -> Result<(), BusError> {
         metrics::counter!(crate::metric_names::BUS_SENT_BYTES_TOTAL)
             .increment(payload.len() as u64);
-        self.client
-            .publish(subject.clone(), payload)
-            .await
-            .map_err(|e| BusError::Publish {
-                subject,
-                message: e.to_string(),
-            })
+        let sent = match crate::trace::headers() {
+            Some(h) => {
+                self.client
+                    .publish_with_headers(subject.clone(), h, payload)
+                    .await
+            }
+            None => self.client.publish(subject.clone(), payload).await,
+        };
+        sent.map_err(|e| BusError::Publish {
+            subject,
+            message: e.to_string(),
+        })
     }
 
     /// Publishes a typed message to a JetStream stream and waits for the server to store it: for
@@ -284,9 +289,10 @@ impl Bus {
         &self,
         subject: &Subject,
         msg: &M,
-        headers: async_nats::HeaderMap,
+        mut headers: async_nats::HeaderMap,
     ) -> Result<(), BusError> {
         let payload = Bytes::from(codec::encode(msg)?);
+        crate::trace::inject(&mut headers);
         let subject_name = subject.as_str().to_string();
         let failed = |e: String| BusError::Publish {
             subject: subject_name.clone(),
@@ -321,9 +327,12 @@ impl Bus {
         let payload = Bytes::from(codec::encode(req)?);
         metrics::counter!(crate::metric_names::BUS_SENT_BYTES_TOTAL)
             .increment(payload.len() as u64);
-        let request = async_nats::Request::new()
+        let mut request = async_nats::Request::new()
             .payload(payload)
             .timeout(Some(timeout));
+        if let Some(h) = crate::trace::headers() {
+            request = request.headers(h);
+        }
         let reply = self
             .client
             .send_request(subject.as_str().to_string(), request)

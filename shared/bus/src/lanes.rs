@@ -47,6 +47,8 @@ pub struct Delivery<M> {
     pub delivered: i64,
     /// Jobs the server still held for this lane when it delivered this one.
     pending: u64,
+    /// The trace of whoever queued it, if any.
+    parent: Option<opentelemetry::Context>,
     raw: jetstream::Message,
     keepalive: CancellationToken,
 }
@@ -64,6 +66,24 @@ impl<M> std::fmt::Debug for Delivery<M> {
 impl<M> Drop for Delivery<M> {
     fn drop(&mut self) {
         self.keepalive.cancel();
+    }
+}
+
+impl<M: Message> Delivery<M> {
+    /// The span to work on this job in: a child of the trace that queued it, or no span for a
+    /// job queued outside any trace (see [`crate::trace`]).
+    pub fn span(&self) -> tracing::Span {
+        crate::trace::child_of(self.parent.clone(), || {
+            tracing::info_span!(
+                "bus.job",
+                otel.name = M::NAME,
+                otel.kind = "consumer",
+                messaging.system = "nats",
+                lane = self.lane.name(),
+                delivered = self.delivered,
+                queue_wait_ms = now_ms().saturating_sub(self.queued_ms),
+            )
+        })
     }
 }
 
@@ -265,10 +285,14 @@ impl<M: Message> LaneQueue<M> {
                 d = self.next() => match d { Some(d) => d, None => break },
             };
             let handle = handle.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                handle(delivery).await;
-            });
+            let span = delivery.span();
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let _permit = permit;
+                    handle(delivery).await;
+                },
+                span,
+            ));
         }
         self.close().await;
         let _ = tokio::time::timeout(
@@ -353,6 +377,7 @@ async fn fetch_lane<M: Message>(
                 queued_ms,
                 delivered,
                 pending,
+                parent: crate::trace::extract(raw.headers.as_ref()),
                 raw,
                 keepalive,
             };

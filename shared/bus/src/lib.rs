@@ -11,6 +11,8 @@
 //!   with bounded aging) for jobs that are not REAPI actions.
 //! - [`access`]: who may say what: per-service nkey users, their subject permissions, and the
 //!   realm file rendered into nats-server's `authorization` block.
+//! - [`trace`]: W3C trace context in message headers, so one piece of work is one trace across
+//!   the services it passes through.
 //! - [`server`]: starts a real `nats-server` (JetStream on) on a free port with a temp store dir;
 //!   used by `motorpool up` and by every integration test.
 
@@ -21,6 +23,7 @@ mod mailbox;
 pub mod metric_names;
 pub mod server;
 pub mod subjects;
+pub mod trace;
 
 pub use access::{Credentials, Realm, Role};
 pub use bus::{Bus, BusError, TypedSubscriber, ensure_crypto_provider, kv_values};

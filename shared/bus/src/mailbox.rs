@@ -83,7 +83,16 @@ where
             };
             let bus = bus.clone();
             let handler = handler.clone();
-            tokio::spawn(async move {
+            let span = crate::trace::follow(msg.headers.as_ref(), || {
+                tracing::info_span!(
+                    "bus.request",
+                    otel.name = R::NAME,
+                    otel.kind = "server",
+                    messaging.system = "nats",
+                    messaging.destination.name = %msg.subject,
+                )
+            });
+            let work = async move {
                 let _permit = permit;
                 let answer: Result<R::Reply, WireError> = match codec::decode::<R>(&msg.payload) {
                     Ok(req) => {
@@ -106,7 +115,8 @@ where
                 {
                     tracing::warn!(%error, "Could not answer a request");
                 }
-            });
+            };
+            tokio::spawn(tracing::Instrument::instrument(work, span));
         }
         let _ = sub.unsubscribe().await;
         // Wait for in-flight handlers to answer.

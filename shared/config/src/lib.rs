@@ -54,6 +54,11 @@ pub struct TelemetryConfig {
     /// OTLP/gRPC endpoint (for example `http://127.0.0.1:4317`) to export traces to. Default: none,
     /// no export. The standard `OTEL_EXPORTER_OTLP_ENDPOINT` is honoured when this is unset.
     pub otlp_endpoint: Option<String>,
+    /// Share of new traces kept (0 to 1), decided where a trace starts (a gateway call, a burn);
+    /// every service downstream follows that decision, so a trace is whole or absent. Default:
+    /// unset, which follows the standard `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, else
+    /// keeps every trace.
+    pub trace_sample_ratio: Option<f64>,
 }
 
 impl Default for TelemetryConfig {
@@ -62,6 +67,7 @@ impl Default for TelemetryConfig {
             log_filter: "info".into(),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
+            trace_sample_ratio: None,
         }
     }
 }
@@ -787,6 +793,11 @@ pub struct LabelConfig {
     /// it on shared storage. Clips are read where their job says. Default
     /// `./motorpool-data/labels`.
     pub data_dir: PathBuf,
+    /// Where this stage sees the clips of jobs submitted relative to a clips directory
+    /// (`motorpool label run --clips-root`): a container's mount, a shared volume's path on
+    /// this host. Default: none (such jobs fail, saying so; clips named by an absolute path are
+    /// read there).
+    pub clips_dir: Option<PathBuf>,
     /// Name of this instance in clip statuses. Default: the host name and the stage.
     pub worker_id: Option<String>,
     /// Clips worked on at once. Default 1 (each stage's work is single-threaded; run more
@@ -811,6 +822,7 @@ impl Default for LabelConfig {
             nats_nkey_file: None,
             nats_tls_ca_file: None,
             data_dir: PathBuf::from("motorpool-data/labels"),
+            clips_dir: None,
             worker_id: None,
             concurrency: 1,
             aging_step_ms: 10_000,

@@ -81,6 +81,32 @@ pub struct StageOptions {
     pub aging_step_ms: u64,
     /// A held job not kept alive for this long is redelivered.
     pub ack_wait: Duration,
+    /// Where this stage sees the clips that jobs name by a relative path (`--clips-dir`).
+    pub clips_dir: Option<PathBuf>,
+}
+
+/// The directory of a job's clip as this stage sees it: an absolute path as it is; a relative
+/// one (a clip submitted with `--clips-root`) under the stage's `clips_dir`, which it may not
+/// leave.
+pub fn clip_path(clip_dir: &str, clips_dir: Option<&Path>) -> Result<PathBuf, LabelError> {
+    let p = Path::new(clip_dir);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    if clip_dir.is_empty()
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(LabelError::Input(format!(
+            "clip path {clip_dir:?} is not a path inside the clips directory"
+        )));
+    }
+    let root = clips_dir.ok_or_else(|| {
+        LabelError::Input(format!(
+            "clip {clip_dir:?} was submitted relative to a clips directory, and this stage was given none (--clips-dir)"
+        ))
+    })?;
+    Ok(root.join(p))
 }
 
 /// Runs the stage as a single job, without the bus: computes the key, reuses or produces the
@@ -227,14 +253,24 @@ async fn handle<W: StageWork>(
             }
         })
     };
+    // Under the job's span when it was queued within a trace (`label run` against a traced
+    // stack, the stage before this one).
+    let span = if tracing::Span::current().is_none() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!("label.stage", otel.name = stage.name(), job = %job.job_id, clip = %job.clip_id)
+    };
+    // The clip as this stage sees it; the job forwarded to the next stage keeps the path it
+    // was submitted with, for that stage to resolve on its own host.
+    let local = clip_path(&job.clip_dir, options.clips_dir.as_deref()).map(|dir| LabelJob {
+        clip_dir: dir.display().to_string(),
+        ..job.clone()
+    });
     let result = {
-        let (work, job, data_dir, progress) = (
-            work.clone(),
-            job.clone(),
-            options.data_dir.clone(),
-            progress.clone(),
-        );
-        tokio::task::spawn_blocking(move || run_once(&*work, &job, &data_dir, &progress))
+        let (work, data_dir, progress) = (work.clone(), options.data_dir.clone(), progress.clone());
+        let run =
+            tokio::task::spawn_blocking(move || run_once(&*work, &local?, &data_dir, &progress));
+        tracing::Instrument::instrument(run, span)
             .await
             .unwrap_or_else(|e| Err(LabelError::Internal(format!("the stage panicked: {e}"))))
     };
@@ -312,16 +348,36 @@ async fn put_status(kv: &async_nats::jetstream::kv::Store, s: &StageStatus) {
 }
 
 /// Queues a clip for the pipeline: checks the clip, records `Queued` for mapping and puts the
-/// job on the mapping queue of `lane`.
+/// job on the mapping queue of `lane`. With `clips_root` (the directory the stages see as their
+/// `--clips-dir`, on another host or in containers) the clip must lie under it and the job names
+/// it relative to it; without, by its absolute path.
 pub async fn submit(
     bus: &Bus,
     clip_dir: &Path,
+    clips_root: Option<&Path>,
     lane: Lane,
     params: LabelParams,
 ) -> Result<LabelJob, LabelError> {
     let dir = std::fs::canonicalize(clip_dir)
         .map_err(|e| LabelError::io(format!("clip directory {}", clip_dir.display()), e))?;
     let clip = Clip::open(&dir)?;
+    let named = match clips_root {
+        None => dir.display().to_string(),
+        Some(root) => {
+            let root = std::fs::canonicalize(root)
+                .map_err(|e| LabelError::io(format!("clips root {}", root.display()), e))?;
+            match dir.strip_prefix(&root) {
+                Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
+                _ => {
+                    return Err(LabelError::Input(format!(
+                        "clip {} is not inside the clips root {}",
+                        dir.display(),
+                        root.display()
+                    )));
+                }
+            }
+        }
+    };
     params.check().map_err(|e| {
         LabelError::Input(format!("clip {}: the labeling settings: {e}", clip.id()))
     })?;
@@ -335,7 +391,7 @@ pub async fn submit(
     let job = LabelJob {
         job_id: uuid::Uuid::new_v4().simple().to_string(),
         clip_id: clip.id().to_string(),
-        clip_dir: dir.display().to_string(),
+        clip_dir: named,
         lane,
         submitted_ms: now_ms(),
         params,
@@ -356,7 +412,10 @@ pub async fn submit(
         },
     )
     .await;
-    bus.enqueue(&subjects::label::run(Stage::Mapping, lane), &job)
+    // A clip's trace starts here; each stage queues the next inside it.
+    let span = tracing::info_span!("label.submit", job = %job.job_id, clip = %job.clip_id);
+    let subject = subjects::label::run(Stage::Mapping, lane);
+    tracing::Instrument::instrument(bus.enqueue(&subject, &job), span)
         .await
         .map_err(|e| LabelError::Bus(e.to_string()))?;
     Ok(job)
@@ -436,6 +495,7 @@ pub async fn run_service<W: StageWork>(
             concurrency: config.concurrency,
             aging_step_ms: config.aging_step_ms,
             ack_wait: Duration::from_millis(config.ack_wait_ms),
+            clips_dir: config.clips_dir.clone(),
         },
         shutdown,
     )
@@ -445,4 +505,29 @@ pub async fn run_service<W: StageWork>(
         h.stop(true).await;
     }
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_clip_is_found_under_the_stages_clips_dir_and_never_outside_it() {
+        let root = Path::new("/clips");
+        assert_eq!(
+            clip_path("lot-7/c-001", Some(root)).unwrap(),
+            Path::new("/clips/lot-7/c-001")
+        );
+        assert_eq!(
+            clip_path("/data/clips/c-001", Some(root)).unwrap(),
+            Path::new("/data/clips/c-001"),
+            "an absolute path is read where it says"
+        );
+        let e = clip_path("lot-7/c-001", None).unwrap_err().to_string();
+        assert!(e.contains("--clips-dir"), "{e}");
+        for hostile in ["", "../etc", "lot/../../etc", "./c"] {
+            let e = clip_path(hostile, Some(root)).unwrap_err();
+            assert!(matches!(e, LabelError::Input(_)), "{hostile:?}: {e}");
+        }
+    }
 }

@@ -168,8 +168,11 @@ pub struct Operation {
     pub state: OpState,
     /// Stage timestamps (ms since the epoch) the client sees in ExecutedActionMetadata.
     pub queued_ms: u64,
+    /// The W3C `traceparent` of the call that queued it, empty outside any trace: the record
+    /// reaches the scheduler through a KV watch, not a message with headers.
+    pub trace: String,
 }
-message!(Operation, 200, 1);
+message!(Operation, 200, 2);
 
 impl Operation {
     pub fn is_done(&self) -> bool {

@@ -1,6 +1,7 @@
 //! Telemetry for every Motorpool service: `tracing` logs (text or JSON), OpenTelemetry trace
 //! export over OTLP/gRPC when an endpoint is configured, and a Prometheus recorder whose text is
-//! served on `/metrics`.
+//! served on `/metrics`. How a trace crosses the bus from service to service is
+//! `motorpool_bus::trace`'s part.
 //!
 //! Metric names follow `motorpool_<subsystem>_<name>_<unit>[_total]` with low-cardinality labels.
 //! Call [`init`] once per process, first thing in `main`.
@@ -63,6 +64,9 @@ pub fn prometheus() -> PrometheusHandle {
 }
 
 /// Installs logging, optional OTLP trace export, and the Prometheus recorder.
+///
+/// The log filter applies to log lines only. Traces take every `info` span of the platform's
+/// own crates whatever the log level, so turning logs down never cuts a trace in two.
 pub fn init(service: &'static str, config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     let filter =
         EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&config.log_filter))?;
@@ -81,37 +85,61 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> anyhow::Result<T
         .clone()
         .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok());
     let tracer_provider = match endpoint {
-        Some(endpoint) => {
-            use opentelemetry_otlp::WithExportConfig;
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()?;
-            Some(
-                opentelemetry_sdk::trace::SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .with_resource(
-                        opentelemetry_sdk::Resource::builder()
-                            .with_service_name(format!("motorpool-{service}"))
-                            .build(),
-                    )
-                    .build(),
-            )
-        }
+        Some(endpoint) => Some(tracer_provider(
+            service,
+            &endpoint,
+            config.trace_sample_ratio,
+        )?),
         None => None,
     };
-    let otel = tracer_provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    let otel = tracer_provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("motorpool", tracing::Level::INFO),
+            )
+    });
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init()?;
     Ok(Telemetry {
         prometheus: prometheus(),
         tracer_provider,
     })
+}
+
+/// Spans batched and sent over OTLP/gRPC to `endpoint`, as service `motorpool-<service>`.
+fn tracer_provider(
+    service: &str,
+    endpoint: &str,
+    ratio: Option<f64>,
+) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::Sampler;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| anyhow::anyhow!("OTLP exporter for {endpoint}: {e}"))?;
+    let mut builder = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(format!("motorpool-{service}"))
+                .build(),
+        );
+    if let Some(ratio) = ratio {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&ratio),
+            "telemetry.trace_sample_ratio must be between 0 and 1, not {ratio}"
+        );
+        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio,
+        ))));
+    }
+    Ok(builder.build())
 }
 
 /// `GET /metrics`: Prometheus text exposition.

@@ -5,6 +5,7 @@ pub mod bes;
 pub mod browser;
 pub mod ci;
 pub mod exec;
+pub mod otlp;
 pub mod workspace;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
