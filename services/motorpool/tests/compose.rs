@@ -8,24 +8,13 @@ mod support;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::workspace::{Bazel, Workspace};
-use support::{free_addr, require_bazel, which};
+use support::{free_addr, require_bazel, succeed, which};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// A compose project in a directory of its own (so `./clips`, `./bays` are not the repository's),
@@ -75,7 +64,7 @@ impl Project {
 
     /// Container ids of the project's services, with their service names.
     fn containers(&self) -> Vec<(String, String)> {
-        let out = ok(Command::new("docker").args([
+        let out = succeed(Command::new("docker").args([
             "ps",
             "-a",
             "--filter",
@@ -100,7 +89,7 @@ impl Project {
 
     /// `(health, running)` of a container.
     fn state(id: &str) -> (String, bool) {
-        let out = ok(Command::new("docker").args([
+        let out = succeed(Command::new("docker").args([
             "inspect",
             "-f",
             "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.State.Running}}",
@@ -122,7 +111,7 @@ impl Project {
 
     /// `wget` inside a service's container (its own ports are not published).
     fn fetch_inside(&self, service: &str, url: &str) -> String {
-        let out = ok(Command::new("docker").args([
+        let out = succeed(Command::new("docker").args([
             "exec",
             &self.container(service),
             "wget",
@@ -160,9 +149,11 @@ fn the_compose_stack_runs_from_local_images_builds_through_a_lost_worker_and_lab
     require_bazel();
     // The images, from Debian's packages only (the base is made once per machine).
     let t = Instant::now();
-    ok(Command::new(repo().join("scripts/images"))
-        .args(["--binary", env!("CARGO_BIN_EXE_motorpool")])
-        .current_dir(repo()));
+    succeed(
+        Command::new(repo().join("scripts/images"))
+            .args(["--binary", env!("CARGO_BIN_EXE_motorpool")])
+            .current_dir(repo()),
+    );
     eprintln!("images ready in {:.0} s", t.elapsed().as_secs_f64());
 
     let dir = tempfile::tempdir().unwrap();
@@ -213,7 +204,7 @@ fn the_compose_stack_runs_from_local_images_builds_through_a_lost_worker_and_lab
         .collect(),
         dir,
     };
-    ok(project.compose().args(["up", "-d"]));
+    succeed(project.compose().args(["up", "-d"]));
 
     // Every container reports healthy.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -276,7 +267,7 @@ fn the_compose_stack_runs_from_local_images_builds_through_a_lost_worker_and_lab
         std::thread::sleep(Duration::from_millis(200));
     }
     let worker0 = project.container("worker-0");
-    ok(Command::new("docker").args(["kill", &worker0]));
+    succeed(Command::new("docker").args(["kill", &worker0]));
     assert!(
         !build.is_finished(),
         "worker-0 was killed after the build ended"
@@ -301,21 +292,25 @@ fn the_compose_stack_runs_from_local_images_builds_through_a_lost_worker_and_lab
     // A clip labeled through the stages' containers: the host names it under ./clips, the
     // stages read it at /clips.
     let clip = project.dir.path().join("clips/lot-1/c-1");
-    ok(Command::new(env!("CARGO_BIN_EXE_motorpool"))
-        .args(["label", "synth", "--frames", "40", "--out"])
-        .arg(&clip));
+    succeed(
+        Command::new(env!("CARGO_BIN_EXE_motorpool"))
+            .args(["label", "synth", "--frames", "40", "--out"])
+            .arg(&clip),
+    );
     let summary = project.dir.path().join("summary.json");
-    ok(Command::new(env!("CARGO_BIN_EXE_motorpool"))
-        .args(["label", "run", "--nats-url"])
-        .arg(format!(
-            "nats://127.0.0.1:{}",
-            project.port("MOTORPOOL_NATS_PORT")
-        ))
-        .arg("--clips-root")
-        .arg(project.dir.path().join("clips"))
-        .arg("--summary")
-        .arg(&summary)
-        .arg(&clip));
+    // `label run` against the stack, clips named relative to ./clips.
+    let label_run = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_motorpool"));
+        cmd.args(["label", "run", "--nats-url"])
+            .arg(format!(
+                "nats://127.0.0.1:{}",
+                project.port("MOTORPOOL_NATS_PORT")
+            ))
+            .arg("--clips-root")
+            .arg(project.dir.path().join("clips"));
+        cmd
+    };
+    succeed(label_run().arg("--summary").arg(&summary).arg(&clip));
     let summary: Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
     assert_eq!(summary[0]["status"], "labeled", "{summary}");
     // Named as the stage container sees it: the label store volume.
@@ -327,7 +322,7 @@ fn the_compose_stack_runs_from_local_images_builds_through_a_lost_worker_and_lab
     let labels = get("/api/v1/labels");
     assert!(labels.contains("\"annotate\""), "{labels}");
     // The annotate output is in the label store volume, as the stage container sees it.
-    ok(Command::new("docker").args([
+    succeed(Command::new("docker").args([
         "exec",
         &project.container("annotate"),
         "test",
@@ -336,17 +331,12 @@ fn the_compose_stack_runs_from_local_images_builds_through_a_lost_worker_and_lab
     ]));
     // A clip outside the root the stages see is refused before anything is queued.
     let outside = tempfile::tempdir().unwrap();
-    ok(Command::new(env!("CARGO_BIN_EXE_motorpool"))
-        .args(["label", "synth", "--frames", "10", "--out"])
-        .arg(outside.path().join("c-2")));
-    let refused = Command::new(env!("CARGO_BIN_EXE_motorpool"))
-        .args(["label", "run", "--nats-url"])
-        .arg(format!(
-            "nats://127.0.0.1:{}",
-            project.port("MOTORPOOL_NATS_PORT")
-        ))
-        .arg("--clips-root")
-        .arg(project.dir.path().join("clips"))
+    succeed(
+        Command::new(env!("CARGO_BIN_EXE_motorpool"))
+            .args(["label", "synth", "--frames", "10", "--out"])
+            .arg(outside.path().join("c-2")),
+    );
+    let refused = label_run()
         .arg(outside.path().join("c-2"))
         .output()
         .unwrap();
@@ -356,11 +346,13 @@ fn the_compose_stack_runs_from_local_images_builds_through_a_lost_worker_and_lab
     eprintln!("labeled at {:.0} s", t.elapsed().as_secs_f64());
 
     // down -v: no container or volume of the project is left.
-    ok(project
-        .compose()
-        .args(["down", "-v", "--remove-orphans", "-t", "5"]));
+    succeed(
+        project
+            .compose()
+            .args(["down", "-v", "--remove-orphans", "-t", "5"]),
+    );
     assert!(project.containers().is_empty());
-    let volumes = ok(Command::new("docker").args([
+    let volumes = succeed(Command::new("docker").args([
         "volume",
         "ls",
         "-q",

@@ -12,26 +12,15 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::which;
+use support::{succeed, which};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes")
 }
 
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// YAML documents as JSON values (PyYAML, which kubernetes-validate brings).
 fn documents(yaml: &Path) -> Vec<Value> {
-    let out = run(Command::new("python3").args([
+    let out = succeed(Command::new("python3").args([
         "-c",
         "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
         yaml.to_str().unwrap(),
@@ -60,7 +49,7 @@ fn the_kubernetes_manifests_render_validate_and_every_reference_resolves() {
     let kubectl = which("kubectl").expect("kubectl (scripts/setup --test installs it)");
     let dir = tempfile::tempdir().unwrap();
     let rendered = dir.path().join("motorpool.yaml");
-    let out = run(Command::new(&kubectl).arg("kustomize").arg(deploy()));
+    let out = succeed(Command::new(&kubectl).arg("kustomize").arg(deploy()));
     std::fs::write(&rendered, &out.stdout).unwrap();
     let v = validate(&rendered);
     assert!(
@@ -83,9 +72,11 @@ fn the_kubernetes_manifests_render_validate_and_every_reference_resolves() {
 
     // The secrets the manifests mount, as the documented script makes them.
     let secrets_dir = dir.path().join("secrets");
-    run(Command::new(deploy().join("secrets"))
-        .arg(&secrets_dir)
-        .env("MOTORPOOL", env!("CARGO_BIN_EXE_motorpool")));
+    succeed(
+        Command::new(deploy().join("secrets"))
+            .arg(&secrets_dir)
+            .env("MOTORPOOL", env!("CARGO_BIN_EXE_motorpool")),
+    );
     let v = validate(&secrets_dir.join("secrets.yaml"));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
     // A second run never overwrites keys.
@@ -214,7 +205,7 @@ fn the_kubernetes_manifests_render_validate_and_every_reference_resolves() {
                 // Every argument is one the service takes (clap checks each before `--help`).
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_motorpool"));
                 cmd.args(&args).arg("--help");
-                run(&mut cmd);
+                succeed(&mut cmd);
                 // Its bus seed is in the Secret, under the name the pod looks for.
                 if let Some(seed) = args
                     .iter()
@@ -284,10 +275,12 @@ fn the_kubernetes_manifests_render_validate_and_every_reference_resolves() {
     .unwrap();
     let nats = which("nats-server").expect("nats-server");
     for member in ["nats-0", "nats-1", "nats-2"] {
-        run(Command::new(&nats)
-            .args(["-t", "-c"])
-            .arg(nats_dir.join("nats.conf"))
-            .env("POD_NAME", member));
+        succeed(
+            Command::new(&nats)
+                .args(["-t", "-c"])
+                .arg(nats_dir.join("nats.conf"))
+                .env("POD_NAME", member),
+        );
     }
 
     // The runner's configuration loads, and its files are the Secret's.
@@ -335,7 +328,9 @@ fn the_kubernetes_manifests_render_validate_and_every_reference_resolves() {
         format!("rule_files: [motorpool.rules.yml]\n{scrape}"),
     )
     .unwrap();
-    run(Command::new(which("promtool").expect("promtool"))
-        .current_dir(&prom_dir)
-        .args(["check", "config", "prometheus.yml"]));
+    succeed(
+        Command::new(which("promtool").expect("promtool"))
+            .current_dir(&prom_dir)
+            .args(["check", "config", "prometheus.yml"]),
+    );
 }

@@ -239,18 +239,25 @@ impl Bus {
     /// Publishes a typed message.
     pub async fn publish<M: Message>(&self, subject: &Subject, msg: &M) -> Result<(), BusError> {
         let payload = Bytes::from(codec::encode(msg)?);
-        self.publish_raw(subject.as_str().to_string(), payload)
-            .await
+        self.publish_raw(
+            subject.as_str().to_string(),
+            payload,
+            crate::trace::headers(),
+        )
+        .await
     }
 
+    /// Publishes a frame, with `headers` when given (a broadcast's trace context; a reply
+    /// carries none).
     pub(crate) async fn publish_raw(
         &self,
         subject: String,
         payload: Bytes,
+        headers: Option<async_nats::HeaderMap>,
     ) -> Result<(), BusError> {
         metrics::counter!(crate::metric_names::BUS_SENT_BYTES_TOTAL)
             .increment(payload.len() as u64);
-        let sent = match crate::trace::headers() {
+        let sent = match headers {
             Some(h) => {
                 self.client
                     .publish_with_headers(subject.clone(), h, payload)

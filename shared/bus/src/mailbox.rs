@@ -110,7 +110,7 @@ where
                     codec::encode(&err).unwrap_or_default()
                 });
                 if let Err(error) = bus
-                    .publish_raw(reply_to.to_string(), Bytes::from(frame))
+                    .publish_raw(reply_to.to_string(), Bytes::from(frame), None)
                     .await
                 {
                     tracing::warn!(%error, "Could not answer a request");

@@ -116,12 +116,25 @@ pub fn seen_slots(truth: &GroundTruth, min_seen: usize) -> Vec<bool> {
 
 /// Scores `predictions[i]` (ego frame of frame `i`) against the truth.
 pub fn evaluate(truth: &GroundTruth, predictions: &[Vec<Slot>], opts: &EvalOptions) -> Quality {
+    evaluate_frames(truth, predictions, opts, |_| true)
+}
+
+/// [`evaluate`] over the frames `scored` picks (the frames a labeler kept, say).
+pub fn evaluate_frames(
+    truth: &GroundTruth,
+    predictions: &[Vec<Slot>],
+    opts: &EvalOptions,
+    scored: impl Fn(usize) -> bool,
+) -> Quality {
     let seen = seen_slots(truth, opts.min_seen);
     let mut q = Quality::default();
     for (i, preds) in predictions.iter().enumerate() {
         let Some(pose) = truth.poses.get(i) else {
             break;
         };
+        if !scored(i) {
+            continue;
+        }
         // (corners, required)
         let gt: Vec<(Corners, bool)> = truth
             .slots
@@ -190,6 +203,95 @@ pub fn evaluate(truth: &GroundTruth, predictions: &[Vec<Slot>], opts: &EvalOptio
     q
 }
 
+/// How far a label is from the nearest true slot: the largest corner distance after putting
+/// its corners in the best order, metres.
+fn worst_corner_to_truth(label: &Corners, truth: &[Corners]) -> f64 {
+    truth
+        .iter()
+        .map(|t| {
+            let (a, _) = align(t, label);
+            corner_dists(t, &a).into_iter().fold(0.0, f64::max)
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// What is wrong with one frame's labels (ego frame of frame `i`), against every true slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FrameFaults {
+    /// Labels with no true slot within 1 m at every corner.
+    pub phantoms: usize,
+    /// Labels off their nearest true slot by more than 0.5 m at some corner (phantoms included).
+    pub off: usize,
+}
+
+/// [`FrameFaults`] of frame `i`'s labels.
+pub fn frame_faults(truth: &GroundTruth, i: usize, labels: &[Slot]) -> FrameFaults {
+    let Some(pose) = truth.poses.get(i) else {
+        return FrameFaults::default();
+    };
+    let near: Vec<Corners> = truth
+        .slots
+        .iter()
+        .map(|s| s.corners.map(|p| pose.to_ego(p)))
+        .filter(|c| dist(centre(c), [0.0, 0.0]) < 30.0)
+        .collect();
+    let mut f = FrameFaults::default();
+    for l in labels {
+        let d = worst_corner_to_truth(&l.corners, &near);
+        if d > 1.0 {
+            f.phantoms += 1;
+        }
+        if d > 0.5 {
+            f.off += 1;
+        }
+    }
+    f
+}
+
+/// Map-level precision and recall: labels in the world frame (a clip's fused labels, whose
+/// frame is the first pose's) against the true slots the clip sees in at least `min_seen`
+/// frames, each true positive within `threshold_m` at every corner. `(tp, fp, fn)`; a label
+/// matching a slot seen too rarely counts neither way.
+pub fn map_quality(
+    truth: &GroundTruth,
+    labels: &[Slot],
+    opts: &EvalOptions,
+) -> (usize, usize, usize) {
+    let seen = seen_slots(truth, opts.min_seen);
+    let gt: Vec<&Corners> = truth.slots.iter().map(|s| &s.corners).collect();
+    let pairs = assign(
+        labels.len(),
+        gt.len(),
+        |l, g| {
+            let (a, d) = align(gt[g], &labels[l].corners);
+            let worst = corner_dists(gt[g], &a).into_iter().fold(0.0, f64::max);
+            if worst <= opts.threshold_m {
+                d
+            } else {
+                f64::INFINITY
+            }
+        },
+        opts.threshold_m,
+    );
+    let mut matched_label = vec![false; labels.len()];
+    let mut matched_gt = vec![false; gt.len()];
+    let mut tp = 0;
+    for (l, g, _) in &pairs {
+        matched_label[*l] = true;
+        matched_gt[*g] = true;
+        if seen[*g] {
+            tp += 1;
+        }
+    }
+    let fp = matched_label.iter().filter(|m| !**m).count();
+    let fn_ = seen
+        .iter()
+        .zip(&matched_gt)
+        .filter(|(s, m)| **s && !**m)
+        .count();
+    (tp, fp, fn_)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +329,31 @@ mod tests {
         assert_eq!(q.corner_errors.len(), 20);
         assert!((q.mean_error() - (4.0 * 0.2 + 4.0 * 0.5) / 20.0).abs() < 1e-9);
         assert!((q.p95_error() - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn phantoms_and_labels_off_their_slot_are_counted_per_frame_and_on_the_map() {
+        let t = truth();
+        let exact = t.slots[0];
+        let off = exact.map_corners(|p| [p[0] + 0.7, p[1]]);
+        let phantom = exact.map_corners(|p| [p[0] - 7.0, p[1] - 9.0]);
+        let f = frame_faults(&t, 0, &[exact, off, phantom]);
+        assert_eq!(
+            f,
+            FrameFaults {
+                phantoms: 1,
+                off: 2
+            }
+        );
+        let rotated = Slot {
+            corners: crate::geom::rotate(&exact.corners, 1),
+            score: 1.0,
+        };
+        assert_eq!(frame_faults(&t, 0, &[rotated]), FrameFaults::default());
+        let o = EvalOptions::default();
+        assert_eq!(map_quality(&t, &[exact], &o), (1, 0, 0));
+        assert_eq!(map_quality(&t, &[off, phantom], &o), (0, 2, 1));
+        assert_eq!(map_quality(&t, &[], &o), (0, 0, 1));
     }
 
     #[test]

@@ -755,6 +755,18 @@ pub fn require_bazel() {
     );
 }
 
+/// Runs `cmd`; its output, or a panic naming the command and saying what it printed.
+pub fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// True when `path` exists and is executable (for finding tools).
 pub fn which(tool: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
