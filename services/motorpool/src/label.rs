@@ -790,6 +790,53 @@ fn label_in_process(
     Ok((job, stage_ms))
 }
 
+/// Fusion and annotation of a clip's detections in memory, as the stages do them: what the
+/// benches score.
+struct InMemory {
+    observations: Vec<motorpool_prelabel::fusion::FrameObservations>,
+    fusion: motorpool_prelabel::fusion::Fusion,
+    verdicts: Vec<motorpool_annotate::FrameVerdict>,
+    /// Each frame's labels, ego frame.
+    labels: Vec<Vec<motorpool_labeling::geom::Slot>>,
+}
+
+fn in_memory(
+    clip: &Clip,
+    raw: &[Vec<motorpool_labeling::geom::Slot>],
+    avm: &[Option<Vec<motorpool_labeling::geom::Slot>>],
+    params: &LabelParams,
+) -> InMemory {
+    let detected: Vec<FrameSlots> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, slots)| FrameSlots {
+            index: i as u32,
+            slots: slots.clone(),
+        })
+        .collect();
+    let observations = motorpool_prelabel::observations(clip, &detected);
+    let fusion = motorpool_prelabel::fusion::fuse(&observations, params);
+    let verdicts = motorpool_annotate::annotate(clip, &fusion.labels, avm, params);
+    let labels = verdicts
+        .iter()
+        .map(|v| {
+            v.labels
+                .iter()
+                .map(|l| motorpool_labeling::geom::Slot {
+                    corners: l.corners,
+                    score: l.score,
+                })
+                .collect()
+        })
+        .collect();
+    InMemory {
+        observations,
+        fusion,
+        verdicts,
+        labels,
+    }
+}
+
 /// This process's peak resident memory so far, MiB (`VmHWM`).
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -879,30 +926,12 @@ fn bench_hard(a: BenchArgs) -> anyhow::Result<()> {
                 .map(|f| f.unwrap_or_default())
                 .collect();
             let avm = clip.slots("detections/avm.json")?;
-            let frames_in = clip
-                .slots("detections/bevslots.json")?
-                .into_iter()
-                .enumerate()
-                .map(|(i, slots)| FrameSlots {
-                    index: i as u32,
-                    slots: slots.unwrap_or_default(),
-                })
-                .collect::<Vec<_>>();
-            let observations = motorpool_prelabel::observations(&clip, &frames_in);
-            let fusion = motorpool_prelabel::fusion::fuse(&observations, &job.params);
-            let verdicts = motorpool_annotate::annotate(&clip, &fusion.labels, &avm, &job.params);
-            let labels: Vec<Vec<motorpool_labeling::geom::Slot>> = verdicts
-                .iter()
-                .map(|v| {
-                    v.labels
-                        .iter()
-                        .map(|l| motorpool_labeling::geom::Slot {
-                            corners: l.corners,
-                            score: l.score,
-                        })
-                        .collect()
-                })
-                .collect();
+            let InMemory {
+                fusion,
+                verdicts,
+                labels,
+                ..
+            } = in_memory(&clip, &raw, &avm, &job.params);
             let kept = |i: usize| verdicts.get(i).is_some_and(|v| v.dropped.is_none());
             let rq = evaluate(&truth, &raw, &eval);
             let kq = evaluate_frames(&truth, &labels, &eval, kept);
@@ -1029,29 +1058,12 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 .collect();
             let avm = clip.slots("detections/avm.json")?;
             let params = &job.params;
-            let detected: Vec<FrameSlots> = raw
-                .iter()
-                .enumerate()
-                .map(|(i, slots)| FrameSlots {
-                    index: i as u32,
-                    slots: slots.clone(),
-                })
-                .collect();
-            let frames = motorpool_prelabel::observations(&clip, &detected);
-            let fusion = motorpool_prelabel::fusion::fuse(&frames, params);
-            let verdicts = motorpool_annotate::annotate(&clip, &fusion.labels, &avm, params);
-            let fused: Vec<Vec<_>> = verdicts
-                .iter()
-                .map(|v| {
-                    v.labels
-                        .iter()
-                        .map(|l| motorpool_labeling::geom::Slot {
-                            corners: l.corners,
-                            score: l.score,
-                        })
-                        .collect()
-                })
-                .collect();
+            let InMemory {
+                observations: frames,
+                verdicts,
+                labels: fused,
+                ..
+            } = in_memory(&clip, &raw, &avm, params);
             let rq = evaluate(&truth, &raw, &eval);
             let fq = evaluate(&truth, &fused, &eval);
             let seen = motorpool_labeling::eval::seen_slots(&truth, eval.min_seen)
