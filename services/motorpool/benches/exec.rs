@@ -177,14 +177,9 @@ fn main() {
             let mut overhead = Vec::new();
             let mut total = Vec::new();
             for d in &digests {
-                let t = Instant::now();
-                let f = follow(c.start(d, &[], true).await.unwrap()).await.unwrap();
-                let wall = t.elapsed().as_secs_f64();
-                let m = f.result().execution_metadata.clone().unwrap();
-                let run =
-                    secs(&m.execution_completed_timestamp) - secs(&m.execution_start_timestamp);
-                overhead.push((wall - run) * 1000.0);
-                total.push(wall * 1000.0);
+                let (o, wall) = timed_run(&mut c, d).await;
+                overhead.push(o);
+                total.push(wall);
             }
             rows.push([
                 format!("scheduling overhead per action, {n} sequential (p50)"),
@@ -254,14 +249,15 @@ fn main() {
     }
 }
 
-/// Execute to completed minus the action's own run, in ms, for an action already uploaded.
-async fn overhead_of(c: &mut ExecClient, d: &motorpool_messages::BlobDigest) -> f64 {
+/// Runs an action already uploaded: (Execute to completed minus the action's own run, Execute
+/// to completed), in ms.
+async fn timed_run(c: &mut ExecClient, d: &motorpool_messages::BlobDigest) -> (f64, f64) {
     let t = Instant::now();
     let f = follow(c.start(d, &[], true).await.unwrap()).await.unwrap();
     let wall = t.elapsed().as_secs_f64();
     let m = f.result().execution_metadata.clone().unwrap();
     let run = secs(&m.execution_completed_timestamp) - secs(&m.execution_start_timestamp);
-    (wall - run) * 1000.0
+    ((wall - run) * 1000.0, wall * 1000.0)
 }
 
 /// What tracing costs each action: three stacks side by side (no export; OTLP export with 10%
@@ -312,7 +308,7 @@ fn tracing_rows(rt: &tokio::runtime::Runtime, n: usize) -> Vec<[String; 3]> {
         // Action i on every stack, then action i + 1.
         for round in 0..n {
             for ((c, ds), out) in clients.iter_mut().zip(&digests).zip(&mut overheads) {
-                out.push(overhead_of(c, &ds[round]).await);
+                out.push(timed_run(c, &ds[round]).await.0);
             }
         }
     });

@@ -750,6 +750,11 @@ impl ShowProgress {
     }
 }
 
+/// `a` of `b`, or 1 when there is nothing to count (no label is a perfect precision).
+fn share(a: usize, b: usize) -> f64 {
+    if b == 0 { 1.0 } else { a as f64 / b as f64 }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -961,7 +966,6 @@ fn bench_hard(a: BenchArgs) -> anyhow::Result<()> {
             }
             let n = verdicts.len();
             let kept_n = (0..n).filter(|i| kept(*i)).count();
-            let ratio = |a: usize, b: usize| if b == 0 { 1.0 } else { a as f64 / b as f64 };
             let glitches = glitched.iter().filter(|g| **g).count();
             println!(
                 "| {} | {:.2} / {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} | {phantoms} | {off} | {no_avm} | {glitch_kept} of {glitches} | {:.3} | {kept_n}/{n} |",
@@ -972,8 +976,8 @@ fn bench_hard(a: BenchArgs) -> anyhow::Result<()> {
                 rq.recall(),
                 kq.precision(),
                 kq.recall(),
-                ratio(tp, tp + fp),
-                ratio(tp, tp + fn_),
+                share(tp, tp + fp),
+                share(tp, tp + fn_),
                 kq.order_share(),
                 right as f64 / n.max(1) as f64,
             );
@@ -988,15 +992,14 @@ fn bench_hard(a: BenchArgs) -> anyhow::Result<()> {
             frames_all += n;
         }
     }
-    let ratio = |a: usize, b: usize| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     println!(
         "| **all** (goal) | | {:.3} / {:.3} | **{:.3} / {:.3}** (>= 0.99) | **{:.3} / {:.3}** (>= 0.97) | **{:.3}** (>= 0.99) | **{phantoms_all}** (0) | **{off_all}** (0) | **{no_avm_all}** (0) | {glitch_kept_all} | {:.3} | |",
         raw_all.precision(),
         raw_all.recall(),
         kept_all.precision(),
         kept_all.recall(),
-        ratio(map_tp, map_tp + map_fp),
-        ratio(map_tp, map_tp + map_fn),
+        share(map_tp, map_tp + map_fp),
+        share(map_tp, map_tp + map_fn),
         kept_all.order_share(),
         right_all as f64 / frames_all.max(1) as f64,
     );

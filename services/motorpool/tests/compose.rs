@@ -25,16 +25,13 @@ struct Project {
     env: Vec<(&'static str, String)>,
     /// Compose files on top of compose.yaml.
     overrides: Vec<PathBuf>,
+    /// `docker compose` (the plugin) is installed; else docker-compose (1.29 here).
+    plugin: bool,
 }
 
 impl Project {
     fn compose(&self) -> Command {
-        // `docker compose` where the plugin is installed, else docker-compose (1.29 here).
-        let plugin = Command::new("docker")
-            .args(["compose", "version"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        let mut cmd = if plugin {
+        let mut cmd = if self.plugin {
             let mut c = Command::new("docker");
             c.arg("compose");
             c
@@ -191,6 +188,10 @@ fn the_compose_stack_runs_from_local_images_builds_through_a_lost_worker_and_lab
     }
     let project = Project {
         overrides,
+        plugin: Command::new("docker")
+            .args(["compose", "version"])
+            .output()
+            .is_ok_and(|o| o.status.success()),
         name: format!("mptest{}", std::process::id()),
         env: [
             "MOTORPOOL_NATS_PORT",

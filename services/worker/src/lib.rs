@@ -888,16 +888,14 @@ impl Worker {
         };
         let dir = self.svc.take_exec_dir();
         // Inside the Assign request's span when the scheduler sent one with the trace.
-        let span = if tracing::Span::current().is_none() {
-            tracing::Span::none()
-        } else {
+        let span = motorpool_bus::trace::in_current(|| {
             tracing::info_span!(
                 "worker.job",
                 op = %op.id,
                 attempt = op.attempts,
                 worker = %self.svc.worker_id,
             )
-        };
+        });
         slot.send(Job {
             span,
             stdout: dir.join("stdout"),

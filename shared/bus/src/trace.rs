@@ -103,6 +103,16 @@ pub fn follow(headers: Option<&HeaderMap>, make: impl FnOnce() -> tracing::Span)
     child_of(extract(headers), make)
 }
 
+/// `make()`'s span as a child of the current one, or no span outside any span (work that
+/// follows a message without trace context opens none either).
+pub fn in_current(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if tracing::Span::current().is_none() {
+        tracing::Span::none()
+    } else {
+        make()
+    }
+}
+
 /// `make()`'s span as a child of `parent`, or no span without a parent.
 pub fn child_of(
     parent: Option<opentelemetry::Context>,

@@ -255,11 +255,9 @@ async fn handle<W: StageWork>(
     };
     // Under the job's span when it was queued within a trace (`label run` against a traced
     // stack, the stage before this one).
-    let span = if tracing::Span::current().is_none() {
-        tracing::Span::none()
-    } else {
-        tracing::info_span!("label.stage", otel.name = stage.name(), job = %job.job_id, clip = %job.clip_id)
-    };
+    let span = motorpool_bus::trace::in_current(
+        || tracing::info_span!("label.stage", otel.name = stage.name(), job = %job.job_id, clip = %job.clip_id),
+    );
     // The clip as this stage sees it; the job forwarded to the next stage keeps the path it
     // was submitted with, for that stage to resolve on its own host.
     let local = clip_path(&job.clip_dir, options.clips_dir.as_deref()).map(|dir| LabelJob {

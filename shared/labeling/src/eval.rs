@@ -152,15 +152,7 @@ pub fn evaluate_frames(
         let pairs = assign(
             preds.len(),
             gt.len(),
-            |p, g| {
-                let (a, d) = align(&gt[g].0, &preds[p].corners);
-                let worst = corner_dists(&gt[g].0, &a).into_iter().fold(0.0, f64::max);
-                if worst <= opts.threshold_m {
-                    d
-                } else {
-                    f64::INFINITY
-                }
-            },
+            |p, g| match_cost(&gt[g].0, &preds[p].corners, opts.threshold_m),
             opts.threshold_m,
         );
         let mut pred_matched = vec![false; preds.len()];
@@ -203,15 +195,29 @@ pub fn evaluate_frames(
     q
 }
 
+/// `label` against `truth` with its corners in the best order: (mean corner distance, largest
+/// corner distance), metres.
+fn aligned_distances(truth: &Corners, label: &Corners) -> (f64, f64) {
+    let (a, mean) = align(truth, label);
+    let worst = corner_dists(truth, &a).into_iter().fold(0.0, f64::max);
+    (mean, worst)
+}
+
+/// The cost of pairing `label` with `truth` in an assignment: their mean corner distance when
+/// every corner is within `threshold_m`, else no pairing.
+fn match_cost(truth: &Corners, label: &Corners, threshold_m: f64) -> f64 {
+    match aligned_distances(truth, label) {
+        (mean, worst) if worst <= threshold_m => mean,
+        _ => f64::INFINITY,
+    }
+}
+
 /// How far a label is from the nearest true slot: the largest corner distance after putting
 /// its corners in the best order, metres.
 fn worst_corner_to_truth(label: &Corners, truth: &[Corners]) -> f64 {
     truth
         .iter()
-        .map(|t| {
-            let (a, _) = align(t, label);
-            corner_dists(t, &a).into_iter().fold(0.0, f64::max)
-        })
+        .map(|t| aligned_distances(t, label).1)
         .fold(f64::INFINITY, f64::min)
 }
 
@@ -262,15 +268,7 @@ pub fn map_quality(
     let pairs = assign(
         labels.len(),
         gt.len(),
-        |l, g| {
-            let (a, d) = align(gt[g], &labels[l].corners);
-            let worst = corner_dists(gt[g], &a).into_iter().fold(0.0, f64::max);
-            if worst <= opts.threshold_m {
-                d
-            } else {
-                f64::INFINITY
-            }
-        },
+        |l, g| match_cost(gt[g], &labels[l].corners, opts.threshold_m),
         opts.threshold_m,
     );
     let mut matched_label = vec![false; labels.len()];

@@ -302,7 +302,8 @@ pub fn generate(opts: &SynthOptions) -> SynthClip {
         .collect();
     // Odometry: a random walk on top of the truth; with hardships, a heading bias and a slip
     // that reach `drift_m` by the end, and glitches.
-    let (bias_yaw, slip) = if hard.any() {
+    let hardened = hard.any();
+    let (bias_yaw, slip) = if hardened {
         let dir = rng.uniform(0.0, std::f64::consts::TAU);
         // About half the drift from a heading error growing to (drift / 2) / travel, which
         // turns the car's whole path about the start, half from a steady slip.
@@ -338,14 +339,14 @@ pub fn generate(opts: &SynthOptions) -> SynthClip {
             drift.x += rng.normal(0.002);
             drift.y += rng.normal(0.002);
             drift.yaw += rng.normal(0.0002);
-            if hard.any() {
+            if hardened {
                 drift.yaw += bias_yaw;
                 drift.x += slip[0];
                 drift.y += slip[1];
             }
             // The heading error carries the position along with it, about the clip's start.
             let (s, c) = drift.yaw.sin_cos();
-            let (rx, ry) = if hard.any() {
+            let (rx, ry) = if hardened {
                 (c * p.x - s * p.y, s * p.x + c * p.y)
             } else {
                 (p.x, p.y)
