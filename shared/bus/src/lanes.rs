@@ -145,6 +145,7 @@ impl<M: Message> LaneQueue<M> {
         let shutdown = CancellationToken::new();
         let mut receivers = Vec::new();
         let mut tasks = Vec::new();
+        let mut more = Vec::new();
         for lane in Lane::ALL {
             let durable = (options.consumer)(lane);
             let config = pull::Config {
@@ -159,6 +160,9 @@ impl<M: Message> LaneQueue<M> {
                 crate::bus::settle(|| stream.get_or_create_consumer(&durable, config.clone()))
                     .await
                     .map_err(|e| BusError::JetStream(format!("consumer {durable}: {e}")))?;
+            // Jobs already queued in a lane are coming: a lower lane's job must not slip out
+            // ahead of them while their first fetch is under way.
+            more.push(consumer.cached_info().num_pending > 0);
             let (tx, rx) = mpsc::channel(1);
             receivers.push((lane, rx));
             tasks.push(tokio::spawn(fetch_lane::<M>(
@@ -171,7 +175,7 @@ impl<M: Message> LaneQueue<M> {
         }
         Ok(LaneQueue {
             heads: (0..receivers.len()).map(|_| None).collect(),
-            more: vec![false; receivers.len()],
+            more,
             receivers,
             aging_step_ms: options.aging_step_ms,
             shutdown,
@@ -187,8 +191,10 @@ impl<M: Message> LaneQueue<M> {
     /// otherwise a backlog in both would hand out lower-lane jobs between higher-lane ones.
     pub async fn next(&mut self) -> Option<Delivery<M>> {
         /// How long a lane that said it had more may take to deliver it (another consumer may
-        /// have taken it meanwhile).
-        const FETCHING: Duration = Duration::from_millis(250);
+        /// have taken it meanwhile). A fetch takes a millisecond or two on a quiet machine and
+        /// hundreds on a loaded one; waiting costs only when another consumer took the job, and
+        /// the jobs queued here run for seconds to hours.
+        const FETCHING: Duration = Duration::from_secs(2);
         loop {
             for i in 0..self.receivers.len() {
                 if self.heads[i].is_none()
