@@ -20,6 +20,7 @@
 
 use crate::FrameVerdict;
 use motorpool_labeling::clip::Clip;
+use motorpool_labeling::geom::floor_i64;
 use motorpool_labeling::raster::Raster;
 use motorpool_labeling::{LabelError, Progress};
 use serde_json::json;
@@ -209,7 +210,7 @@ pub fn write_frames(
             ];
             let base = (r * size) as usize;
             for c in 0..size as usize {
-                let (u, b) = (p[0].floor() as i64, p[1].floor() as i64);
+                let (u, b) = (floor_i64(p[0]), floor_i64(p[1]));
                 let (g, gi) = if (0..w).contains(&u) && (0..h).contains(&b) {
                     let i = ((h - 1 - b) * w + u) as usize;
                     (grey[i], grey_indexed[i])

@@ -2,6 +2,9 @@
 //!
 //! 1. **Project** every fused slot (map frame) into every frame (ego frame) and keep those whose
 //!    centre lies in the visible square (`|x|, |y| <= visible_m`).
+//!    Frames are placed by the mapping stage's refined poses (`poses.json`); a frame
+//!    registration could not place, in a clip where it placed most, is dropped
+//!    (`pose_unverified`).
 //! 2. **Quality-filter** frames with the AVM check ([`avm_check`]): the AVM model's slots are
 //!    matched to the frame's labels (Hungarian, cost = mean of the two closest corner pairs,
 //!    gated at `avm_match_m`). A frame is dropped when no slot is visible, when AVM has no result
@@ -39,6 +42,9 @@ use tokio_util::sync::CancellationToken;
 pub enum DropReason {
     /// No fused slot lies in the frame's visible range.
     NoVisibleSlots,
+    /// Registration, which placed most of the clip's frames, could not place this one: its
+    /// pose, and so where its labels fall, is a guess.
+    PoseUnverified,
     /// The AVM model has no result (or found no slot) for the frame.
     AvmNoResult,
     /// Too many AVM slots have no BevSlots label, or too many labels where AVM sees everything
@@ -169,23 +175,32 @@ pub fn avm_check(
     v
 }
 
-/// Projects and checks every frame.
+/// Projects and checks every frame of `clip` (placed by the refined poses); frames
+/// `unverified` names (by index) are dropped whatever AVM says.
 pub fn annotate(
     clip: &Clip,
     labels: &[FusedSlot],
     avm: &[Option<Vec<Slot>>],
+    unverified: &[bool],
     params: &LabelParams,
 ) -> Vec<FrameVerdict> {
     clip.frames()
         .iter()
         .map(|f| {
             let visible = project(f, labels, params.visible_m);
-            avm_check(
+            let mut v = avm_check(
                 f.index,
                 visible,
                 avm.get(f.index as usize).and_then(|a| a.as_deref()),
                 params,
-            )
+            );
+            if unverified.get(f.index as usize) == Some(&true)
+                && v.dropped != Some(DropReason::NoVisibleSlots)
+            {
+                v.dropped = Some(DropReason::PoseUnverified);
+                v.detail = "registration could not place this frame (too little paint matched the map); its pose is the odometry's guess".into();
+            }
+            v
         })
         .collect()
 }
@@ -231,8 +246,9 @@ fn stage_dir(job: &LabelJob, stage: Stage) -> Result<&Path, LabelError> {
 
 impl StageWork for Annotate {
     const STAGE: Stage = Stage::Annotate;
-    /// 2: the AVM check in shares, both ways.
-    const VERSION: u32 = 3;
+    /// 2: the AVM check in shares, both ways. 4: labels placed by the refined poses; frames
+    /// registration could not place dropped.
+    const VERSION: u32 = 4;
 
     fn input_key(&self, job: &LabelJob) -> Result<String, LabelError> {
         let clip = Clip::open(Path::new(&job.clip_dir))?;
@@ -274,9 +290,10 @@ impl StageWork for Annotate {
         dir: &Path,
         progress: &Progress,
     ) -> Result<(), LabelError> {
-        let clip = Clip::open(Path::new(&job.clip_dir))?;
         let mapping = stage_dir(job, Stage::Mapping)?;
         let prelabel = stage_dir(job, Stage::Prelabel)?;
+        // Labels go into each frame by the mapping stage's refined poses.
+        let (clip, poses) = Clip::open(Path::new(&job.clip_dir))?.placed(mapping)?;
         let n = clip.frames().len();
         progress.set_total(n as u64 + 2);
         let fused = motorpool_prelabel::read_fused(prelabel)?;
@@ -296,7 +313,13 @@ impl StageWork for Annotate {
         };
         let bevslots = read_slots("detections_bevslots.json")?;
         let avm = read_slots("detections_avm.json")?;
-        let verdicts = annotate(&clip, &fused.fusion.labels, &avm, &job.params);
+        let verdicts = annotate(
+            &clip,
+            &fused.fusion.labels,
+            &avm,
+            &poses.unverified(),
+            &job.params,
+        );
         progress.advance(1);
         let raster = Raster::read(mapping)
             .map_err(|e| LabelError::Input(format!("clip {}: BEV raster: {e}", clip.id())))?;
@@ -399,6 +422,50 @@ mod tests {
             corners: slot(x, y).corners,
             score: 0.9,
         }
+    }
+
+    #[test]
+    fn a_frame_registration_could_not_place_is_dropped_whatever_avm_says() {
+        use motorpool_labeling::clip::{ClipManifest, FrameMeta};
+        use motorpool_labeling::geom::Pose;
+        let frame = |i: u32| FrameMeta {
+            index: i,
+            t_us: i as u64,
+            pose: Pose::default(),
+            points: String::new(),
+        };
+        let clip = Clip {
+            dir: std::path::PathBuf::new(),
+            manifest: ClipManifest {
+                format: motorpool_labeling::clip::CLIP_FORMAT.into(),
+                clip_id: "c".into(),
+                frames: (0..3).map(frame).collect(),
+            },
+        };
+        let fused = FusedSlot {
+            id: 0,
+            corners: slot(0.0, 3.0).corners,
+            score: 0.9,
+            hits: 9,
+            outliers: 0,
+            filled: 0,
+            first_frame: 0,
+            last_frame: 2,
+            tracks: vec![0],
+            paint: None,
+        };
+        // AVM agrees in every frame; frame 1's pose is unverified.
+        let avm = vec![Some(vec![slot(0.0, 3.0)]); 3];
+        let v = annotate(
+            &clip,
+            &[fused],
+            &avm,
+            &[false, true, false],
+            &LabelParams::default(),
+        );
+        let dropped: Vec<_> = v.iter().map(|v| v.dropped).collect();
+        assert_eq!(dropped, [None, Some(DropReason::PoseUnverified), None]);
+        assert!(v[1].detail.contains("registration"), "{}", v[1].detail);
     }
 
     #[test]
@@ -513,9 +580,13 @@ mod tests {
                 })
                 .collect();
             let params = LabelParams::default();
-            let fusion = fuse(&motorpool_prelabel::observations(&clip, &frames), &params);
+            let fusion = fuse(
+                &motorpool_prelabel::observations(&clip, &frames),
+                &params,
+                None,
+            );
             let avm = clip.slots("detections/avm.json").unwrap();
-            let verdicts = annotate(&clip, &fusion.labels, &avm, &params);
+            let verdicts = annotate(&clip, &fusion.labels, &avm, &[], &params);
             let fused: Vec<Vec<Slot>> = verdicts
                 .iter()
                 .map(|v| {
@@ -582,6 +653,7 @@ mod tests {
             first_frame: 0,
             last_frame: 0,
             tracks: vec![id],
+            paint: None,
         };
         let v = project(&f, &[fused(0, 95.0), fused(1, 120.0)], 10.0);
         assert_eq!(v.len(), 1);

@@ -75,6 +75,26 @@ fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
         dir.display()
     );
 
+    // Mapping placed every frame by registration and wrote the poses the later stages used.
+    let mapping = dir.parent().unwrap().parent().unwrap().join("mapping");
+    let version = std::fs::read_dir(&mapping)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let poses = json(&version.join("poses.json"));
+    assert_eq!(poses["format"], "motorpool.poses.v1");
+    assert_eq!(poses["frames"].as_array().unwrap().len(), 120);
+    let stats = json(&version.join("mapping.json"));
+    let anchors = stats["anchors"].as_u64().unwrap();
+    assert!((1..=5).contains(&anchors), "{stats}");
+    assert_eq!(
+        stats["registered"].as_u64().unwrap() + anchors,
+        120,
+        "{stats}"
+    );
+
     // Statistics and a reason for every dropped frame.
     let stats = json(&dir.join("stats.json"));
     let kept = stats["frames_kept"].as_u64().unwrap();
@@ -303,7 +323,7 @@ fn a_lot_is_labeled_in_one_run_with_its_settings_recorded_and_bad_clips_refused(
     let settings = dir.path().join("lot-b.toml");
     std::fs::write(
         &settings,
-        "min_hits = 4\nmax_overlap = 0.3\navm_range_m = 4.5\n",
+        "min_hits = 4\nmax_overlap = 0.3\navm_range_m = 4.5\nmin_paint_share = 0.3\n",
     )
     .unwrap();
     let label = |args: &[&str]| {
@@ -328,6 +348,8 @@ fn a_lot_is_labeled_in_one_run_with_its_settings_recorded_and_bad_clips_refused(
         &settings_arg,
         "--max-overlap",
         "0.2",
+        "--register",
+        "false",
         "--summary",
         &summary_arg,
     ]);
@@ -364,6 +386,19 @@ fn a_lot_is_labeled_in_one_run_with_its_settings_recorded_and_bad_clips_refused(
         assert_eq!(params["max_overlap"], 0.2, "{params}");
         assert_eq!(params["avm_range_m"], 4.5, "{params}");
         assert_eq!(params["gate_m"], 1.0, "{params}");
+        assert_eq!(params["min_paint_share"], 0.3, "{params}");
+        assert_eq!(params["register"], false, "{params}");
+        // Registration off: the mapping stage kept the clip's poses and said so.
+        let mapping = out.parent().unwrap().parent().unwrap().join("mapping");
+        let version = std::fs::read_dir(&mapping)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let poses = json(&version.join("poses.json"));
+        assert_eq!(poses["registered"], false, "{poses}");
+        assert_eq!(json(&version.join("mapping.json"))["registered"], 0);
     }
 
     // Settings that cannot be right are refused before anything is queued.

@@ -28,6 +28,7 @@
 use motorpool_labeling::geom::{
     Corners, Pose, Slot, align, area, assign, canonical_order, mean_corner_dist, overlap_area,
 };
+use motorpool_labeling::raster::Raster;
 use motorpool_messages::label::LabelParams;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -84,6 +85,10 @@ pub struct FusedSlot {
     pub last_frame: u32,
     /// Tracks merged into this label.
     pub tracks: Vec<u32>,
+    /// The share of its outline along which the BEV raster shows painted lines; absent when
+    /// not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paint: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -102,6 +107,10 @@ pub struct FusionStats {
     /// Labels dropped for overlapping a better-supported one.
     #[serde(default)]
     pub suppressed: usize,
+    /// Labels dropped because the BEV raster shows painted lines along too little of their
+    /// outline (`min_paint_share`): a detector's ghost, not a slot.
+    #[serde(default)]
+    pub unpainted: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -143,10 +152,18 @@ impl Live {
     }
 }
 
+/// How far from a label's outline paint may lie and still count as its line, metres.
+pub const PAINT_TOLERANCE_M: f64 = 0.2;
+/// A raster cell at least this bright is paint.
+pub const PAINT_MIN_INTENSITY: f32 = 0.5;
+
 /// Runs the tracker over `frames` (in time order) and fuses the tracks.
 /// The knobs are the job's [`LabelParams`] (`gate_m`, `max_missed`, `min_hits`, `min_score`,
-/// `outlier_m`, `recency_tau_s`).
-pub fn fuse(frames: &[FrameObservations], params: &LabelParams) -> Fusion {
+/// `outlier_m`, `recency_tau_s`, `min_observed_share`, `max_overlap`, `min_paint_share`). With
+/// the BEV raster (`paint`), a label whose outline shows paint along less than `min_paint_share`
+/// of its length is dropped before overlaps are settled, so a well-observed ghost cannot push a
+/// real slot out.
+pub fn fuse(frames: &[FrameObservations], params: &LabelParams, paint: Option<&Raster>) -> Fusion {
     let mut live: Vec<Live> = Vec::new();
     let mut ended: Vec<Live> = Vec::new();
     let mut next_id = 0u32;
@@ -272,11 +289,17 @@ pub fn fuse(frames: &[FrameObservations], params: &LabelParams) -> Fusion {
         });
     }
     stats.confirmed_tracks = candidates.len();
-    let labels = suppress_overlaps(
-        merge(candidates, &mut stats),
-        params.max_overlap,
-        &mut stats,
-    );
+    let mut merged = merge(candidates, &mut stats);
+    if let Some(raster) = paint {
+        for l in merged.iter_mut() {
+            l.paint =
+                Some(raster.painted_share(&l.corners, PAINT_TOLERANCE_M, PAINT_MIN_INTENSITY));
+        }
+        let before = merged.len();
+        merged.retain(|l| l.paint.is_none_or(|p| p >= params.min_paint_share));
+        stats.unpainted = before - merged.len();
+    }
+    let labels = suppress_overlaps(merged, params.max_overlap, &mut stats);
     // Where the car was whenever a label's tracks observed it.
     let ego: HashMap<u32, Pose> = frames.iter().map(|f| (f.frame, f.ego)).collect();
     let labels: Vec<FusedSlot> = labels
@@ -421,6 +444,7 @@ fn fuse_track(points: &mut [TrackPoint], params: &LabelParams) -> Option<FusedSl
         first_frame: points.iter().map(|p| p.frame).min().unwrap_or(0),
         last_frame: points.iter().map(|p| p.frame).max().unwrap_or(0),
         tracks: vec![],
+        paint: None,
     })
 }
 
@@ -525,7 +549,7 @@ mod tests {
             }
             obs.push(vec![a, slot(2.5 - e, 0.0 + e, 0.8)]);
         }
-        let f = fuse(&frames(obs), &params());
+        let f = fuse(&frames(obs), &params(), None);
         assert_eq!(f.labels.len(), 2, "{:?}", f.stats);
         let truth = [slot(0.0, 0.0, 1.0), slot(2.5, 0.0, 1.0)];
         for t in truth {
@@ -549,7 +573,7 @@ mod tests {
         // Then nothing for longer than max_missed, then the slot again: a second track, merged.
         obs.extend((0..(p.max_missed + 2)).map(|_| vec![]));
         obs.extend((0..4).map(|_| vec![slot(0.05, 0.0, 0.9)]));
-        let f = fuse(&frames(obs), &p);
+        let f = fuse(&frames(obs), &p, None);
         assert_eq!(f.stats.tracks, 2);
         assert_eq!(f.stats.outliers, 1);
         assert_eq!(f.stats.filled, 2);
@@ -569,7 +593,7 @@ mod tests {
     fn a_bad_early_observation_does_not_turn_the_good_ones_into_outliers() {
         let mut obs: Vec<Vec<Slot>> = (0..30).map(|_| vec![slot(0.0, 0.0, 0.9)]).collect();
         obs[1] = vec![slot(0.8, 0.0, 0.9)]; // within the gate, accepted before the track is established
-        let f = fuse(&frames(obs), &params());
+        let f = fuse(&frames(obs), &params(), None);
         assert_eq!(f.labels.len(), 1);
         assert_eq!(f.stats.outliers, 1, "{:?}", f.stats);
         assert_eq!(f.labels[0].hits, 29);
@@ -584,7 +608,7 @@ mod tests {
         for i in [10, 14, 18] {
             obs[i].push(slot(1.2, 0.0, 0.8));
         }
-        let f = fuse(&frames(obs), &params());
+        let f = fuse(&frames(obs), &params(), None);
         assert_eq!(f.labels.len(), 1, "{:?}", f.labels);
         assert_eq!(f.stats.sparse, 1, "{:?}", f.stats);
         assert!(mean_corner_dist(&f.labels[0].corners, &slot(0.0, 0.0, 1.0).corners) < 1e-9);
@@ -602,7 +626,7 @@ mod tests {
         for o in obs.iter_mut() {
             o.push(slot(2.5, 0.0, 0.9));
         }
-        let f = fuse(&frames(obs), &params());
+        let f = fuse(&frames(obs), &params(), None);
         assert_eq!(f.stats.suppressed, 1, "{:?}", f.stats);
         assert_eq!(f.labels.len(), 2, "{:?}", f.labels);
         for truth in [slot(0.0, 0.0, 1.0), slot(2.5, 0.0, 1.0)] {
@@ -622,6 +646,53 @@ mod tests {
     }
 
     #[test]
+    fn a_ghost_without_paint_is_dropped_even_when_seen_more_than_the_slot_it_overlaps() {
+        // Paint along the real slot's sides and far end (x = 0 and 2.5 from y = 0 to 5, and
+        // y = 5), dull ground around, as the mapping stage's raster shows it.
+        let mut pts = Vec::new();
+        for i in -20..=60 {
+            for j in -20..=80 {
+                let (x, y) = (i as f64 * 0.05, j as f64 * 0.05);
+                let on_side =
+                    (x.abs() < 0.06 || (x - 2.5).abs() < 0.06) && (0.0..=5.0).contains(&y);
+                let on_end = (y - 5.0).abs() < 0.06 && (0.0..=2.5).contains(&x);
+                let i = if on_side || on_end { 0.9 } else { 0.1 };
+                pts.push([x as f32, y as f32, 0.0, i]);
+            }
+        }
+        let raster = Raster::from_points(&pts, 0.1);
+        // The ghost, 1.2 m over, is seen in every frame; the slot in two of three.
+        let obs: Vec<Vec<Slot>> = (0..30)
+            .map(|i| {
+                let mut o = vec![slot(1.2, 0.0, 0.9)];
+                if i % 3 != 0 {
+                    o.push(slot(0.0, 0.0, 0.8));
+                }
+                o
+            })
+            .collect();
+        let without = fuse(&frames(obs.clone()), &params(), None);
+        assert_eq!(without.labels.len(), 1);
+        assert!(
+            mean_corner_dist(&without.labels[0].corners, &slot(1.2, 0.0, 1.0).corners) < 1e-9,
+            "without the raster the better-seen ghost wins"
+        );
+        let with = fuse(&frames(obs.clone()), &params(), Some(&raster));
+        assert_eq!(with.stats.unpainted, 1, "{:?}", with.stats);
+        assert_eq!(with.stats.suppressed, 0, "{:?}", with.stats);
+        assert_eq!(with.labels.len(), 1);
+        let real = &with.labels[0];
+        assert!(mean_corner_dist(&real.corners, &slot(0.0, 0.0, 1.0).corners) < 1e-9);
+        assert!(real.paint.is_some_and(|p| p > 0.6), "{:?}", real.paint);
+        // 0 turns the check off.
+        let off = LabelParams {
+            min_paint_share: 0.0,
+            ..params()
+        };
+        assert_eq!(fuse(&frames(obs), &off, Some(&raster)).stats.unpainted, 0);
+    }
+
+    #[test]
     fn a_label_starts_at_its_entrance_left_corner_whatever_its_first_detection_said() {
         use motorpool_labeling::geom::reverse;
         // The car drives along y = -3, in front of the slot's entrance (y = 0). The first
@@ -631,7 +702,7 @@ mod tests {
         obs[0][0].corners = rotate(&truth, 2);
         obs[1][0].corners = reverse(&rotate(&truth, 1));
         obs[2][0].corners = rotate(&truth, 3);
-        let f = fuse(&frames(obs), &params());
+        let f = fuse(&frames(obs), &params(), None);
         assert_eq!(f.labels.len(), 1);
         let c = f.labels[0].corners;
         for (got, want) in c.iter().zip(&truth) {
@@ -646,7 +717,7 @@ mod tests {
     fn one_off_and_unconfident_detections_do_not_become_labels() {
         let mut obs: Vec<Vec<Slot>> = (0..10).map(|_| vec![slot(0.0, 0.0, 0.3)]).collect();
         obs[4].push(slot(20.0, 20.0, 0.9)); // a false positive seen once
-        let f = fuse(&frames(obs), &params());
+        let f = fuse(&frames(obs), &params(), None);
         assert!(f.labels.is_empty(), "{:?}", f.labels);
         assert_eq!(f.stats.tracks, 2);
     }

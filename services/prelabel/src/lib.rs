@@ -142,8 +142,9 @@ fn mapping_dir(job: &LabelJob) -> Result<&str, LabelError> {
 
 impl StageWork for Prelabel {
     const STAGE: Stage = Stage::Prelabel;
-    /// 2: canonical corner order, sparse tracks and overlapping labels dropped.
-    const VERSION: u32 = 2;
+    /// 2: canonical corner order, sparse tracks and overlapping labels dropped. 3: detections
+    /// placed by the refined poses, unpainted labels dropped.
+    const VERSION: u32 = 3;
 
     fn input_key(&self, job: &LabelJob) -> Result<String, LabelError> {
         let clip = Clip::open(Path::new(&job.clip_dir))?;
@@ -166,6 +167,7 @@ impl StageWork for Prelabel {
                 p.recency_tau_s,
                 p.min_observed_share,
                 p.max_overlap,
+                p.min_paint_share,
             ),
         );
         h.file(&clip.dir, "clip.json")
@@ -182,8 +184,9 @@ impl StageWork for Prelabel {
         _dir: &Path,
         progress: &Progress,
     ) -> Result<(), LabelError> {
-        let clip = Clip::open(Path::new(&job.clip_dir))?;
         let mapping = Path::new(mapping_dir(job)?);
+        // Detections are placed by the mapping stage's refined poses.
+        let (clip, _) = Clip::open(Path::new(&job.clip_dir))?.placed(mapping)?;
         let n = clip.frames().len();
         progress.set_total(2 * n as u64 + 1);
         let bevslots = SlotSource::open(&clip, &job.params.bevslots, mapping)?;
@@ -206,7 +209,13 @@ impl StageWork for Prelabel {
             }
             progress.advance(1);
         }
-        let fusion = fuse(&observations(&clip, &bev_frames), &job.params);
+        let raster = Raster::read(mapping)
+            .map_err(|e| LabelError::Input(format!("clip {}: BEV raster: {e}", clip.id())))?;
+        let fusion = fuse(
+            &observations(&clip, &bev_frames),
+            &job.params,
+            Some(&raster),
+        );
         progress.advance(1);
         let write = |name: &str, v: &dyn ErasedJson| {
             std::fs::write(out.join(name), v.json())

@@ -271,30 +271,46 @@ impl Clip {
 
     /// The lidar points of frame `index`, ego frame: (x, y, z, intensity).
     pub fn points(&self, index: u32) -> Result<Vec<[f32; 4]>, ClipError> {
+        let mut pts = Vec::new();
+        self.points_into(index, &mut Vec::new(), &mut pts)?;
+        Ok(pts)
+    }
+
+    /// [`Clip::points`] into `pts`, reading through `buf`: a caller going through every frame
+    /// reuses both instead of allocating (and faulting in) a megabyte or two a frame.
+    pub fn points_into(
+        &self,
+        index: u32,
+        buf: &mut Vec<u8>,
+        pts: &mut Vec<[f32; 4]>,
+    ) -> Result<(), ClipError> {
+        use std::io::Read;
         let f = &self.manifest.frames[index as usize];
         let path = self.dir.join(&f.points);
-        let bytes = std::fs::read(&path).map_err(|source| ClipError::Io {
+        let io = |source| ClipError::Io {
             clip: self.id().to_string(),
             path: path.clone(),
             source,
-        })?;
-        if bytes.len() % 16 != 0 {
+        };
+        buf.clear();
+        std::fs::File::open(&path)
+            .and_then(|mut file| file.read_to_end(buf))
+            .map_err(io)?;
+        if !buf.len().is_multiple_of(16) {
             return Err(self.frame_error(index, format!("points file {} is truncated", f.points)));
         }
-        let pts: Vec<[f32; 4]> = bytes
-            .chunks_exact(16)
-            .map(|c| {
-                std::array::from_fn(|i| {
-                    f32::from_le_bytes([c[4 * i], c[4 * i + 1], c[4 * i + 2], c[4 * i + 3]])
-                })
+        pts.clear();
+        pts.extend(buf.chunks_exact(16).map(|c| {
+            std::array::from_fn(|i| {
+                f32::from_le_bytes([c[4 * i], c[4 * i + 1], c[4 * i + 2], c[4 * i + 3]])
             })
-            .collect();
+        }));
         if let Some(bad) = pts.iter().position(|p| p.iter().any(|v| !v.is_finite())) {
             return Err(
                 self.frame_error(index, format!("point {bad} of {} is not finite", f.points))
             );
         }
-        Ok(pts)
+        Ok(())
     }
 
     /// Reads a slots file (relative to the clip) and checks it against the clip: known format,

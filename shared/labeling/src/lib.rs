@@ -5,6 +5,7 @@
 //! - [`clip`]: the clip format (frames, poses, lidar points, per-frame slot detections) and
 //!   reading it with checks whose errors name the clip and the frame.
 //! - [`geom`]: poses, slot corners, corner alignment and distances, Hungarian assignment.
+//! - [`poses`]: the mapping stage's refined poses (`poses.json`) and placing a clip by them.
 //! - [`raster`]: the BEV base map (height and intensity rasters, PNG on disk).
 //! - [`synth`]: synthetic clips (lot layouts, trajectories, lidar returns, noisy detections).
 //! - [`eval`]: label quality against ground truth (corner error, precision and recall).
@@ -16,6 +17,7 @@ pub mod clip;
 pub mod eval;
 pub mod geom;
 pub mod metric_names;
+pub mod poses;
 pub mod raster;
 pub mod store;
 pub mod synth;

@@ -217,6 +217,47 @@ impl Raster {
             .unwrap_or(0.0)
     }
 
+    /// The share of a closed outline's length (map frame) along which the raster shows paint:
+    /// sampled every half cell, a sample is painted when some cell within `tolerance_m` of it is
+    /// at least `min_intensity` bright. A parking slot's painted lines show along most of its
+    /// outline (all but an open entrance); a detector's ghost, in the aisle or across slots,
+    /// along little of it.
+    pub fn painted_share(&self, outline: &[[f64; 2]], tolerance_m: f64, min_intensity: f32) -> f64 {
+        let res = self.meta.resolution_m;
+        let reach = (tolerance_m / res).ceil() as i64;
+        let w = self.meta.width as i64;
+        let h = self.meta.height as i64;
+        let (mut samples, mut painted) = (0usize, 0usize);
+        for (i, a) in outline.iter().enumerate() {
+            let b = outline[(i + 1) % outline.len()];
+            let steps = ((b[0] - a[0]).hypot(b[1] - a[1]) / (res / 2.0))
+                .ceil()
+                .max(1.0) as usize;
+            for k in 0..steps {
+                let t = (k as f64 + 0.5) / steps as f64;
+                let p = [a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])];
+                let [u, v] = self.meta.to_pixel(p).map(|c| c.floor() as i64);
+                samples += 1;
+                let bright = (-reach..=reach).any(|dv| {
+                    (-reach..=reach).any(|du| {
+                        let (x, y) = (u + du, v + dv);
+                        x >= 0
+                            && y >= 0
+                            && x < w
+                            && y < h
+                            && self.intensity[(y * w + x) as usize] >= min_intensity
+                    })
+                });
+                painted += usize::from(bright);
+            }
+        }
+        if samples == 0 {
+            0.0
+        } else {
+            painted as f64 / samples as f64
+        }
+    }
+
     /// Nearest sample of the height at a map point (0 where there is none).
     pub fn height_at(&self, p: [f64; 2]) -> f32 {
         self.meta
@@ -321,5 +362,27 @@ mod tests {
         assert!((back.height_at([1.0, 2.0]) - 1.5).abs() < 1e-3);
         assert!((back.intensity_at([0.0, 0.0]) - 0.5).abs() < 0.01);
         assert!(back.height[5].is_nan(), "no return stays no return");
+    }
+
+    #[test]
+    fn an_outline_along_painted_lines_shows_paint_and_one_off_them_does_not() {
+        // Paint along y = 0 and x = 0 from 0 to 4 m, dull ground elsewhere in a 5 m square.
+        let mut pts = Vec::new();
+        for i in 0..=50 {
+            for j in 0..=50 {
+                let (x, y) = (i as f32 * 0.1, j as f32 * 0.1);
+                let paint = (j == 0 || i == 0) && x <= 4.0 && y <= 4.0;
+                pts.push([x, y, 0.0, if paint { 0.9 } else { 0.1 }]);
+            }
+        }
+        let r = Raster::from_points(&pts, 0.1);
+        let square = |o: f64| [[o, o], [o + 4.0, o], [o + 4.0, o + 4.0], [o, o + 4.0]];
+        let on = r.painted_share(&square(0.0), 0.1, 0.5);
+        assert!(
+            (0.45..0.55).contains(&on),
+            "two of four edges painted: {on}"
+        );
+        let off = r.painted_share(&square(-1.0), 0.1, 0.5);
+        assert!(off < 0.1, "crossing the lines only: {off}");
     }
 }

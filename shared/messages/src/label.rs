@@ -68,6 +68,10 @@ pub struct LabelParams {
     pub voxel_m: f64,
     /// BEV raster resolution, metres per pixel. Default 0.1.
     pub raster_m: f64,
+    /// Place each frame by scan-to-map registration of its painted-line lidar points, the clip's
+    /// poses only predicting; off: the clip's poses as they are. Default true.
+    #[serde(default = "yes")]
+    pub register: bool,
     /// BevSlots detections. Default: the file `detections/bevslots.json`.
     pub bevslots: DetectorSource,
     /// AVM detections. Default: the file `detections/avm.json`.
@@ -86,6 +90,11 @@ pub struct LabelParams {
     pub max_overlap: f64,
     /// Mean confidence a track needs to become a label. Default 0.5.
     pub min_score: f64,
+    /// A label must show painted lines in the BEV raster along at least this share of its
+    /// outline, or it is dropped as a detector's ghost; 0 turns the check off (lots without
+    /// paint, lidars without intensity). Default 0.4.
+    #[serde(default = "default_min_paint_share")]
+    pub min_paint_share: f64,
     /// An observation further than this from its track's estimate is an outlier, metres.
     /// Default 0.45.
     pub outlier_m: f64,
@@ -108,11 +117,20 @@ pub struct LabelParams {
     pub avm_range_m: f64,
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn default_min_paint_share() -> f64 {
+    LabelParams::default().min_paint_share
+}
+
 impl Default for LabelParams {
     fn default() -> Self {
         LabelParams {
             voxel_m: 0.1,
             raster_m: 0.1,
+            register: true,
             bevslots: DetectorSource::File("detections/bevslots.json".into()),
             avm: DetectorSource::File("detections/avm.json".into()),
             gate_m: 1.0,
@@ -121,6 +139,7 @@ impl Default for LabelParams {
             min_observed_share: 0.5,
             max_overlap: 0.25,
             min_score: 0.5,
+            min_paint_share: 0.4,
             outlier_m: 0.45,
             recency_tau_s: 20.0,
             visible_m: 10.0,
@@ -158,6 +177,7 @@ impl LabelParams {
             ("min_observed_share", self.min_observed_share),
             ("max_overlap", self.max_overlap),
             ("min_score", self.min_score),
+            ("min_paint_share", self.min_paint_share),
             ("avm_max_unmatched_share", self.avm_max_unmatched_share),
         ];
         for (name, v) in shares {
@@ -225,7 +245,7 @@ pub struct LabelJob {
     /// Outputs of the stages done so far, in order.
     pub outputs: Vec<StageOutput>,
 }
-message!(LabelJob, 300, 2);
+message!(LabelJob, 300, 3);
 
 impl LabelJob {
     /// The output of an earlier stage.
