@@ -855,18 +855,67 @@ fn in_memory(
     }
 }
 
-/// `dir`'s clip placed by the refined poses of `job`'s mapping output, those poses and the BEV
-/// raster.
-fn placed(
-    dir: &Path,
-    job: &LabelJob,
-) -> anyhow::Result<(Clip, motorpool_labeling::poses::RefinedPoses, Raster)> {
-    let mapping = job
-        .output(Stage::Mapping)
-        .ok_or_else(|| anyhow::anyhow!("no mapping output"))?;
-    let mapping = Path::new(&mapping.dir);
-    let (clip, poses) = Clip::open(dir)?.placed(mapping)?;
-    Ok((clip, poses, Raster::read(mapping)?))
+/// A fusion's labels as slots, map frame: what map-level quality is scored on.
+fn on_map(fusion: &motorpool_prelabel::fusion::Fusion) -> Vec<motorpool_labeling::geom::Slot> {
+    fusion
+        .labels
+        .iter()
+        .map(|l| motorpool_labeling::geom::Slot {
+            corners: l.corners,
+            score: l.score,
+        })
+        .collect()
+}
+
+/// A labeled synthetic clip read back for scoring: the clip placed by the refined poses of
+/// `job`'s mapping output, those poses, the BEV raster, the truth, and the detections.
+struct Replay {
+    clip: Clip,
+    poses: motorpool_labeling::poses::RefinedPoses,
+    raster: Raster,
+    truth: motorpool_labeling::clip::GroundTruth,
+    /// Each frame's BevSlots detections (none where the model had no result), ego frame.
+    raw: Vec<Vec<motorpool_labeling::geom::Slot>>,
+    avm: Vec<Option<Vec<motorpool_labeling::geom::Slot>>>,
+}
+
+impl Replay {
+    fn read(dir: &Path, job: &LabelJob) -> anyhow::Result<Replay> {
+        let mapping = job
+            .output(Stage::Mapping)
+            .ok_or_else(|| anyhow::anyhow!("no mapping output"))?;
+        let mapping = Path::new(&mapping.dir);
+        let (clip, poses) = Clip::open(dir)?.placed(mapping)?;
+        let truth = clip
+            .ground_truth()?
+            .ok_or_else(|| anyhow::anyhow!("no ground truth"))?;
+        let raw = clip
+            .slots("detections/bevslots.json")?
+            .into_iter()
+            .map(|f| f.unwrap_or_default())
+            .collect();
+        let avm = clip.slots("detections/avm.json")?;
+        Ok(Replay {
+            raster: Raster::read(mapping)?,
+            clip,
+            poses,
+            truth,
+            raw,
+            avm,
+        })
+    }
+
+    /// Fusion and annotation as the stages did them, in memory.
+    fn run(&self, params: &LabelParams) -> InMemory {
+        in_memory(
+            &self.clip,
+            &self.raw,
+            &self.avm,
+            &self.poses.unverified(),
+            Some(&self.raster),
+            params,
+        )
+    }
 }
 
 /// Starts this process's resident high-water mark (`VmHWM`) again from what it holds now
@@ -936,10 +985,14 @@ fn bench_hard(a: BenchArgs) -> anyhow::Result<()> {
             let (job, stage_ms) = label_in_process(&dir, &store, &format!("bench-{seed}"))?;
             let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
             speed.push((clip_id.clone(), wall_ms, stage_ms, peak_rss_mib()));
-            let (clip, poses, raster) = placed(&dir, &job)?;
-            let truth = clip
-                .ground_truth()?
-                .ok_or_else(|| anyhow::anyhow!("no ground truth"))?;
+            let replay = Replay::read(&dir, &job)?;
+            let Replay {
+                poses,
+                truth,
+                raw,
+                avm,
+                ..
+            } = &replay;
             let error: Vec<[f64; 2]> = poses
                 .frames
                 .iter()
@@ -968,40 +1021,19 @@ fn bench_hard(a: BenchArgs) -> anyhow::Result<()> {
                         > 0.5
                 })
                 .collect();
-            let raw: Vec<Vec<_>> = clip
-                .slots("detections/bevslots.json")?
-                .into_iter()
-                .map(|f| f.unwrap_or_default())
-                .collect();
-            let avm = clip.slots("detections/avm.json")?;
             let InMemory {
                 fusion,
                 verdicts,
                 labels,
                 ..
-            } = in_memory(
-                &clip,
-                &raw,
-                &avm,
-                &poses.unverified(),
-                Some(&raster),
-                &job.params,
-            );
+            } = replay.run(&job.params);
             let kept = |i: usize| verdicts.get(i).is_some_and(|v| v.dropped.is_none());
-            let rq = evaluate(&truth, &raw, &eval);
-            let kq = evaluate_frames(&truth, &labels, &eval, kept);
-            let on_map: Vec<motorpool_labeling::geom::Slot> = fusion
-                .labels
-                .iter()
-                .map(|l| motorpool_labeling::geom::Slot {
-                    corners: l.corners,
-                    score: l.score,
-                })
-                .collect();
-            let (tp, fp, fn_) = map_quality(&truth, &on_map, &eval);
+            let rq = evaluate(truth, raw, &eval);
+            let kq = evaluate_frames(truth, &labels, &eval, kept);
+            let (tp, fp, fn_) = map_quality(truth, &on_map(&fusion), &eval);
             let (mut phantoms, mut off, mut no_avm, mut right, mut glitch_kept) = (0, 0, 0, 0, 0);
             for (i, v) in verdicts.iter().enumerate() {
-                let faults = frame_faults(&truth, i, &labels[i]);
+                let faults = frame_faults(truth, i, &labels[i]);
                 let has_avm = avm.get(i).is_some_and(|f| f.is_some());
                 let should_drop = !has_avm || faults.off > 0;
                 if v.dropped.is_some() == should_drop {
@@ -1102,34 +1134,26 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             let dir = tmp.path().join(&synth.clip_id);
             synth.write(&dir)?;
             let (job, stage_ms) = label_in_process(&dir, &store, &format!("bench-{seed}"))?;
-            let (clip, poses, raster) = placed(&dir, &job)?;
             // Quality: raw per-frame detections and per-frame fused labels, every frame.
-            let truth = clip
-                .ground_truth()?
-                .ok_or_else(|| anyhow::anyhow!("no ground truth"))?;
-            let raw: Vec<Vec<_>> = clip
-                .slots("detections/bevslots.json")?
-                .into_iter()
-                .map(|f| f.unwrap_or_default())
-                .collect();
-            let avm = clip.slots("detections/avm.json")?;
+            let replay = Replay::read(&dir, &job)?;
+            let Replay {
+                clip,
+                raster,
+                truth,
+                raw,
+                avm,
+                ..
+            } = &replay;
             let params = &job.params;
             let InMemory {
                 observations: frames,
                 verdicts,
                 labels: fused,
                 ..
-            } = in_memory(
-                &clip,
-                &raw,
-                &avm,
-                &poses.unverified(),
-                Some(&raster),
-                params,
-            );
-            let rq = evaluate(&truth, &raw, &eval);
-            let fq = evaluate(&truth, &fused, &eval);
-            let seen = motorpool_labeling::eval::seen_slots(&truth, eval.min_seen)
+            } = replay.run(params);
+            let rq = evaluate(truth, raw, &eval);
+            let fq = evaluate(truth, &fused, &eval);
+            let seen = motorpool_labeling::eval::seen_slots(truth, eval.min_seen)
                 .iter()
                 .filter(|s| **s)
                 .count();
@@ -1156,8 +1180,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             let mut samples = Vec::new();
             for _ in 0..a.repeats.max(1) {
                 let t = Instant::now();
-                let f = motorpool_prelabel::fusion::fuse(&frames, params, Some(&raster));
-                let v = motorpool_annotate::annotate(&clip, &f.labels, &avm, &[], params);
+                let f = motorpool_prelabel::fusion::fuse(&frames, params, Some(raster));
+                let v = motorpool_annotate::annotate(clip, &f.labels, avm, &[], params);
                 std::hint::black_box(&v);
                 samples.push(t.elapsed().as_secs_f64() * 1000.0);
             }
@@ -1263,16 +1287,7 @@ mod tests {
             );
             let kept = |i: usize| m.verdicts[i].dropped.is_none();
             let q = evaluate_frames(&truth, &m.labels, &eval, kept);
-            let on_map: Vec<_> = m
-                .fusion
-                .labels
-                .iter()
-                .map(|l| motorpool_labeling::geom::Slot {
-                    corners: l.corners,
-                    score: l.score,
-                })
-                .collect();
-            let (tp, fp, fn_) = map_quality(&truth, &on_map, &eval);
+            let (tp, fp, fn_) = map_quality(&truth, &on_map(&m.fusion), &eval);
             let (mut off, mut no_avm) = (0, 0);
             for i in (0..m.verdicts.len()).filter(|i| kept(*i)) {
                 off += usize::from(frame_faults(&truth, i, &m.labels[i]).off > 0);

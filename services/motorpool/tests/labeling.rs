@@ -43,6 +43,13 @@ fn json(path: &Path) -> serde_json::Value {
 }
 
 /// The annotate output directory a run printed.
+/// The (only) mapping output of the clip whose annotate output is `annotate`.
+fn mapping_output(annotate: &Path) -> PathBuf {
+    let clip = annotate.parent().unwrap().parent().unwrap();
+    let mut versions = std::fs::read_dir(clip.join("mapping")).unwrap();
+    versions.next().unwrap().unwrap().path()
+}
+
 fn annotate_dir(out: &str) -> PathBuf {
     let line = out
         .lines()
@@ -76,13 +83,7 @@ fn clips_are_labeled_on_the_stack_with_versioned_reusable_outputs() {
     );
 
     // Mapping placed every frame by registration and wrote the poses the later stages used.
-    let mapping = dir.parent().unwrap().parent().unwrap().join("mapping");
-    let version = std::fs::read_dir(&mapping)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let version = mapping_output(&dir);
     let poses = json(&version.join("poses.json"));
     assert_eq!(poses["format"], "motorpool.poses.v1");
     assert_eq!(poses["frames"].as_array().unwrap().len(), 120);
@@ -389,13 +390,7 @@ fn a_lot_is_labeled_in_one_run_with_its_settings_recorded_and_bad_clips_refused(
         assert_eq!(params["min_paint_share"], 0.3, "{params}");
         assert_eq!(params["register"], false, "{params}");
         // Registration off: the mapping stage kept the clip's poses and said so.
-        let mapping = out.parent().unwrap().parent().unwrap().join("mapping");
-        let version = std::fs::read_dir(&mapping)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let version = mapping_output(out);
         let poses = json(&version.join("poses.json"));
         assert_eq!(poses["registered"], false, "{poses}");
         assert_eq!(json(&version.join("mapping.json"))["registered"], 0);
