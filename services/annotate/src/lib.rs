@@ -246,7 +246,7 @@ fn stage_dir(job: &LabelJob, stage: Stage) -> Result<&Path, LabelError> {
 
 impl StageWork for Annotate {
     const STAGE: Stage = Stage::Annotate;
-    /// 2: the AVM check in shares, both ways. 4: labels placed by the refined poses; frames
+    /// 3: the AVM check in shares, both ways. 4: labels placed by the refined poses; frames
     /// registration could not place dropped.
     const VERSION: u32 = 4;
 

@@ -178,7 +178,7 @@ pub fn build_map(
         clip.points_into(f.index, &mut buf, &mut pts)?;
         points_in += pts.len() as u64;
         let placed = if register {
-            registration.add(f.index, f.pose, &pts)
+            registration.add(f.index, f.t_us, f.pose, &pts)
         } else {
             FramePose {
                 index: f.index,

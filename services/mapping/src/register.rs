@@ -173,6 +173,8 @@ pub struct Registration {
     /// Cells of `map` with a line.
     lines: usize,
     frames: Vec<FramePose>,
+    /// Each frame's capture time, microseconds.
+    times: Vec<u64>,
 }
 
 impl Registration {
@@ -180,9 +182,9 @@ impl Registration {
         Registration::default()
     }
 
-    /// Places the next frame, given its odometry pose and its lidar returns (ego frame), and adds
-    /// its paint to the map. Frames must come in order.
-    pub fn add(&mut self, index: u32, odometry: Pose, points: &[[f32; 4]]) -> FramePose {
+    /// Places the next frame, given its capture time, its odometry pose and its lidar returns
+    /// (ego frame), and adds its paint to the map. Frames must come in order of time.
+    pub fn add(&mut self, index: u32, t_us: u64, odometry: Pose, points: &[[f32; 4]]) -> FramePose {
         let paint = paint_points(points);
         let n = self.frames.len();
         let (prediction, jump) = match n {
@@ -192,7 +194,18 @@ impl Registration {
                 let step = between(&last.odometry, &odometry);
                 let steady = match n {
                     1 => step,
-                    _ => between(&self.frames[n - 2].pose, &last.pose),
+                    // The last step, stretched to this frame's interval (a frame may be missing).
+                    _ => {
+                        let s = between(&self.frames[n - 2].pose, &last.pose);
+                        let k = t_us.saturating_sub(self.times[n - 1]) as f64
+                            / self.times[n - 1].saturating_sub(self.times[n - 2]).max(1) as f64;
+                        Pose {
+                            x: s.x * k,
+                            y: s.y * k,
+                            z: s.z * k,
+                            yaw: s.yaw * k,
+                        }
+                    }
                 };
                 let jump = (step.x - steady.x).hypot(step.y - steady.y) > JUMP_M
                     || wrap(step.yaw - steady.yaw).abs() > JUMP_RAD;
@@ -224,6 +237,7 @@ impl Registration {
         // (as KISS-ICP does): the map must grow through a stretch with little paint.
         self.insert(&paint, &frame.pose);
         self.frames.push(frame);
+        self.times.push(t_us);
         frame
     }
 
@@ -396,7 +410,7 @@ mod tests {
         });
         let mut reg = Registration::new();
         for (f, pts) in synth.manifest.frames.iter().zip(&synth.points) {
-            reg.add(f.index, f.pose, pts);
+            reg.add(f.index, f.t_us, f.pose, pts);
         }
         let frames = reg.into_frames();
         let truth = &synth.truth.poses;
@@ -444,7 +458,7 @@ mod tests {
         });
         let mut reg = Registration::new();
         for (f, pts) in synth.manifest.frames.iter().zip(&synth.points) {
-            reg.add(f.index, f.pose, pts);
+            reg.add(f.index, f.t_us, f.pose, pts);
         }
         let f = reg.frames();
         let anchors = f.iter().take_while(|f| f.anchor).count();
@@ -474,14 +488,15 @@ mod tests {
         let mut reg = Registration::new();
         let mut odometry: Vec<Pose> = (0..20)
             .map(|i| Pose {
-                x: 0.2 * i as f64,
+                x: 0.5 * i as f64,
                 ..Pose::default()
             })
             .collect();
         // A one-frame glitch of a metre sideways at frame 10.
         odometry[10].y += 1.0;
-        for (i, o) in odometry.iter().enumerate() {
-            reg.add(i as u32, *o, &pts);
+        // Frame 15 is missing: the step into 16 is twice as long, and no jump.
+        for (i, o) in odometry.iter().enumerate().filter(|(i, _)| *i != 15) {
+            reg.add(i as u32, i as u64 * 100_000, *o, &pts);
         }
         let f = reg.frames();
         // No paint, no map: every frame stays an anchor, placed by the odometry.
@@ -490,6 +505,10 @@ mod tests {
         assert!(f.iter().filter(|f| f.odometry_jump).count() == 2);
         // The glitch is gone from the trajectory; the rest follows the odometry.
         assert!(f[10].pose.y.abs() < 1e-9, "{:?}", f[10].pose);
-        assert!((f[19].pose.x - 3.8).abs() < 1e-9, "{:?}", f[19].pose);
+        assert!(
+            (f.last().unwrap().pose.x - 9.5).abs() < 1e-9,
+            "{:?}",
+            f.last()
+        );
     }
 }
