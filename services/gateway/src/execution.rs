@@ -486,11 +486,27 @@ impl Gateway {
         let ticket = self.hits.ticket();
         let frame = codec::encode(&op).map_err(|e| ApiError::Internal(e.to_string()))?;
         let rx = ops.subscribe(&op.id);
-        if let Err(e) = ops.kv.create(&op.id, Bytes::from(frame)).await {
-            ops.waiters.lock().remove(&op.id);
-            return Err(ApiError::Unavailable(format!(
-                "cannot queue the operation: {e}"
-            )));
+        // A NATS server lost from a cluster leaves the bucket without a leader for a few seconds:
+        // the action waits that out rather than failing the build. A try that timed out may have
+        // created the record after all; the operation id is this gateway's own, so finding it
+        // there on a later try means it is queued.
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let created = motorpool_bus::through_elections(Duration::from_secs(15), true, || {
+            tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ops.kv.create(&op.id, Bytes::from(frame.clone()))
+        })
+        .await;
+        match created {
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists
+                    && tries.load(std::sync::atomic::Ordering::Relaxed) > 1 => {}
+            Err(e) => {
+                ops.waiters.lock().remove(&op.id);
+                return Err(ApiError::Unavailable(format!(
+                    "cannot queue the operation: {e}"
+                )));
+            }
         }
         metrics::counter!(crate::metric_names::GATEWAY_EXECUTIONS_TOTAL, "lane" => lane.name(), "outcome" => "queued").increment(1);
         tracing::debug!(op = %op.id, action = %op.action, %lane, pool = %op.pool, "Queued an execution");

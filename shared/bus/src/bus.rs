@@ -489,7 +489,23 @@ pub(crate) async fn settle<
 >(
     call: impl Fn() -> F,
 ) -> Result<T, E> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    through_elections(Duration::from_secs(30), false, call).await
+}
+
+/// Runs a JetStream call until it answers, for up to `within`, while the error says the cluster
+/// is electing leaders: timed out, temporarily unavailable, no responders, and, when
+/// `stream_may_vanish`, a stream not found (what a KV bucket's stream looks like for a moment
+/// after the server that led it was lost). Other errors, and the last one, are returned.
+pub async fn through_elections<
+    T,
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+>(
+    within: Duration,
+    stream_may_vanish: bool,
+    call: impl Fn() -> F,
+) -> Result<T, E> {
+    let deadline = tokio::time::Instant::now() + within;
     let mut pause = Duration::from_millis(100);
     loop {
         match call().await {
@@ -499,6 +515,7 @@ pub(crate) async fn settle<
                     text.contains("timed out")
                         || text.contains("temporarily unavailable")
                         || text.contains("no responders")
+                        || (stream_may_vanish && text.contains("no stream found"))
                 } =>
             {
                 tracing::debug!(error = %e, "JetStream not ready; asking again");
@@ -631,4 +648,46 @@ pub fn ensure_crypto_provider() {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn calls_are_repeated_through_an_election_and_nothing_else() {
+        // Two answers of a cluster electing leaders, then success.
+        let calls = AtomicU32::new(0);
+        let r: Result<u32, String> = through_elections(Duration::from_secs(15), true, || async {
+            match calls.fetch_add(1, Ordering::Relaxed) {
+                0 => Err("failed getting entry: no stream found for given subject".into()),
+                1 => Err("JetStream system temporarily unavailable".into()),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(r, Ok(2));
+        // A vanished stream is final where it may not vanish; so is any other error.
+        for (may_vanish, error) in [(false, "no stream found"), (true, "wrong last sequence")] {
+            let calls = AtomicU32::new(0);
+            let r: Result<(), String> =
+                through_elections(Duration::from_secs(15), may_vanish, || async {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    Err(error.to_string())
+                })
+                .await;
+            assert_eq!(r, Err(error.to_string()));
+            assert_eq!(calls.load(Ordering::Relaxed), 1, "{error}");
+        }
+        // An election that does not end gives up at the deadline with its last error.
+        let calls = AtomicU32::new(0);
+        let r: Result<(), String> = through_elections(Duration::from_secs(1), true, || async {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Err("timed out".to_string())
+        })
+        .await;
+        assert_eq!(r, Err("timed out".to_string()));
+        assert!(calls.load(Ordering::Relaxed) > 2);
+    }
 }

@@ -26,7 +26,9 @@ pub mod subjects;
 pub mod trace;
 
 pub use access::{Credentials, Realm, Role};
-pub use bus::{Bus, BusError, TypedSubscriber, ensure_crypto_provider, kv_values};
+pub use bus::{
+    Bus, BusError, TypedSubscriber, ensure_crypto_provider, kv_values, through_elections,
+};
 pub use lanes::{Delivery, LaneQueue, LaneQueueOptions};
 pub use mailbox::{MailboxOptions, serve, serve_from};
 pub use server::{ClusterMember, NatsCluster, NatsServer, NatsServerOptions};
