@@ -44,11 +44,11 @@ pub enum SlotSource {
 }
 
 impl SlotSource {
-    /// Opens the source a job asks for.
+    /// Opens the source a job asks for; a model sees the mapping stage's BEV `raster`.
     pub fn open(
         clip: &Clip,
         source: &DetectorSource,
-        mapping_dir: &Path,
+        raster: &Raster,
     ) -> Result<SlotSource, LabelError> {
         match source {
             DetectorSource::File(rel) => Ok(SlotSource::File(clip.slots(rel)?)),
@@ -56,13 +56,10 @@ impl SlotSource {
                 model,
                 score_threshold,
             } => {
-                let raster = Raster::read(mapping_dir).map_err(|e| {
-                    LabelError::Input(format!("clip {}: BEV raster: {e}", clip.id()))
-                })?;
                 let path = model_path(clip, model);
                 Ok(SlotSource::Onnx(Box::new(onnx::OnnxDetector::load(
                     &path,
-                    raster,
+                    raster.clone(),
                     *score_threshold,
                 )?)))
             }
@@ -189,8 +186,11 @@ impl StageWork for Prelabel {
         let (clip, _) = Clip::open(Path::new(&job.clip_dir))?.placed(mapping)?;
         let n = clip.frames().len();
         progress.set_total(2 * n as u64 + 1);
-        let bevslots = SlotSource::open(&clip, &job.params.bevslots, mapping)?;
-        let avm = SlotSource::open(&clip, &job.params.avm, mapping)?;
+        // Read once: the models see it, and fusion checks each label's paint on it.
+        let raster = Raster::read(mapping)
+            .map_err(|e| LabelError::Input(format!("clip {}: BEV raster: {e}", clip.id())))?;
+        let bevslots = SlotSource::open(&clip, &job.params.bevslots, &raster)?;
+        let avm = SlotSource::open(&clip, &job.params.avm, &raster)?;
         let mut bev_frames = Vec::with_capacity(n);
         let mut avm_frames = Vec::with_capacity(n);
         for f in clip.frames() {
@@ -209,8 +209,6 @@ impl StageWork for Prelabel {
             }
             progress.advance(1);
         }
-        let raster = Raster::read(mapping)
-            .map_err(|e| LabelError::Input(format!("clip {}: BEV raster: {e}", clip.id())))?;
         let fusion = fuse(
             &observations(&clip, &bev_frames),
             &job.params,
