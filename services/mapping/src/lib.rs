@@ -97,20 +97,17 @@ impl StageWork for Mapping {
         let built = build_map(&clip, p.voxel_m, p.register, progress)?;
         let map = &built.map;
         write_points(&out.join("map.bin"), map).map_err(|e| LabelError::io("write map.bin", e))?;
-        RefinedPoses {
-            format: POSES_FORMAT.into(),
-            clip_id: clip.id().to_string(),
-            registered: p.register,
-            frames: built.poses.clone(),
-        }
-        .write(out)
-        .map_err(|e| LabelError::io("write poses.json", e))?;
+        built
+            .poses
+            .write(out)
+            .map_err(|e| LabelError::io("write poses.json", e))?;
         let raster = Raster::from_points(map, p.raster_m);
         raster
             .write(out)
             .map_err(|e| LabelError::Input(format!("clip {}: {e}", clip.id())))?;
-        let registered: Vec<&FramePose> = built.poses.iter().filter(|f| f.registered).collect();
-        let mut corrections: Vec<f64> = built.poses.iter().map(FramePose::correction_m).collect();
+        let frames = &built.poses.frames;
+        let registered: Vec<&FramePose> = frames.iter().filter(|f| f.registered).collect();
+        let mut corrections: Vec<f64> = frames.iter().map(FramePose::correction_m).collect();
         let mut residuals: Vec<f64> = registered.iter().map(|f| f.rms_m).collect();
         let stats = MappingStats {
             frames: clip.frames().len(),
@@ -122,8 +119,8 @@ impl StageWork for Mapping {
             raster_height: raster.meta.height,
             register: p.register,
             registered: registered.len(),
-            anchors: built.poses.iter().filter(|f| f.anchor).count(),
-            odometry_jumps: built.poses.iter().filter(|f| f.odometry_jump).count(),
+            anchors: frames.iter().filter(|f| f.anchor).count(),
+            odometry_jumps: frames.iter().filter(|f| f.odometry_jump).count(),
             correction_median_m: median(&mut corrections),
             correction_max_m: corrections.iter().copied().fold(0.0, f64::max),
             residual_median_m: median(&mut residuals),
@@ -149,8 +146,8 @@ pub struct BuiltMap {
     pub map: Vec<[f32; 4]>,
     /// Points read.
     pub points_in: u64,
-    /// Every frame's pose: refined by registration, or the clip's.
-    pub poses: Vec<FramePose>,
+    /// Every frame's pose: refined by registration, or the clip's (`poses.json`).
+    pub poses: RefinedPoses,
 }
 
 /// Places every frame (by scan-to-map registration when `register`, else by the clip's poses),
@@ -180,16 +177,7 @@ pub fn build_map(
         let placed = if register {
             registration.add(f.index, f.t_us, f.pose, &pts)
         } else {
-            FramePose {
-                index: f.index,
-                pose: f.pose,
-                odometry: f.pose,
-                matched: 0,
-                rms_m: 0.0,
-                odometry_jump: false,
-                registered: false,
-                anchor: false,
-            }
+            FramePose::as_given(f)
         };
         let pose = placed.pose;
         poses.push(placed);
@@ -227,7 +215,12 @@ pub fn build_map(
     Ok(BuiltMap {
         map,
         points_in,
-        poses,
+        poses: RefinedPoses {
+            format: POSES_FORMAT.into(),
+            clip_id: clip.id().to_string(),
+            registered: register,
+            frames: poses,
+        },
     })
 }
 

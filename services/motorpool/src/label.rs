@@ -880,12 +880,24 @@ struct Replay {
 }
 
 impl Replay {
+    /// `dir`'s clip with what `job`'s mapping stage wrote.
     fn read(dir: &Path, job: &LabelJob) -> anyhow::Result<Replay> {
         let mapping = job
             .output(Stage::Mapping)
             .ok_or_else(|| anyhow::anyhow!("no mapping output"))?;
         let mapping = Path::new(&mapping.dir);
-        let (clip, poses) = Clip::open(dir)?.placed(mapping)?;
+        let clip = Clip::open(dir)?;
+        let poses = motorpool_labeling::poses::RefinedPoses::read(mapping, &clip)?;
+        Replay::new(clip, poses, Raster::read(mapping)?)
+    }
+
+    /// `clip` (as the clip gives it) placed by `poses`, with its truth and detections.
+    fn new(
+        clip: Clip,
+        poses: motorpool_labeling::poses::RefinedPoses,
+        raster: Raster,
+    ) -> anyhow::Result<Replay> {
+        let clip = clip.with_poses(&poses);
         let truth = clip
             .ground_truth()?
             .ok_or_else(|| anyhow::anyhow!("no ground truth"))?;
@@ -896,7 +908,7 @@ impl Replay {
             .collect();
         let avm = clip.slots("detections/avm.json")?;
         Ok(Replay {
-            raster: Raster::read(mapping)?,
+            raster,
             clip,
             poses,
             truth,
@@ -1252,14 +1264,6 @@ mod tests {
         });
         synth.write(dir.path()).unwrap();
         let clip = Clip::open(dir.path()).unwrap();
-        let truth = clip.ground_truth().unwrap().unwrap();
-        let raw: Vec<Vec<_>> = clip
-            .slots("detections/bevslots.json")
-            .unwrap()
-            .into_iter()
-            .map(|f| f.unwrap_or_default())
-            .collect();
-        let avm = clip.slots("detections/avm.json").unwrap();
         let eval = EvalOptions::default();
         let score = |register: bool| {
             let params = LabelParams {
@@ -1270,27 +1274,15 @@ mod tests {
                 motorpool_mapping::build_map(&clip, params.voxel_m, register, &Progress::default())
                     .unwrap();
             let raster = Raster::from_points(&built.map, params.raster_m);
-            let poses = motorpool_labeling::poses::RefinedPoses {
-                format: motorpool_labeling::poses::POSES_FORMAT.into(),
-                clip_id: clip.id().into(),
-                registered: register,
-                frames: built.poses,
-            };
-            let placed = clip.clone().with_poses(&poses);
-            let m = in_memory(
-                &placed,
-                &raw,
-                &avm,
-                &poses.unverified(),
-                Some(&raster),
-                &params,
-            );
+            let replay = Replay::new(clip.clone(), built.poses, raster).unwrap();
+            let (truth, avm) = (&replay.truth, &replay.avm);
+            let m = replay.run(&params);
             let kept = |i: usize| m.verdicts[i].dropped.is_none();
-            let q = evaluate_frames(&truth, &m.labels, &eval, kept);
-            let (tp, fp, fn_) = map_quality(&truth, &on_map(&m.fusion), &eval);
+            let q = evaluate_frames(truth, &m.labels, &eval, kept);
+            let (tp, fp, fn_) = map_quality(truth, &on_map(&m.fusion), &eval);
             let (mut off, mut no_avm) = (0, 0);
             for i in (0..m.verdicts.len()).filter(|i| kept(*i)) {
-                off += usize::from(frame_faults(&truth, i, &m.labels[i]).off > 0);
+                off += usize::from(frame_faults(truth, i, &m.labels[i]).off > 0);
                 no_avm += usize::from(avm[i].is_none());
             }
             let kept_n = (0..m.verdicts.len()).filter(|i| kept(*i)).count();

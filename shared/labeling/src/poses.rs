@@ -9,7 +9,7 @@
 //!                 "registered": true, "anchor": false }, ... ] }
 //! ```
 
-use crate::clip::{Clip, ClipError};
+use crate::clip::{Clip, ClipError, FrameMeta};
 use crate::geom::Pose;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -42,6 +42,20 @@ pub struct FramePose {
 }
 
 impl FramePose {
+    /// `frame` where the clip puts it: registration off.
+    pub fn as_given(frame: &FrameMeta) -> FramePose {
+        FramePose {
+            index: frame.index,
+            pose: frame.pose,
+            odometry: frame.pose,
+            matched: 0,
+            rms_m: 0.0,
+            odometry_jump: false,
+            registered: false,
+            anchor: false,
+        }
+    }
+
     /// How far the refined pose is from the clip's, metres.
     pub fn correction_m(&self) -> f64 {
         (self.pose.x - self.odometry.x).hypot(self.pose.y - self.odometry.y)
